@@ -1,0 +1,104 @@
+// The interface every bridge implements, the context the daemon hands it, and the
+// registry of bridge factories. A bridge's logic never reads the daemon's config: its
+// factory receives the bridge's own typed config message and builds it.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <google/protobuf/message.h>
+#include <grpcpp/impl/service_type.h>
+#include <grpcpp/server_context.h>
+#include <grpcpp/support/status.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "bridges/core/metrics.h"
+#include "wsbridge/admin/v1/admin.pb.h"
+
+namespace wsbridge::core {
+
+// What the daemon gives a bridge.
+struct BridgeContext {
+  std::string name;                       // instance name from config
+  boost::asio::any_io_executor executor;  // io threads; make a strand per session
+  MetricsRegistry* metrics = nullptr;
+  // Checks caller credentials (bearer token) of a call. OK when no check is configured.
+  std::function<grpc::Status(const grpc::CallbackServerContext&)> authorize;
+  // Tell the daemon that Serving() may have changed (it re-publishes health).
+  std::function<void()> health_changed;
+};
+
+class Bridge {
+ public:
+  virtual ~Bridge() = default;
+  virtual const std::string& name() const = 0;
+  // Callback services to register on the gRPC server; owned by the bridge.
+  virtual std::vector<grpc::Service*> Services() = 0;
+  // Full gRPC service names, for per-service health ("wsbridge.dfx.v1.DfxService").
+  virtual std::vector<std::string> ServiceNames() const = 0;
+  // Starts upstream sessions that are configured to be always on.
+  virtual void Start() = 0;
+  // New calls are refused with UNAVAILABLE; open calls go on.
+  virtual void BeginDrain() = 0;
+  // Ends every open call with `status`, closes upstream sessions with 1001 and calls
+  // `done` (from any thread) once they are closed. Idempotent.
+  virtual void Shutdown(const grpc::Status& status, std::function<void()> done) = 0;
+  // Whether the upstream is usable (health). A bridge with lazily created sessions is
+  // serving while it can create them.
+  virtual bool Serving() const = 0;
+  virtual std::vector<wsbridge::admin::v1::Session> ListSessions() const = 0;
+  // NOT_FOUND for an unknown id.
+  virtual absl::Status CloseSession(std::string_view session_id) = 0;
+};
+
+using BridgeFactory = std::function<absl::StatusOr<std::unique_ptr<Bridge>>(
+    const google::protobuf::Message& config, const BridgeContext& context)>;
+
+// Factories keyed by the full name of their config message type
+// (e.g. "wsbridge.config.v1.DfxBridgeConfig").
+class BridgeRegistry {
+ public:
+  static BridgeRegistry& Global();
+  void Register(std::string config_type, BridgeFactory factory);
+  const BridgeFactory* Find(std::string_view config_type) const;
+  std::vector<std::string> Types() const;
+
+ private:
+  mutable absl::Mutex mu_;
+  std::map<std::string, BridgeFactory, std::less<>> factories_ ABSL_GUARDED_BY(mu_);
+};
+
+// Registers every bridge built into this binary. Explicit (not static
+// self-registration), because the linker drops unreferenced registration objects.
+void RegisterBuiltinBridges(BridgeRegistry& registry);
+
+// Open calls of a bridge, so that drain/shutdown can end them. A reactor adds itself
+// when it starts and removes itself in OnDone; `abort` must be thread-safe, end the
+// call with the given status, and may be called at most once.
+class ActiveCalls {
+ public:
+  using Id = uint64_t;
+  // Returns 0 (and does not add) when already shut down: the caller must finish with
+  // UNAVAILABLE at once.
+  Id Add(std::function<void(const grpc::Status&)> abort);
+  void Remove(Id id);
+  // Aborts every open call; later Add() calls return 0.
+  void AbortAll(const grpc::Status& status);
+  size_t size() const;
+
+ private:
+  mutable absl::Mutex mu_;
+  Id next_ ABSL_GUARDED_BY(mu_) = 1;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<Id, std::function<void(const grpc::Status&)>> calls_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace wsbridge::core

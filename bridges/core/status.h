@@ -1,0 +1,34 @@
+// Errors are absl::Status inside the daemon and grpc::Status at the edge. An upstream's
+// own error code travels as a google.rpc.ErrorInfo payload on the absl::Status and ends
+// up in the grpc-status-details-bin trailer, so clients can branch on `reason`.
+#pragma once
+
+#include <map>
+#include <string>
+#include <string_view>
+
+#include <grpcpp/support/status.h>
+
+#include "absl/status/status.h"
+
+namespace wsbridge::core {
+
+inline constexpr std::string_view kErrorInfoTypeUrl =
+    "type.googleapis.com/google.rpc.ErrorInfo";
+
+// Returns `status` carrying an ErrorInfo{reason, domain, metadata} payload.
+absl::Status WithErrorInfo(absl::Status status, std::string_view reason,
+                           std::string_view domain,
+                           const std::map<std::string, std::string>& metadata = {});
+
+// The ErrorInfo reason attached to `status`, or "" when none.
+std::string ErrorReason(const absl::Status& status);
+
+// absl -> grpc, with ErrorInfo (if any) serialized into google.rpc.Status details.
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// grpc -> absl, ErrorInfo payload restored from the details (used by tests and
+// clients of our own services).
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+}  // namespace wsbridge::core
