@@ -1,0 +1,147 @@
+// The DFX (DeepAffex) WebSocket protocol as the emulator serves it: a pure,
+// clock-injected state machine. Frames go in with the time they arrived; what the
+// server does in answer (send, close, drop, each maybe delayed) comes out. No
+// sockets, no threads, no clocks of its own, so every rule is unit-testable.
+//
+// It is written from the vendor's documentation and public client only and must
+// never share code with the bridge's codec: it is the independent check of it.
+//
+// Not thread-safe: DfxEmulator serializes calls.
+#ifndef WSBRIDGE_TESTS_UPSTREAMS_DFX_PROTOCOL_H_
+#define WSBRIDGE_TESTS_UPSTREAMS_DFX_PROTOCOL_H_
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace wsbridge::emulator {
+
+using DfxClock = std::chrono::steady_clock;
+
+// One thing the server does to one connection.
+struct DfxAction {
+  enum class Kind {
+    kSend,   // send `bytes` as a binary frame
+    kClose,  // send a close frame with `close_code` / `close_reason`
+    kDrop,   // drop the TCP connection abruptly, no close frame
+  };
+  uint64_t conn = 0;
+  Kind kind = Kind::kSend;
+  std::string bytes;
+  uint16_t close_code = 0;
+  std::string close_reason;
+  // Perform it this long after the frame that caused it was received.
+  std::chrono::milliseconds delay{0};
+};
+
+struct DfxProtocolOptions {
+  // Accepted device tokens; empty = any non-empty token not starting with "bad".
+  std::vector<std::string> tokens;
+  // Sliding window of the RATE_LIMIT rule: at most this much chunk data (by the
+  // chunks' own durations) may arrive within any window of this length.
+  std::chrono::milliseconds rate_window{5000};
+  // Seeds the generated measurement / data ids (so two emulators differ).
+  uint64_t id_seed = 0x5eed;
+};
+
+// What was accepted, for tests to check ordering and pacing.
+struct DfxChunkRecord {
+  std::string measurement_id;
+  std::string action;  // e.g. "CHUNK::PROCESS"
+  int chunk_order = 0;
+  int duration_ms = 0;
+  DfxClock::time_point received;
+};
+
+// Emulator SDK chunk: "WSBE" | u32 LE chunk_order | u32 LE duration_ms | body.
+// The real payload is opaque SDK output that carries its own order and length;
+// this stands in for it.
+std::string MakeEmulatorChunk(uint32_t chunk_order, uint32_t duration_ms,
+                              std::string_view body = {});
+
+class DfxProtocol {
+ public:
+  explicit DfxProtocol(DfxProtocolOptions options);
+
+  void OnOpen(uint64_t conn);
+  // One WebSocket data frame from `conn` (text frames are read like binary ones).
+  std::vector<DfxAction> OnFrame(uint64_t conn, std::string_view frame, DfxClock::time_point now);
+  // The connection is gone; its subscriptions end.
+  void OnClose(uint64_t conn);
+
+  // Fault switches; they apply to frames received from now on.
+  void SetDropAfterFrames(int n) { drop_after_frames_ = n; }
+  void SetAnswerDelay(std::chrono::milliseconds d) { answer_delay_ = d; }
+  void SetRefuseLogin(bool refuse) { refuse_login_ = refuse; }
+  void SetResultDelay(std::chrono::milliseconds d) { result_delay_ = d; }
+  // A raw binary frame for every open connection.
+  std::vector<DfxAction> BroadcastRaw(const std::string& bytes) const;
+
+  std::vector<DfxChunkRecord> chunks() const { return chunks_; }
+  int MaxDataMsInWindow() const;
+  int open_connections() const { return static_cast<int>(conns_.size()); }
+  int logins() const { return logins_; }
+  int active_subscriptions() const;
+  int frames_received(std::string_view action) const;
+
+ private:
+  struct Subscription {
+    std::string measurement_id;
+    std::string request_id;  // results are pushed on this id
+  };
+  struct Conn {
+    int frames = 0;
+    std::optional<std::string> token;  // set once logged in
+    std::vector<Subscription> subscriptions;
+  };
+  struct Measurement {
+    std::string owner_token;
+    bool started = false;  // a FIRST was accepted
+    bool closed = false;   // a LAST was accepted
+    uint32_t next_order = 0;
+    int64_t data_ms = 0;   // data accepted since the last FIRST
+  };
+  struct RateEntry {
+    DfxClock::time_point at;
+    int duration_ms;
+  };
+  struct Request;  // a parsed client frame
+
+  std::string NewId();
+  std::vector<DfxAction> Handle(uint64_t conn, Conn& c, const Request& req,
+                                DfxClock::time_point now);
+  std::vector<DfxAction> Login(uint64_t conn, Conn& c, const Request& req);
+  std::vector<DfxAction> CreateMeasurement(uint64_t conn, Conn& c, const Request& req);
+  std::vector<DfxAction> Subscribe(uint64_t conn, Conn& c, const Request& req);
+  std::vector<DfxAction> AddData(uint64_t conn, Conn& c, const Request& req,
+                                 DfxClock::time_point now);
+  bool TokenAccepted(const std::string& token) const;
+  DfxAction Answer(uint64_t conn, std::string_view request_id, int status,
+                   std::string_view json) const;
+  DfxAction Error(uint64_t conn, std::string_view request_id, int status,
+                  std::string_view code, std::string_view message) const;
+
+  DfxProtocolOptions options_;
+  uint64_t id_state_;
+  int drop_after_frames_ = -1;
+  bool refuse_login_ = false;
+  std::chrono::milliseconds answer_delay_{0};
+  std::chrono::milliseconds result_delay_{0};
+
+  std::map<uint64_t, Conn> conns_;
+  std::map<std::string, Measurement> measurements_;
+  std::map<std::string, std::vector<RateEntry>> rate_by_token_;
+  std::vector<DfxChunkRecord> chunks_;
+  std::map<std::string, int, std::less<>> frames_by_action_;
+  int logins_ = 0;
+};
+
+}  // namespace wsbridge::emulator
+
+#endif  // WSBRIDGE_TESTS_UPSTREAMS_DFX_PROTOCOL_H_
