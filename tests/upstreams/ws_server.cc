@@ -1,0 +1,584 @@
+#include "tests/upstreams/ws_server.h"
+
+#include <openssl/ssl.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <type_traits>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <boost/beast/websocket.hpp>
+#include <boost/beast/websocket/ssl.hpp>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace wsbridge::upstreams {
+namespace {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace websocket = beast::websocket;
+namespace ssl = net::ssl;
+using tcp = net::ip::tcp;
+using beast::error_code;
+
+constexpr auto kHandshakeTimeout = std::chrono::seconds(10);
+constexpr auto kStopGrace = std::chrono::seconds(5);
+
+// A stream layer that can hold reads and writes back ("silent" peer). Cancelling a
+// pending WebSocket read would fail the stream, so the gate sits below it instead: a
+// gated operation waits on a timer that ungating cancels, then proceeds.
+template <class Next>
+class GatedStream {
+ public:
+  using executor_type = typename Next::executor_type;
+  using lowest_layer_type = typename Next::socket_type;  // for asio::ssl::stream
+
+  template <class... Args>
+  explicit GatedStream(Args&&... args)
+      : next_(std::forward<Args>(args)...), timer_(next_.get_executor()) {
+    timer_.expires_at(net::steady_timer::time_point::max());
+  }
+
+  executor_type get_executor() noexcept { return next_.get_executor(); }
+  Next& next_layer() { return next_; }
+  const Next& next_layer() const { return next_; }
+  lowest_layer_type& lowest_layer() { return next_.socket(); }
+  const lowest_layer_type& lowest_layer() const { return next_.socket(); }
+
+  void SetGated(bool gated) {
+    gated_ = gated;
+    if (!gated) timer_.cancel();
+  }
+
+  template <class Buffers, class Token>
+  auto async_read_some(const Buffers& buffers, Token&& token) {
+    return net::async_compose<Token, void(error_code, std::size_t)>(
+        Op<Buffers, true>{this, buffers}, token, next_);
+  }
+  template <class Buffers, class Token>
+  auto async_write_some(const Buffers& buffers, Token&& token) {
+    return net::async_compose<Token, void(error_code, std::size_t)>(
+        Op<Buffers, false>{this, buffers}, token, next_);
+  }
+
+ private:
+  template <class Buffers, bool kRead>
+  struct Op {
+    GatedStream* s;
+    Buffers buffers;
+    bool started = false;
+
+    template <class Self>
+    void operator()(Self& self, error_code ec = {}, std::size_t n = 0) {
+      if (!started) {
+        if (s->gated_) {
+          s->timer_.async_wait(std::move(self));
+          return;
+        }
+        started = true;
+        if constexpr (kRead) {
+          s->next_.async_read_some(buffers, std::move(self));
+        } else {
+          s->next_.async_write_some(buffers, std::move(self));
+        }
+        return;
+      }
+      self.complete(ec, n);
+    }
+  };
+
+  Next next_;
+  net::steady_timer timer_;
+  bool gated_ = false;
+};
+
+// WebSocket teardown hooks, found by ADL: forward to the wrapped layer.
+template <class Next>
+void teardown(beast::role_type role, GatedStream<Next>& s, error_code& ec) {
+  using websocket::teardown;
+  teardown(role, s.next_layer(), ec);
+}
+template <class Next, class Handler>
+void async_teardown(beast::role_type role, GatedStream<Next>& s, Handler&& handler) {
+  using websocket::async_teardown;
+  async_teardown(role, s.next_layer(), std::forward<Handler>(handler));
+}
+
+int HttpStatusFor(const absl::Status& s) {
+  switch (s.code()) {
+    case absl::StatusCode::kUnauthenticated:
+      return 401;
+    case absl::StatusCode::kPermissionDenied:
+      return 403;
+    default:
+      return 400;
+  }
+}
+
+}  // namespace
+
+std::string HandshakeInfo::Header(std::string_view name) const {
+  for (const auto& [k, v] : headers) {
+    if (absl::EqualsIgnoreCase(k, absl::string_view(name.data(), name.size()))) return v;
+  }
+  return "";
+}
+
+struct WsServer::Impl {
+  class SessionBase : public WsServerConnection {
+   public:
+    virtual void Start() = 0;
+  };
+  template <bool kTls>
+  class Session;
+
+  Impl(WsServerOptions o, WsServerHandler h) : options(std::move(o)), handler(std::move(h)) {}
+
+  void DoAccept();
+  void OnAccept(error_code ec, tcp::socket socket);
+  void Remove(uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu);
+    sessions.erase(id);
+    cv.notify_all();
+  }
+
+  const WsServerOptions options;
+  const WsServerHandler handler;
+  std::optional<ssl::context> ssl_ctx;  // destroyed after ioc (declared before it)
+  // Checked by connections before posting, so that a handle kept past Stop() is inert.
+  std::shared_ptr<std::atomic<bool>> alive = std::make_shared<std::atomic<bool>>(true);
+  net::io_context ioc;
+  std::optional<tcp::acceptor> acceptor;
+  std::optional<net::steady_timer> accept_retry;
+  std::vector<std::thread> threads;
+  uint16_t port = 0;
+  std::atomic<uint64_t> next_id{1};
+  std::atomic<size_t> open{0};
+  std::string url_host;
+  bool started = false;
+  bool stopped = false;  // guarded by mu once started
+
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<uint64_t, std::weak_ptr<SessionBase>> sessions;  // guarded by mu
+};
+
+template <bool kTls>
+class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
+                                public std::enable_shared_from_this<Session<kTls>> {
+  using Gated = GatedStream<beast::tcp_stream>;
+  using Next = std::conditional_t<kTls, beast::ssl_stream<Gated>, Gated>;
+
+ public:
+  Session(Impl* core, tcp::socket socket, uint64_t id)
+      : core_(core), alive_(core->alive), id_(id), ws_(MakeWs(core, std::move(socket))) {}
+
+  uint64_t id() const override { return id_; }
+  const HandshakeInfo& handshake() const override { return info_; }
+  uint16_t remote_close_code() const override { return remote_close_code_.load(); }
+
+  void Start() override {
+    net::dispatch(strand(), [self = this->shared_from_this()] {
+      if constexpr (kTls) {
+        beast::get_lowest_layer(self->ws_).expires_after(kHandshakeTimeout);
+        self->ws_.next_layer().async_handshake(
+            ssl::stream_base::server, [self](error_code ec) { self->OnTls(ec); });
+      } else {
+        self->DoReadRequest();
+      }
+    });
+  }
+
+  void Send(std::string data, bool binary) override {
+    Post([data = std::move(data), binary](Session& s) mutable {
+      if (s.finished_ || s.close_requested_ || !s.opened_) return;
+      s.queue_.push_back({std::move(data), binary});
+      if (!s.writing_) s.DoWrite();
+    });
+  }
+
+  void Close(uint16_t code, std::string reason) override {
+    Post([code, reason = std::move(reason)](Session& s) {
+      if (s.finished_ || s.close_requested_) return;
+      s.close_requested_ = true;
+      s.close_reason_ = websocket::close_reason(static_cast<websocket::close_code>(code), reason);
+      if (!s.opened_) {
+        s.Finish(absl::CancelledError("closed by the server before the handshake"));
+      } else if (!s.writing_) {
+        s.DoClose();
+      }
+    });
+  }
+
+  void Drop() override {
+    Post([](Session& s) { s.Finish(absl::UnavailableError("connection dropped by the server")); });
+  }
+
+  void SetSilent(bool silent) override {
+    Post([silent](Session& s) {
+      if (s.finished_) return;
+      s.gate().SetGated(silent);
+    });
+  }
+
+ private:
+  static websocket::stream<Next> MakeWs(Impl* core, tcp::socket socket) {
+    if constexpr (kTls) {
+      return websocket::stream<Next>(std::move(socket), *core->ssl_ctx);
+    } else {
+      return websocket::stream<Next>(std::move(socket));
+    }
+  }
+
+  auto strand() { return ws_.get_executor(); }
+  Gated& gate() {
+    if constexpr (kTls) {
+      return ws_.next_layer().next_layer();
+    } else {
+      return ws_.next_layer();
+    }
+  }
+
+  template <class F>
+  void Post(F&& f) {
+    if (!alive_->load()) return;
+    net::post(strand(), [self = this->shared_from_this(), f = std::forward<F>(f)]() mutable {
+      f(*self);
+    });
+  }
+
+  void OnTls(error_code ec) {
+    if (ec) return Finish(absl::UnavailableError(absl::StrCat("TLS handshake: ", ec.message())));
+    DoReadRequest();
+  }
+
+  void DoReadRequest() {
+    beast::get_lowest_layer(ws_).expires_after(kHandshakeTimeout);
+    parser_.emplace();
+    parser_->header_limit(16 * 1024);
+    parser_->body_limit(64 * 1024);
+    http::async_read(ws_.next_layer(), buffer_, *parser_,
+                     [self = this->shared_from_this()](error_code ec, std::size_t) {
+                       self->OnRequest(ec);
+                     });
+  }
+
+  void OnRequest(error_code ec) {
+    if (ec) return Finish(absl::UnavailableError(absl::StrCat("reading the upgrade request: ", ec.message())));
+    request_ = parser_->release();
+    parser_.reset();
+    if (!websocket::is_upgrade(request_)) {
+      return Refuse(400, "expected a WebSocket upgrade request");
+    }
+    info_.target = std::string(request_.target());
+    for (const auto& field : request_) {
+      info_.headers.emplace_back(std::string(field.name_string()), std::string(field.value()));
+    }
+    const auto range = request_.equal_range(http::field::sec_websocket_protocol);
+    for (auto it = range.first; it != range.second; ++it) {
+      const auto value = it->value();
+      for (absl::string_view p : absl::StrSplit(absl::string_view(value.data(), value.size()), ',')) {
+        p = absl::StripAsciiWhitespace(p);
+        if (!p.empty()) info_.requested_subprotocols.emplace_back(p);
+      }
+    }
+    std::string subprotocol;
+    if (core_->handler.on_handshake) {
+      absl::Status st = core_->handler.on_handshake(info_, &subprotocol);
+      if (!st.ok()) return Refuse(HttpStatusFor(st), std::string(st.message()));
+    }
+    beast::get_lowest_layer(ws_).expires_never();
+    websocket::stream_base::timeout timeouts{};
+    timeouts.handshake_timeout = kHandshakeTimeout;
+    timeouts.idle_timeout = websocket::stream_base::none();
+    timeouts.keep_alive_pings = false;
+    ws_.set_option(timeouts);
+    ws_.read_message_max(core_->options.max_message_bytes);
+    ws_.set_option(websocket::stream_base::decorator(
+        [subprotocol](websocket::response_type& res) {
+          res.set(http::field::server, "wsbridge-test-upstream");
+          if (!subprotocol.empty()) res.set(http::field::sec_websocket_protocol, subprotocol);
+        }));
+    ws_.async_accept(request_, [self = this->shared_from_this()](error_code ec) {
+      self->OnAccept(ec);
+    });
+  }
+
+  void Refuse(int status, std::string body) {
+    response_.emplace();
+    response_->result(static_cast<http::status>(status));
+    response_->version(request_.version());
+    response_->set(http::field::server, "wsbridge-test-upstream");
+    response_->set(http::field::content_type, "text/plain");
+    response_->keep_alive(false);
+    response_->body() = std::move(body);
+    response_->prepare_payload();
+    http::async_write(ws_.next_layer(), *response_,
+                      [self = this->shared_from_this()](error_code, std::size_t) {
+                        self->Finish(absl::PermissionDeniedError("upgrade refused"));
+                      });
+  }
+
+  void OnAccept(error_code ec) {
+    if (ec) return Finish(absl::UnavailableError(absl::StrCat("WebSocket accept: ", ec.message())));
+    if (finished_) return;
+    opened_ = true;
+    core_->open.fetch_add(1);
+    if (core_->handler.on_open) core_->handler.on_open(this->shared_from_this());
+    if (close_requested_ && !writing_ && !finished_) DoClose();
+    DoRead();
+  }
+
+  void DoRead() {
+    if (finished_) return;
+    ws_.async_read(read_buffer_, [self = this->shared_from_this()](error_code ec, std::size_t) {
+      self->OnRead(ec);
+    });
+  }
+
+  void OnRead(error_code ec) {
+    if (ec) return OnError(ec);
+    if (finished_) return;
+    std::string data = beast::buffers_to_string(read_buffer_.data());
+    read_buffer_.consume(read_buffer_.size());
+    if (core_->handler.on_message) {
+      core_->handler.on_message(this->shared_from_this(), data, ws_.got_binary());
+    }
+    DoRead();
+  }
+
+  void DoWrite() {
+    writing_ = true;
+    ws_.binary(queue_.front().second);
+    ws_.async_write(net::buffer(queue_.front().first),
+                    [self = this->shared_from_this()](error_code ec, std::size_t) {
+                      self->OnWrite(ec);
+                    });
+  }
+
+  void OnWrite(error_code ec) {
+    writing_ = false;
+    if (ec) return OnError(ec);
+    if (finished_) return;
+    queue_.pop_front();
+    if (!queue_.empty()) return DoWrite();
+    if (close_requested_) DoClose();
+  }
+
+  void DoClose() {
+    if (closing_) return;
+    closing_ = true;
+    ws_.async_close(close_reason_, [self = this->shared_from_this()](error_code ec) {
+      // The pending read normally finishes the session; this covers a close that failed.
+      if (ec) self->OnError(ec);
+    });
+  }
+
+  void OnError(error_code ec) {
+    if (ec == websocket::error::closed) {
+      remote_close_code_.store(ws_.reason().code);
+      return Finish(absl::OkStatus());
+    }
+    if (closing_ && ec == net::error::operation_aborted) {
+      return Finish(absl::OkStatus());
+    }
+    Finish(absl::UnavailableError(ec.message()));
+  }
+
+  void Finish(absl::Status status) {
+    if (finished_) return;
+    finished_ = true;
+    gate().SetGated(false);
+    error_code ignored;
+    beast::get_lowest_layer(ws_).socket().shutdown(tcp::socket::shutdown_both, ignored);
+    beast::get_lowest_layer(ws_).close();
+    queue_.clear();
+    if (opened_) {
+      core_->open.fetch_sub(1);
+      if (core_->handler.on_close) core_->handler.on_close(this->shared_from_this(), status);
+    }
+    core_->Remove(id_);
+  }
+
+  Impl* const core_;
+  const std::shared_ptr<std::atomic<bool>> alive_;
+  const uint64_t id_;
+  websocket::stream<Next> ws_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  http::request<http::string_body> request_;
+  std::optional<http::response<http::string_body>> response_;
+  HandshakeInfo info_;
+  beast::flat_buffer read_buffer_;
+  std::deque<std::pair<std::string, bool>> queue_;
+  websocket::close_reason close_reason_;
+  std::atomic<uint16_t> remote_close_code_{0};
+  bool opened_ = false;
+  bool writing_ = false;
+  bool close_requested_ = false;
+  bool closing_ = false;
+  bool finished_ = false;
+};
+
+void WsServer::Impl::DoAccept() {
+  acceptor->async_accept(net::make_strand(ioc), [this](error_code ec, tcp::socket socket) {
+    OnAccept(ec, std::move(socket));
+  });
+}
+
+void WsServer::Impl::OnAccept(error_code ec, tcp::socket socket) {
+  if (!acceptor->is_open() || ec == net::error::operation_aborted) return;
+  if (ec) {
+    // Out of descriptors and the like: try again shortly instead of spinning.
+    accept_retry->expires_after(std::chrono::milliseconds(50));
+    accept_retry->async_wait([this](error_code wec) {
+      if (!wec && acceptor->is_open()) DoAccept();
+    });
+    return;
+  }
+  error_code ignored;
+  socket.set_option(tcp::no_delay(true), ignored);
+  std::shared_ptr<SessionBase> session;
+  const uint64_t id = next_id.fetch_add(1);
+  {
+    // Under the lock so that Stop() either sees this session or refuses it here.
+    std::lock_guard<std::mutex> lock(mu);
+    if (stopped) return;
+    if (options.tls) {
+      session = std::make_shared<Session<true>>(this, std::move(socket), id);
+    } else {
+      session = std::make_shared<Session<false>>(this, std::move(socket), id);
+    }
+    sessions.emplace(id, session);
+  }
+  session->Start();
+  DoAccept();
+}
+
+WsServer::WsServer(WsServerOptions options, WsServerHandler handler)
+    : impl_(std::make_shared<Impl>(std::move(options), std::move(handler))) {}
+
+WsServer::~WsServer() { Stop(); }
+
+absl::Status WsServer::Start() {
+  Impl& m = *impl_;
+  if (m.started) return absl::FailedPreconditionError("WsServer already started");
+  const std::string& listen = m.options.listen;
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("listen address \"", listen, "\" must be host:port, e.g. 127.0.0.1:0"));
+  }
+  std::string host = listen.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (host == "localhost") host = "127.0.0.1";
+  int port = 0;
+  if (!absl::SimpleAtoi(listen.substr(colon + 1), &port) || port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("listen address \"", listen, "\" has a bad port"));
+  }
+  error_code ec;
+  const net::ip::address address = net::ip::make_address(host, ec);
+  if (ec) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("listen host \"", host, "\" is not an IP address (use 127.0.0.1 or ::1)"));
+  }
+  if (!address.is_loopback()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "refusing to listen on non-loopback address ", host, ": test upstreams are loopback only"));
+  }
+  if (m.options.threads < 1) return absl::InvalidArgumentError("threads must be >= 1");
+
+  if (m.options.tls) {
+    if (m.options.cert_pem.empty() || m.options.key_pem.empty()) {
+      return absl::InvalidArgumentError("tls needs cert_pem and key_pem");
+    }
+    m.ssl_ctx.emplace(ssl::context::tls_server);
+    SSL_CTX_set_min_proto_version(m.ssl_ctx->native_handle(), TLS1_2_VERSION);
+    m.ssl_ctx->set_options(ssl::context::default_workarounds | ssl::context::single_dh_use);
+    m.ssl_ctx->use_certificate_chain(net::buffer(m.options.cert_pem), ec);
+    if (ec) return absl::InvalidArgumentError(absl::StrCat("server certificate: ", ec.message()));
+    m.ssl_ctx->use_private_key(net::buffer(m.options.key_pem), ssl::context::pem, ec);
+    if (ec) return absl::InvalidArgumentError(absl::StrCat("server key: ", ec.message()));
+  }
+
+  m.acceptor.emplace(net::make_strand(m.ioc));
+  m.accept_retry.emplace(m.acceptor->get_executor());
+  const tcp::endpoint endpoint(address, static_cast<uint16_t>(port));
+  m.acceptor->open(endpoint.protocol(), ec);
+  if (!ec) m.acceptor->set_option(net::socket_base::reuse_address(true), ec);
+  if (!ec) m.acceptor->bind(endpoint, ec);
+  if (!ec) m.acceptor->listen(net::socket_base::max_listen_connections, ec);
+  if (ec) {
+    m.acceptor.reset();
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", listen, ": ", ec.message()));
+  }
+  m.port = m.acceptor->local_endpoint().port();
+  m.url_host = address.is_v6() ? absl::StrCat("[", address.to_string(), "]") : address.to_string();
+  m.started = true;
+  m.DoAccept();
+  for (int i = 0; i < m.options.threads; ++i) {
+    m.threads.emplace_back([&m] { m.ioc.run(); });
+  }
+  return absl::OkStatus();
+}
+
+void WsServer::Stop() {
+  Impl& m = *impl_;
+  if (!m.started) return;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    if (m.stopped) return;
+    m.stopped = true;
+  }
+  net::post(m.acceptor->get_executor(), [&m] {
+    error_code ignored;
+    m.acceptor->close(ignored);
+    m.accept_retry->cancel();
+  });
+  std::vector<std::shared_ptr<Impl::SessionBase>> live;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    for (auto& [id, weak] : m.sessions) {
+      if (auto s = weak.lock()) live.push_back(std::move(s));
+    }
+  }
+  for (auto& s : live) s->Drop();
+  live.clear();
+  {
+    std::unique_lock<std::mutex> lock(m.mu);
+    m.cv.wait_for(lock, kStopGrace, [&m] { return m.sessions.empty(); });
+  }
+  m.alive->store(false);
+  m.ioc.stop();
+  for (auto& t : m.threads) t.join();
+  m.threads.clear();
+}
+
+uint16_t WsServer::port() const { return impl_->port; }
+
+std::string WsServer::url() const {
+  return absl::StrCat(impl_->options.tls ? "wss" : "ws", "://", impl_->url_host, ":", impl_->port);
+}
+
+size_t WsServer::open_connections() const { return impl_->open.load(); }
+
+}  // namespace wsbridge::upstreams

@@ -1,0 +1,93 @@
+// A small WebSocket server (ws:// and wss://, loopback only) that test upstreams and
+// emulators are built on. It owns its io threads; every connection is an actor on its
+// own strand. Handler callbacks run on io threads (concurrently for different
+// connections, serialized per connection), so handlers must synchronize shared state.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace wsbridge::upstreams {
+
+struct HandshakeInfo {
+  std::string target;  // path?query, as sent by the client
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::vector<std::string> requested_subprotocols;
+
+  // First header value with this name (case-insensitive), or "" when absent.
+  std::string Header(std::string_view name) const;
+};
+
+struct WsServerOptions {
+  std::string listen = "127.0.0.1:0";  // host:port; host must be a loopback address
+  bool tls = false;
+  std::string cert_pem, key_pem;  // server certificate chain and key (PEM text) when tls
+  size_t max_message_bytes = 16u << 20;
+  int threads = 1;
+};
+
+// All methods are thread-safe (they post to the connection's strand) and may be called
+// after the connection closed (then they do nothing). Do not use after the WsServer that
+// created it is destroyed.
+class WsServerConnection {
+ public:
+  virtual ~WsServerConnection() = default;
+  virtual uint64_t id() const = 0;
+  virtual const HandshakeInfo& handshake() const = 0;
+  virtual void Send(std::string data, bool binary) = 0;
+  // Close handshake; queued messages are written first.
+  virtual void Close(uint16_t code, std::string reason) = 0;
+  // Abrupt: closes the TCP socket, no close frame.
+  virtual void Drop() = 0;
+  // Stop reading (so pings go unanswered and the peer's writes back up) and stop sending;
+  // SetSilent(false) resumes both.
+  virtual void SetSilent(bool silent) = 0;
+  // Close code the peer sent in its close frame; 0 until one arrived. Any thread.
+  virtual uint16_t remote_close_code() const = 0;
+};
+
+struct WsServerHandler {
+  // Return an error to refuse the upgrade (HTTP status by code: UNAUTHENTICATED->401,
+  // PERMISSION_DENIED->403, else 400; the status message is the response body); set
+  // *subprotocol to the accepted one (or leave it empty). Unset: accept everything and
+  // select no subprotocol.
+  std::function<absl::Status(const HandshakeInfo&, std::string* subprotocol)> on_handshake;
+  std::function<void(const std::shared_ptr<WsServerConnection>&)> on_open;
+  std::function<void(const std::shared_ptr<WsServerConnection>&, std::string_view data, bool binary)>
+      on_message;
+  // Once per opened connection. OK after a clean close handshake (see
+  // remote_close_code()); otherwise the error that ended the connection.
+  std::function<void(const std::shared_ptr<WsServerConnection>&, const absl::Status&)> on_close;
+};
+
+class WsServer {
+ public:
+  WsServer(WsServerOptions options, WsServerHandler handler);
+  ~WsServer();  // Stop()s
+  WsServer(const WsServer&) = delete;
+  WsServer& operator=(const WsServer&) = delete;
+
+  // Binds, listens and starts the io threads. INVALID_ARGUMENT for a non-loopback or
+  // malformed listen address or bad TLS material; UNAVAILABLE when binding fails.
+  absl::Status Start();
+  // Closes the listener and every connection, then joins the io threads. Idempotent.
+  void Stop();
+
+  uint16_t port() const;
+  std::string url() const;  // ws://127.0.0.1:PORT or wss://127.0.0.1:PORT
+  size_t open_connections() const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace wsbridge::upstreams
