@@ -377,7 +377,6 @@ def CheckUnixSocket(pod):
     if not socket:
         return []
     problems = []
-    directory = os.path.dirname(socket)
     mount, volume = _MountFor(pod.wsbridged, pod.volumes, socket)
     if volume is None or "emptyDir" not in volume:
         return [f"{pod.name}: the Unix socket {socket} is not on an emptyDir volume"]
@@ -392,7 +391,6 @@ def CheckUnixSocket(pod):
     if pod.is_init and pod.wsbridged.get("restartPolicy") != "Always":
         problems.append(f"{pod.name}: wsbridged is an init container without restartPolicy: "
                         "Always, so it exits before the application starts")
-    del directory
     return problems
 
 
@@ -695,24 +693,44 @@ def CheckDockerfile(text, binary_rel_path, runtime_packages_needed=(), k8s_confi
 
 def RuntimePackagesNeeded(binary):
     """Debian packages that hold the binary's direct (DT_NEEDED) libraries, except those
-    bookworm-slim always has (priority required / essential)."""
+    every bookworm-slim image has (_SlimBasePackages)."""
     dynamic = subprocess.run(["readelf", "-d", binary], capture_output=True, text=True,
                              check=True).stdout
     needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
     ldd = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
     paths = dict(re.findall(r"^\s*(\S+) => (\S+)", ldd, re.M))
+    base = _SlimBasePackages()
     packages = set()
     for soname in needed:
         path = paths.get(soname)
         if path is None or path == "not":
             raise RuntimeError(f"{binary}: {soname} does not resolve")
-        owner = _DpkgOwner(path)
-        fields = subprocess.run(["dpkg-query", "-W", "-f", "${Priority} ${Essential}", owner],
-                                capture_output=True, text=True, check=True).stdout.split()
-        if fields[0] == "required" or (len(fields) > 1 and fields[1] == "yes"):
-            continue
-        packages.add(owner.split(":")[0])
+        owner = _DpkgOwner(path).split(":")[0]
+        if owner not in base:
+            packages.add(owner)
     return sorted(packages)
+
+
+def _SlimBasePackages():
+    """Essential and priority-required packages and everything they depend on: what a
+    debian:bookworm-slim image always contains (computed from this Debian host)."""
+    listing = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Package}\t${Essential}\t${Priority}\t${Pre-Depends}, "
+         "${Depends}\n"], capture_output=True, text=True, check=True).stdout
+    depends, todo = {}, []
+    for line in listing.splitlines():
+        name, essential, priority, deps = (line.split("\t") + ["", "", ""])[:4]
+        depends[name] = [re.split(r"[\s(:]", alt.split("|")[0].strip())[0]
+                         for alt in deps.split(",") if alt.strip()]
+        if essential == "yes" or priority == "required":
+            todo.append(name)
+    base = set()
+    while todo:
+        name = todo.pop()
+        if name not in base:
+            base.add(name)
+            todo.extend(depends.get(name, []))
+    return base
 
 
 def _DpkgOwner(path):
