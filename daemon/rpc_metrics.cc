@@ -1,0 +1,124 @@
+#include "daemon/rpc_metrics.h"
+
+#include <utility>
+
+
+namespace wsbridge::daemon {
+namespace {
+
+class RpcMetricsInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  RpcMetricsInterceptor(std::shared_ptr<RpcTracker> tracker, std::string label, bool holds_drain)
+      : tracker_(std::move(tracker)), label_(std::move(label)), holds_drain_(holds_drain) {
+    tracker_->Started(holds_drain_);
+  }
+  // The interceptor lives as long as the call, so this is when the call is over.
+  ~RpcMetricsInterceptor() override {
+    // A call that ended without sending a status was cancelled.
+    if (!recorded_) tracker_->Record(label_, grpc::StatusCode::CANCELLED);
+    tracker_->Finished(holds_drain_);
+  }
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (!recorded_ && methods->QueryInterceptionHookPoint(
+                          grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+      recorded_ = true;
+      tracker_->Record(label_, methods->GetSendStatus().error_code());
+    }
+    methods->Proceed();
+  }
+
+ private:
+  std::shared_ptr<RpcTracker> tracker_;
+  std::string label_;
+  bool holds_drain_;
+  bool recorded_ = false;
+};
+
+class RpcMetricsInterceptorFactory final
+    : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit RpcMetricsInterceptorFactory(std::shared_ptr<RpcTracker> tracker)
+      : tracker_(std::move(tracker)) {}
+
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    std::string_view path = info->method() != nullptr ? info->method() : "";
+    return new RpcMetricsInterceptor(tracker_, tracker_->MethodLabel(path),
+                                     RpcTracker::HoldsDrain(path));
+  }
+
+ private:
+  std::shared_ptr<RpcTracker> tracker_;
+};
+
+}  // namespace
+
+RpcTracker::RpcTracker(core::MetricsRegistry* metrics,
+                       std::set<std::string, std::less<>> known_services)
+    : metrics_(metrics), known_services_(std::move(known_services)) {}
+
+std::string RpcTracker::MethodLabel(std::string_view path) const {
+  // "/pkg.Service/Method"
+  if (path.size() > 1 && path[0] == '/') {
+    size_t slash = path.find('/', 1);
+    if (slash != std::string_view::npos && slash + 1 < path.size() &&
+        path.find('/', slash + 1) == std::string_view::npos &&
+        known_services_.contains(path.substr(1, slash - 1))) {
+      return std::string(path);
+    }
+  }
+  return "unknown";
+}
+
+bool RpcTracker::HoldsDrain(std::string_view path) {
+  return !path.starts_with("/grpc.health.v1.Health/") && !path.starts_with("/grpc.reflection.");
+}
+
+void RpcTracker::Started(bool holds_drain) {
+  in_flight_.fetch_add(1, std::memory_order_relaxed);
+  if (holds_drain) draining_calls_.fetch_add(1, std::memory_order_acq_rel);
+}
+
+void RpcTracker::Finished(bool holds_drain) {
+  in_flight_.fetch_sub(1, std::memory_order_relaxed);
+  if (holds_drain) draining_calls_.fetch_sub(1, std::memory_order_acq_rel);
+}
+
+void RpcTracker::Record(const std::string& method_label, grpc::StatusCode code) {
+  if (metrics_ == nullptr) return;
+  metrics_
+      ->GetCounter("wsbridge_grpc_requests_total", "gRPC calls handled, by method and status code.",
+                   {{"method", method_label}, {"code", std::string(StatusCodeName(code))}})
+      .Inc();
+}
+
+std::string_view StatusCodeName(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED: return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL: return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    default: return "UNKNOWN";
+  }
+}
+
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+MakeRpcMetricsInterceptorFactory(std::shared_ptr<RpcTracker> tracker) {
+  return std::make_unique<RpcMetricsInterceptorFactory>(std::move(tracker));
+}
+
+}  // namespace wsbridge::daemon

@@ -1,0 +1,51 @@
+// Counts gRPC calls by method and status code (wsbridge_grpc_requests_total) with a
+// server interceptor, and tracks the calls in flight so that the drain can end early
+// once no client call is left.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+#include <string_view>
+
+#include <grpcpp/support/server_interceptor.h>
+#include <grpcpp/support/status.h>
+
+#include "bridges/core/metrics.h"
+
+namespace wsbridge::daemon {
+
+class RpcTracker {
+ public:
+  // `known_services`: full service names whose methods become label values; any other
+  // method (a caller can send any path) is counted as "unknown" to bound cardinality.
+  RpcTracker(core::MetricsRegistry* metrics, std::set<std::string, std::less<>> known_services);
+
+  // The label for a ":path" like "/pkg.Service/Method".
+  std::string MethodLabel(std::string_view path) const;
+  // Health checks and reflection streams do not hold the drain open.
+  static bool HoldsDrain(std::string_view path);
+
+  void Started(bool holds_drain);
+  void Finished(bool holds_drain);
+  void Record(const std::string& method_label, grpc::StatusCode code);
+  // Open calls that hold the drain open.
+  int64_t draining_calls() const { return draining_calls_.load(std::memory_order_acquire); }
+  int64_t in_flight() const { return in_flight_.load(std::memory_order_relaxed); }
+
+ private:
+  core::MetricsRegistry* metrics_;
+  std::set<std::string, std::less<>> known_services_;
+  std::atomic<int64_t> in_flight_{0};
+  std::atomic<int64_t> draining_calls_{0};
+};
+
+// "OK", "UNAVAILABLE", ...
+std::string_view StatusCodeName(grpc::StatusCode code);
+
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+MakeRpcMetricsInterceptorFactory(std::shared_ptr<RpcTracker> tracker);
+
+}  // namespace wsbridge::daemon
