@@ -1,0 +1,277 @@
+#include "bridges/dfx/codec.h"
+
+#include <openssl/evp.h>
+
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+#include <boost/json/value.hpp>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "bridges/core/log.h"
+#include "bridges/core/status.h"
+
+namespace wsbridge::dfx {
+namespace {
+
+namespace json = boost::json;
+
+bool AllDigits(std::string_view s) {
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+  }
+  return true;
+}
+
+bool AllLetters(std::string_view s) {
+  for (char c : s) {
+    if (!absl::ascii_isalpha(static_cast<unsigned char>(c))) return false;
+  }
+  return true;
+}
+
+// Parses without exceptions; null on error.
+std::optional<json::value> Parse(std::string_view text, std::string* why = nullptr) {
+  boost::system::error_code ec;
+  json::value v = json::parse(json::string_view(text.data(), text.size()), ec);
+  if (ec) {
+    if (why != nullptr) *why = ec.message();
+    return std::nullopt;
+  }
+  return v;
+}
+
+std::optional<int64_t> AsInt(const json::value* v) {
+  if (v == nullptr) return std::nullopt;
+  if (v->is_int64()) return v->get_int64();
+  if (v->is_uint64() && v->get_uint64() <= static_cast<uint64_t>(INT64_MAX)) {
+    return static_cast<int64_t>(v->get_uint64());
+  }
+  if (v->is_string()) {
+    const json::string& s = v->get_string();
+    if (!s.empty() && s.size() < 19 && AllDigits(std::string_view(s.data(), s.size()))) {
+      return std::stoll(std::string(s.data(), s.size()));
+    }
+  }
+  return std::nullopt;
+}
+
+std::string AsString(const json::object& o, std::string_view key) {
+  const json::value* v = o.if_contains(json::string_view(key.data(), key.size()));
+  if (v == nullptr || !v->is_string()) return "";
+  return std::string(v->get_string().data(), v->get_string().size());
+}
+
+absl::StatusCode CodeFor(std::string_view upstream_code, int status) {
+  if (upstream_code == "MISALIGNED_CHUNK" || upstream_code == "MEASUREMENT_CLOSED") {
+    return absl::StatusCode::kFailedPrecondition;
+  }
+  if (upstream_code == "INVALID_MEASUREMENT" || upstream_code == "NOT_FOUND") {
+    return absl::StatusCode::kNotFound;
+  }
+  if (upstream_code == "UNPACKER_RPC_ERROR" || upstream_code == "BAD_REQUEST" ||
+      upstream_code == "INVALID_PARAMETER") {
+    return absl::StatusCode::kInvalidArgument;
+  }
+  if (upstream_code == "RATE_LIMIT") return absl::StatusCode::kResourceExhausted;
+  if (upstream_code == "INVALID_TOKEN" || upstream_code == "NOT_AUTHENTICATED") {
+    return absl::StatusCode::kUnauthenticated;
+  }
+  switch (status) {
+    case 400: case 422: return absl::StatusCode::kInvalidArgument;
+    case 401: return absl::StatusCode::kUnauthenticated;
+    case 403: return absl::StatusCode::kPermissionDenied;
+    case 404: return absl::StatusCode::kNotFound;
+    case 409: return absl::StatusCode::kAborted;
+    case 412: return absl::StatusCode::kFailedPrecondition;
+    case 429: return absl::StatusCode::kResourceExhausted;
+    case 501: return absl::StatusCode::kUnimplemented;
+    case 502: case 503: case 504: return absl::StatusCode::kUnavailable;
+    default: break;
+  }
+  if (status >= 500) return absl::StatusCode::kInternal;
+  return absl::StatusCode::kUnknown;
+}
+
+}  // namespace
+
+absl::Status ValidateActionId(std::string_view action_id) {
+  if (action_id.size() != kActionIdSize || !AllDigits(action_id)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "action_id must be exactly four digits (e.g. \"0100\"), got \"",
+        Av(action_id.substr(0, 16)), action_id.size() > 16 ? "...\"" : "\""));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateJsonObject(std::string_view text) {
+  std::string why;
+  std::optional<json::value> v = Parse(text, &why);
+  if (!v.has_value()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("json_body is not valid JSON (", why, "); send one JSON object, e.g. {}"));
+  }
+  if (!v->is_object()) {
+    return absl::InvalidArgumentError(
+        "json_body must be a JSON object (e.g. {\"Key\": \"value\"}), not an array or scalar");
+  }
+  return absl::OkStatus();
+}
+
+std::string MakeRequestId(std::string_view action, std::mt19937_64& rng) {
+  static constexpr std::string_view kLetters =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+  std::string id(action.substr(0, kActionIdSize));
+  std::uniform_int_distribution<size_t> pick(0, kLetters.size() - 1);
+  while (id.size() < kRequestIdSize) id.push_back(kLetters[pick(rng)]);
+  return id;
+}
+
+bool IsRequestId(std::string_view id) {
+  return id.size() == kRequestIdSize && AllDigits(id.substr(0, kActionIdSize)) &&
+         AllLetters(id.substr(kActionIdSize));
+}
+
+std::string EncodeRequest(std::string_view action, std::string_view request_id,
+                          std::string_view json_body) {
+  std::string out;
+  out.reserve(action.size() + request_id.size() + json_body.size());
+  out.append(action).append(request_id).append(json_body);
+  return out;
+}
+
+absl::StatusOr<ResponseFrame> ParseResponse(std::string_view frame) {
+  constexpr size_t kHeader = kRequestIdSize + kStatusSize;
+  if (frame.size() < kHeader) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("frame of ", frame.size(), " bytes is shorter than its ", kHeader,
+                     "-byte header"));
+  }
+  std::string_view rid = frame.substr(0, kRequestIdSize);
+  if (!IsRequestId(rid)) {
+    return absl::InvalidArgumentError(
+        "request id is not a 4-digit action id followed by 6 letters");
+  }
+  std::string_view status = frame.substr(kRequestIdSize, kStatusSize);
+  if (!AllDigits(status)) {
+    return absl::InvalidArgumentError("status is not three digits");
+  }
+  std::string_view body = frame.substr(kHeader);
+  if (!body.empty()) {
+    std::string why;
+    if (!Parse(body, &why).has_value()) {
+      return absl::InvalidArgumentError(absl::StrCat("body is not valid JSON: ", why));
+    }
+  }
+  ResponseFrame out;
+  out.request_id = rid;
+  out.status = (status[0] - '0') * 100 + (status[1] - '0') * 10 + (status[2] - '0');
+  out.body = body;
+  return out;
+}
+
+std::string LoginBody(std::string_view token) {
+  json::object o;
+  o["Token"] = json::string_view(token.data(), token.size());
+  return json::serialize(o);
+}
+
+std::string SubscribeResultsBody(std::string_view measurement_id, std::string_view request_id) {
+  json::object params;
+  params["ID"] = json::string_view(measurement_id.data(), measurement_id.size());
+  json::object o;
+  o["Params"] = std::move(params);
+  o["RequestID"] = json::string_view(request_id.data(), request_id.size());
+  return json::serialize(o);
+}
+
+std::string MeasurementDataBody(std::string_view measurement_id, std::string_view stage,
+                                bool ignore, std::string_view payload) {
+  json::object params;
+  params["ID"] = json::string_view(measurement_id.data(), measurement_id.size());
+  json::object o;
+  o["Params"] = std::move(params);
+  o["Action"] = absl::StrCat(Av(stage), ignore ? "::IGNORE" : "::PROCESS");
+  o["Payload"] = Base64Encode(payload);
+  return json::serialize(o);
+}
+
+std::string CreateMeasurementBody(const CreateMeasurementParams& p) {
+  json::object o;
+  o["StudyID"] = p.study_id;
+  o["Resolution"] = p.resolution == 0 ? 100u : p.resolution;
+  if (!p.user_profile_id.empty()) o["UserProfileID"] = p.user_profile_id;
+  if (!p.partner_id.empty()) o["PartnerID"] = p.partner_id;
+  return json::serialize(o);
+}
+
+std::string Base64Encode(std::string_view bytes) {
+  std::string out(4 * ((bytes.size() + 2) / 3), '\0');
+  if (bytes.empty()) return out;
+  int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                          reinterpret_cast<const unsigned char*>(bytes.data()),
+                          static_cast<int>(bytes.size()));
+  out.resize(n > 0 ? static_cast<size_t>(n) : 0);
+  return out;
+}
+
+ErrorBody ParseErrorBody(std::string_view text) {
+  ErrorBody out;
+  std::optional<json::value> v = Parse(text);
+  if (!v.has_value() || !v->is_object()) return out;
+  out.code = AsString(v->get_object(), "Code");
+  out.message = AsString(v->get_object(), "Message");
+  return out;
+}
+
+absl::StatusOr<ChunkAnswer> ParseChunkAnswer(std::string_view text) {
+  std::optional<json::value> v = Parse(text);
+  if (!v.has_value() || !v->is_object()) {
+    return absl::InternalError("upstream answered a chunk without a JSON object");
+  }
+  ChunkAnswer out;
+  const json::object& o = v->get_object();
+  out.measurement_data_id = AsString(o, "ID");
+  if (out.measurement_data_id.empty()) out.measurement_data_id = AsString(o, "MeasurementDataID");
+  out.chunk_order = AsInt(o.if_contains("ChunkOrder"));
+  return out;
+}
+
+absl::StatusOr<std::string> ParseCreatedId(std::string_view text) {
+  std::optional<json::value> v = Parse(text);
+  if (!v.has_value() || !v->is_object()) {
+    return absl::InternalError("upstream answered 0504 without a JSON object");
+  }
+  std::string id = AsString(v->get_object(), "ID");
+  if (id.empty()) return absl::InternalError("upstream answered 0504 without an ID");
+  return id;
+}
+
+ResultInfo ParseResultInfo(std::string_view text) {
+  ResultInfo out;
+  std::optional<json::value> v = Parse(text);
+  if (!v.has_value() || !v->is_object()) return out;
+  const json::object& o = v->get_object();
+  out.chunk_order = AsInt(o.if_contains("ChunkOrder"));
+  out.measurement_data_id = AsString(o, "MeasurementDataID");
+  out.complete = AsString(o, "Status") == "COMPLETE";
+  return out;
+}
+
+bool IsEmptyObject(std::string_view text) {
+  absl::string_view t = absl::StripAsciiWhitespace(Av(text));
+  if (t.size() < 2 || t.front() != '{' || t.back() != '}') return false;
+  return absl::StripAsciiWhitespace(t.substr(1, t.size() - 2)).empty();
+}
+
+absl::Status UpstreamError(int status, std::string_view body, std::string_view what) {
+  ErrorBody e = ParseErrorBody(body);
+  std::string reason = e.code.empty() ? absl::StrCat("HTTP_", status) : e.code;
+  std::string message = absl::StrCat(Av(what), ": upstream answered ", status);
+  if (!e.code.empty()) absl::StrAppend(&message, " ", e.code);
+  if (!e.message.empty()) absl::StrAppend(&message, ": ", log::Redact(e.message));
+  return core::WithErrorInfo(absl::Status(CodeFor(e.code, status), message), reason,
+                             kErrorDomain, {{"upstream_status", absl::StrCat(status)}});
+}
+
+}  // namespace wsbridge::dfx

@@ -1,0 +1,114 @@
+// DFX WebSocket wire format, as pure functions (no I/O, no clocks, no globals).
+//
+//   client -> server: ACTION(4 digits) | REQUEST_ID(10) | JSON body
+//   server -> client: REQUEST_ID(10)   | STATUS(3 digits) | JSON body
+//
+// A request id is the 4-digit action id followed by 6 ASCII letters; responses carry
+// it back, so it is the correlation key.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <random>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace wsbridge::dfx {
+
+// Debian's Abseil has its own string_view type; these cross the boundary explicitly.
+inline absl::string_view Av(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+inline std::string_view Sv(absl::string_view s) { return std::string_view(s.data(), s.size()); }
+
+inline constexpr std::string_view kErrorDomain = "dfx.wsbridge.dev";
+inline constexpr std::string_view kSubprotocol = "json";
+inline constexpr size_t kActionIdSize = 4;
+inline constexpr size_t kRequestIdSize = 10;
+inline constexpr size_t kStatusSize = 3;
+
+inline constexpr std::string_view kActionLogin = "0718";
+inline constexpr std::string_view kActionCreateMeasurement = "0504";
+inline constexpr std::string_view kActionMeasurementData = "0506";
+inline constexpr std::string_view kActionSubscribeResults = "0510";
+
+// One parsed server frame. `body` views into the frame it was parsed from.
+struct ResponseFrame {
+  std::string_view request_id;
+  int status = 0;
+  std::string_view body;
+  std::string_view action_id() const { return request_id.substr(0, kActionIdSize); }
+};
+
+// OK when `action_id` is exactly four ASCII digits; INVALID_ARGUMENT saying why otherwise.
+absl::Status ValidateActionId(std::string_view action_id);
+
+// OK when `json` is one JSON object; INVALID_ARGUMENT with the parser's complaint otherwise.
+absl::Status ValidateJsonObject(std::string_view json);
+
+// `action` + 6 letters drawn from `rng`.
+std::string MakeRequestId(std::string_view action, std::mt19937_64& rng);
+
+// Whether `id` has the documented request id shape.
+bool IsRequestId(std::string_view id);
+
+// ACTION|REQUEST_ID|BODY. `request_id` must start with `action`.
+std::string EncodeRequest(std::string_view action, std::string_view request_id,
+                          std::string_view json_body);
+
+// Parses one server frame. INVALID_ARGUMENT for a short frame, a malformed request
+// id, a non-numeric status or a body that is not a JSON value.
+absl::StatusOr<ResponseFrame> ParseResponse(std::string_view frame);
+
+// Request bodies.
+std::string LoginBody(std::string_view token);
+std::string SubscribeResultsBody(std::string_view measurement_id, std::string_view request_id);
+// `stage` is FIRST, CHUNK or LAST; the payload is base64-encoded here.
+std::string MeasurementDataBody(std::string_view measurement_id, std::string_view stage,
+                                bool ignore, std::string_view payload);
+struct CreateMeasurementParams {
+  std::string study_id;
+  uint32_t resolution = 100;
+  std::string user_profile_id;
+  std::string partner_id;
+};
+std::string CreateMeasurementBody(const CreateMeasurementParams& params);
+
+std::string Base64Encode(std::string_view bytes);
+
+// Answer bodies.
+struct ErrorBody {
+  std::string code;     // e.g. "MISALIGNED_CHUNK"; "" when the body has none
+  std::string message;  // the upstream's message; "" when none
+};
+ErrorBody ParseErrorBody(std::string_view json);
+
+struct ChunkAnswer {
+  std::string measurement_data_id;
+  std::optional<int64_t> chunk_order;
+};
+absl::StatusOr<ChunkAnswer> ParseChunkAnswer(std::string_view json);
+
+// The "ID" string of a 0504 answer.
+absl::StatusOr<std::string> ParseCreatedId(std::string_view json);
+
+// Fields of a result frame used to tell which chunk it belongs to.
+struct ResultInfo {
+  std::optional<int64_t> chunk_order;
+  std::string measurement_data_id;
+  // "Status": "COMPLETE": the measurement's last result.
+  bool complete = false;
+};
+ResultInfo ParseResultInfo(std::string_view json);
+
+// Whether a body is "{}" (possibly with whitespace): a 0510 subscribe acknowledgement
+// rather than a result.
+bool IsEmptyObject(std::string_view json);
+
+// Maps a non-2xx upstream answer to a status: the gRPC-facing code chosen from the
+// upstream code (or HTTP-like status when the body names none), with ErrorInfo
+// {reason: upstream code, domain: kErrorDomain}.
+absl::Status UpstreamError(int status, std::string_view body, std::string_view what);
+
+}  // namespace wsbridge::dfx
