@@ -1,0 +1,909 @@
+// The one translation unit that instantiates Beast's WebSocket client, for both plain
+// TCP and TLS streams (see connection.h for the contract).
+#include "bridges/core/connection.h"
+
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include <algorithm>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <tuple>
+
+#include <boost/asio/ip/address.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <boost/beast/websocket.hpp>
+#include <boost/beast/websocket/ssl.hpp>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "bridges/core/log.h"
+
+namespace wsbridge::core {
+
+std::string_view ToString(ConnectionState s) {
+  switch (s) {
+    case ConnectionState::kIdle:
+      return "IDLE";
+    case ConnectionState::kConnecting:
+      return "CONNECTING";
+    case ConnectionState::kAuthenticating:
+      return "AUTHENTICATING";
+    case ConnectionState::kReady:
+      return "READY";
+    case ConnectionState::kBackingOff:
+      return "BACKING_OFF";
+    case ConnectionState::kClosed:
+      return "CLOSED";
+  }
+  return "UNKNOWN";
+}
+
+namespace {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace websocket = beast::websocket;
+namespace ssl = net::ssl;
+using tcp = net::ip::tcp;
+using beast::error_code;
+using Clock = std::chrono::steady_clock;
+
+constexpr std::string_view kLog = "connection";
+
+// Debian's abseil has its own string_view type.
+absl::string_view AV(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+
+std::string Fmt(Duration d) { return absl::FormatDuration(absl::FromChrono(d)); }
+
+bool IsIpLiteral(const std::string& host) {
+  error_code ec;
+  net::ip::make_address(host, ec);
+  return !ec;
+}
+
+// ---------------------------------------------------------------------------------------
+// URL parsing.
+
+struct ParsedUrl {
+  bool tls = false;
+  std::string host;  // without IPv6 brackets
+  std::string port;
+  std::string host_header;
+  std::string target;  // path?query, never empty
+};
+
+absl::StatusOr<ParsedUrl> ParseUrl(std::string_view url) {
+  ParsedUrl out;
+  std::string_view rest;
+  const auto lower_prefix = [&](std::string_view p) {
+    return url.size() >= p.size() && absl::EqualsIgnoreCase(AV(url.substr(0, p.size())), AV(p));
+  };
+  if (lower_prefix("wss://")) {
+    out.tls = true;
+    rest = url.substr(6);
+  } else if (lower_prefix("ws://")) {
+    rest = url.substr(5);
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("upstream URL \"", log::RedactUrl(url), "\" must start with wss:// or ws://"));
+  }
+  const size_t end = rest.find_first_of("/?#");
+  std::string_view authority = rest.substr(0, end);
+  std::string_view tail = end == std::string_view::npos ? std::string_view() : rest.substr(end);
+  if (const size_t hash = tail.find('#'); hash != std::string_view::npos) tail = tail.substr(0, hash);
+  if (authority.find('@') != std::string_view::npos) {
+    return absl::InvalidArgumentError("upstream URL must not carry user:password@; use headers");
+  }
+  std::string_view port;
+  if (!authority.empty() && authority.front() == '[') {
+    const size_t close = authority.find(']');
+    if (close == std::string_view::npos) return absl::InvalidArgumentError("upstream URL has a bad IPv6 host");
+    out.host = std::string(authority.substr(1, close - 1));
+    std::string_view after = authority.substr(close + 1);
+    if (!after.empty()) {
+      if (after.front() != ':') return absl::InvalidArgumentError("upstream URL has a bad IPv6 host");
+      port = after.substr(1);
+    }
+  } else {
+    const size_t colon = authority.rfind(':');
+    out.host = std::string(authority.substr(0, colon));
+    if (colon != std::string_view::npos) port = authority.substr(colon + 1);
+  }
+  if (out.host.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("upstream URL \"", log::RedactUrl(url), "\" has no host"));
+  }
+  const std::string_view default_port = out.tls ? "443" : "80";
+  if (port.empty()) {
+    out.port = std::string(default_port);
+  } else {
+    int p = 0;
+    if (!absl::SimpleAtoi(AV(port), &p) || p <= 0 || p > 65535) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("upstream URL \"", log::RedactUrl(url), "\" has a bad port"));
+    }
+    out.port = std::string(port);
+  }
+  const bool v6 = out.host.find(':') != std::string::npos;
+  out.host_header = v6 ? absl::StrCat("[", out.host, "]") : out.host;
+  if (out.port != default_port) absl::StrAppend(&out.host_header, ":", out.port);
+  if (tail.empty()) {
+    out.target = "/";
+  } else if (tail.front() == '?') {
+    out.target = absl::StrCat("/", AV(tail));
+  } else {
+    out.target = std::string(tail);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS client contexts, shared by every connection with the same settings: building one
+// loads the trust store, which is far too expensive to do per session.
+
+using TlsKey = std::tuple<bool, std::string, std::string, std::string>;
+
+absl::StatusOr<std::shared_ptr<ssl::context>> GetTlsContext(const TlsOptions& o) {
+  static std::mutex mu;
+  static std::map<TlsKey, std::weak_ptr<ssl::context>> cache;
+  const TlsKey key{o.verify_peer, o.ca_file, o.cert_file, o.key_file};
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = cache.find(key); it != cache.end()) {
+    if (auto ctx = it->second.lock()) return ctx;
+  }
+  auto ctx = std::make_shared<ssl::context>(ssl::context::tls_client);
+  SSL_CTX* native = ctx->native_handle();
+  // tls_client + a 1.2 floor (tlsv12_client would pin exactly 1.2 and refuse 1.3).
+  SSL_CTX_set_min_proto_version(native, TLS1_2_VERSION);
+  SSL_CTX_set_options(native, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+  // Idle sessions keep no read/write buffers (~34 KiB each otherwise).
+  SSL_CTX_set_mode(native, SSL_MODE_RELEASE_BUFFERS);
+  error_code ec;
+  if (o.verify_peer) {
+    ctx->set_verify_mode(ssl::verify_peer, ec);
+    if (o.ca_file.empty()) {
+      ctx->set_default_verify_paths(ec);
+      if (ec) return absl::FailedPreconditionError(absl::StrCat("loading the system trust store: ", ec.message()));
+    } else {
+      ctx->load_verify_file(o.ca_file, ec);
+      if (ec) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "cannot load CA bundle ", o.ca_file, ": ", ec.message(), "; check tls.ca_file"));
+      }
+    }
+  } else {
+    ctx->set_verify_mode(ssl::verify_none, ec);
+  }
+  if (!o.cert_file.empty()) {
+    ctx->use_certificate_chain_file(o.cert_file, ec);
+    if (ec) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot load client certificate ", o.cert_file, ": ", ec.message()));
+    }
+    const std::string& key_file = o.key_file.empty() ? o.cert_file : o.key_file;
+    ctx->use_private_key_file(key_file, ssl::context::pem, ec);
+    if (ec) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot load client key ", key_file, ": ", ec.message()));
+    }
+  }
+  cache[key] = ctx;
+  // Drop entries whose contexts are gone, so the map does not grow with config reloads.
+  for (auto it = cache.begin(); it != cache.end();) {
+    it = it->second.expired() ? cache.erase(it) : std::next(it);
+  }
+  cache[key] = ctx;
+  return ctx;
+}
+
+absl::Status StatusFromHttp(unsigned status, std::string message) {
+  switch (status) {
+    case 401:
+      return absl::UnauthenticatedError(std::move(message));
+    case 403:
+      return absl::PermissionDeniedError(std::move(message));
+    case 404:
+      return absl::NotFoundError(std::move(message));
+    case 429:
+      return absl::ResourceExhaustedError(std::move(message));
+    default:
+      if (status >= 500) return absl::UnavailableError(std::move(message));
+      return absl::FailedPreconditionError(std::move(message));
+  }
+}
+
+using PlainWs = websocket::stream<beast::tcp_stream>;
+using TlsWs = websocket::stream<beast::ssl_stream<beast::tcp_stream>>;
+
+// One connection attempt: the stream and what its in-flight operations need. Held by
+// shared_ptr from every pending handler, so the stream outlives its operations even
+// after the connection moved on to the next attempt.
+template <class Ws>
+struct Attempt {
+  template <class... Args>
+  explicit Attempt(uint64_t g, Args&&... args) : gen(g), ws(std::forward<Args>(args)...) {}
+
+  const uint64_t gen;
+  Ws ws;
+  websocket::response_type response;
+  beast::flat_buffer read_buffer;
+  Clock::time_point last_rx{};
+  bool reading = false;
+  bool writing = false;
+  bool pinging = false;
+};
+
+class ConnectionImpl final : public Connection {
+ public:
+  ConnectionImpl(Strand strand, ConnectionOptions options, std::weak_ptr<ConnectionHandler> handler)
+      : strand_(std::move(strand)),
+        options_(std::move(options)),
+        handler_(std::move(handler)),
+        backoff_(options_.backoff),
+        resolver_(strand_),
+        resolve_timer_(strand_),
+        retry_timer_(strand_),
+        keepalive_timer_(strand_),
+        heartbeat_timer_(strand_),
+        healthy_timer_(strand_),
+        close_timer_(strand_) {}
+
+  // --- Strand only. ---
+  void Start() override {
+    if (state_.load() != ConnectionState::kIdle) return;
+    StartAttempt();
+  }
+
+  absl::Status Send(std::string payload, bool binary) override {
+    if (!open_ || closing_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "upstream connection ", options_.name, " is not open (", AV(ToString(state_.load())), ")"));
+    }
+    if (!queue_.empty() && (queue_.size() >= options_.send_queue_max_messages ||
+                            queued_bytes_ + payload.size() > options_.send_queue_max_bytes)) {
+      want_writable_ = true;
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "upstream send queue of ", options_.name, " is full (", queue_.size(), " messages, ",
+          queued_bytes_, " bytes); wait for OnWritable"));
+    }
+    queued_bytes_ += payload.size();
+    queue_.push_back(Outgoing{std::move(payload), binary});
+    WithAttempt([&](auto& a) {
+      if (!a->writing) DoWrite(a);
+    });
+    return absl::OkStatus();
+  }
+
+  void MarkAuthenticating() override {
+    if (open_ && !closing_) state_.store(ConnectionState::kAuthenticating);
+  }
+
+  void MarkReady() override {
+    if (!open_ || closing_ || state_.load() == ConnectionState::kReady) return;
+    state_.store(ConnectionState::kReady);
+    stats_.ready_since_unix_ms.store(absl::ToUnixMillis(absl::Now()));
+    log::Info(kLog, "upstream ready", {{"name", options_.name}, {"target", Target()}});
+    const uint64_t gen = gen_;
+    auto self = Self();
+    healthy_timer_.expires_after(options_.backoff.reset_after);
+    healthy_timer_.async_wait([self, gen](error_code ec) {
+      if (ec || gen != self->gen_ || self->state_.load() != ConnectionState::kReady) return;
+      self->backoff_.Reset();
+    });
+    if (options_.keepalive.heartbeat_interval > Duration::zero()) ArmHeartbeat();
+  }
+
+  void Reconnect(const absl::Status& reason) override {
+    const ConnectionState s = state_.load();
+    if (s == ConnectionState::kClosed || s == ConnectionState::kIdle || closing_) return;
+    if (s == ConnectionState::kBackingOff) return;  // one attempt in flight at any time
+    log::Warn(kLog, "reconnecting upstream",
+              {{"name", options_.name}, {"reason", log::Redact(reason.ToString())}});
+    Teardown();
+    ScheduleRetry(reason);
+  }
+
+  void Close(uint16_t code, std::string_view reason) override {
+    const ConnectionState s = state_.load();
+    if (s == ConnectionState::kClosed || closing_) return;
+    closing_ = true;
+    ++retry_gen_;
+    retry_timer_.cancel();
+    resolve_timer_.cancel();
+    resolver_.cancel();
+    if (!open_) {
+      Teardown();
+      Finish(absl::CancelledError("closed before the connection opened"));
+      return;
+    }
+    close_reason_ = websocket::close_reason(static_cast<websocket::close_code>(code), reason);
+    const uint64_t gen = gen_;
+    auto self = Self();
+    close_timer_.expires_after(options_.close_timeout);
+    close_timer_.async_wait([self, gen](error_code ec) {
+      if (ec || gen != self->gen_ || self->state_.load() == ConnectionState::kClosed) return;
+      log::Warn(kLog, "close handshake timed out",
+                {{"name", self->options_.name}, {"timeout", Fmt(self->options_.close_timeout)}});
+      self->Teardown();
+      self->Finish(absl::CancelledError("connection closed (close handshake timed out)"));
+    });
+    WithAttempt([&](auto& a) {
+      if (!a->writing) DoClose(a);
+    });
+  }
+
+  void PauseReads() override { paused_ = true; }
+
+  void ResumeReads() override {
+    if (!paused_) return;
+    paused_ = false;
+    WithAttempt([&](auto& a) {
+      // Traffic was not read while paused; do not count that as silence.
+      a->last_rx = Clock::now();
+      ping_sent_.reset();
+      if (open_) DoRead(a);
+    });
+  }
+
+  size_t queued_messages() const override { return queue_.size(); }
+
+  // --- Any thread. ---
+  ConnectionState state() const override { return state_.load(); }
+  const ConnectionStats& stats() const override { return stats_; }
+  const ConnectionOptions& options() const override { return options_; }
+  std::string last_error() const override {
+    absl::MutexLock lock(&mu_);
+    return last_error_;
+  }
+  std::string target() const override { return Target(); }
+  const Strand& strand() const override { return strand_; }
+
+ private:
+  struct Outgoing {
+    std::string payload;
+    bool binary;
+  };
+
+  std::shared_ptr<ConnectionImpl> Self() {
+    return std::static_pointer_cast<ConnectionImpl>(shared_from_this());
+  }
+
+  std::string Target() const {
+    absl::MutexLock lock(&mu_);
+    return target_;
+  }
+
+  // Runs `f` with the current attempt, whichever stream type it has.
+  template <class F>
+  void WithAttempt(F&& f) {
+    if (plain_) {
+      f(plain_);
+    } else if (tls_) {
+      f(tls_);
+    }
+  }
+
+  template <class A>
+  bool Current(const std::shared_ptr<A>& a) const {
+    return a && a->gen == gen_ && (static_cast<const void*>(a.get()) == plain_.get() ||
+                                   static_cast<const void*>(a.get()) == tls_.get());
+  }
+
+  // Calls the handler if it is still there; otherwise shuts down quietly. Returns
+  // whether it was called.
+  template <class F>
+  bool Notify(F&& f) {
+    std::shared_ptr<ConnectionHandler> h = handler_.lock();
+    if (!h) {
+      Shutdown();
+      return false;
+    }
+    f(*h);
+    return true;
+  }
+
+  // The owner is gone: stop everything without callbacks.
+  void Shutdown() {
+    closing_ = true;
+    ++retry_gen_;
+    retry_timer_.cancel();
+    resolve_timer_.cancel();
+    resolver_.cancel();
+    Teardown();
+    state_.store(ConnectionState::kClosed);
+  }
+
+  // --- Attempt ------------------------------------------------------------------------
+
+  void StartAttempt() {
+    if (closing_ || state_.load() == ConnectionState::kClosed) return;
+    state_.store(ConnectionState::kConnecting);
+    stats_.attempts.fetch_add(1);
+    ++gen_;
+    absl::StatusOr<HandshakeRequest> request;
+    if (!Notify([&](ConnectionHandler& h) { request = h.PrepareHandshake(); })) return;
+    if (closing_ || state_.load() != ConnectionState::kConnecting) return;
+    if (!request.ok()) return FailAttempt(request.status());
+    absl::StatusOr<ParsedUrl> url = ParseUrl(request->url);
+    if (!url.ok()) return FailAttempt(url.status());
+    {
+      absl::MutexLock lock(&mu_);
+      target_ = log::RedactUrl(request->url);
+    }
+    if (!url->tls && !options_.allow_plaintext) {
+      // A configuration error: retrying cannot fix it.
+      const absl::Status st = absl::FailedPreconditionError(absl::StrCat(
+          "refusing plaintext ws:// upstream ", Target(), " for ", options_.name,
+          ": use wss://, or set allow_plaintext: true (only for local emulators and tests)"));
+      SetLastError(st);
+      log::Error(kLog, "upstream refused", {{"name", options_.name}, {"error", std::string(st.message())}});
+      closing_ = true;
+      Finish(st);
+      return;
+    }
+    request_ = *std::move(request);
+    url_ = *std::move(url);
+
+    if (url_.tls) {
+      absl::StatusOr<std::shared_ptr<ssl::context>> ctx = GetTlsContext(options_.tls);
+      if (!ctx.ok()) return FailAttempt(ctx.status());
+      tls_ctx_ = *ctx;
+      tls_ = std::make_shared<Attempt<TlsWs>>(gen_, strand_, *tls_ctx_);
+      SSL* native = tls_->ws.next_layer().native_handle();
+      const std::string& name = options_.tls.server_name.empty() ? url_.host : options_.tls.server_name;
+      const bool ip = IsIpLiteral(name);
+      // SNI carries host names only; an IP literal is not allowed there (RFC 6066).
+      if (!ip && SSL_set_tlsext_host_name(native, name.c_str()) != 1) {
+        return FailAttempt(absl::InvalidArgumentError(absl::StrCat("bad TLS server name \"", name, "\"")));
+      }
+      if (options_.tls.verify_peer) {
+        const int ok = ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(native), name.c_str())
+                          : SSL_set1_host(native, name.c_str());
+        if (ok != 1) {
+          return FailAttempt(absl::InvalidArgumentError(absl::StrCat("bad TLS server name \"", name, "\"")));
+        }
+      }
+    } else {
+      plain_ = std::make_shared<Attempt<PlainWs>>(gen_, strand_);
+    }
+    log::Debug(kLog, "connecting", {{"name", options_.name}, {"target", Target()}});
+
+    const uint64_t gen = gen_;
+    auto self = Self();
+    resolve_timer_.expires_after(options_.connect_timeout);
+    resolve_timer_.async_wait([self, gen](error_code ec) {
+      if (!ec && gen == self->gen_) self->resolver_.cancel();
+    });
+    resolver_.async_resolve(url_.host, url_.port,
+                            [self, gen](error_code ec, tcp::resolver::results_type results) {
+                              if (gen != self->gen_) return;
+                              self->resolve_timer_.cancel();
+                              self->WithAttempt([&](auto& a) { self->OnResolve(a, ec, results); });
+                            });
+  }
+
+  template <class A>
+  void OnResolve(std::shared_ptr<A> a, error_code ec, const tcp::resolver::results_type& results) {
+    if (!Current(a)) return;
+    if (ec) {
+      if (ec == net::error::operation_aborted) {
+        return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
+            "resolving ", url_.host, " timed out after ", Fmt(options_.connect_timeout))));
+      }
+      return FailAttempt(absl::UnavailableError(absl::StrCat("resolving ", url_.host, ": ", ec.message())));
+    }
+    auto& lowest = beast::get_lowest_layer(a->ws);
+    lowest.expires_after(options_.connect_timeout);
+    lowest.async_connect(results, [self = Self(), a](error_code ec, const tcp::endpoint&) {
+      self->OnConnect(a, ec);
+    });
+  }
+
+  template <class A>
+  void OnConnect(std::shared_ptr<A> a, error_code ec) {
+    if (!Current(a)) return;
+    if (ec) {
+      if (ec == beast::error::timeout) {
+        return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
+            "connecting to ", url_.host_header, " timed out after ", Fmt(options_.connect_timeout))));
+      }
+      return FailAttempt(
+          absl::UnavailableError(absl::StrCat("connecting to ", url_.host_header, ": ", ec.message())));
+    }
+    error_code ignored;
+    beast::get_lowest_layer(a->ws).socket().set_option(tcp::no_delay(true), ignored);
+    if constexpr (std::is_same_v<A, Attempt<TlsWs>>) {
+      beast::get_lowest_layer(a->ws).expires_after(options_.handshake_timeout);
+      a->ws.next_layer().async_handshake(ssl::stream_base::client,
+                                         [self = Self(), a](error_code ec) { self->OnTlsHandshake(a, ec); });
+    } else {
+      DoWsHandshake(a);
+    }
+  }
+
+  void OnTlsHandshake(std::shared_ptr<Attempt<TlsWs>> a, error_code ec) {
+    if (!Current(a)) return;
+    if (ec) {
+      if (ec == beast::error::timeout) {
+        return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
+            "TLS handshake with ", url_.host_header, " timed out after ", Fmt(options_.handshake_timeout))));
+      }
+      std::string detail = ec.message();
+      const long verify = SSL_get_verify_result(a->ws.next_layer().native_handle());
+      if (verify != X509_V_OK) {
+        absl::StrAppend(&detail, " (", X509_verify_cert_error_string(verify),
+                        "; check tls.ca_file / tls.server_name)");
+      }
+      return FailAttempt(absl::UnavailableError(
+          absl::StrCat("TLS handshake with ", url_.host_header, " failed: ", detail)));
+    }
+    DoWsHandshake(a);
+  }
+
+  template <class A>
+  void DoWsHandshake(std::shared_ptr<A> a) {
+    beast::get_lowest_layer(a->ws).expires_never();
+    websocket::stream_base::timeout timeouts{};
+    timeouts.handshake_timeout = options_.handshake_timeout;  // also bounds the close handshake
+    timeouts.idle_timeout = websocket::stream_base::none();   // our own keepalive does this
+    timeouts.keep_alive_pings = false;
+    a->ws.set_option(timeouts);
+    a->ws.read_message_max(options_.max_message_bytes);
+    a->ws.auto_fragment(false);
+    websocket::permessage_deflate pmd;
+    pmd.client_enable = false;
+    pmd.server_enable = false;
+    a->ws.set_option(pmd);
+    a->ws.set_option(websocket::stream_base::decorator(
+        [headers = request_.headers, protocols = absl::StrJoin(request_.subprotocols, ", ")](
+            websocket::request_type& req) {
+          req.set(http::field::user_agent, "wsbridge");
+          for (const auto& [name, value] : headers) req.insert(name, value);
+          if (!protocols.empty()) req.set(http::field::sec_websocket_protocol, protocols);
+        }));
+    A* raw = a.get();
+    a->ws.control_callback([raw](websocket::frame_type, beast::string_view) {
+      raw->last_rx = Clock::now();
+    });
+    a->ws.async_handshake(a->response, url_.host_header, url_.target,
+                          [self = Self(), a](error_code ec) { self->OnWsHandshake(a, ec); });
+  }
+
+  template <class A>
+  void OnWsHandshake(std::shared_ptr<A> a, error_code ec) {
+    if (!Current(a)) return;
+    if (ec) {
+      if (ec == websocket::error::upgrade_declined && a->response.result_int() != 101) {
+        std::string body = a->response.body().substr(0, 200);
+        absl::StripAsciiWhitespace(&body);
+        return FailAttempt(StatusFromHttp(
+            a->response.result_int(),
+            log::Redact(absl::StrCat("WebSocket upgrade refused by ", url_.host_header, " with HTTP ",
+                                     a->response.result_int(), body.empty() ? "" : ": ", body))));
+      }
+      if (ec == beast::error::timeout) {
+        return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
+            "WebSocket handshake with ", url_.host_header, " timed out after ",
+            Fmt(options_.handshake_timeout))));
+      }
+      return FailAttempt(absl::UnavailableError(
+          absl::StrCat("WebSocket handshake with ", url_.host_header, " failed: ", ec.message())));
+    }
+    const std::string negotiated(a->response[http::field::sec_websocket_protocol]);
+    const auto& requested = request_.subprotocols;
+    if (!requested.empty() && negotiated.empty()) {
+      return FailAttempt(absl::FailedPreconditionError(absl::StrCat(
+          "upstream accepted none of the requested subprotocols (", absl::StrJoin(requested, ", "), ")")));
+    }
+    if (!negotiated.empty() && std::find(requested.begin(), requested.end(), negotiated) == requested.end()) {
+      return FailAttempt(absl::FailedPreconditionError(
+          absl::StrCat("upstream selected subprotocol \"", negotiated, "\" that was not requested")));
+    }
+    open_ = true;
+    if (opened_before_) stats_.reconnects.fetch_add(1);
+    opened_before_ = true;
+    a->last_rx = Clock::now();
+    ping_sent_.reset();
+    last_ping_ = Clock::now();
+    log::Info(kLog, "upstream connected", {{"name", options_.name}, {"target", Target()}});
+    DoRead(a);
+    ArmKeepalive(a);
+    Notify([&](ConnectionHandler& h) { h.OnOpen(negotiated); });
+  }
+
+  // --- Reading ------------------------------------------------------------------------
+
+  template <class A>
+  void DoRead(std::shared_ptr<A> a) {
+    if (paused_ || a->reading || !Current(a)) return;
+    a->reading = true;
+    a->ws.async_read(a->read_buffer, [self = Self(), a](error_code ec, std::size_t n) {
+      self->OnRead(a, ec, n);
+    });
+  }
+
+  template <class A>
+  void OnRead(std::shared_ptr<A> a, error_code ec, std::size_t n) {
+    a->reading = false;
+    if (!Current(a)) return;
+    if (ec) return OnReadError(a, ec);
+    a->last_rx = Clock::now();
+    stats_.frames_in.fetch_add(1, std::memory_order_relaxed);
+    stats_.bytes_in.fetch_add(n, std::memory_order_relaxed);
+    const auto data = a->read_buffer.cdata();
+    const std::string_view payload(static_cast<const char*>(data.data()), data.size());
+    const bool binary = a->ws.got_binary();
+    if (!Notify([&](ConnectionHandler& h) { h.OnMessage(payload, binary); })) return;
+    a->read_buffer.consume(a->read_buffer.size());
+    DoRead(a);  // no-op if the handler paused, reconnected or closed
+  }
+
+  template <class A>
+  void OnReadError(std::shared_ptr<A> a, error_code ec) {
+    if (closing_) {
+      // Our close handshake finished (or the socket died during it).
+      Teardown();
+      Finish(CloseStatus());
+      return;
+    }
+    absl::Status st;
+    if (ec == websocket::error::closed) {
+      const auto& r = a->ws.reason();
+      st = absl::UnavailableError(absl::StrCat("upstream closed the connection (code ", r.code,
+                                               r.reason.empty() ? "" : ": ", log::Redact(r.reason.c_str()), ")"));
+    } else if (ec == websocket::error::message_too_big) {
+      st = absl::ResourceExhaustedError(absl::StrCat(
+          "upstream sent a message larger than max_message_bytes (", options_.max_message_bytes,
+          " bytes); raise the limit if such messages are expected"));
+    } else {
+      st = absl::UnavailableError(absl::StrCat("upstream connection lost: ", ec.message()));
+    }
+    Lost(st);
+  }
+
+  // --- Writing ------------------------------------------------------------------------
+
+  template <class A>
+  void DoWrite(std::shared_ptr<A> a) {
+    if (queue_.empty() || a->writing) return;
+    a->writing = true;
+    a->ws.binary(queue_.front().binary);
+    a->ws.async_write(net::buffer(queue_.front().payload),
+                      [self = Self(), a](error_code ec, std::size_t n) { self->OnWrite(a, ec, n); });
+  }
+
+  template <class A>
+  void OnWrite(std::shared_ptr<A> a, error_code ec, std::size_t n) {
+    a->writing = false;
+    if (!Current(a)) return;
+    if (ec) {
+      if (closing_) {
+        Teardown();
+        return Finish(CloseStatus());
+      }
+      return Lost(absl::UnavailableError(absl::StrCat("writing to upstream failed: ", ec.message())));
+    }
+    stats_.frames_out.fetch_add(1, std::memory_order_relaxed);
+    stats_.bytes_out.fetch_add(n, std::memory_order_relaxed);
+    queued_bytes_ -= queue_.front().payload.size();
+    queue_.pop_front();
+    if (want_writable_ && !closing_ && queue_.size() <= options_.send_queue_max_messages / 2 &&
+        queued_bytes_ <= options_.send_queue_max_bytes / 2) {
+      want_writable_ = false;
+      if (!Notify([](ConnectionHandler& h) { h.OnWritable(); })) return;
+      if (!Current(a)) return;
+    }
+    if (!queue_.empty()) return DoWrite(a);
+    if (closing_) DoClose(a);
+  }
+
+  template <class A>
+  void DoClose(std::shared_ptr<A> a) {
+    if (close_started_) return;
+    close_started_ = true;
+    a->ws.async_close(close_reason_, [self = Self(), a](error_code) {
+      if (!self->Current(a)) return;
+      // Wait for the pending read to see the end of the stream, unless none is pending.
+      if (!a->reading) {
+        self->Teardown();
+        self->Finish(self->CloseStatus());
+      }
+    });
+  }
+
+  absl::Status CloseStatus() const {
+    return absl::CancelledError(
+        absl::StrCat("connection closed by the client (code ", close_reason_.code, ")"));
+  }
+
+  // --- Keepalive ----------------------------------------------------------------------
+
+  template <class A>
+  void ArmKeepalive(std::shared_ptr<A> a) {
+    const auto& ka = options_.keepalive;
+    if (ka.ping_interval <= Duration::zero()) return;
+    const Clock::time_point next =
+        ping_sent_ ? *ping_sent_ + ka.pong_timeout : last_ping_ + ka.ping_interval;
+    keepalive_timer_.expires_at(next);
+    keepalive_timer_.async_wait([self = Self(), a](error_code ec) {
+      if (ec || !self->Current(a)) return;
+      self->OnKeepalive(a);
+    });
+  }
+
+  template <class A>
+  void OnKeepalive(std::shared_ptr<A> a) {
+    if (!open_ || closing_) return;
+    if (!handler_.lock()) return Shutdown();
+    const auto& ka = options_.keepalive;
+    const Clock::time_point now = Clock::now();
+    if (ping_sent_ && a->last_rx >= *ping_sent_) ping_sent_.reset();
+    if (paused_) {
+      ping_sent_.reset();  // unread traffic is not silence
+    } else if (ping_sent_ && now - *ping_sent_ >= ka.pong_timeout) {
+      return Lost(absl::DeadlineExceededError(absl::StrCat(
+          "no pong or other traffic from upstream within ", Fmt(ka.pong_timeout),
+          " after a ping; the peer looks dead")));
+    }
+    if (!ping_sent_ && now - last_ping_ >= ka.ping_interval) {
+      last_ping_ = now;
+      if (!paused_) ping_sent_ = now;
+      if (!a->pinging) {
+        a->pinging = true;
+        a->ws.async_ping({}, [a](error_code) { a->pinging = false; });
+      }
+    }
+    ArmKeepalive(a);
+  }
+
+  void ArmHeartbeat() {
+    const uint64_t gen = gen_;
+    heartbeat_timer_.expires_after(options_.keepalive.heartbeat_interval);
+    heartbeat_timer_.async_wait([self = Self(), gen](error_code ec) {
+      if (ec || gen != self->gen_ || self->state_.load() != ConnectionState::kReady || self->closing_) return;
+      if (!self->Notify([](ConnectionHandler& h) { h.OnHeartbeat(); })) return;
+      if (gen == self->gen_ && self->state_.load() == ConnectionState::kReady && !self->closing_) {
+        self->ArmHeartbeat();
+      }
+    });
+  }
+
+  // --- Failure and retry --------------------------------------------------------------
+
+  void SetLastError(const absl::Status& st) {
+    absl::MutexLock lock(&mu_);
+    last_error_ = log::Redact(st.ToString());
+  }
+
+  void FailAttempt(const absl::Status& st) {
+    log::Warn(kLog, "upstream connection attempt failed",
+              {{"name", options_.name}, {"target", Target()}, {"error", log::Redact(st.ToString())}});
+    Teardown();
+    ScheduleRetry(st);
+  }
+
+  void Lost(const absl::Status& st) {
+    log::Warn(kLog, "upstream connection lost",
+              {{"name", options_.name}, {"target", Target()}, {"error", log::Redact(st.ToString())}});
+    Teardown();
+    ScheduleRetry(st);
+  }
+
+  // Drops the current attempt's socket; its pending operations complete as stale.
+  void Teardown() {
+    ++gen_;
+    keepalive_timer_.cancel();
+    heartbeat_timer_.cancel();
+    healthy_timer_.cancel();
+    resolve_timer_.cancel();
+    resolver_.cancel();
+    error_code ignored;
+    WithAttempt([&](auto& a) {
+      auto& lowest = beast::get_lowest_layer(a->ws);
+      lowest.socket().shutdown(tcp::socket::shutdown_both, ignored);
+      lowest.close();
+    });
+    plain_.reset();
+    tls_.reset();
+    open_ = false;
+    close_started_ = false;
+    queue_.clear();
+    queued_bytes_ = 0;
+    want_writable_ = false;
+    ping_sent_.reset();
+    stats_.ready_since_unix_ms.store(0);
+  }
+
+  void ScheduleRetry(const absl::Status& reason) {
+    SetLastError(reason);
+    if (!options_.reconnect) {
+      closing_ = true;
+      Finish(reason);
+      return;
+    }
+    const Duration delay = backoff_.Next();
+    state_.store(ConnectionState::kBackingOff);
+    const uint64_t retry = ++retry_gen_;
+    retry_timer_.expires_after(delay);
+    retry_timer_.async_wait([self = Self(), retry](error_code ec) {
+      if (ec || retry != self->retry_gen_ || self->state_.load() != ConnectionState::kBackingOff) return;
+      self->StartAttempt();
+    });
+    log::Info(kLog, "upstream reconnect scheduled",
+              {{"name", options_.name}, {"delay", Fmt(delay)}, {"attempt", std::to_string(backoff_.attempt())}});
+    Notify([&](ConnectionHandler& h) { h.OnDisconnected(reason, true); });
+  }
+
+  // Closed for good.
+  void Finish(const absl::Status& reason) {
+    if (state_.load() == ConnectionState::kClosed) return;
+    state_.store(ConnectionState::kClosed);
+    close_timer_.cancel();
+    ++retry_gen_;
+    retry_timer_.cancel();
+    log::Info(kLog, "upstream connection closed", {{"name", options_.name}});
+    if (auto h = handler_.lock()) h->OnDisconnected(reason, false);
+  }
+
+  const Strand strand_;
+  const ConnectionOptions options_;
+  const std::weak_ptr<ConnectionHandler> handler_;
+  Backoff backoff_;
+  ConnectionStats stats_;
+  std::atomic<ConnectionState> state_{ConnectionState::kIdle};
+
+  mutable absl::Mutex mu_;
+  std::string last_error_ ABSL_GUARDED_BY(mu_);
+  std::string target_ ABSL_GUARDED_BY(mu_);
+
+  // Strand-only state.
+  tcp::resolver resolver_;
+  net::steady_timer resolve_timer_;
+  net::steady_timer retry_timer_;
+  net::steady_timer keepalive_timer_;
+  net::steady_timer heartbeat_timer_;
+  net::steady_timer healthy_timer_;
+  net::steady_timer close_timer_;
+  uint64_t gen_ = 0;        // bumped per attempt and per teardown; stale handlers compare it
+  uint64_t retry_gen_ = 0;  // identifies the pending retry timer
+  HandshakeRequest request_;
+  ParsedUrl url_;
+  std::shared_ptr<ssl::context> tls_ctx_;
+  std::shared_ptr<Attempt<PlainWs>> plain_;
+  std::shared_ptr<Attempt<TlsWs>> tls_;
+  bool open_ = false;
+  bool opened_before_ = false;
+  bool closing_ = false;
+  bool close_started_ = false;
+  bool paused_ = false;
+  websocket::close_reason close_reason_;
+  std::deque<Outgoing> queue_;
+  size_t queued_bytes_ = 0;
+  bool want_writable_ = false;
+  std::optional<Clock::time_point> ping_sent_;
+  Clock::time_point last_ping_{};
+};
+
+}  // namespace
+
+std::shared_ptr<Connection> Connection::Create(Strand strand, ConnectionOptions options,
+                                               std::weak_ptr<ConnectionHandler> handler) {
+  return std::make_shared<ConnectionImpl>(std::move(strand), std::move(options), std::move(handler));
+}
+
+}  // namespace wsbridge::core
