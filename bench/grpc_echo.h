@@ -1,0 +1,13 @@
+// The direct gRPC leg: an echo server on the callback API (the API wsbridged serves
+// with), run as its own process: `wsbridge-bench --grpc-echo`. Prints
+// {"event":"grpc-echo","port":N} when listening; runs until SIGTERM/SIGINT.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace wsbridge::bench {
+
+int RunGrpcEcho(const std::vector<std::string>& args);
+
+}  // namespace wsbridge::bench
