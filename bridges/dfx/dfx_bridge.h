@@ -27,6 +27,8 @@ struct DfxBridgeOptions {
   core::Duration request_timeout = std::chrono::seconds(30);
   core::Duration idle_session_timeout = std::chrono::minutes(5);
   core::Duration rate_limit_retry = std::chrono::seconds(1);
+  // RATE_LIMIT answers to one chunk before its stream ends with RESOURCE_EXHAUSTED.
+  int max_rate_limit_retries = 20;
   bool pacing = true;
   // The upstream's rate window (5 s). Internal: tests shorten it.
   core::Duration pacing_window = std::chrono::seconds(5);

@@ -278,6 +278,7 @@ class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackServ
         so.token = std::move(token);
         so.request_timeout = options_.request_timeout;
         so.rate_limit_retry = options_.rate_limit_retry;
+        so.max_rate_limit_retries = options_.max_rate_limit_retries;
         so.pacing = options_.pacing;
         so.pacing_window = options_.pacing_window;
         so.auth_retry_delay = options_.auth_retry_delay;

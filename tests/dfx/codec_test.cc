@@ -1,0 +1,151 @@
+#include "bridges/dfx/codec.h"
+
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "bridges/core/status.h"
+
+namespace wsbridge::dfx {
+namespace {
+
+TEST(DfxCodec, EncodesRequestFrame) {
+  EXPECT_EQ(EncodeRequest("0100", "0100abcDEF", "{}"), "01000100abcDEF{}");
+}
+
+TEST(DfxCodec, RequestIdsHaveTheDocumentedShape) {
+  std::mt19937_64 rng(42);
+  for (int i = 0; i < 200; ++i) {
+    std::string id = MakeRequestId("0506", rng);
+    ASSERT_EQ(id.size(), 10u);
+    EXPECT_EQ(id.substr(0, 4), "0506");
+    EXPECT_TRUE(IsRequestId(id)) << id;
+  }
+  EXPECT_NE(MakeRequestId("0506", rng), MakeRequestId("0506", rng));
+  EXPECT_FALSE(IsRequestId("0506abc"));
+  EXPECT_FALSE(IsRequestId("05x6abcdef"));
+  EXPECT_FALSE(IsRequestId("0506abcde1"));
+}
+
+TEST(DfxCodec, ParsesResponseFrame) {
+  absl::StatusOr<ResponseFrame> f = ParseResponse(R"(0504kQzPaB200{"ID":"m-1"})");
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->request_id, "0504kQzPaB");
+  EXPECT_EQ(f->action_id(), "0504");
+  EXPECT_EQ(f->status, 200);
+  EXPECT_EQ(f->body, R"({"ID":"m-1"})");
+  absl::StatusOr<ResponseFrame> empty = ParseResponse("0718abcdef401");
+  ASSERT_TRUE(empty.ok());
+  EXPECT_EQ(empty->status, 401);
+  EXPECT_EQ(empty->body, "");
+}
+
+TEST(DfxCodec, RejectsMalformedResponseFrames) {
+  EXPECT_EQ(ParseResponse("0504kQz").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseResponse("").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseResponse("0504kQzPaB2x0{}").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseResponse("abcdkQzPaB200{}").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseResponse("0504kQzPaB200{bad").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseResponse(std::string("0504kQzPa\0" "200{}", 15)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(DfxCodec, ValidatesActionIdAndBody) {
+  EXPECT_TRUE(ValidateActionId("0100").ok());
+  for (std::string_view bad : {"", "100", "01000", "01a0", " 100"}) {
+    absl::Status st = ValidateActionId(bad);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(st.message().find("four digits"), absl::string_view::npos);
+  }
+  EXPECT_TRUE(ValidateJsonObject("{}").ok());
+  EXPECT_TRUE(ValidateJsonObject(R"({"a":[1,2]})").ok());
+  EXPECT_EQ(ValidateJsonObject("[1]").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidateJsonObject("3").code(), absl::StatusCode::kInvalidArgument);
+  absl::Status bad = ValidateJsonObject("{bad");
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("not valid JSON"), absl::string_view::npos);
+}
+
+TEST(DfxCodec, BuildsRequestBodies) {
+  EXPECT_EQ(LoginBody("t\"k"), R"({"Token":"t\"k"})");
+  EXPECT_EQ(SubscribeResultsBody("m1", "0510abcdef"),
+            R"({"Params":{"ID":"m1"},"RequestID":"0510abcdef"})");
+  EXPECT_EQ(MeasurementDataBody("m1", "FIRST", false, "hello"),
+            R"({"Params":{"ID":"m1"},"Action":"FIRST::PROCESS","Payload":"aGVsbG8="})");
+  EXPECT_EQ(MeasurementDataBody("m1", "LAST", true, std::string("\0\xff", 2)),
+            R"({"Params":{"ID":"m1"},"Action":"LAST::IGNORE","Payload":"AP8="})");
+  CreateMeasurementParams p;
+  p.study_id = "s";
+  EXPECT_EQ(CreateMeasurementBody(p), R"({"StudyID":"s","Resolution":100})");
+  p.user_profile_id = "u";
+  p.resolution = 30;
+  EXPECT_EQ(CreateMeasurementBody(p), R"({"StudyID":"s","Resolution":30,"UserProfileID":"u"})");
+}
+
+TEST(DfxCodec, Base64) {
+  EXPECT_EQ(Base64Encode(""), "");
+  EXPECT_EQ(Base64Encode("f"), "Zg==");
+  EXPECT_EQ(Base64Encode("fo"), "Zm8=");
+  EXPECT_EQ(Base64Encode("foo"), "Zm9v");
+  EXPECT_EQ(Base64Encode("foobar"), "Zm9vYmFy");
+}
+
+TEST(DfxCodec, ParsesAnswers) {
+  absl::StatusOr<ChunkAnswer> a = ParseChunkAnswer(R"({"ID":"d1","ChunkOrder":3})");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->measurement_data_id, "d1");
+  EXPECT_EQ(a->chunk_order, 3);
+  EXPECT_FALSE(ParseChunkAnswer("[]").ok());
+  EXPECT_EQ(*ParseCreatedId(R"({"ID":"m"})"), "m");
+  EXPECT_FALSE(ParseCreatedId("{}").ok());
+  ResultInfo r = ParseResultInfo(R"({"ChunkOrder":"4","MeasurementDataID":"d","Status":"COMPLETE"})");
+  EXPECT_EQ(r.chunk_order, 4);
+  EXPECT_EQ(r.measurement_data_id, "d");
+  EXPECT_TRUE(r.complete);
+  EXPECT_TRUE(IsEmptyObject(" { } "));
+  EXPECT_FALSE(IsEmptyObject(R"({"a":1})"));
+  ErrorBody e = ParseErrorBody(R"({"Code":"RATE_LIMIT","Message":"slow down"})");
+  EXPECT_EQ(e.code, "RATE_LIMIT");
+  EXPECT_EQ(e.message, "slow down");
+  EXPECT_EQ(ParseErrorBody("not json").code, "");
+}
+
+TEST(DfxCodec, MapsUpstreamErrors) {
+  struct Case {
+    int status;
+    std::string body;
+    absl::StatusCode code;
+    std::string reason;
+  };
+  const Case cases[] = {
+      {400, R"({"Code":"MISALIGNED_CHUNK"})", absl::StatusCode::kFailedPrecondition,
+       "MISALIGNED_CHUNK"},
+      {400, R"({"Code":"MEASUREMENT_CLOSED"})", absl::StatusCode::kFailedPrecondition,
+       "MEASUREMENT_CLOSED"},
+      {404, R"({"Code":"INVALID_MEASUREMENT"})", absl::StatusCode::kNotFound,
+       "INVALID_MEASUREMENT"},
+      {400, R"({"Code":"UNPACKER_RPC_ERROR","Message":"bad magic"})",
+       absl::StatusCode::kInvalidArgument, "UNPACKER_RPC_ERROR"},
+      {429, R"({"Code":"RATE_LIMIT"})", absl::StatusCode::kResourceExhausted, "RATE_LIMIT"},
+      {401, R"({"Code":"INVALID_TOKEN"})", absl::StatusCode::kUnauthenticated, "INVALID_TOKEN"},
+      {401, "", absl::StatusCode::kUnauthenticated, "HTTP_401"},
+      {403, "{}", absl::StatusCode::kPermissionDenied, "HTTP_403"},
+      {503, "{}", absl::StatusCode::kUnavailable, "HTTP_503"},
+      {500, "{}", absl::StatusCode::kInternal, "HTTP_500"},
+  };
+  for (const Case& c : cases) {
+    absl::Status st = UpstreamError(c.status, c.body, "test");
+    EXPECT_EQ(st.code(), c.code) << c.body;
+    EXPECT_EQ(core::ErrorReason(st), c.reason) << c.body;
+  }
+  absl::Status st = UpstreamError(400, R"({"Code":"UNPACKER_RPC_ERROR","Message":"bad magic"})",
+                                  "measurement data");
+  EXPECT_NE(st.message().find("bad magic"), absl::string_view::npos);
+  EXPECT_NE(st.message().find("measurement data"), absl::string_view::npos);
+}
+
+}  // namespace
+}  // namespace wsbridge::dfx

@@ -1,0 +1,656 @@
+// End-to-end: a real gRPC server with the DFX bridge, real sockets to the in-process
+// DFX emulator.
+#include <cstring>
+#include <future>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include "bridges/core/bridge.h"
+#include "bridges/core/metrics.h"
+#include "bridges/dfx/dfx_bridge.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
+#include "tests/support/test_support.h"
+#include "tests/upstreams/dfx_emulator.h"
+#include "wsbridge/dfx/v1/dfx.grpc.pb.h"
+
+namespace wsbridge::dfx {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::WaitFor;
+namespace v1 = wsbridge::dfx::v1;
+
+// Emulator SDK chunk: "WSBE" | u32 LE order | u32 LE duration_ms | body.
+std::string SdkChunk(uint32_t order, uint32_t duration_ms, std::string_view body = "data") {
+  std::string out = "WSBE";
+  for (uint32_t v : {order, duration_ms}) {
+    for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+  }
+  out.append(body);
+  return out;
+}
+
+struct Detail {
+  std::string reason;
+  std::string domain;
+  std::map<std::string, std::string> metadata;
+};
+
+// Decodes grpc-status-details-bin as a client with googleapis' protos would.
+Detail ErrorDetail(const grpc::Status& st) {
+  Detail d;
+  google::rpc::Status s;
+  if (!s.ParseFromString(st.error_details())) return d;
+  for (const auto& any : s.details()) {
+    google::rpc::ErrorInfo info;
+    if (any.UnpackTo(&info)) {
+      d.reason = info.reason();
+      d.domain = info.domain();
+      d.metadata.insert(info.metadata().begin(), info.metadata().end());
+    }
+  }
+  return d;
+}
+
+v1::MeasurementChunk Chunk(v1::Stage stage, uint32_t order, uint32_t duration_ms,
+                           bool ignore = false) {
+  v1::MeasurementChunk c;
+  c.set_stage(stage);
+  c.set_payload(SdkChunk(order, duration_ms));
+  c.set_duration_ms(duration_ms);
+  c.set_ignore(ignore);
+  return c;
+}
+
+class DfxBridgeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {}
+
+  void Start(emulator::DfxEmulatorOptions eopts = {},
+             std::function<void(DfxBridgeOptions&)> tweak = nullptr) {
+    emulator_ = std::make_unique<emulator::DfxEmulator>(std::move(eopts));
+    ASSERT_TRUE(emulator_->Start().ok());
+    for (int i = 0; i < 2; ++i) threads_.emplace_back([this] { io_.run(); });
+
+    DfxBridgeOptions o;
+    o.url = emulator_->url();
+    o.connection.allow_plaintext = true;
+    o.connection.backoff.initial = 20ms;
+    o.connection.backoff.max = 200ms;
+    o.default_token = [] { return absl::StatusOr<std::string>("demo-device-token"); };
+    o.allow_call_token = true;
+    o.request_timeout = 5s;
+    o.rate_limit_retry = 50ms;
+    if (tweak) tweak(o);
+    core::BridgeContext ctx;
+    ctx.name = "dfx";
+    ctx.executor = io_.get_executor();
+    ctx.metrics = &metrics_;
+    auto bridge = NewDfxBridge(std::move(o), ctx);
+    ASSERT_TRUE(bridge.ok()) << bridge.status();
+    bridge_ = std::move(*bridge);
+    bridge_->Start();
+
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    for (grpc::Service* s : bridge_->Services()) builder.RegisterService(s);
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
+                                   grpc::InsecureChannelCredentials());
+    stub_ = v1::DfxService::NewStub(channel_);
+  }
+
+  void TearDown() override {
+    if (bridge_ != nullptr) {
+      std::promise<void> done;
+      bridge_->Shutdown(grpc::Status(grpc::StatusCode::UNAVAILABLE, "test over"),
+                        [&] { done.set_value(); });
+      EXPECT_EQ(done.get_future().wait_for(10s), std::future_status::ready);
+    }
+    if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + 5s);
+    work_.reset();
+    io_.stop();
+    for (auto& t : threads_) t.join();
+    if (emulator_ != nullptr) emulator_->Stop();
+  }
+
+  uint64_t Counter(const std::string& name) {
+    return metrics_.GetCounter(name, "", {{"bridge", "dfx"}}).value();
+  }
+
+  uint32_t Subscribers() {
+    uint32_t n = 0;
+    for (const auto& s : bridge_->ListSessions()) n += s.subscribers();
+    return n;
+  }
+
+  std::string CreateMeasurement(grpc::ClientContext* ctx = nullptr) {
+    grpc::ClientContext own;
+    v1::CreateMeasurementRequest req;
+    req.set_study_id("study-1");
+    v1::CreateMeasurementResponse resp;
+    grpc::Status st = stub_->CreateMeasurement(ctx ? ctx : &own, req, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    EXPECT_FALSE(resp.measurement_id().empty());
+    return resp.measurement_id();
+  }
+
+  struct StreamOutcome {
+    std::vector<v1::ChunkAccepted> accepted;
+    std::vector<v1::MeasurementResult> results;
+    grpc::Status status;
+  };
+
+  // Writes every chunk (each after the previous was accepted, as a client would), reads
+  // everything back and finishes.
+  StreamOutcome RunStream(const std::string& mid, std::vector<v1::MeasurementChunk> chunks,
+                          bool subscribe, bool half_close = true) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 30s);
+    auto stream = stub_->StreamMeasurement(&ctx);
+    StreamOutcome out;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      if (i == 0) {
+        chunks[i].set_measurement_id(mid);
+        chunks[i].set_subscribe_results(subscribe);
+      }
+      if (!stream->Write(chunks[i])) break;
+      // Flow control is natural: wait for this chunk's acceptance before the next.
+      bool accepted = false;
+      v1::MeasurementEvent ev;
+      while (!accepted && stream->Read(&ev)) {
+        if (ev.has_chunk_accepted()) {
+          out.accepted.push_back(ev.chunk_accepted());
+          accepted = true;
+        } else {
+          out.results.push_back(ev.result());
+        }
+      }
+      if (!accepted) break;
+    }
+    if (half_close) stream->WritesDone();
+    v1::MeasurementEvent ev;
+    while (stream->Read(&ev)) {
+      if (ev.has_chunk_accepted()) {
+        out.accepted.push_back(ev.chunk_accepted());
+      } else {
+        out.results.push_back(ev.result());
+      }
+    }
+    out.status = stream->Finish();
+    return out;
+  }
+
+  boost::asio::io_context io_;
+  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_{
+      io_.get_executor()};
+  std::vector<std::thread> threads_;
+  core::MetricsRegistry metrics_;
+  std::unique_ptr<emulator::DfxEmulator> emulator_;
+  std::unique_ptr<core::Bridge> bridge_;
+  std::unique_ptr<grpc::Server> server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::DfxService::Stub> stub_;
+};
+
+TEST_F(DfxBridgeTest, FullMeasurementWithResults) {
+  Start();
+  std::string mid = CreateMeasurement();
+  StreamOutcome out = RunStream(mid,
+                                {Chunk(v1::STAGE_FIRST, 0, 100), Chunk(v1::STAGE_CHUNK, 1, 100),
+                                 Chunk(v1::STAGE_CHUNK, 2, 100), Chunk(v1::STAGE_LAST, 3, 100)},
+                                /*subscribe=*/true);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  ASSERT_EQ(out.accepted.size(), 4u);
+  for (uint32_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(out.accepted[i].chunk_order(), i);
+    EXPECT_EQ(out.accepted[i].upstream_chunk_order(), i);
+    EXPECT_FALSE(out.accepted[i].measurement_data_id().empty());
+  }
+  ASSERT_EQ(out.results.size(), 4u);
+  EXPECT_NE(out.results.back().json_body().find("COMPLETE"), std::string::npos);
+  for (const auto& r : out.results) {
+    EXPECT_EQ(r.measurement_id(), mid);
+    EXPECT_FALSE(r.after_reconnect());
+  }
+  auto chunks = emulator_->chunks();
+  ASSERT_EQ(chunks.size(), 4u);
+  EXPECT_EQ(chunks[0].action, "FIRST::PROCESS");
+  EXPECT_EQ(chunks[3].action, "LAST::PROCESS");
+  EXPECT_EQ(emulator_->logins(), 1);
+  EXPECT_GT(metrics_.GetHistogram("wsbridge_upstream_rtt_seconds", "", {{"bridge", "dfx"}}).count(),
+            0u);
+}
+
+TEST_F(DfxBridgeTest, CallReturnsUpstreamStatusAsData) {
+  Start();
+  {
+    grpc::ClientContext ctx;
+    v1::CallRequest req;
+    req.set_action_id("0100");
+    v1::CallResponse resp;
+    grpc::Status st = stub_->Call(&ctx, req, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(resp.status(), 200u);
+    EXPECT_NE(resp.json_body().find("emulator"), std::string::npos);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::CallRequest req;
+    req.set_action_id("0999");
+    req.set_json_body(R"({"x":1})");
+    v1::CallResponse resp;
+    grpc::Status st = stub_->Call(&ctx, req, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(resp.status(), 404u);
+    EXPECT_NE(resp.json_body().find("NOT_FOUND"), std::string::npos);
+  }
+}
+
+TEST_F(DfxBridgeTest, CallRejectsBadInputWithClearMessages) {
+  Start();
+  struct Case {
+    std::string action, body, expect;
+  };
+  for (const Case& c : {Case{"12a", "{}", "four digits"}, Case{"01000", "{}", "four digits"},
+                        Case{"0100", "[1]", "JSON object"}, Case{"0100", "{bad", "not valid JSON"},
+                        Case{"0718", "{}", "login"}, Case{"0506", "{}", "StreamMeasurement"},
+                        Case{"0510", "{}", "SubscribeResults"}}) {
+    grpc::ClientContext ctx;
+    v1::CallRequest req;
+    req.set_action_id(c.action);
+    req.set_json_body(c.body);
+    v1::CallResponse resp;
+    grpc::Status st = stub_->Call(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.action << " " << c.body;
+    EXPECT_NE(st.error_message().find(c.expect), std::string::npos) << st.error_message();
+  }
+  EXPECT_EQ(emulator_->frames_received("0100"), 0);
+}
+
+TEST_F(DfxBridgeTest, TwoSubscribersShareOneUpstreamSubscription) {
+  Start();
+  std::string mid = CreateMeasurement();
+  v1::SubscribeResultsRequest req;
+  req.set_measurement_id(mid);
+  grpc::ClientContext c1, c2;
+  auto r1 = stub_->SubscribeResults(&c1, req);
+  auto r2 = stub_->SubscribeResults(&c2, req);
+  r1->WaitForInitialMetadata();
+  r2->WaitForInitialMetadata();
+  EXPECT_EQ(Subscribers(), 2u);
+  EXPECT_EQ(emulator_->frames_received("0510"), 1);
+  StreamOutcome out = RunStream(
+      mid, {Chunk(v1::STAGE_FIRST, 0, 50), Chunk(v1::STAGE_CHUNK, 1, 50),
+            Chunk(v1::STAGE_LAST, 2, 50)},
+      /*subscribe=*/false);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_TRUE(out.results.empty());
+  for (auto* r : {r1.get(), r2.get()}) {
+    std::vector<v1::MeasurementResult> got;
+    v1::MeasurementResult res;
+    while (r->Read(&res)) got.push_back(res);
+    grpc::Status st = r->Finish();
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    ASSERT_EQ(got.size(), 3u);
+    EXPECT_NE(got.back().json_body().find("COMPLETE"), std::string::npos);
+  }
+  EXPECT_EQ(emulator_->frames_received("0510"), 1);
+  EXPECT_TRUE(WaitFor([&] { return Subscribers() == 0; }));
+}
+
+TEST_F(DfxBridgeTest, UpstreamErrorCodesMapToGrpcStatusAndReason) {
+  Start();
+  std::string mid = CreateMeasurement();
+  {  // Out of order.
+    StreamOutcome out = RunStream(mid, {Chunk(v1::STAGE_FIRST, 0, 10), Chunk(v1::STAGE_CHUNK, 2, 10)},
+                                  false);
+    EXPECT_EQ(out.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    Detail d = ErrorDetail(out.status);
+    EXPECT_EQ(d.reason, "MISALIGNED_CHUNK");
+    EXPECT_EQ(d.domain, "dfx.wsbridge.dev");
+    EXPECT_EQ(d.metadata["last_acked_chunk_order"], "0");
+  }
+  {  // Payload validation.
+    auto bad = Chunk(v1::STAGE_FIRST, 0, 10);
+    bad.set_payload("not an sdk chunk");
+    StreamOutcome out = RunStream(mid, {bad}, false);
+    EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_EQ(ErrorDetail(out.status).reason, "UNPACKER_RPC_ERROR");
+    EXPECT_EQ(ErrorDetail(out.status).metadata["last_acked_chunk_order"], "-1");
+  }
+  {  // Unknown measurement.
+    StreamOutcome out = RunStream("no-such-measurement", {Chunk(v1::STAGE_FIRST, 0, 10)}, false);
+    EXPECT_EQ(out.status.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(ErrorDetail(out.status).reason, "INVALID_MEASUREMENT");
+  }
+  {  // Unknown measurement, subscription.
+    grpc::ClientContext ctx;
+    v1::SubscribeResultsRequest req;
+    req.set_measurement_id("no-such-measurement");
+    auto r = stub_->SubscribeResults(&ctx, req);
+    v1::MeasurementResult res;
+    EXPECT_FALSE(r->Read(&res));
+    grpc::Status st = r->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(ErrorDetail(st).reason, "INVALID_MEASUREMENT");
+  }
+  {  // Finished measurement.
+    StreamOutcome ok = RunStream(mid, {Chunk(v1::STAGE_FIRST, 0, 10), Chunk(v1::STAGE_LAST, 1, 10)},
+                                 false);
+    ASSERT_TRUE(ok.status.ok()) << ok.status.error_message();
+    StreamOutcome out = RunStream(mid, {Chunk(v1::STAGE_CHUNK, 2, 10)}, false);
+    EXPECT_EQ(out.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_EQ(ErrorDetail(out.status).reason, "MEASUREMENT_CLOSED");
+  }
+}
+
+TEST_F(DfxBridgeTest, RateLimitMapsToResourceExhaustedWhenRetriesRunOut) {
+  emulator::DfxEmulatorOptions eo;
+  eo.rate_window = 1000ms;
+  Start(eo, [](DfxBridgeOptions& o) {
+    o.pacing = false;
+    o.max_rate_limit_retries = 0;
+  });
+  std::string mid = CreateMeasurement();
+  StreamOutcome out = RunStream(
+      mid, {Chunk(v1::STAGE_FIRST, 0, 600), Chunk(v1::STAGE_CHUNK, 1, 600)}, false);
+  EXPECT_EQ(out.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  Detail d = ErrorDetail(out.status);
+  EXPECT_EQ(d.reason, "RATE_LIMIT");
+  EXPECT_EQ(d.metadata["last_acked_chunk_order"], "0");
+}
+
+TEST_F(DfxBridgeTest, RateLimitedChunkIsRetriedAfterAPause) {
+  emulator::DfxEmulatorOptions eo;
+  eo.rate_window = 300ms;
+  Start(eo, [](DfxBridgeOptions& o) {
+    o.pacing = false;
+    o.rate_limit_retry = 50ms;
+  });
+  std::string mid = CreateMeasurement();
+  StreamOutcome out = RunStream(mid,
+                                {Chunk(v1::STAGE_FIRST, 0, 200), Chunk(v1::STAGE_CHUNK, 1, 200),
+                                 Chunk(v1::STAGE_LAST, 2, 200)},
+                                false);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(out.accepted.size(), 3u);
+  EXPECT_EQ(emulator_->chunks().size(), 3u);
+  // The emulator refused some sends; the bridge sent those chunks again.
+  EXPECT_GT(emulator_->frames_received("0506"), 3);
+}
+
+TEST_F(DfxBridgeTest, PacingKeepsAFastCallerUnderTheLimit) {
+  emulator::DfxEmulatorOptions eo;
+  eo.rate_window = 400ms;
+  Start(eo, [](DfxBridgeOptions& o) { o.pacing_window = 400ms; });
+  std::string mid = CreateMeasurement();
+  std::vector<v1::MeasurementChunk> chunks = {Chunk(v1::STAGE_FIRST, 0, 100)};
+  for (uint32_t i = 1; i < 11; ++i) chunks.push_back(Chunk(v1::STAGE_CHUNK, i, 100));
+  chunks.push_back(Chunk(v1::STAGE_LAST, 11, 100));
+  StreamOutcome out = RunStream(mid, chunks, false);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(out.accepted.size(), 12u);
+  EXPECT_LE(emulator_->MaxDataMsInWindow(), 400);
+  // Paced, not refused: every chunk went up exactly once.
+  EXPECT_EQ(emulator_->frames_received("0506"), 12);
+}
+
+TEST_F(DfxBridgeTest, RefusedTokenIsUnauthenticatedAndNotHammered) {
+  Start({}, [](DfxBridgeOptions& o) { o.default_token = nullptr; });
+  for (int i = 0; i < 5; ++i) {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("x-dfx-device-token", "bad-token");
+    v1::CallRequest req;
+    req.set_action_id("0100");
+    v1::CallResponse resp;
+    grpc::Status st = stub_->Call(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAUTHENTICATED) << st.error_message();
+    EXPECT_EQ(ErrorDetail(st).reason, "INVALID_TOKEN");
+    EXPECT_EQ(st.error_message().find("bad-token"), std::string::npos);
+  }
+  EXPECT_EQ(emulator_->frames_received("0718"), 1);
+  EXPECT_EQ(emulator_->frames_received("0100"), 0);
+  // A call without a token, on a bridge without one, is refused without going upstream.
+  grpc::ClientContext ctx;
+  v1::CallRequest req;
+  req.set_action_id("0100");
+  v1::CallResponse resp;
+  EXPECT_EQ(stub_->Call(&ctx, req, &resp).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+}
+
+TEST_F(DfxBridgeTest, SessionsAreKeyedByTokenAndCapped) {
+  Start({}, [](DfxBridgeOptions& o) { o.max_sessions = 2; });
+  auto call = [&](const std::string& token) {
+    grpc::ClientContext ctx;
+    if (!token.empty()) ctx.AddMetadata("x-dfx-device-token", token);
+    v1::CallRequest req;
+    req.set_action_id("0100");
+    v1::CallResponse resp;
+    return stub_->Call(&ctx, req, &resp);
+  };
+  EXPECT_TRUE(call("").ok());
+  EXPECT_TRUE(call("tenant-a").ok());
+  EXPECT_TRUE(call("tenant-a").ok());
+  grpc::Status st = call("tenant-b");
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(st.error_message().find("max_sessions"), std::string::npos);
+  auto sessions = bridge_->ListSessions();
+  ASSERT_EQ(sessions.size(), 2u);
+  for (const auto& s : sessions) {
+    EXPECT_EQ(s.id().rfind("dfx/", 0), 0u);
+    EXPECT_EQ(s.id().size(), 4u + 8u);
+    EXPECT_EQ(s.state(), admin::v1::SESSION_STATE_READY);
+  }
+  EXPECT_EQ(emulator_->logins(), 2);
+  EXPECT_TRUE(bridge_->Serving());
+}
+
+TEST_F(DfxBridgeTest, IdleSessionsClose) {
+  Start({}, [](DfxBridgeOptions& o) { o.idle_session_timeout = 200ms; });
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("x-dfx-device-token", "tenant-a");
+  v1::CallRequest req;
+  req.set_action_id("0100");
+  v1::CallResponse resp;
+  ASSERT_TRUE(stub_->Call(&ctx, req, &resp).ok());
+  ASSERT_TRUE(WaitFor([&] { return emulator_->open_connections() == 2; }));
+  // The per-call token's session closes; the configured token's session stays.
+  EXPECT_TRUE(WaitFor([&] { return bridge_->ListSessions().size() == 1; }));
+  EXPECT_TRUE(WaitFor([&] { return emulator_->open_connections() == 1; }));
+}
+
+TEST_F(DfxBridgeTest, UpstreamDropMidStreamNamesLastAckedChunk) {
+  Start();
+  std::string mid = CreateMeasurement();
+  ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+  // Frames on this connection so far: login, create. Chunks 0 and 1 are answered; the
+  // connection drops when chunk 2 arrives, before it is processed.
+  emulator_->SetDropAfterFrames(5);
+  StreamOutcome out = RunStream(mid,
+                                {Chunk(v1::STAGE_FIRST, 0, 10), Chunk(v1::STAGE_CHUNK, 1, 10),
+                                 Chunk(v1::STAGE_CHUNK, 2, 10), Chunk(v1::STAGE_CHUNK, 3, 10)},
+                                false);
+  EXPECT_EQ(out.status.error_code(), grpc::StatusCode::UNAVAILABLE) << out.status.error_message();
+  Detail d = ErrorDetail(out.status);
+  EXPECT_EQ(d.reason, "OUTCOME_UNKNOWN");
+  EXPECT_EQ(d.metadata["last_acked_chunk_order"], "1");
+  EXPECT_EQ(out.accepted.size(), 2u);
+  // Never resent blindly: the emulator saw chunk 2 once (and dropped it).
+  EXPECT_EQ(emulator_->frames_received("0506"), 3);
+  emulator_->SetDropAfterFrames(-1);
+  // The caller resumes exactly where it stands.
+  StreamOutcome resumed = RunStream(mid, {Chunk(v1::STAGE_CHUNK, 2, 10), Chunk(v1::STAGE_LAST, 3, 10)},
+                                    false);
+  ASSERT_TRUE(resumed.status.ok()) << resumed.status.error_message();
+  EXPECT_EQ(emulator_->chunks().size(), 4u);
+  EXPECT_EQ(emulator_->logins(), 2);
+}
+
+TEST_F(DfxBridgeTest, ReconnectRestoresSubscriptionsAndFailsUnaryInFlight) {
+  Start();
+  std::string mid = CreateMeasurement();
+  v1::SubscribeResultsRequest sreq;
+  sreq.set_measurement_id(mid);
+  grpc::ClientContext sctx;
+  auto reader = stub_->SubscribeResults(&sctx, sreq);
+  reader->WaitForInitialMetadata();
+  // login, create, subscribe; the 4th frame (a Call) drops the connection.
+  emulator_->SetDropAfterFrames(4);
+  {
+    grpc::ClientContext ctx;
+    v1::CallRequest req;
+    req.set_action_id("0100");
+    v1::CallResponse resp;
+    grpc::Status st = stub_->Call(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_EQ(ErrorDetail(st).reason, "OUTCOME_UNKNOWN");
+    EXPECT_NE(st.error_message().find("outcome unknown"), std::string::npos);
+  }
+  emulator_->SetDropAfterFrames(-1);
+  ASSERT_TRUE(WaitFor([&] { return emulator_->frames_received("0510") == 2; }));
+  ASSERT_TRUE(WaitFor([&] { return emulator_->active_subscriptions() == 1; }));
+  StreamOutcome out = RunStream(
+      mid, {Chunk(v1::STAGE_FIRST, 0, 10), Chunk(v1::STAGE_LAST, 1, 10)}, false);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  std::vector<v1::MeasurementResult> got;
+  v1::MeasurementResult res;
+  while (reader->Read(&res)) got.push_back(res);
+  EXPECT_TRUE(reader->Finish().ok());
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_TRUE(got[0].after_reconnect());
+  EXPECT_FALSE(got[1].after_reconnect());
+}
+
+TEST_F(DfxBridgeTest, CancelReleasesTheUpstreamSubscription) {
+  Start();
+  std::string mid = CreateMeasurement();
+  v1::SubscribeResultsRequest sreq;
+  sreq.set_measurement_id(mid);
+  {
+    grpc::ClientContext sctx;
+    auto reader = stub_->SubscribeResults(&sctx, sreq);
+    reader->WaitForInitialMetadata();
+    EXPECT_EQ(Subscribers(), 1u);
+    sctx.TryCancel();
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  ASSERT_TRUE(WaitFor([&] { return Subscribers() == 0; }));
+  uint64_t unrouted = Counter("wsbridge_upstream_unrouted_frames_total");
+  // The upstream still pushes results for the old request id: dropped and counted.
+  StreamOutcome out = RunStream(mid, {Chunk(v1::STAGE_FIRST, 0, 10)}, false);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_TRUE(WaitFor([&] { return Counter("wsbridge_upstream_unrouted_frames_total") > unrouted; }));
+  // A new subscriber subscribes afresh.
+  grpc::ClientContext sctx;
+  auto reader = stub_->SubscribeResults(&sctx, sreq);
+  reader->WaitForInitialMetadata();
+  EXPECT_EQ(emulator_->frames_received("0510"), 2);
+  sctx.TryCancel();
+  reader->Finish();
+}
+
+TEST_F(DfxBridgeTest, MalformedUpstreamFramesAreCountedAndSurvived) {
+  Start();
+  ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+  emulator_->SendRaw("short");
+  emulator_->SendRaw("0100abcdef2x0{}");
+  emulator_->SendRaw("0100abcdef200{bad json");
+  EXPECT_TRUE(WaitFor([&] { return Counter("wsbridge_upstream_malformed_frames_total") == 3; }));
+  grpc::ClientContext ctx;
+  v1::CallRequest req;
+  req.set_action_id("0100");
+  v1::CallResponse resp;
+  grpc::Status st = stub_->Call(&ctx, req, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(resp.status(), 200u);
+  EXPECT_EQ(emulator_->logins(), 1);
+}
+
+TEST_F(DfxBridgeTest, StreamValidatesChunks) {
+  Start();
+  std::string mid = CreateMeasurement();
+  {
+    StreamOutcome out = RunStream("", {Chunk(v1::STAGE_FIRST, 0, 10)}, false);
+    EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(out.status.error_message().find("measurement_id"), std::string::npos);
+  }
+  {
+    auto c = Chunk(v1::STAGE_FIRST, 0, 10);
+    c.set_duration_ms(0);
+    StreamOutcome out = RunStream(mid, {c}, false);
+    EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(out.status.error_message().find("duration_ms"), std::string::npos);
+  }
+  {
+    auto c = Chunk(v1::STAGE_UNSPECIFIED, 0, 10);
+    StreamOutcome out = RunStream(mid, {c}, false);
+    EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(out.status.error_message().find("stage"), std::string::npos);
+  }
+  EXPECT_EQ(emulator_->frames_received("0506"), 0);
+}
+
+TEST_F(DfxBridgeTest, HalfCloseEndsTheStreamCleanly) {
+  Start();
+  std::string mid = CreateMeasurement();
+  StreamOutcome out = RunStream(mid, {Chunk(v1::STAGE_FIRST, 0, 10), Chunk(v1::STAGE_CHUNK, 1, 10)},
+                                true);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(out.accepted.size(), 2u);
+  EXPECT_TRUE(WaitFor([&] { return Subscribers() == 0; }));
+}
+
+TEST_F(DfxBridgeTest, DrainRefusesNewCallsAndShutdownEndsOpenOnes) {
+  Start();
+  std::string mid = CreateMeasurement();
+  v1::SubscribeResultsRequest sreq;
+  sreq.set_measurement_id(mid);
+  grpc::ClientContext sctx;
+  auto reader = stub_->SubscribeResults(&sctx, sreq);
+  reader->WaitForInitialMetadata();
+  bridge_->BeginDrain();
+  EXPECT_FALSE(bridge_->Serving());
+  {
+    grpc::ClientContext ctx;
+    v1::CallRequest req;
+    req.set_action_id("0100");
+    v1::CallResponse resp;
+    EXPECT_EQ(stub_->Call(&ctx, req, &resp).error_code(), grpc::StatusCode::UNAVAILABLE);
+  }
+  std::promise<void> done;
+  bridge_->Shutdown(grpc::Status(grpc::StatusCode::UNAVAILABLE, "going away"),
+                    [&] { done.set_value(); });
+  v1::MeasurementResult res;
+  EXPECT_FALSE(reader->Read(&res));
+  grpc::Status st = reader->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE);
+  ASSERT_EQ(done.get_future().wait_for(10s), std::future_status::ready);
+  EXPECT_TRUE(WaitFor([&] { return emulator_->open_connections() == 0; }));
+  EXPECT_TRUE(bridge_->ListSessions().empty());
+}
+
+TEST_F(DfxBridgeTest, CloseSessionByAdminId) {
+  Start();
+  ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+  auto sessions = bridge_->ListSessions();
+  ASSERT_EQ(sessions.size(), 1u);
+  EXPECT_EQ(bridge_->CloseSession("dfx/nope").code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE(bridge_->CloseSession(sessions[0].id()).ok());
+  // The configured token's session is always on: it comes back.
+  EXPECT_TRUE(WaitFor([&] { return emulator_->logins() == 2; }));
+  EXPECT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+}
+
+}  // namespace
+}  // namespace wsbridge::dfx
