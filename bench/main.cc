@@ -55,6 +55,7 @@ struct Options {
   std::string alloc_lib;
   std::set<std::string> sections = {"rt", "fanout", "dfx", "sessions", "alloc"};
   bool plain_run = true;
+  bool direct_only = false;    // no wsbridged: the direct legs alone
   int max_sessions = 10000;
   size_t msg_bytes = 64;       // JSON body of the round-trip probe
   size_t chunk_bytes = 4096;   // SDK payload of one DFX chunk
@@ -279,7 +280,8 @@ struct Env {
   Pki& pki;
   Upstream& upstream;
   EchoServer& echo;
-  Daemon& daemon;
+  Daemon* daemon_ptr;  // null in --direct-only runs
+  Daemon& daemon() const { return *daemon_ptr; }
   std::string ca_file() const { return tls ? pki.ca.cert_file : ""; }
 };
 
@@ -335,10 +337,11 @@ json::object RoundTripSection(Env& e) {
       v1::EchoMessage back;
       if (!stream->Write(msg) || !stream->Read(&back)) Die("grpc echo stream broke");
     })));
-    for (int i = 0; i < o.warmup; ++i) BridgeCall(*e.daemon.stub, call);
-    double cpu0 = e.daemon.Cpu(), up0 = ProcessCpuSeconds(e.upstream.child.pid()), self0 = SelfCpuSeconds();
-    bridge_runs.push_back(Summarize(Sample(0, o.rt_samples, [&] { BridgeCall(*e.daemon.stub, call); })));
-    cpu_per_msg.push_back((e.daemon.Cpu() - cpu0) / o.rt_samples * 1e6);
+    if (!e.daemon_ptr) continue;
+    for (int i = 0; i < o.warmup; ++i) BridgeCall(*e.daemon().stub, call);
+    double cpu0 = e.daemon().Cpu(), up0 = ProcessCpuSeconds(e.upstream.child.pid()), self0 = SelfCpuSeconds();
+    bridge_runs.push_back(Summarize(Sample(0, o.rt_samples, [&] { BridgeCall(*e.daemon().stub, call); })));
+    cpu_per_msg.push_back((e.daemon().Cpu() - cpu0) / o.rt_samples * 1e6);
     up_cpu_per_msg.push_back((ProcessCpuSeconds(e.upstream.child.pid()) - up0) / o.rt_samples * 1e6);
     bench_cpu_per_msg.push_back((SelfCpuSeconds() - self0) / o.rt_samples * 1e6);
   }
@@ -346,6 +349,10 @@ json::object RoundTripSection(Env& e) {
   stream->Finish();
   Latency w = MedianOf(ws_runs), u = MedianOf(unary_runs), s = MedianOf(stream_runs),
           b = MedianOf(bridge_runs);
+  if (!e.daemon_ptr) {
+    return {{"message_bytes", o.msg_bytes}, {"runs", o.runs}, {"ws_direct", LatencyJson(w)},
+            {"grpc_unary_direct", LatencyJson(u)}, {"grpc_stream_direct", LatencyJson(s)}};
+  }
   return {
       {"message_bytes", o.msg_bytes},
       {"runs", o.runs},
@@ -460,7 +467,7 @@ json::array FanoutSection(Env& e) {
   for (int n : ns) {
     std::string mid = absl::StrCat("fanout-", n, "-", e.tls ? "tls" : "plain");
     std::vector<std::shared_ptr<grpc::Channel>> channels;
-    for (int c = 0; c < std::min(n, 4); ++c) channels.push_back(e.daemon.NewChannel(c + 1));
+    for (int c = 0; c < std::min(n, 4); ++c) channels.push_back(e.daemon().NewChannel(c + 1));
     std::vector<std::unique_ptr<dfx::DfxService::Stub>> stubs;
     for (auto& ch : channels) stubs.push_back(dfx::DfxService::NewStub(ch));
     std::vector<std::unique_ptr<Subscriber>> subs;
@@ -489,7 +496,7 @@ json::array FanoutSection(Env& e) {
         double rate = d / n;
         int64_t events = std::max<int64_t>(1, static_cast<int64_t>(rate * o.step_seconds));
         for (auto& s : subs) s->SetTag(tag);
-        double cpu0 = e.daemon.Cpu();
+        double cpu0 = e.daemon().Cpu();
         auto t0 = Clock::now();
         Check(control->RoundTrip(absl::StrCat("9001", "9001", RandomLetters(6), "{\"mid\":\"", mid,
                                               "\",\"n\":", events, ",\"rate\":", static_cast<int64_t>(rate),
@@ -502,7 +509,7 @@ json::array FanoutSection(Env& e) {
           return true;
         }, std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.step_seconds * 2 + 2)));
         double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
-        double cpu = e.daemon.Cpu() - cpu0;
+        double cpu = e.daemon().Cpu() - cpu0;
         std::vector<int64_t> lat;
         for (auto& s : subs) {
           auto l = s->TakeLatencies();
@@ -594,9 +601,9 @@ struct DfxRun {
 
 DfxRun StreamChunks(Env& e, double seconds_budget, int max_chunks) {
   grpc::ClientContext ctx;
-  auto stream = e.daemon.stub->StreamMeasurement(&ctx);
+  auto stream = e.daemon().stub->StreamMeasurement(&ctx);
   std::vector<int64_t> rtt;
-  double cpu0 = e.daemon.Cpu();
+  double cpu0 = e.daemon().Cpu();
   auto t0 = Clock::now();
   auto until = t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds_budget));
   dfx::MeasurementChunk chunk;
@@ -627,7 +634,7 @@ DfxRun StreamChunks(Env& e, double seconds_budget, int max_chunks) {
   double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
   DfxRun r;
   r.chunks_per_s = i / elapsed;
-  r.cpu_us_per_chunk = (e.daemon.Cpu() - cpu0) / i * 1e6;
+  r.cpu_us_per_chunk = (e.daemon().Cpu() - cpu0) / i * 1e6;
   stream->WritesDone();
   ctx.TryCancel();
   stream->Finish();
@@ -789,7 +796,7 @@ json::object SessionsSection(Env& e, const testing::TempDir& dir) {
 json::object AllocSection(Env& e, const testing::TempDir& dir) {
   const Options& o = e.o;
   auto d = StartDaemon(o, {e.upstream.url, e.tls, e.ca_file(), true}, dir);
-  Env e2{o, e.tls, e.pki, e.upstream, e.echo, *d};
+  Env e2{o, e.tls, e.pki, e.upstream, e.echo, d.get()};
   dfx::CallRequest call;
   call.set_action_id("0100");
   call.set_json_body(EchoBody(o.msg_bytes));
@@ -884,10 +891,12 @@ void PrintTable(const json::object& result) {
                {"bridged_call", "bridged Call (gRPC->wsbridged->upstream)"},
                {"added_over_ws_plus_grpc_unary", "added over ws + gRPC unary"},
                {"added_over_ws_plus_grpc_stream", "added over ws + gRPC stream"}}) {
+        if (!rt->as_object().contains(key)) continue;
         auto& l = rt->at(key);
         std::printf("   %-46s %9.1f %9.1f %9.1f\n", label, Num(l.at("p50_us")), Num(l.at("p99_us")),
                     Num(l.at("p999_us")));
       }
+      if (rt->as_object().contains("wsbridged_cpu_us_per_call"))
       std::printf("   wsbridged CPU per bridged call: %.1f us (upstream %.1f us, client %.1f us)\n",
                   Num(rt->at("wsbridged_cpu_us_per_call")), Num(rt->at("upstream_cpu_us_per_call")),
                   Num(rt->at("client_cpu_us_per_call")));
@@ -963,9 +972,16 @@ int RunBench(const Options& o) {
     if (!tls && !o.plain_run) continue;
     std::cerr << "wsbridge-bench: upstream " << (tls ? "TLS" : "plaintext") << " run\n";
     auto up = StartUpstream(tls, pki);
-    auto d = StartDaemon(o, {up->url, tls, pki.ca.cert_file, false}, dir);
-    Env e{o, tls, pki, *up, *echo, *d};
+    std::unique_ptr<Daemon> d;
+    if (!o.direct_only) d = StartDaemon(o, {up->url, tls, pki.ca.cert_file, false}, dir);
+    Env e{o, tls, pki, *up, *echo, d.get()};
     json::object run{{"upstream_tls", tls}};
+    if (o.direct_only) {
+      run["round_trip"] = RoundTripSection(e);
+      runs.push_back(std::move(run));
+      up->child.Stop();
+      continue;
+    }
     auto want = [&](const char* s) { return o.sections.count(s) > 0; };
     if (want("rt")) {
       std::cerr << "  round trips\n";
@@ -1006,12 +1022,13 @@ int RunBench(const Options& o) {
 constexpr const char* kUsage =
     R"(Usage: wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
                       [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc]
-                      [--no-plain] [--max-sessions N]
+                      [--no-plain] [--max-sessions N] [--direct-only]
 
 Measures wsbridged against a direct WebSocket round trip plus a direct gRPC round
 trip, on loopback, with the upstream over TLS (and a round-trip run without it).
 Prints a table and writes JSON (default bench-results.json). --quick: tiny counts, for
-smoke tests; its figures mean nothing.
+smoke tests; its figures mean nothing. --direct-only: only the direct legs (no
+wsbridged), i.e. the floor the bridge is measured against.
 )";
 
 }  // namespace
@@ -1052,6 +1069,8 @@ int main(int argc, char** argv) {
     } else if (a == "--sections") {
       o.sections.clear();
       for (auto s : absl::StrSplit(next(), ',')) o.sections.insert(std::string(s));
+    } else if (a == "--direct-only") {
+      o.direct_only = true;
     } else if (a == "--no-plain") {
       o.plain_run = false;
     } else if (a == "--max-sessions") {
@@ -1071,7 +1090,7 @@ int main(int argc, char** argv) {
     o.step_seconds = 0.1;
     o.dfx_seconds = 0.1;
   }
-  if (o.wsbridged.empty() || access(o.wsbridged.c_str(), X_OK) != 0) {
+  if (!o.direct_only && (o.wsbridged.empty() || access(o.wsbridged.c_str(), X_OK) != 0)) {
     std::cerr << "wsbridge-bench: wsbridged not found at \"" << o.wsbridged << "\"; pass --wsbridged PATH\n";
     return 2;
   }
