@@ -10,6 +10,7 @@
 #include <csignal>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -88,7 +89,17 @@ absl::Status PrepareUnixSocketPath(const std::string& path) {
   }
   struct stat st {};
   if (lstat(path.c_str(), &st) != 0) {
-    if (errno == ENOENT) return absl::OkStatus();
+    if (errno == ENOENT) {
+      // Create the directory (e.g. /run/wsbridge) so a fresh host or tmpfs works.
+      std::error_code ec;
+      const auto parent = std::filesystem::path(path).parent_path();
+      if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+      if (ec) {
+        return absl::FailedPreconditionError(absl::StrCat("server.unix_socket: cannot create \"",
+                                                          parent.string(), "\": ", ec.message()));
+      }
+      return absl::OkStatus();
+    }
     return absl::FailedPreconditionError(
         absl::StrCat("server.unix_socket: cannot stat \"", path, "\": ", std::strerror(errno)));
   }
@@ -200,6 +211,7 @@ struct Daemon::Impl {
   int grpc_port = 0;
   std::string grpc_address;
   std::string unix_path;
+  bool unix_bound = false;
   std::atomic<bool> ready{false};
   std::atomic<bool> draining{false};
   int signals_seen = 0;  // on `control`
@@ -420,6 +432,7 @@ absl::Status Daemon::Impl::StartServer() {
   builder.experimental().SetInterceptorCreators(std::move(factories));
 
   server = builder.BuildAndStart();
+  unix_bound = server != nullptr && !unix_path.empty();
   if (server == nullptr || (!server_config.listen().empty() && grpc_port == 0)) {
     if (server != nullptr) server->Shutdown(std::chrono::system_clock::now());
     server.reset();
@@ -514,9 +527,9 @@ absl::Status Daemon::Impl::Start() {
     WaitSignal();
   }
   log::Info("server", "listening",
-            {{"grpc", grpc_address},
-             {"unix", unix_path},
-             {"admin", admin_http ? admin_http->address() : ""},
+            {{"grpc", grpc_address.empty() ? "-" : grpc_address},
+             {"unix", unix_path.empty() ? "-" : unix_path},
+             {"admin", admin_http ? admin_http->address() : "-"},
              {"bridges", std::to_string(bridges.size())}});
   return absl::OkStatus();
 }
@@ -706,7 +719,8 @@ absl::Status Daemon::Start() {
     }
     impl_->StopIo(absl::Now());
     impl_->server.reset();
-    if (!impl_->unix_path.empty() && impl_->server == nullptr) unlink(impl_->unix_path.c_str());
+    // Only a socket this daemon bound; never a file it refused to touch.
+    if (impl_->unix_bound) unlink(impl_->unix_path.c_str());
     absl::MutexLock lock(&impl_->mu);
     impl_->finished = true;
     return status;

@@ -72,7 +72,9 @@ std::string RpcTracker::MethodLabel(std::string_view path) const {
 }
 
 bool RpcTracker::HoldsDrain(std::string_view path) {
-  return !path.starts_with("/grpc.health.v1.Health/") && !path.starts_with("/grpc.reflection.");
+  // Health watchers (load balancers, kubelet) learn NOT_SERVING and go; every other open
+  // call, reflection streams included, gets the drain time.
+  return !path.starts_with("/grpc.health.v1.Health/");
 }
 
 void RpcTracker::Started(bool holds_drain) {

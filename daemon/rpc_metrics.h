@@ -25,7 +25,7 @@ class RpcTracker {
 
   // The label for a ":path" like "/pkg.Service/Method".
   std::string MethodLabel(std::string_view path) const;
-  // Health checks and reflection streams do not hold the drain open.
+  // Health checks do not hold the drain open; every other call does.
   static bool HoldsDrain(std::string_view path);
 
   void Started(bool holds_drain);

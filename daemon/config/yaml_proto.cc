@@ -315,6 +315,22 @@ class Parser {
   void Message(const YAML::Node& node, const YAML::Mark& at, pb::Message* msg,
                const std::string& path) {
     Record(path, at);
+    // YAML aliases can make a node contain itself; recursive message types would follow.
+    if (depth_ >= kMaxDepth) {
+      diag_.Add(at, path, absl::StrCat("nested more than ", kMaxDepth,
+                                       " levels deep (check for an alias that refers to itself)"));
+      return;
+    }
+    ++depth_;
+    MessageBody(node, at, msg, path);
+    --depth_;
+  }
+
+ private:
+  static constexpr int kMaxDepth = 32;
+
+  void MessageBody(const YAML::Node& node, const YAML::Mark& at, pb::Message* msg,
+                   const std::string& path) {
     const pb::Descriptor* desc = msg->GetDescriptor();
     std::map<std::string, YAML::Mark> seen;
     if (node.IsMap()) {
@@ -385,7 +401,6 @@ class Parser {
     }
   }
 
- private:
   void Record(const std::string& path, const YAML::Mark& mark) {
     if (sources_ != nullptr) sources_->Record(path, mark);
   }
@@ -514,6 +529,7 @@ class Parser {
 
   Diagnostics& diag_;
   SourceMap* sources_;
+  int depth_ = 0;
 };
 
 bool TypeHasDefaults(const pb::Descriptor* desc, std::set<const pb::Descriptor*>& visiting) {

@@ -1,0 +1,57 @@
+// Small real clients used by the daemon tests: HTTP/1.1 over a plain socket, gRPC server
+// reflection (v1alpha) and health checks.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/channel.h>
+
+#include "absl/status/statusor.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace wsbridge::daemontest {
+
+struct HttpResponse {
+  int status = 0;
+  std::string headers;  // raw header block
+  std::string body;
+};
+
+// One request with `Connection: close`; reads the whole answer (bounded by a timeout).
+absl::StatusOr<HttpResponse> HttpRequest(int port, const std::string& method,
+                                         const std::string& target);
+
+// Names from a list_services reflection request.
+absl::StatusOr<std::vector<std::string>> ReflectionListServices(
+    const std::shared_ptr<grpc::Channel>& channel);
+// file_containing_symbol: the serialized FileDescriptorProtos, or the server's error
+// (NOT_FOUND etc.) as a status.
+absl::StatusOr<std::vector<std::string>> ReflectionFileContainingSymbol(
+    const std::shared_ptr<grpc::Channel>& channel, const std::string& symbol);
+
+// An open reflection stream that has answered one list_services request and stays open
+// until Finish() (a long-lived client call for drain tests).
+class OpenReflectionStream {
+ public:
+  explicit OpenReflectionStream(const std::shared_ptr<grpc::Channel>& channel);
+  ~OpenReflectionStream();
+  // Whether the first answer arrived.
+  bool ok() const { return ok_; }
+  // Waits for the server to end the stream and returns its status.
+  grpc::Status Finish();
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+  bool ok_ = false;
+};
+
+// Health.Check; the gRPC status on failure.
+absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> CheckHealth(
+    const std::shared_ptr<grpc::Channel>& channel, const std::string& service = "",
+    std::chrono::milliseconds timeout = std::chrono::seconds(5));
+
+}  // namespace wsbridge::daemontest

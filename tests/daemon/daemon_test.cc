@@ -1,0 +1,568 @@
+// In-process tests of the daemon: a real gRPC server on 127.0.0.1:0 (and Unix sockets),
+// real clients, a real test bridge.
+#include "daemon/daemon.h"
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <thread>
+
+#include <google/protobuf/descriptor.pb.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+#include <gtest/gtest.h>
+
+#include "clients.h"
+#include "daemon/auth.h"
+#include "daemon/rpc_metrics.h"
+#include "daemon_test.grpc.pb.h"
+#include "test_bridge.h"
+#include "tests/support/test_support.h"
+#include "wsbridge/admin/v1/admin.grpc.pb.h"
+
+namespace wsbridge::daemontest {
+namespace {
+
+using grpc::health::v1::HealthCheckResponse;
+using wsbridge::config::v1::DaemonConfig;
+using wsbridge::testing::TempDir;
+using wsbridge::testing::TestPki;
+using wsbridge::testing::WaitFor;
+
+constexpr char kTestService[] = "wsbridge.daemontest.v1.TestService";
+
+DaemonConfig BaseConfig() {
+  DaemonConfig config;
+  config.mutable_server()->set_listen("127.0.0.1:0");
+  config.mutable_admin()->set_listen("127.0.0.1:0");
+  config.mutable_shutdown()->mutable_drain_timeout()->set_seconds(5);
+  config.mutable_shutdown()->mutable_deadline()->set_seconds(20);
+  auto* bridge = config.add_bridges();
+  bridge->set_name("test");
+  bridge->mutable_dfx();
+  return config;
+}
+
+class DaemonTest : public ::testing::Test {
+ protected:
+  DaemonTest() { RegisterTestBridge(registry_, &bridges_); }
+  ~DaemonTest() override { daemon_.reset(); }
+
+  absl::Status Start(DaemonConfig config) {
+    daemon_ = std::make_unique<daemon::Daemon>(std::move(config), registry_,
+                                               daemon::DaemonOptions{.configure_logging = false});
+    return daemon_->Start();
+  }
+  void StartOrDie(DaemonConfig config = BaseConfig()) {
+    absl::Status status = Start(std::move(config));
+    ASSERT_TRUE(status.ok()) << status;
+  }
+  std::shared_ptr<grpc::Channel> Channel() {
+    return grpc::CreateChannel(absl::StrCat("127.0.0.1:", daemon_->grpc_port()),
+                               grpc::InsecureChannelCredentials());
+  }
+  TestBridge& bridge() { return *bridges_.at(0); }
+  std::string Metrics() {
+    auto response = HttpRequest(daemon_->admin_port(), "GET", "/metrics");
+    EXPECT_TRUE(response.ok()) << response.status();
+    return response.ok() ? response->body : "";
+  }
+
+  core::BridgeRegistry registry_;
+  std::vector<TestBridge*> bridges_;
+  std::unique_ptr<daemon::Daemon> daemon_;
+};
+
+grpc::Status Echo(const std::shared_ptr<grpc::Channel>& channel, const std::string& text,
+                  const std::string& authorization = "", std::string* reply = nullptr) {
+  auto stub = v1::TestService::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  if (!authorization.empty()) context.AddMetadata("authorization", authorization);
+  v1::EchoRequest request;
+  request.set_text(text);
+  v1::EchoResponse response;
+  grpc::Status status = stub->Echo(&context, request, &response);
+  if (reply != nullptr) *reply = response.text();
+  return status;
+}
+
+TEST_F(DaemonTest, HealthIsServingOverallAndPerService) {
+  StartOrDie();
+  EXPECT_TRUE(bridge().started());
+  EXPECT_TRUE(daemon_->ready());
+  auto channel = Channel();
+  EXPECT_EQ(CheckHealth(channel, "").value(), HealthCheckResponse::SERVING);
+  EXPECT_EQ(CheckHealth(channel, kTestService).value(), HealthCheckResponse::SERVING);
+  EXPECT_EQ(CheckHealth(channel, "wsbridge.admin.v1.AdminService").value(),
+            HealthCheckResponse::SERVING);
+  EXPECT_EQ(CheckHealth(channel, "no.such.Service").status().code(), absl::StatusCode::kNotFound);
+  std::string reply;
+  EXPECT_TRUE(Echo(channel, "hi", "", &reply).ok());
+  EXPECT_EQ(reply, "hi");
+}
+
+TEST_F(DaemonTest, HealthAndReadinessFollowBridgeServing) {
+  StartOrDie();
+  auto channel = Channel();
+  bridge().SetServing(false);
+  EXPECT_TRUE(WaitFor([&] {
+    return CheckHealth(channel, "").value_or(HealthCheckResponse::UNKNOWN) ==
+               HealthCheckResponse::NOT_SERVING &&
+           CheckHealth(channel, kTestService).value_or(HealthCheckResponse::UNKNOWN) ==
+               HealthCheckResponse::NOT_SERVING;
+  }));
+  auto readyz = HttpRequest(daemon_->admin_port(), "GET", "/readyz");
+  ASSERT_TRUE(readyz.ok()) << readyz.status();
+  EXPECT_EQ(readyz->status, 503);
+  EXPECT_NE(readyz->body.find("test"), std::string::npos) << readyz->body;
+  // Liveness does not depend on the upstream.
+  EXPECT_EQ(HttpRequest(daemon_->admin_port(), "GET", "/healthz")->status, 200);
+
+  bridge().SetServing(true);
+  EXPECT_TRUE(WaitFor([&] {
+    return CheckHealth(channel, "").value_or(HealthCheckResponse::UNKNOWN) ==
+           HealthCheckResponse::SERVING;
+  }));
+  EXPECT_EQ(HttpRequest(daemon_->admin_port(), "GET", "/readyz")->status, 200);
+}
+
+TEST_F(DaemonTest, ReflectionListsServicesAndResolvesSymbols) {
+  StartOrDie();
+  auto channel = Channel();
+  auto services = ReflectionListServices(channel);
+  ASSERT_TRUE(services.ok()) << services.status();
+  for (const char* name : {"grpc.health.v1.Health", "wsbridge.admin.v1.AdminService", kTestService,
+                           "grpc.reflection.v1alpha.ServerReflection"}) {
+    EXPECT_NE(std::find(services->begin(), services->end(), name), services->end()) << name;
+  }
+  struct Lookup {
+    const char* symbol;
+    const char* file;
+  };
+  for (const Lookup& lookup : {Lookup{"wsbridge.admin.v1.AdminService", "wsbridge/admin/v1/admin.proto"},
+                               Lookup{"wsbridge.admin.v1.Session", "wsbridge/admin/v1/admin.proto"},
+                               Lookup{"grpc.health.v1.Health", "grpc/health/v1/health.proto"},
+                               Lookup{kTestService, "daemon_test.proto"},
+                               Lookup{"wsbridge.dfx.v1.DfxService", "wsbridge/dfx/v1/dfx.proto"}}) {
+    auto files = ReflectionFileContainingSymbol(channel, lookup.symbol);
+    ASSERT_TRUE(files.ok()) << lookup.symbol << ": " << files.status();
+    ASSERT_FALSE(files->empty()) << lookup.symbol;
+    google::protobuf::FileDescriptorProto file;
+    ASSERT_TRUE(file.ParseFromString(files->front()));
+    EXPECT_EQ(file.name(), lookup.file) << lookup.symbol;
+  }
+  EXPECT_EQ(ReflectionFileContainingSymbol(channel, "no.such.Symbol").status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_F(DaemonTest, BearerTokenIsRequiredExceptForHealth) {
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->mutable_auth_token()->set_value("s3cret-token");
+  StartOrDie(config);
+  auto channel = Channel();
+
+  grpc::Status missing = Echo(channel, "x");
+  EXPECT_EQ(missing.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_NE(missing.error_message().find("authorization: Bearer"), std::string::npos)
+      << missing.error_message();
+  grpc::Status wrong = Echo(channel, "x", "Bearer wrong-token");
+  EXPECT_EQ(wrong.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(wrong.error_message().find("wrong-token"), std::string::npos);
+  EXPECT_EQ(wrong.error_message().find("s3cret"), std::string::npos);
+  EXPECT_EQ(Echo(channel, "x", "Basic s3cret-token").error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(Echo(channel, "x", "Bearer s3cret-token-and-more").error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(Echo(channel, "x", "Bearer s3cret-token").ok());
+  EXPECT_TRUE(Echo(channel, "x", "bearer s3cret-token").ok());
+
+  EXPECT_EQ(CheckHealth(channel, "").value(), HealthCheckResponse::SERVING);
+
+  auto admin = wsbridge::admin::v1::AdminService::NewStub(channel);
+  {
+    grpc::ClientContext context;
+    wsbridge::admin::v1::ListSessionsResponse response;
+    EXPECT_EQ(admin->ListSessions(&context, {}, &response).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+  {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer s3cret-token");
+    wsbridge::admin::v1::ListSessionsResponse response;
+    EXPECT_TRUE(admin->ListSessions(&context, {}, &response).ok());
+  }
+  const std::string metrics = Metrics();
+  EXPECT_NE(metrics.find("wsbridge_grpc_requests_total{method=\"/wsbridge.daemontest.v1.TestService/"
+                         "Echo\",code=\"UNAUTHENTICATED\"} 4"),
+            std::string::npos)
+      << metrics;
+}
+
+TEST(AuthTest, ConstantTimeEquals) {
+  EXPECT_TRUE(daemon::ConstantTimeEquals("abc", "abc"));
+  EXPECT_FALSE(daemon::ConstantTimeEquals("abc", "abd"));
+  EXPECT_FALSE(daemon::ConstantTimeEquals("abc", "abcd"));
+  EXPECT_FALSE(daemon::ConstantTimeEquals("", "a"));
+  EXPECT_TRUE(daemon::ConstantTimeEquals("", ""));
+}
+
+TEST(RpcTrackerTest, UnknownMethodsShareOneLabel) {
+  daemon::RpcTracker tracker(nullptr, {"a.B"});
+  EXPECT_EQ(tracker.MethodLabel("/a.B/C"), "/a.B/C");
+  EXPECT_EQ(tracker.MethodLabel("/x.Y/Z"), "unknown");
+  EXPECT_EQ(tracker.MethodLabel("/a.B/C/D"), "unknown");
+  EXPECT_EQ(tracker.MethodLabel("garbage"), "unknown");
+  EXPECT_EQ(tracker.MethodLabel(""), "unknown");
+  EXPECT_FALSE(daemon::RpcTracker::HoldsDrain("/grpc.health.v1.Health/Watch"));
+  EXPECT_TRUE(daemon::RpcTracker::HoldsDrain("/a.B/C"));
+  EXPECT_TRUE(
+      daemon::RpcTracker::HoldsDrain("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));
+}
+
+std::shared_ptr<grpc::Channel> TlsChannel(int port, const std::string& ca_pem,
+                                          const std::string& cert_pem = "",
+                                          const std::string& key_pem = "") {
+  grpc::SslCredentialsOptions options;
+  options.pem_root_certs = ca_pem;
+  options.pem_cert_chain = cert_pem;
+  options.pem_private_key = key_pem;
+  grpc::ChannelArguments args;
+  args.SetSslTargetNameOverride("localhost");
+  return grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port), grpc::SslCredentials(options),
+                                   args);
+}
+
+TEST_F(DaemonTest, TlsForCallers) {
+  TestPki pki;
+  auto ca = pki.MakeCa("server-ca");
+  auto server = pki.IssueServerCert(ca, {"localhost", "127.0.0.1"});
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->mutable_tls()->set_cert_file(server.cert_file);
+  config.mutable_server()->mutable_tls()->set_key_file(server.key_file);
+  StartOrDie(config);
+
+  EXPECT_TRUE(Echo(TlsChannel(daemon_->grpc_port(), ca.cert_pem), "x").ok());
+  EXPECT_FALSE(Echo(Channel(), "x").ok()) << "plaintext must be refused";
+  auto other_ca = pki.MakeCa("other-ca");
+  EXPECT_FALSE(Echo(TlsChannel(daemon_->grpc_port(), other_ca.cert_pem), "x").ok())
+      << "a server certificate from another CA must not verify";
+}
+
+TEST_F(DaemonTest, MutualTlsRequiresAClientCertificateFromTheConfiguredCa) {
+  TestPki pki;
+  auto ca = pki.MakeCa("server-ca");
+  auto server = pki.IssueServerCert(ca, {"localhost", "127.0.0.1"});
+  auto client_ca = pki.MakeCa("client-ca");
+  auto client = pki.IssueClientCert(client_ca, "good-client");
+  auto rogue_ca = pki.MakeCa("rogue-ca");
+  auto rogue = pki.IssueClientCert(rogue_ca, "rogue-client");
+  DaemonConfig config = BaseConfig();
+  auto* tls = config.mutable_server()->mutable_tls();
+  tls->set_cert_file(server.cert_file);
+  tls->set_key_file(server.key_file);
+  tls->set_client_ca_file(client_ca.cert_file);
+  tls->set_require_client_cert(true);
+  StartOrDie(config);
+
+  const int port = daemon_->grpc_port();
+  EXPECT_TRUE(Echo(TlsChannel(port, ca.cert_pem, client.cert_pem, client.key_pem), "x").ok());
+  EXPECT_FALSE(Echo(TlsChannel(port, ca.cert_pem), "x").ok()) << "no client certificate";
+  EXPECT_FALSE(Echo(TlsChannel(port, ca.cert_pem, rogue.cert_pem, rogue.key_pem), "x").ok())
+      << "client certificate from an unknown CA";
+}
+
+TEST_F(DaemonTest, RequireClientCertWithoutCaIsAConfigError) {
+  TestPki pki;
+  auto ca = pki.MakeCa("server-ca");
+  auto server = pki.IssueServerCert(ca, {"localhost", "127.0.0.1"});
+  DaemonConfig config = BaseConfig();
+  auto* tls = config.mutable_server()->mutable_tls();
+  tls->set_cert_file(server.cert_file);
+  tls->set_key_file(server.key_file);
+  tls->set_require_client_cert(true);
+  absl::Status status = Start(config);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("client_ca_file"), std::string::npos) << status;
+}
+
+TEST_F(DaemonTest, UnreadableCertificateIsAClearError) {
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->mutable_tls()->set_cert_file("/nonexistent/cert.pem");
+  config.mutable_server()->mutable_tls()->set_key_file("/nonexistent/key.pem");
+  absl::Status status = Start(config);
+  EXPECT_FALSE(status.ok());
+  EXPECT_NE(status.message().find("server.tls.cert_file"), std::string::npos) << status;
+  EXPECT_NE(status.message().find("/nonexistent/cert.pem"), std::string::npos) << status;
+}
+
+TEST_F(DaemonTest, UnixSocketWithFileModeIsRemovedAtExit) {
+  TempDir dir;
+  const std::string path = dir.path() + "/run/wsbridged.sock";  // parent created on start
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->clear_listen();
+  config.mutable_server()->set_unix_socket(path);
+  config.mutable_server()->set_unix_socket_mode("0600");
+  StartOrDie(config);
+  EXPECT_EQ(daemon_->grpc_port(), 0);
+  struct stat st {};
+  ASSERT_EQ(stat(path.c_str(), &st), 0) << std::strerror(errno);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 07777, 0600u);
+  auto channel = grpc::CreateChannel("unix:" + path, grpc::InsecureChannelCredentials());
+  EXPECT_EQ(CheckHealth(channel, "").value(), HealthCheckResponse::SERVING);
+  EXPECT_TRUE(Echo(channel, "over unix").ok());
+  EXPECT_NE(daemon_->ListeningJson().find(path), std::string::npos);
+
+  daemon_->RequestShutdown();
+  daemon_->Wait();
+  EXPECT_NE(lstat(path.c_str(), &st), 0) << "socket file left behind";
+}
+
+TEST_F(DaemonTest, StaleUnixSocketIsReplaced) {
+  TempDir dir;
+  const std::string path = dir.path() + "/stale.sock";
+  {
+    // A socket file whose listener is gone, as after a crash.
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    close(fd);
+  }
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->set_unix_socket(path);
+  StartOrDie(config);
+  auto channel = grpc::CreateChannel("unix:" + path, grpc::InsecureChannelCredentials());
+  EXPECT_EQ(CheckHealth(channel, "").value(), HealthCheckResponse::SERVING);
+}
+
+TEST_F(DaemonTest, UnixSocketPathThatIsNotASocketIsRefused) {
+  TempDir dir;
+  const std::string path = dir.WriteFile("precious.txt", "do not delete");
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->set_unix_socket(path);
+  absl::Status status = Start(config);
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(status.message().find("not a socket"), std::string::npos) << status;
+  struct stat st {};
+  EXPECT_EQ(stat(path.c_str(), &st), 0) << "the file must be left alone";
+}
+
+TEST_F(DaemonTest, NoListenerIsAConfigError) {
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->clear_listen();
+  absl::Status status = Start(config);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("unix_socket"), std::string::npos) << status;
+}
+
+TEST_F(DaemonTest, BadAdminListenAddressIsAConfigError) {
+  DaemonConfig config = BaseConfig();
+  config.mutable_admin()->set_listen("not-an-address");
+  absl::Status status = Start(config);
+  EXPECT_FALSE(status.ok());
+  EXPECT_NE(status.message().find("admin.listen"), std::string::npos) << status;
+}
+
+TEST_F(DaemonTest, TwoBridgesServingTheSameApiAreRefused) {
+  DaemonConfig config = BaseConfig();
+  auto* second = config.add_bridges();
+  second->set_name("again");
+  second->mutable_dfx();
+  absl::Status status = Start(config);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("both serve"), std::string::npos) << status;
+}
+
+TEST_F(DaemonTest, BridgeKindWithoutFactoryIsAConfigError) {
+  core::BridgeRegistry empty;
+  daemon::Daemon daemon(BaseConfig(), empty, {.configure_logging = false});
+  absl::Status status = daemon.Start();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("bridges[0].dfx"), std::string::npos) << status;
+}
+
+TEST_F(DaemonTest, MaxMessageSizeIsEnforced) {
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->set_max_message_bytes(1024);
+  StartOrDie(config);
+  EXPECT_TRUE(Echo(Channel(), std::string(100, 'a')).ok());
+  EXPECT_EQ(Echo(Channel(), std::string(4096, 'a')).error_code(),
+            grpc::StatusCode::RESOURCE_EXHAUSTED);
+}
+
+TEST_F(DaemonTest, AdminHttpServesMetricsHealthAndReadiness) {
+  StartOrDie();
+  const int port = daemon_->admin_port();
+  ASSERT_NE(port, 0);
+  auto healthz = HttpRequest(port, "GET", "/healthz");
+  ASSERT_TRUE(healthz.ok()) << healthz.status();
+  EXPECT_EQ(healthz->status, 200);
+  EXPECT_EQ(HttpRequest(port, "GET", "/readyz")->status, 200);
+  EXPECT_EQ(HttpRequest(port, "GET", "/readyz?verbose=1")->status, 200);
+  EXPECT_EQ(HttpRequest(port, "GET", "/nope")->status, 404);
+  auto post = HttpRequest(port, "POST", "/metrics");
+  ASSERT_TRUE(post.ok());
+  EXPECT_EQ(post->status, 405);
+  EXPECT_NE(post->headers.find("Allow: GET"), std::string::npos) << post->headers;
+
+  wsbridge::admin::v1::Session ready;
+  ready.set_id("test/a");
+  ready.set_state(wsbridge::admin::v1::SESSION_STATE_READY);
+  ready.set_frames_in(7);
+  ready.set_frames_out(3);
+  ready.set_bytes_in(700);
+  ready.set_bytes_out(300);
+  ready.set_reconnects(2);
+  bridge().AddSession(ready);
+  wsbridge::admin::v1::Session backing_off;
+  backing_off.set_id("test/b");
+  backing_off.set_state(wsbridge::admin::v1::SESSION_STATE_BACKING_OFF);
+  backing_off.set_frames_in(1);
+  backing_off.set_reconnects(5);
+  bridge().AddSession(backing_off);
+
+  auto channel = Channel();
+  ASSERT_TRUE(Echo(channel, "x").ok());
+  ASSERT_TRUE(Echo(channel, "y").ok());
+  ASSERT_FALSE(CheckHealth(channel, "no.such.Service").ok());
+
+  auto metrics = HttpRequest(port, "GET", "/metrics");
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_EQ(metrics->status, 200);
+  EXPECT_NE(metrics->headers.find("text/plain; version=0.0.4"), std::string::npos);
+  const std::string& text = metrics->body;
+  for (const char* line : {
+           "wsbridge_grpc_requests_total{method=\"/wsbridge.daemontest.v1.TestService/Echo\","
+           "code=\"OK\"} 2",
+           "wsbridge_grpc_requests_total{method=\"/grpc.health.v1.Health/Check\","
+           "code=\"NOT_FOUND\"} 1",
+           "wsbridge_sessions{bridge=\"test\",state=\"ready\"} 1",
+           "wsbridge_sessions{bridge=\"test\",state=\"backing_off\"} 1",
+           "wsbridge_session_reconnects_total{bridge=\"test\"} 7",
+           "wsbridge_upstream_frames_total{bridge=\"test\",direction=\"in\"} 8",
+           "wsbridge_upstream_frames_total{bridge=\"test\",direction=\"out\"} 3",
+           "wsbridge_upstream_bytes_total{bridge=\"test\",direction=\"in\"} 700",
+           "wsbridge_upstream_bytes_total{bridge=\"test\",direction=\"out\"} 300",
+           "# TYPE wsbridge_sessions gauge",
+           "wsbridge_ready 1",
+           "wsbridge_bridge_serving{bridge=\"test\"} 1",
+       }) {
+    EXPECT_NE(text.find(line), std::string::npos) << line << "\n" << text;
+  }
+}
+
+TEST_F(DaemonTest, AdminServiceListsAndClosesSessions) {
+  StartOrDie();
+  wsbridge::admin::v1::Session a;
+  a.set_id("test/a");
+  a.set_state(wsbridge::admin::v1::SESSION_STATE_READY);
+  bridge().AddSession(a);
+  wsbridge::admin::v1::Session b;
+  b.set_id("test/b");
+  bridge().AddSession(b);
+  auto admin = wsbridge::admin::v1::AdminService::NewStub(Channel());
+
+  auto list = [&](const std::string& filter, wsbridge::admin::v1::ListSessionsResponse* out) {
+    grpc::ClientContext context;
+    wsbridge::admin::v1::ListSessionsRequest request;
+    request.set_bridge(filter);
+    return admin->ListSessions(&context, request, out);
+  };
+  auto close_session = [&](const std::string& id) {
+    grpc::ClientContext context;
+    wsbridge::admin::v1::CloseSessionRequest request;
+    request.set_id(id);
+    wsbridge::admin::v1::CloseSessionResponse response;
+    return admin->CloseSession(&context, request, &response);
+  };
+
+  wsbridge::admin::v1::ListSessionsResponse all;
+  ASSERT_TRUE(list("", &all).ok());
+  ASSERT_EQ(all.sessions_size(), 2);
+  EXPECT_EQ(all.sessions(0).id(), "test/a");
+  EXPECT_EQ(all.sessions(0).bridge(), "test");
+  wsbridge::admin::v1::ListSessionsResponse filtered;
+  ASSERT_TRUE(list("test", &filtered).ok());
+  EXPECT_EQ(filtered.sessions_size(), 2);
+  wsbridge::admin::v1::ListSessionsResponse none;
+  grpc::Status unknown_bridge = list("other", &none);
+  EXPECT_EQ(unknown_bridge.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_NE(unknown_bridge.error_message().find("test"), std::string::npos)
+      << "should name the bridges that exist: " << unknown_bridge.error_message();
+
+  EXPECT_TRUE(close_session("test/a").ok());
+  EXPECT_EQ(bridge().closed_sessions(), std::vector<std::string>{"test/a"});
+  wsbridge::admin::v1::ListSessionsResponse after;
+  ASSERT_TRUE(list("", &after).ok());
+  ASSERT_EQ(after.sessions_size(), 1);
+  EXPECT_EQ(after.sessions(0).id(), "test/b");
+
+  EXPECT_EQ(close_session("test/zzz").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(close_session("other/x").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(close_session("no-slash").error_code(), grpc::StatusCode::NOT_FOUND);
+  grpc::Status empty = close_session("");
+  EXPECT_EQ(empty.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(empty.error_message().find("id"), std::string::npos);
+}
+
+TEST_F(DaemonTest, DrainRefusesNewCallsThenEndsOpenStreams) {
+  DaemonConfig config = BaseConfig();
+  // Long enough that the checks below run while the stream is still draining.
+  config.mutable_shutdown()->mutable_drain_timeout()->set_seconds(5);
+  config.mutable_shutdown()->mutable_deadline()->set_seconds(30);
+  StartOrDie(config);
+  auto channel = Channel();
+  auto stub = v1::TestService::NewStub(channel);
+  grpc::ClientContext watch_context;
+  auto watch = stub->Watch(&watch_context, v1::WatchRequest());
+  v1::Event event;
+  ASSERT_TRUE(watch->Read(&event));
+  EXPECT_EQ(event.text(), "watching");
+  EXPECT_EQ(bridge().open_calls(), 1u);
+
+  daemon_->RequestShutdown();
+  std::thread waiter([&] { daemon_->Wait(); });
+
+  EXPECT_TRUE(WaitFor([&] {
+    return CheckHealth(channel, "").value_or(HealthCheckResponse::UNKNOWN) ==
+           HealthCheckResponse::NOT_SERVING;
+  }));
+  EXPECT_EQ(CheckHealth(channel, kTestService).value_or(HealthCheckResponse::UNKNOWN),
+            HealthCheckResponse::NOT_SERVING);
+  EXPECT_FALSE(daemon_->ready());
+  auto readyz = HttpRequest(daemon_->admin_port(), "GET", "/readyz");
+  ASSERT_TRUE(readyz.ok()) << readyz.status();
+  EXPECT_EQ(readyz->status, 503);
+  EXPECT_NE(readyz->body.find("draining"), std::string::npos) << readyz->body;
+  EXPECT_EQ(Echo(channel, "late").error_code(), grpc::StatusCode::UNAVAILABLE);
+  // The open stream is still running: it gets the drain timeout.
+  EXPECT_TRUE(bridge().draining());
+  EXPECT_FALSE(bridge().shut_down());
+  EXPECT_EQ(bridge().open_calls(), 1u);
+
+  EXPECT_FALSE(watch->Read(&event));
+  grpc::Status ended = watch->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(ended.error_message(), "server shutting down");
+  waiter.join();
+  EXPECT_TRUE(bridge().shut_down());
+}
+
+TEST_F(DaemonTest, ShutdownWithoutOpenCallsEndsAndIsIdempotent) {
+  StartOrDie();
+  daemon_->RequestShutdown();
+  daemon_->RequestShutdown();
+  daemon_->Wait();
+  EXPECT_TRUE(bridge().shut_down());
+  EXPECT_FALSE(daemon_->ready());
+  daemon_->Wait();  // returns at once once finished
+}
+
+}  // namespace
+}  // namespace wsbridge::daemontest
