@@ -55,7 +55,9 @@ class RunningPod:
             if (config.get("server") or {}).get("listen"):
                 config["server"]["listen"] = "127.0.0.1:0"
             if (config.get("admin") or {}).get("listen"):
-                config["admin"]["listen"] = "127.0.0.1:0"
+                # Another loopback address: the config check refuses two listeners on
+                # one host:port, port 0 included.
+                config["admin"]["listen"] = "127.0.0.2:0"
             return yaml.safe_dump(config)
 
         self.config_file, self.env = dc.SimulatePod(pod, workdir, Local)
@@ -114,15 +116,20 @@ class RunningPod:
         return 0
 
     def Stop(self, timeout):
+        """SIGTERM, then the exit status (None if it outlived `timeout` and was killed)."""
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc.stdout.close()
-            self.stderr.close()
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+    def Close(self):
+        if self.proc.poll() is None:
+            self.Stop(5)
+        self.proc.stdout.close()
+        self.stderr.close()
 
 
 class K8sLiveTest(unittest.TestCase):
@@ -137,7 +144,7 @@ class K8sLiveTest(unittest.TestCase):
         self.assertEqual([], problems)
         self.assertEqual(1, len(pods))
         running = RunningPod(pods[0], self.tmp.name)
-        self.addCleanup(lambda: running.proc.poll() is None and running.Stop(5))
+        self.addCleanup(running.Close)
         return running
 
     def CheckProbes(self, running, credentials=None):
