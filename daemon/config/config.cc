@@ -163,7 +163,9 @@ class Validator {
   void Run(const v1::DaemonConfig& config) {
     Server(config.server());
     CheckListen(config.admin().listen(), "admin.listen", sources_, diag_);
-    if (!config.admin().listen().empty() && config.admin().listen() == config.server().listen()) {
+    // Port 0 asks the kernel for a free port each time, so two ":0" listeners never clash.
+    if (!config.admin().listen().empty() && config.admin().listen() == config.server().listen() &&
+        !absl::EndsWith(config.admin().listen(), ":0")) {
       Error("admin.listen", "is the same address as server.listen (use another port)");
     }
     Shutdown(config.shutdown());
