@@ -757,8 +757,10 @@ void Daemon::Wait() {
     server_deadline = d.server_deadline_locked;
   }
   log::Info("server", "stopping the gRPC server");
-  // Ends whatever is still open at the deadline; blocks, hence this thread.
-  d.server->Shutdown(absl::ToChronoTime(server_deadline));
+  // The drain is over and the bridges have ended their calls: whatever is still open
+  // (health watches, reflection, admin) is cancelled now rather than at the deadline.
+  // Blocks until the handlers are done, hence this thread.
+  d.server->Shutdown(absl::ToChronoTime(std::min(server_deadline, absl::Now())));
   d.StopIo(std::min(absl::Now() + absl::Seconds(2), d.exit_deadline));
   d.server.reset();
   if (!d.unix_path.empty() && unlink(d.unix_path.c_str()) != 0 && errno != ENOENT) {
