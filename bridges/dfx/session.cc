@@ -757,6 +757,8 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   // --- Close. ---
   void DoClose(uint16_t code, const std::string& reason, std::function<void()> done) {
     if (done) close_waiters_.push_back(std::move(done));
+    // Nobody may hold the session while it closes; it keeps itself alive until then.
+    close_self_ = shared_from_this();
     if (state_ == State::kClosed) {
       if (connection_ == nullptr) FinishClose();
       return;
@@ -786,6 +788,7 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
     std::vector<std::function<void()>> waiters = std::move(close_waiters_);
     close_waiters_.clear();
     for (auto& w : waiters) w();
+    close_self_.reset();
   }
 
   Strand strand_;
@@ -819,6 +822,7 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   asio::steady_timer login_timer_;
   std::unique_ptr<asio::steady_timer> close_timer_;
   std::vector<std::function<void()>> close_waiters_;
+  std::shared_ptr<SessionImpl> close_self_;
   std::mt19937_64 rng_;
 };
 
