@@ -144,9 +144,48 @@ std::string HandshakeInfo::Header(std::string_view name) const {
 }
 
 struct WsServer::Impl {
-  class SessionBase : public WsServerConnection {
+  // The actor that owns the stream; lives only inside the io_context.
+  class SessionBase {
    public:
+    virtual ~SessionBase() = default;
     virtual void Start() = 0;
+    virtual void Send(std::string data, bool binary) = 0;
+    virtual void Close(uint16_t code, std::string reason) = 0;
+    virtual void Drop() = 0;
+    virtual void SetSilent(bool silent) = 0;
+  };
+  // What handlers get: safe to keep after the session (and the server) are gone, because
+  // it refers to the session weakly and never owns the stream.
+  class Handle final : public WsServerConnection {
+   public:
+    Handle(uint64_t id, std::shared_ptr<std::atomic<bool>> alive) : id_(id), alive_(std::move(alive)) {}
+    uint64_t id() const override { return id_; }
+    const HandshakeInfo& handshake() const override { return info_; }
+    uint16_t remote_close_code() const override { return close_code_.load(); }
+    void Send(std::string data, bool binary) override {
+      if (auto s = Lock()) s->Send(std::move(data), binary);
+    }
+    void Close(uint16_t code, std::string reason) override {
+      if (auto s = Lock()) s->Close(code, std::move(reason));
+    }
+    void Drop() override {
+      if (auto s = Lock()) s->Drop();
+    }
+    void SetSilent(bool silent) override {
+      if (auto s = Lock()) s->SetSilent(silent);
+    }
+
+    HandshakeInfo info_;  // written once, before any handler sees this handle
+    std::atomic<uint16_t> close_code_{0};
+    std::weak_ptr<SessionBase> session_;
+
+   private:
+    std::shared_ptr<SessionBase> Lock() const {
+      if (!alive_->load()) return nullptr;
+      return session_.lock();
+    }
+    const uint64_t id_;
+    const std::shared_ptr<std::atomic<bool>> alive_;
   };
   template <bool kTls>
   class Session;
@@ -190,11 +229,15 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
 
  public:
   Session(Impl* core, tcp::socket socket, uint64_t id)
-      : core_(core), alive_(core->alive), id_(id), ws_(MakeWs(core, std::move(socket))) {}
+      : core_(core),
+        alive_(core->alive),
+        id_(id),
+        handle_(std::make_shared<Handle>(id, core->alive)),
+        info_(handle_->info_),
+        ws_(MakeWs(core, std::move(socket))) {}
 
-  uint64_t id() const override { return id_; }
-  const HandshakeInfo& handshake() const override { return info_; }
-  uint16_t remote_close_code() const override { return remote_close_code_.load(); }
+  // Called right after construction (shared_from_this needs a live shared_ptr).
+  void Attach() { handle_->session_ = this->weak_from_this(); }
 
   void Start() override {
     net::dispatch(strand(), [self = this->shared_from_this()] {
@@ -343,7 +386,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     if (finished_) return;
     opened_ = true;
     core_->open.fetch_add(1);
-    if (core_->handler.on_open) core_->handler.on_open(this->shared_from_this());
+    if (core_->handler.on_open) core_->handler.on_open(handle_);
     if (close_requested_ && !writing_ && !finished_) DoClose();
     DoRead();
   }
@@ -361,7 +404,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     std::string data = beast::buffers_to_string(read_buffer_.data());
     read_buffer_.consume(read_buffer_.size());
     if (core_->handler.on_message) {
-      core_->handler.on_message(this->shared_from_this(), data, ws_.got_binary());
+      core_->handler.on_message(handle_, data, ws_.got_binary());
     }
     DoRead();
   }
@@ -395,7 +438,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
 
   void OnError(error_code ec) {
     if (ec == websocket::error::closed) {
-      remote_close_code_.store(ws_.reason().code);
+      handle_->close_code_.store(ws_.reason().code);
       return Finish(absl::OkStatus());
     }
     if (closing_ && ec == net::error::operation_aborted) {
@@ -414,7 +457,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     queue_.clear();
     if (opened_) {
       core_->open.fetch_sub(1);
-      if (core_->handler.on_close) core_->handler.on_close(this->shared_from_this(), status);
+      if (core_->handler.on_close) core_->handler.on_close(handle_, status);
     }
     core_->Remove(id_);
   }
@@ -422,16 +465,16 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
   Impl* const core_;
   const std::shared_ptr<std::atomic<bool>> alive_;
   const uint64_t id_;
+  const std::shared_ptr<Handle> handle_;
+  HandshakeInfo& info_;  // the handle's, filled in during the upgrade
   websocket::stream<Next> ws_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   http::request<http::string_body> request_;
   std::optional<http::response<http::string_body>> response_;
-  HandshakeInfo info_;
   beast::flat_buffer read_buffer_;
   std::deque<std::pair<std::string, bool>> queue_;
   websocket::close_reason close_reason_;
-  std::atomic<uint16_t> remote_close_code_{0};
   bool opened_ = false;
   bool writing_ = false;
   bool close_requested_ = false;
@@ -464,9 +507,13 @@ void WsServer::Impl::OnAccept(error_code ec, tcp::socket socket) {
     std::lock_guard<std::mutex> lock(mu);
     if (stopped) return;
     if (options.tls) {
-      session = std::make_shared<Session<true>>(this, std::move(socket), id);
+      auto s = std::make_shared<Session<true>>(this, std::move(socket), id);
+      s->Attach();
+      session = std::move(s);
     } else {
-      session = std::make_shared<Session<false>>(this, std::move(socket), id);
+      auto s = std::make_shared<Session<false>>(this, std::move(socket), id);
+      s->Attach();
+      session = std::move(s);
     }
     sessions.emplace(id, session);
   }
@@ -571,6 +618,9 @@ void WsServer::Stop() {
   m.ioc.stop();
   for (auto& t : m.threads) t.join();
   m.threads.clear();
+  // The posted close may not have run before stop(); no thread runs now, so close here.
+  error_code ignored;
+  m.acceptor->close(ignored);
 }
 
 uint16_t WsServer::port() const { return impl_->port; }

@@ -1,0 +1,818 @@
+// The upstream connection against a real WebSocket server on 127.0.0.1 (ws:// and wss://
+// with certificates generated for the run).
+#include "bridges/core/connection.h"
+
+#include <chrono>
+#include <future>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
+#include <gtest/gtest.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "tests/support/test_support.h"
+#include "tests/upstreams/ws_server.h"
+
+namespace wsbridge::core {
+namespace {
+
+namespace net = boost::asio;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+using testing::WaitFor;
+using upstreams::HandshakeInfo;
+using upstreams::WsServer;
+using upstreams::WsServerConnection;
+using upstreams::WsServerHandler;
+using upstreams::WsServerOptions;
+
+constexpr auto kDeadline = seconds(20);
+
+bool Contains(absl::string_view haystack, absl::string_view needle) {
+  return absl::StrContains(haystack, needle);
+}
+
+// ---- The fake upstream's side: records everything, behaviour set per test. ----
+
+struct Upstream {
+  struct Closed {
+    absl::Status status;
+    uint16_t code;
+  };
+
+  absl::Mutex mu;
+  std::vector<HandshakeInfo> handshakes ABSL_GUARDED_BY(mu);
+  std::vector<std::shared_ptr<WsServerConnection>> conns ABSL_GUARDED_BY(mu);
+  std::vector<std::pair<std::string, bool>> messages ABSL_GUARDED_BY(mu);
+  std::vector<Closed> closes ABSL_GUARDED_BY(mu);
+
+  // Set before the server starts.
+  std::function<absl::Status(const HandshakeInfo&, std::string*)> on_handshake;
+  std::function<void(const std::shared_ptr<WsServerConnection>&, int index)> on_open;
+  bool echo = false;
+
+  std::unique_ptr<WsServer> server;
+
+  void Start(WsServerOptions options = {}) {
+    WsServerHandler h;
+    h.on_handshake = [this](const HandshakeInfo& info, std::string* sub) {
+      {
+        absl::MutexLock lock(&mu);
+        handshakes.push_back(info);
+      }
+      return on_handshake ? on_handshake(info, sub) : absl::OkStatus();
+    };
+    h.on_open = [this](const std::shared_ptr<WsServerConnection>& c) {
+      int index;
+      {
+        absl::MutexLock lock(&mu);
+        index = static_cast<int>(conns.size());
+        conns.push_back(c);
+      }
+      if (on_open) on_open(c, index);
+    };
+    h.on_message = [this](const std::shared_ptr<WsServerConnection>& c, std::string_view data, bool binary) {
+      {
+        absl::MutexLock lock(&mu);
+        messages.emplace_back(std::string(data), binary);
+      }
+      if (echo) c->Send(std::string(data), binary);
+    };
+    h.on_close = [this](const std::shared_ptr<WsServerConnection>& c, const absl::Status& st) {
+      absl::MutexLock lock(&mu);
+      closes.push_back({st, c->remote_close_code()});
+    };
+    server = std::make_unique<WsServer>(std::move(options), std::move(h));
+    ASSERT_TRUE(server->Start().ok());
+  }
+
+  size_t handshake_count() {
+    absl::MutexLock lock(&mu);
+    return handshakes.size();
+  }
+  size_t message_count() {
+    absl::MutexLock lock(&mu);
+    return messages.size();
+  }
+  size_t close_count() {
+    absl::MutexLock lock(&mu);
+    return closes.size();
+  }
+  std::shared_ptr<WsServerConnection> conn(size_t i) {
+    absl::MutexLock lock(&mu);
+    return i < conns.size() ? conns[i] : nullptr;
+  }
+};
+
+// ---- The protocol session's side. ----
+
+class TestHandler : public ConnectionHandler {
+ public:
+  struct Disconnect {
+    absl::Status status;
+    bool will_retry;
+    std::chrono::steady_clock::time_point at;
+  };
+
+  // Builds the request for the n-th attempt (1-based).
+  std::function<absl::StatusOr<HandshakeRequest>(int n)> make_request;
+  bool auto_ready = true;
+  std::weak_ptr<Connection> conn;
+
+  absl::StatusOr<HandshakeRequest> PrepareHandshake() override {
+    int n;
+    {
+      absl::MutexLock lock(&mu_);
+      n = ++prepares_;
+      prepare_times_.push_back(std::chrono::steady_clock::now());
+    }
+    return make_request(n);
+  }
+  void OnOpen(std::string_view subprotocol) override {
+    {
+      absl::MutexLock lock(&mu_);
+      opens_.emplace_back(subprotocol);
+    }
+    if (auto c = conn.lock(); c && auto_ready) c->MarkReady();
+  }
+  void OnMessage(std::string_view payload, bool binary) override {
+    absl::MutexLock lock(&mu_);
+    messages_.emplace_back(std::string(payload), binary);
+  }
+  void OnDisconnected(const absl::Status& reason, bool will_retry) override {
+    absl::MutexLock lock(&mu_);
+    disconnects_.push_back({reason, will_retry, std::chrono::steady_clock::now()});
+  }
+  void OnHeartbeat() override {
+    absl::MutexLock lock(&mu_);
+    ++heartbeats_;
+  }
+  void OnWritable() override {
+    absl::MutexLock lock(&mu_);
+    ++writables_;
+  }
+
+  int prepares() {
+    absl::MutexLock lock(&mu_);
+    return prepares_;
+  }
+  std::vector<std::chrono::steady_clock::time_point> prepare_times() {
+    absl::MutexLock lock(&mu_);
+    return prepare_times_;
+  }
+  std::vector<std::string> opens() {
+    absl::MutexLock lock(&mu_);
+    return opens_;
+  }
+  std::vector<std::pair<std::string, bool>> messages() {
+    absl::MutexLock lock(&mu_);
+    return messages_;
+  }
+  std::vector<Disconnect> disconnects() {
+    absl::MutexLock lock(&mu_);
+    return disconnects_;
+  }
+  size_t disconnect_count() {
+    absl::MutexLock lock(&mu_);
+    return disconnects_.size();
+  }
+  int heartbeats() {
+    absl::MutexLock lock(&mu_);
+    return heartbeats_;
+  }
+  int writables() {
+    absl::MutexLock lock(&mu_);
+    return writables_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  int prepares_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::chrono::steady_clock::time_point> prepare_times_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> opens_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<std::string, bool>> messages_ ABSL_GUARDED_BY(mu_);
+  std::vector<Disconnect> disconnects_ ABSL_GUARDED_BY(mu_);
+  int heartbeats_ ABSL_GUARDED_BY(mu_) = 0;
+  int writables_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+class ConnectionTest : public ::testing::Test {
+ protected:
+  ConnectionTest()
+      : work_(net::make_work_guard(ioc_)),
+        strand_(net::make_strand(net::any_io_executor(ioc_.get_executor()))),
+        thread_([this] { ioc_.run(); }) {}
+
+  ~ConnectionTest() override {
+    if (conn_) {
+      OnStrand([&] { conn_->Close(1000, "test over"); });
+      EXPECT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kClosed; }, kDeadline));
+    }
+    upstream_.server.reset();  // stops it; no more server callbacks
+    work_.reset();
+    ioc_.stop();
+    thread_.join();
+    conn_.reset();
+  }
+
+  // Runs `f` on the connection's strand and waits for it.
+  template <class F>
+  auto OnStrand(F f) -> decltype(f()) {
+    std::packaged_task<decltype(f())()> task(std::move(f));
+    auto result = task.get_future();
+    net::post(strand_, [&task] { task(); });
+    return result.get();
+  }
+
+  ConnectionOptions PlainOptions() {
+    ConnectionOptions o;
+    o.name = "test/upstream";
+    o.allow_plaintext = true;
+    o.connect_timeout = seconds(5);
+    o.handshake_timeout = seconds(5);
+    o.close_timeout = seconds(5);
+    o.keepalive.ping_interval = Duration::zero();
+    o.backoff.initial = milliseconds(10);
+    o.backoff.max = milliseconds(100);
+    return o;
+  }
+
+  void SetUrl(std::string url, std::vector<std::string> subprotocols = {}) {
+    handler_->make_request = [url, subprotocols](int) -> absl::StatusOr<HandshakeRequest> {
+      HandshakeRequest r;
+      r.url = url;
+      r.subprotocols = subprotocols;
+      return r;
+    };
+  }
+
+  void StartConnection(ConnectionOptions options) {
+    conn_ = Connection::Create(strand_, std::move(options), handler_);
+    handler_->conn = conn_;
+    OnStrand([&] { conn_->Start(); });
+  }
+
+  bool WaitDisconnects(size_t n) {
+    return WaitFor([&] { return handler_->disconnect_count() >= n; }, kDeadline);
+  }
+
+  net::io_context ioc_;
+  net::executor_work_guard<net::io_context::executor_type> work_;
+  Connection::Strand strand_;
+  std::thread thread_;
+  Upstream upstream_;
+  std::shared_ptr<TestHandler> handler_ = std::make_shared<TestHandler>();
+  std::shared_ptr<Connection> conn_;
+};
+
+TEST_F(ConnectionTest, HandshakeCarriesPathQueryHeadersAndSubprotocol) {
+  upstream_.echo = true;
+  upstream_.on_handshake = [](const HandshakeInfo& info, std::string* sub) {
+    if (info.Header("X-Api-Key") != "key-1") return absl::UnauthenticatedError("missing X-Api-Key");
+    for (const auto& p : info.requested_subprotocols) {
+      if (p == "json") *sub = "json";
+    }
+    return absl::OkStatus();
+  };
+  upstream_.Start();
+  handler_->make_request = [&](int) -> absl::StatusOr<HandshakeRequest> {
+    HandshakeRequest r;
+    r.url = upstream_.server->url() + "/v1/stream?token=sekret-token&region=eu";
+    r.headers = {{"X-Api-Key", "key-1"}, {"X-Client", "wsbridge-test"}};
+    r.subprotocols = {"v2.proto", "json"};
+    return r;
+  };
+  StartConnection(PlainOptions());
+
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
+      << conn_->last_error();
+  EXPECT_EQ(handler_->opens(), std::vector<std::string>{"json"});
+  {
+    absl::MutexLock lock(&upstream_.mu);
+    ASSERT_EQ(upstream_.handshakes.size(), 1u);
+    const HandshakeInfo& info = upstream_.handshakes[0];
+    EXPECT_EQ(info.target, "/v1/stream?token=sekret-token&region=eu");
+    EXPECT_EQ(info.Header("x-client"), "wsbridge-test");
+    EXPECT_EQ(info.requested_subprotocols, (std::vector<std::string>{"v2.proto", "json"}));
+    EXPECT_TRUE(absl::StrContains(info.Header("Host"), "127.0.0.1:"));
+  }
+  // The credential never shows in target().
+  EXPECT_FALSE(Contains(conn_->target(), "sekret-token")) << conn_->target();
+  EXPECT_TRUE(Contains(conn_->target(), "region=eu")) << conn_->target();
+  EXPECT_TRUE(Contains(conn_->target(), "/v1/stream")) << conn_->target();
+
+  // Text and binary frames round-trip through the echoing upstream.
+  const std::string binary_payload("\x00\x01\xff", 3);
+  EXPECT_TRUE(OnStrand([&] { return conn_->Send("hello", false); }).ok());
+  EXPECT_TRUE(OnStrand([&] { return conn_->Send(binary_payload, true); }).ok());
+  ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 2; }, kDeadline));
+  const auto got = handler_->messages();
+  EXPECT_EQ(got[0], std::make_pair(std::string("hello"), false));
+  EXPECT_EQ(got[1], std::make_pair(binary_payload, true));
+  EXPECT_EQ(conn_->stats().frames_out.load(), 2u);
+  EXPECT_EQ(conn_->stats().frames_in.load(), 2u);
+  EXPECT_EQ(conn_->stats().bytes_out.load(), 8u);
+  EXPECT_GT(conn_->stats().ready_since_unix_ms.load(), 0);
+  EXPECT_EQ(conn_->stats().attempts.load(), 1u);
+  EXPECT_EQ(conn_->stats().reconnects.load(), 0u);
+}
+
+TEST_F(ConnectionTest, SubprotocolNotAcceptedByTheServerIsAnError) {
+  upstream_.Start();  // accepts without selecting any subprotocol
+  SetUrl(upstream_.server->url(), {"json"});
+  StartConnection(PlainOptions());
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects()[0];
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kFailedPrecondition) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "subprotocol")) << d.status;
+  EXPECT_TRUE(d.will_retry);
+  EXPECT_TRUE(handler_->opens().empty());
+}
+
+TEST_F(ConnectionTest, RefusedUpgradeMapsTheHttpStatus) {
+  upstream_.on_handshake = [](const HandshakeInfo&, std::string*) {
+    return absl::UnauthenticatedError("token expired");
+  };
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  StartConnection(PlainOptions());
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects()[0];
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kUnauthenticated) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "401")) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "token expired")) << d.status;
+  EXPECT_TRUE(d.will_retry);
+}
+
+TEST_F(ConnectionTest, PlaintextIsRefusedUnlessAllowed) {
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = PlainOptions();
+  o.allow_plaintext = false;
+  StartConnection(o);
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects()[0];
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kFailedPrecondition) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "allow_plaintext")) << d.status;
+  EXPECT_FALSE(d.will_retry);
+  EXPECT_EQ(conn_->state(), ConnectionState::kClosed);
+  EXPECT_EQ(upstream_.handshake_count(), 0u);
+  EXPECT_TRUE(Contains(conn_->last_error(), "allow_plaintext"));
+}
+
+TEST_F(ConnectionTest, BadUrlFailsTheAttemptWithAClearError) {
+  SetUrl("http://127.0.0.1:1/");
+  StartConnection(PlainOptions());
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects()[0];
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kInvalidArgument) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "wss://")) << d.status;
+}
+
+class TlsConnectionTest : public ConnectionTest {
+ protected:
+  void StartTlsServer() {
+    ca_ = pki_.MakeCa("wsbridge test CA");
+    other_ca_ = pki_.MakeCa("unrelated CA");
+    server_cert_ = pki_.IssueServerCert(ca_, {"localhost", "127.0.0.1", "upstream.test"});
+    WsServerOptions o;
+    o.tls = true;
+    o.cert_pem = server_cert_.cert_pem;
+    o.key_pem = server_cert_.key_pem;
+    upstream_.echo = true;
+    upstream_.Start(o);
+  }
+  ConnectionOptions TlsOptionsFor(std::string ca_file) {
+    ConnectionOptions o = PlainOptions();
+    o.allow_plaintext = false;
+    o.tls.ca_file = std::move(ca_file);
+    return o;
+  }
+
+  testing::TestPki pki_;
+  testing::CertAndKey ca_, other_ca_, server_cert_;
+};
+
+TEST_F(TlsConnectionTest, VerifiedTlsConnectsAndExchangesFrames) {
+  StartTlsServer();
+  ASSERT_TRUE(Contains(upstream_.server->url(), "wss://"));
+  SetUrl(upstream_.server->url() + "/feed");
+  StartConnection(TlsOptionsFor(ca_.cert_file));
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
+      << conn_->last_error();
+  EXPECT_TRUE(OnStrand([&] { return conn_->Send("over tls", false); }).ok());
+  ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 1; }, kDeadline));
+  EXPECT_EQ(handler_->messages()[0].first, "over tls");
+}
+
+TEST_F(TlsConnectionTest, ServerNameOverrideIsVerifiedAgainstTheCertificate) {
+  StartTlsServer();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = TlsOptionsFor(ca_.cert_file);
+  o.tls.server_name = "upstream.test";
+  StartConnection(o);
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
+      << conn_->last_error();
+}
+
+TEST_F(TlsConnectionTest, WrongHostnameIsRefused) {
+  StartTlsServer();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = TlsOptionsFor(ca_.cert_file);
+  o.tls.server_name = "evil.example";
+  StartConnection(o);
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects()[0];
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kUnavailable) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "TLS handshake")) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "hostname mismatch")) << d.status;
+  EXPECT_TRUE(d.will_retry);
+  EXPECT_TRUE(handler_->opens().empty());
+  EXPECT_EQ(upstream_.handshake_count(), 0u);
+}
+
+TEST_F(TlsConnectionTest, UnknownCaIsRefused) {
+  StartTlsServer();
+  SetUrl(upstream_.server->url());
+  StartConnection(TlsOptionsFor(other_ca_.cert_file));
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects()[0];
+  EXPECT_TRUE(Contains(d.status.message(), "certificate verify failed")) << d.status;
+  EXPECT_TRUE(handler_->opens().empty());
+  EXPECT_EQ(upstream_.handshake_count(), 0u);
+}
+
+TEST_F(TlsConnectionTest, SystemTrustStoreDoesNotTrustTheTestCa) {
+  StartTlsServer();
+  SetUrl(upstream_.server->url());
+  StartConnection(TlsOptionsFor(""));  // default trust store
+  ASSERT_TRUE(WaitDisconnects(1));
+  EXPECT_TRUE(Contains(handler_->disconnects()[0].status.message(), "TLS handshake"));
+  EXPECT_TRUE(handler_->opens().empty());
+}
+
+TEST_F(TlsConnectionTest, VerificationOffAcceptsAnUnknownCaOnlyWhenConfigured) {
+  StartTlsServer();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = TlsOptionsFor(other_ca_.cert_file);
+  o.tls.verify_peer = false;
+  o.tls.server_name = "evil.example";
+  StartConnection(o);
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
+      << conn_->last_error();
+}
+
+TEST_F(TlsConnectionTest, MissingCaFileIsAClearError) {
+  StartTlsServer();
+  SetUrl(upstream_.server->url());
+  StartConnection(TlsOptionsFor(pki_.dir().path() + "/no-such-ca.pem"));
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects()[0];
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kFailedPrecondition) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "no-such-ca.pem")) << d.status;
+}
+
+TEST_F(ConnectionTest, ServerDropReconnectsWithBackoffAndFreshCredentials) {
+  upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int index) {
+    if (index < 3) c->Drop();
+  };
+  upstream_.Start();
+  handler_->make_request = [&](int n) -> absl::StatusOr<HandshakeRequest> {
+    HandshakeRequest r;
+    r.url = upstream_.server->url() + "/?token=t" + std::to_string(n);
+    r.headers = {{"Authorization", "Bearer rotating-" + std::to_string(n)}};
+    return r;
+  };
+  ConnectionOptions o = PlainOptions();
+  o.backoff.initial = milliseconds(20);
+  o.backoff.max = milliseconds(200);
+  StartConnection(o);
+
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady && upstream_.handshake_count() == 4; },
+                      kDeadline));
+  {
+    absl::MutexLock lock(&upstream_.mu);
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_EQ(upstream_.handshakes[i].Header("Authorization"), "Bearer rotating-" + std::to_string(i + 1));
+      EXPECT_EQ(upstream_.handshakes[i].target, "/?token=t" + std::to_string(i + 1));
+    }
+  }
+  EXPECT_EQ(handler_->prepares(), 4);
+  EXPECT_EQ(conn_->stats().attempts.load(), 4u);
+  EXPECT_EQ(conn_->stats().reconnects.load(), 3u);
+  const auto disconnects = handler_->disconnects();
+  ASSERT_EQ(disconnects.size(), 3u);
+  const auto prepares = handler_->prepare_times();
+  for (size_t i = 0; i < disconnects.size(); ++i) {
+    EXPECT_EQ(disconnects[i].status.code(), absl::StatusCode::kUnavailable) << disconnects[i].status;
+    EXPECT_TRUE(disconnects[i].will_retry);
+    // The next attempt waited a backoff delay (<= 200 ms cap; generous slack for slow CI).
+    EXPECT_GE(prepares[i + 1], disconnects[i].at);
+    EXPECT_LE(prepares[i + 1] - disconnects[i].at, seconds(5));
+  }
+  EXPECT_EQ(handler_->opens().size(), 4u);
+}
+
+TEST_F(ConnectionTest, FailedPrepareHandshakeBacksOffWithoutTouchingTheNetwork) {
+  upstream_.Start();
+  handler_->make_request = [&](int n) -> absl::StatusOr<HandshakeRequest> {
+    if (n < 3) return absl::UnavailableError("secret store unreachable");
+    HandshakeRequest r;
+    r.url = upstream_.server->url();
+    return r;
+  };
+  StartConnection(PlainOptions());
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline));
+  EXPECT_EQ(upstream_.handshake_count(), 1u);
+  ASSERT_EQ(handler_->disconnects().size(), 2u);
+  EXPECT_TRUE(Contains(handler_->disconnects()[0].status.message(), "secret store unreachable"));
+}
+
+TEST_F(ConnectionTest, SilentPeerIsDetectedAsDead) {
+  upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int index) {
+    if (index == 0) c->SetSilent(true);
+  };
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = PlainOptions();
+  o.keepalive.ping_interval = milliseconds(100);
+  o.keepalive.pong_timeout = milliseconds(200);
+  StartConnection(o);
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects()[0];
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kDeadlineExceeded) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "no pong")) << d.status;
+  EXPECT_TRUE(d.will_retry);
+  // The next connection answers pings and becomes ready again.
+  ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 2 && conn_->state() == ConnectionState::kReady; },
+                      kDeadline));
+}
+
+TEST_F(ConnectionTest, OversizeMessageIsAClearErrorAndReconnects) {
+  upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int index) {
+    if (index == 0) c->Send(std::string(4096, 'x'), false);
+  };
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = PlainOptions();
+  o.max_message_bytes = 1024;
+  StartConnection(o);
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects()[0];
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kResourceExhausted) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "max_message_bytes")) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "1024")) << d.status;
+  EXPECT_TRUE(d.will_retry);
+  EXPECT_TRUE(handler_->messages().empty());
+  ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 2 && conn_->state() == ConnectionState::kReady; },
+                      kDeadline));
+}
+
+TEST_F(ConnectionTest, CloseSendsTheCodeAndDoesNotReconnect) {
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  StartConnection(PlainOptions());
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline));
+  OnStrand([&] { conn_->Close(1001, "going away"); });
+  ASSERT_TRUE(WaitFor([&] { return upstream_.close_count() == 1; }, kDeadline));
+  {
+    absl::MutexLock lock(&upstream_.mu);
+    EXPECT_TRUE(upstream_.closes[0].status.ok()) << upstream_.closes[0].status;
+    EXPECT_EQ(upstream_.closes[0].code, 1001);
+  }
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kClosed; }, kDeadline));
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects().back();
+  EXPECT_FALSE(d.will_retry);
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kCancelled) << d.status;
+  // Closed for good: sending fails, a reconnect request is ignored.
+  EXPECT_EQ(OnStrand([&] { return conn_->Send("late", false); }).code(), absl::StatusCode::kFailedPrecondition);
+  OnStrand([&] { conn_->Reconnect(absl::UnavailableError("try again")); });
+  EXPECT_EQ(conn_->state(), ConnectionState::kClosed);
+  EXPECT_EQ(upstream_.handshake_count(), 1u);
+  EXPECT_EQ(conn_->stats().attempts.load(), 1u);
+}
+
+TEST_F(ConnectionTest, ServerCloseReconnects) {
+  upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int index) {
+    if (index == 0) c->Close(1012, "service restart");
+  };
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  StartConnection(PlainOptions());
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects()[0];
+  EXPECT_TRUE(Contains(d.status.message(), "1012")) << d.status;
+  EXPECT_TRUE(d.will_retry);
+  ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 2 && conn_->state() == ConnectionState::kReady; },
+                      kDeadline));
+}
+
+TEST_F(ConnectionTest, FullSendQueueRefusesThenSignalsWritable) {
+  upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int) { c->SetSilent(true); };
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = PlainOptions();
+  o.send_queue_max_messages = 8;
+  o.send_queue_max_bytes = 1 << 20;
+  StartConnection(o);
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline));
+
+  // The upstream reads nothing, so socket buffers fill and then the queue does.
+  const std::string chunk(64 * 1024, 'q');
+  int accepted = 0;
+  absl::Status refused;
+  const auto deadline = std::chrono::steady_clock::now() + kDeadline;
+  while (refused.ok() && std::chrono::steady_clock::now() < deadline && accepted < 20000) {
+    absl::Status st = OnStrand([&] { return conn_->Send(chunk, true); });
+    if (st.ok()) {
+      ++accepted;
+    } else {
+      refused = st;
+    }
+  }
+  ASSERT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_TRUE(Contains(refused.message(), "OnWritable")) << refused;
+  EXPECT_LE(OnStrand([&] { return conn_->queued_messages(); }), 8u);
+  EXPECT_EQ(handler_->writables(), 0);
+
+  upstream_.conn(0)->SetSilent(false);
+  ASSERT_TRUE(WaitFor([&] { return handler_->writables() == 1; }, kDeadline));
+  // Nothing accepted was lost or reordered into oblivion.
+  ASSERT_TRUE(WaitFor([&] { return upstream_.message_count() == static_cast<size_t>(accepted); }, kDeadline));
+  EXPECT_EQ(conn_->stats().frames_out.load(), static_cast<uint64_t>(accepted));
+  EXPECT_TRUE(OnStrand([&] { return conn_->Send(chunk, true); }).ok());
+}
+
+TEST_F(ConnectionTest, HeartbeatsFireWhileReady) {
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = PlainOptions();
+  o.keepalive.heartbeat_interval = milliseconds(20);
+  StartConnection(o);
+  ASSERT_TRUE(WaitFor([&] { return handler_->heartbeats() >= 3; }, kDeadline));
+  EXPECT_EQ(conn_->state(), ConnectionState::kReady);
+}
+
+TEST_F(ConnectionTest, NoHeartbeatsBeforeReady) {
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  handler_->auto_ready = false;
+  ConnectionOptions o = PlainOptions();
+  o.keepalive.heartbeat_interval = milliseconds(5);
+  o.keepalive.ping_interval = milliseconds(5);
+  o.keepalive.pong_timeout = seconds(5);
+  StartConnection(o);
+  ASSERT_TRUE(WaitFor([&] { return handler_->opens().size() == 1; }, kDeadline));
+  OnStrand([&] { conn_->MarkAuthenticating(); });
+  EXPECT_EQ(conn_->state(), ConnectionState::kAuthenticating);
+  EXPECT_EQ(handler_->heartbeats(), 0);
+  OnStrand([&] { conn_->MarkReady(); });
+  ASSERT_TRUE(WaitFor([&] { return handler_->heartbeats() >= 1; }, kDeadline));
+}
+
+TEST_F(ConnectionTest, PausedReadsDeliverNothingUntilResumed) {
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  handler_->auto_ready = false;
+  ConnectionOptions o = PlainOptions();
+  StartConnection(o);
+  ASSERT_TRUE(WaitFor([&] { return handler_->opens().size() == 1; }, kDeadline));
+  // Pause, then let one message in flight complete the read that was already pending.
+  OnStrand([&] { conn_->PauseReads(); });
+  upstream_.conn(0)->Send("first", false);
+  ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 1; }, kDeadline));
+  upstream_.conn(0)->Send("second", false);
+  upstream_.conn(0)->Send("third", false);
+  EXPECT_EQ(handler_->messages().size(), 1u);
+  OnStrand([&] { conn_->ResumeReads(); });
+  ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 3; }, kDeadline));
+  EXPECT_EQ(handler_->messages()[1].first, "second");
+  EXPECT_EQ(handler_->messages()[2].first, "third");
+}
+
+TEST_F(ConnectionTest, BackoffResetsAfterAHealthyPeriod) {
+  // Caps: 10 ms for the first failure, then 1000 s. Only a reset makes the reconnect after
+  // the second drop fast.
+  upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int index) {
+    if (index == 0) c->Drop();
+  };
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = PlainOptions();
+  o.backoff.initial = milliseconds(10);
+  o.backoff.multiplier = 100000;
+  o.backoff.max = seconds(1000);
+  o.backoff.reset_after = milliseconds(100);
+  StartConnection(o);
+  ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 2 && conn_->state() == ConnectionState::kReady; },
+                      kDeadline));
+  // Healthy for longer than reset_after.
+  const int64_t ready_since = conn_->stats().ready_since_unix_ms.load();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        return absl::ToUnixMillis(absl::Now()) - ready_since > 300;
+      },
+      kDeadline));
+  upstream_.conn(1)->Drop();
+  ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 3 && conn_->state() == ConnectionState::kReady; },
+                      kDeadline))
+      << "backoff was not reset after the healthy period";
+}
+
+TEST_F(ConnectionTest, ReconnectKeepsTheBackoffGrowing) {
+  // A rejected login: the handler calls Reconnect on every open. With caps of 10 ms and
+  // then 1000 s, the third attempt must not come quickly.
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  handler_->auto_ready = false;
+  ConnectionOptions o = PlainOptions();
+  o.backoff.initial = milliseconds(10);
+  o.backoff.multiplier = 100000;
+  o.backoff.max = seconds(1000);
+  StartConnection(o);
+  ASSERT_TRUE(WaitFor([&] { return handler_->opens().size() == 1; }, kDeadline));
+  OnStrand([&] { conn_->Reconnect(absl::UnauthenticatedError("login rejected")); });
+  ASSERT_TRUE(WaitFor([&] { return handler_->opens().size() == 2; }, kDeadline));
+  OnStrand([&] { conn_->Reconnect(absl::UnauthenticatedError("login rejected")); });
+  EXPECT_EQ(conn_->state(), ConnectionState::kBackingOff);
+  const auto d = handler_->disconnects();
+  ASSERT_EQ(d.size(), 2u);
+  EXPECT_EQ(d[1].status.code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_TRUE(d[1].will_retry);
+  EXPECT_TRUE(Contains(conn_->last_error(), "login rejected"));
+  // A second Reconnect while backing off does not start another attempt.
+  OnStrand([&] { conn_->Reconnect(absl::UnauthenticatedError("again")); });
+  EXPECT_EQ(handler_->disconnects().size(), 2u);
+  EXPECT_EQ(handler_->prepares(), 2);
+}
+
+TEST_F(ConnectionTest, ConnectionRefusedIsRetried) {
+  // A port that nothing listens on: bind a server, note its port, stop it.
+  upstream_.Start();
+  const std::string url = upstream_.server->url();
+  upstream_.server->Stop();
+  SetUrl(url);
+  StartConnection(PlainOptions());
+  ASSERT_TRUE(WaitDisconnects(2));
+  for (const auto& d : handler_->disconnects()) {
+    EXPECT_EQ(d.status.code(), absl::StatusCode::kUnavailable) << d.status;
+    EXPECT_TRUE(d.will_retry);
+  }
+  EXPECT_GE(conn_->stats().attempts.load(), 2u);
+}
+
+TEST_F(ConnectionTest, NoReconnectWhenDisabled) {
+  upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int) { c->Drop(); };
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = PlainOptions();
+  o.reconnect = false;
+  StartConnection(o);
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kClosed; }, kDeadline));
+  ASSERT_EQ(handler_->disconnects().size(), 1u);
+  EXPECT_FALSE(handler_->disconnects()[0].will_retry);
+}
+
+TEST_F(ConnectionTest, StopsWhenTheHandlerIsGone) {
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  StartConnection(PlainOptions());
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline));
+  handler_.reset();
+  upstream_.conn(0)->Drop();
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kClosed; }, kDeadline));
+  EXPECT_EQ(upstream_.handshake_count(), 1u);
+}
+
+TEST(WsServer, RefusesNonLoopbackAddresses) {
+  WsServerOptions o;
+  o.listen = "0.0.0.0:0";
+  WsServer server(o, {});
+  const absl::Status st = server.Start();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_TRUE(Contains(st.message(), "loopback")) << st;
+  o.listen = "no-port";
+  WsServer bad(o, {});
+  EXPECT_EQ(bad.Start().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(WsServer, TlsNeedsCertificateAndKey) {
+  WsServerOptions o;
+  o.tls = true;
+  WsServer server(o, {});
+  EXPECT_EQ(server.Start().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace wsbridge::core
