@@ -43,6 +43,11 @@ def _Status(pid):
     return fields
 
 
+def _CpuSeconds(pid):
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _Field1(value):
     data = value.encode()
     return b"\x0a" + _Varint(len(data)) + data
@@ -77,13 +82,28 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--wsbridged", required=True)
     parser.add_argument("--emulator", required=True)
-    parser.add_argument("--sessions", default="1,10,100,500")
+    parser.add_argument("--sessions", default="1,10,100,500,1000")
+    parser.add_argument("--hold", type=float, default=30,
+                        help="seconds to measure CPU with every session open and idle")
+    parser.add_argument("--tls", action="store_true",
+                        help="wss:// upstream (self-signed certificate, verified)")
     args = parser.parse_args()
     steps = [int(n) for n in args.sessions.split(",")]
 
     tmp = tempfile.TemporaryDirectory(prefix="wsbridge-rss-")
-    emulator = subprocess.Popen([args.emulator, "--dfx", "127.0.0.1:0"],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    emulator_args = [args.emulator, "--dfx", "127.0.0.1:0"]
+    upstream_tls = "allow_plaintext: true"
+    if args.tls:
+        cert, key = pathlib.Path(tmp.name) / "up.crt", pathlib.Path(tmp.name) / "up.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                        "-keyout", str(key), "-out", str(cert)], check=True,
+                       capture_output=True)
+        emulator_args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        upstream_tls = f'tls: {{ca_file: "{cert}", server_name: localhost}}'
+    emulator = subprocess.Popen(emulator_args, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
     daemon = None
     streams = []
     try:
@@ -91,12 +111,12 @@ def main():
         config = pathlib.Path(tmp.name) / "wsbridged.yaml"
         config.write_text(f"""
 server: {{listen: "127.0.0.1:0"}}
-admin: {{listen: "127.0.0.1:0"}}
+admin: {{listen: "127.0.0.2:0"}}
 log: {{level: warn}}
 bridges:
   - name: dfx
     dfx:
-      upstream: {{url: "{url}", allow_plaintext: true}}
+      upstream: {{url: "{url}", {upstream_tls}}}
       allow_call_token: true
       max_sessions: {max(steps) + 10}
 """)
@@ -119,13 +139,25 @@ bridges:
                 streams.append(stream)
                 opened += 1
             rows.append((f"{n} sessions, {n} result streams", _Status(daemon.pid)))
-        idle = rows[0][1]["VmRSS"]
         print(f"{'state':<34} {'VmRSS KiB':>10} {'VmHWM KiB':>10} {'threads':>8} "
-              f"{'KiB/session':>12}")
+              f"{'KiB per added session':>22}")
+        previous = None
         for label, s in rows:
             n = int(label.split()[0]) if label[0].isdigit() else 0
-            per = f"{(s['VmRSS'] - idle) / n:.1f}" if n else ""
-            print(f"{label:<34} {s['VmRSS']:>10} {s['VmHWM']:>10} {s['Threads']:>8} {per:>12}")
+            per = ""
+            if previous is not None and n > previous[0]:
+                per = f"{(s['VmRSS'] - previous[1]) / (n - previous[0]):.1f}"
+            previous = (n, s["VmRSS"])
+            print(f"{label:<34} {s['VmRSS']:>10} {s['VmHWM']:>10} {s['Threads']:>8} {per:>22}")
+        setup_cpu = _CpuSeconds(daemon.pid)
+        print(f"CPU to open {opened} sessions (TLS handshake, login, create, subscribe): "
+              f"{setup_cpu:.2f}s total, {1000 * setup_cpu / max(opened, 1):.2f} ms each")
+        # Idle sessions still cost CPU: keepalive pings and health polling.
+        before, start = _CpuSeconds(daemon.pid), time.monotonic()
+        time.sleep(args.hold)  # a measurement over wall time, not a wait for a condition
+        used = _CpuSeconds(daemon.pid) - before
+        print(f"CPU with {opened} idle sessions: {1000 * used / (time.monotonic() - start):.1f} "
+              f"millicores over {args.hold:.0f}s; VmRSS {_Status(daemon.pid)['VmRSS']} KiB")
     finally:
         for stream in streams:
             stream.cancel()

@@ -59,7 +59,7 @@ MUTATIONS = [
      "does not drop ALL"),
     ("root_allowed", "base/deployment.yaml", "            runAsNonRoot: true\n",
      "            runAsNonRoot: false\n", "base", "container wsbridged may run as root"),
-    ("no_memory_limit", "base/deployment.yaml", "              memory: 256Mi\n", "",
+    ("no_memory_limit", "base/deployment.yaml", "              memory: 512Mi\n", "",
      "base", "has no memory limit"),
     ("scrape_wrong_port", "base/deployment.yaml", 'prometheus.io/port: "9090"',
      'prometheus.io/port: "9091"', "base", "prometheus.io/port is 9091"),
