@@ -1,8 +1,9 @@
 """Runs the real wsbridged with each overlay's config, environment and volumes as the
-pod would have them (listeners moved to 127.0.0.1:0), and performs what the kubelet,
-Prometheus and the callers would: the configured probes, a scrape, a call over the
-sidecar's Unix socket, an unauthenticated call that must be refused, and SIGTERM,
-after which the process must exit 0 within the grace period."""
+pod would have them (listeners moved to loopback port 0; upstreams moved to a closed
+loopback port, so no real third-party service is ever contacted), and performs what
+the kubelet, Prometheus and the callers would: the configured probes, a scrape, a call
+over the sidecar's Unix socket, an unauthenticated call that must be refused, and
+SIGTERM, after which the process must exit 0 within the grace period."""
 
 import argparse
 import copy
@@ -58,6 +59,13 @@ class RunningPod:
                 # Another loopback address: the config check refuses two listeners on
                 # one host:port, port 0 included.
                 config["admin"]["listen"] = "127.0.0.2:0"
+            # The real upstreams are never contacted: a bridge with a default token
+            # connects at start, so its URL goes to a closed loopback port instead.
+            for bridge in config.get("bridges") or []:
+                for kind in bridge.values():
+                    if isinstance(kind, dict) and "upstream" in kind:
+                        scheme = kind["upstream"]["url"].split("://")[0]
+                        kind["upstream"]["url"] = f"{scheme}://127.0.0.1:1"
             return yaml.safe_dump(config)
 
         self.config_file, self.env = dc.SimulatePod(pod, workdir, Local)
