@@ -56,8 +56,7 @@ class RunningPod:
             if (config.get("server") or {}).get("listen"):
                 config["server"]["listen"] = "127.0.0.1:0"
             if (config.get("admin") or {}).get("listen"):
-                # Another loopback address: the config check refuses two listeners on
-                # one host:port, port 0 included.
+                # A loopback address of its own: the two listeners never share one.
                 config["admin"]["listen"] = "127.0.0.2:0"
             # The real upstreams are never contacted: a bridge with a default token
             # connects at start, so its URL goes to a closed loopback port instead.
