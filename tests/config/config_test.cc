@@ -651,7 +651,7 @@ TEST(ConfigErrors, UnknownKeyInSecretIsNotEchoed) {
                            "a secret (known keys: env, file, value)"));
 }
 
-TEST(ConnectionOptionsTest, DefaultsFillEverything) {
+TEST(ConfigConnectionOptions, DefaultsFillEverything) {
   v1::UpstreamConfig u;
   u.set_url("wss://api.example.test");
   absl::StatusOr<core::ConnectionOptions> o = ToConnectionOptions(u, "dfx/default");
@@ -672,7 +672,7 @@ TEST(ConnectionOptionsTest, DefaultsFillEverything) {
   EXPECT_EQ(o->backoff.reset_after, std::chrono::seconds(30));
 }
 
-TEST(ConnectionOptionsTest, ExplicitValuesAreConverted) {
+TEST(ConfigConnectionOptions, ExplicitValuesAreConverted) {
   v1::DaemonConfig cfg;
   ASSERT_TRUE(ParseYamlInto(YAML::Load(R"(url: ws://127.0.0.1:18081
 allow_plaintext: true
@@ -708,7 +708,7 @@ backoff: {initial: 100ms, max: 1m, multiplier: 1.5, reset_after: 1h}
   EXPECT_EQ(o->backoff.reset_after, std::chrono::hours(1));
 }
 
-TEST(ConnectionOptionsTest, DisabledKeepaliveMeansNoPings) {
+TEST(ConfigConnectionOptions, DisabledKeepaliveMeansNoPings) {
   v1::UpstreamConfig u;
   u.set_url("wss://h.test");
   u.mutable_keepalive()->set_disabled(true);
@@ -717,7 +717,7 @@ TEST(ConnectionOptionsTest, DisabledKeepaliveMeansNoPings) {
   EXPECT_EQ(o->keepalive.ping_interval, core::Duration::zero());
 }
 
-TEST(ConnectionOptionsTest, RefusesBadUrls) {
+TEST(ConfigConnectionOptions, RefusesBadUrls) {
   v1::UpstreamConfig u;
   u.set_url("ws://127.0.0.1:1");
   absl::StatusOr<core::ConnectionOptions> o = ToConnectionOptions(u, "dfx/a");

@@ -31,14 +31,14 @@ v1::Secret FileSecret(const std::string& path) {
   return s;
 }
 
-TEST(ResolveSecretTest, FromEnvironment) {
+TEST(ConfigSecret, FromEnvironment) {
   ScopedEnv env("WSBRIDGE_CONFIG_TEST_TOKEN", "env-value-1");
   absl::StatusOr<std::string> v = ResolveSecret(EnvSecret("WSBRIDGE_CONFIG_TEST_TOKEN"));
   ASSERT_TRUE(v.ok()) << v.status();
   EXPECT_EQ(*v, "env-value-1");
 }
 
-TEST(ResolveSecretTest, EnvironmentIsReadAgainEachTime) {
+TEST(ConfigSecret, EnvironmentIsReadAgainEachTime) {
   ScopedEnv env("WSBRIDGE_CONFIG_TEST_TOKEN", "before-rotation");
   v1::Secret s = EnvSecret("WSBRIDGE_CONFIG_TEST_TOKEN");
   EXPECT_EQ(ResolveSecret(s).value_or(""), "before-rotation");
@@ -46,7 +46,7 @@ TEST(ResolveSecretTest, EnvironmentIsReadAgainEachTime) {
   EXPECT_EQ(ResolveSecret(s).value_or(""), "after-rotation");
 }
 
-TEST(ResolveSecretTest, MissingEnvironmentVariableNamesIt) {
+TEST(ConfigSecret, MissingEnvironmentVariableNamesIt) {
   ScopedEnv env("WSBRIDGE_CONFIG_TEST_ABSENT", nullptr);
   absl::StatusOr<std::string> v = ResolveSecret(EnvSecret("WSBRIDGE_CONFIG_TEST_ABSENT"));
   ASSERT_FALSE(v.ok());
@@ -55,7 +55,7 @@ TEST(ResolveSecretTest, MissingEnvironmentVariableNamesIt) {
               HasSubstr("environment variable \"WSBRIDGE_CONFIG_TEST_ABSENT\" is not set"));
 }
 
-TEST(ResolveSecretTest, EmptyEnvironmentVariableIsAnError) {
+TEST(ConfigSecret, EmptyEnvironmentVariableIsAnError) {
   ScopedEnv env("WSBRIDGE_CONFIG_TEST_EMPTY", "");
   absl::StatusOr<std::string> v = ResolveSecret(EnvSecret("WSBRIDGE_CONFIG_TEST_EMPTY"));
   ASSERT_FALSE(v.ok());
@@ -64,7 +64,7 @@ TEST(ResolveSecretTest, EmptyEnvironmentVariableIsAnError) {
   EXPECT_FALSE(ResolveSecret(EnvSecret("")).ok());
 }
 
-TEST(ResolveSecretTest, FromFileStripsOneTrailingNewline) {
+TEST(ConfigSecret, FromFileStripsOneTrailingNewline) {
   TempDir dir;
   EXPECT_EQ(ResolveSecret(FileSecret(dir.Write("a", "file-value\n"))).value_or(""), "file-value");
   EXPECT_EQ(ResolveSecret(FileSecret(dir.Write("b", "file-value"))).value_or(""), "file-value");
@@ -77,7 +77,7 @@ TEST(ResolveSecretTest, FromFileStripsOneTrailingNewline) {
             " spaced value ");
 }
 
-TEST(ResolveSecretTest, FileIsReadAgainEachTime) {
+TEST(ConfigSecret, FileIsReadAgainEachTime) {
   TempDir dir;
   v1::Secret s = FileSecret(dir.Write("token", "v1\n"));
   EXPECT_EQ(ResolveSecret(s).value_or(""), "v1");
@@ -85,7 +85,7 @@ TEST(ResolveSecretTest, FileIsReadAgainEachTime) {
   EXPECT_EQ(ResolveSecret(s).value_or(""), "v2");
 }
 
-TEST(ResolveSecretTest, MissingFileNamesIt) {
+TEST(ConfigSecret, MissingFileNamesIt) {
   TempDir dir;
   const std::string path = dir.path() + "/nope";
   absl::StatusOr<std::string> v = ResolveSecret(FileSecret(path));
@@ -95,7 +95,7 @@ TEST(ResolveSecretTest, MissingFileNamesIt) {
               HasSubstr("cannot read secret file \"" + path + "\": No such file or directory"));
 }
 
-TEST(ResolveSecretTest, EmptyFileIsAnError) {
+TEST(ConfigSecret, EmptyFileIsAnError) {
   TempDir dir;
   const std::string path = dir.Write("empty", "\n");
   absl::StatusOr<std::string> v = ResolveSecret(FileSecret(path));
@@ -103,14 +103,14 @@ TEST(ResolveSecretTest, EmptyFileIsAnError) {
   EXPECT_THAT(v.status().message(), HasSubstr("secret file \"" + path + "\" is empty"));
 }
 
-TEST(ResolveSecretTest, DirectoryIsAnError) {
+TEST(ConfigSecret, DirectoryIsAnError) {
   TempDir dir;
   absl::StatusOr<std::string> v = ResolveSecret(FileSecret(dir.path()));
   ASSERT_FALSE(v.ok());
   EXPECT_THAT(v.status().message(), HasSubstr("cannot read secret file \"" + dir.path() + "\""));
 }
 
-TEST(ResolveSecretTest, UnreadableFileIsAnError) {
+TEST(ConfigSecret, UnreadableFileIsAnError) {
   if (::geteuid() == 0) GTEST_SKIP() << "root reads files regardless of their mode";
   TempDir dir;
   const std::string path = dir.Write("locked", "locked-value");
@@ -122,7 +122,7 @@ TEST(ResolveSecretTest, UnreadableFileIsAnError) {
   EXPECT_THAT(v.status().message(), Not(HasSubstr("locked-value")));
 }
 
-TEST(ResolveSecretTest, InlineValue) {
+TEST(ConfigSecret, InlineValue) {
   v1::Secret s;
   s.set_value("inline-value");
   EXPECT_EQ(ResolveSecret(s).value_or(""), "inline-value");
@@ -130,13 +130,13 @@ TEST(ResolveSecretTest, InlineValue) {
   EXPECT_FALSE(ResolveSecret(s).ok());
 }
 
-TEST(ResolveSecretTest, NoSourceIsAnError) {
+TEST(ConfigSecret, NoSourceIsAnError) {
   absl::StatusOr<std::string> v = ResolveSecret(v1::Secret());
   ASSERT_FALSE(v.ok());
   EXPECT_THAT(v.status().message(), HasSubstr("no source is set"));
 }
 
-TEST(ResolveSecretTest, ResolvedValuesAreRedactedFromLogs) {
+TEST(ConfigSecret, ResolvedValuesAreRedactedFromLogs) {
   TempDir dir;
   ScopedEnv env("WSBRIDGE_CONFIG_TEST_REDACT", "env-redact-me-123");
   ASSERT_TRUE(ResolveSecret(EnvSecret("WSBRIDGE_CONFIG_TEST_REDACT")).ok());
@@ -150,7 +150,7 @@ TEST(ResolveSecretTest, ResolvedValuesAreRedactedFromLogs) {
   EXPECT_THAT(line, HasSubstr("end"));
 }
 
-TEST(ResolveSecretTest, ValuesNeverInLoadErrors) {
+TEST(ConfigSecret, ValuesNeverInLoadErrors) {
   // A config whose other parts are wrong still must not print resolved values.
   ScopedEnv env("WSBRIDGE_CONFIG_TEST_IN_CONFIG", "config-secret-value-42");
   absl::StatusOr<v1::DaemonConfig> c = LoadConfigString(

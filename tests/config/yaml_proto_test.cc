@@ -6,6 +6,7 @@
 #include <gmock/gmock.h>
 #include <google/protobuf/descriptor.h>
 #include <google/protobuf/duration.pb.h>
+#include <google/protobuf/struct.pb.h>
 #include <google/protobuf/type.pb.h>
 #include <google/protobuf/wrappers.pb.h>
 #include <gtest/gtest.h>
@@ -28,7 +29,7 @@ std::string Parse(const std::string& yaml, pb::Message* msg, SourceMap* sources 
   return std::string(diag.ToStatus().message());
 }
 
-TEST(ParseDurationTest, AcceptsUnitsFractionsAndSequences) {
+TEST(ConfigDuration, AcceptsUnitsFractionsAndSequences) {
   struct Case {
     const char* text;
     nanoseconds want;
@@ -47,7 +48,7 @@ TEST(ParseDurationTest, AcceptsUnitsFractionsAndSequences) {
   }
 }
 
-TEST(ParseDurationTest, RefusesBadSyntaxWithAHint) {
+TEST(ConfigDuration, RefusesBadSyntaxWithAHint) {
   struct Case {
     const char* text;
     const char* hint;
@@ -71,7 +72,7 @@ TEST(ParseDurationTest, RefusesBadSyntaxWithAHint) {
   }
 }
 
-TEST(FormatDurationTest, ShortestExactUnit) {
+TEST(ConfigDuration, FormatShortestExactUnit) {
   EXPECT_EQ(FormatDuration(std::chrono::hours(2)), "2h");
   EXPECT_EQ(FormatDuration(std::chrono::minutes(5)), "5m");
   EXPECT_EQ(FormatDuration(std::chrono::seconds(90)), "90s");
@@ -80,7 +81,7 @@ TEST(FormatDurationTest, ShortestExactUnit) {
   EXPECT_EQ(FormatDuration(nanoseconds(0)), "0s");
 }
 
-TEST(ParseYamlIntoTest, EnumsRepeatedAndNestedMessages) {
+TEST(ConfigYaml, EnumsRepeatedAndNestedMessages) {
   pb::Type t;
   std::string e = Parse(R"(name: T
 oneofs: [a, b]
@@ -102,7 +103,7 @@ fields:
   EXPECT_EQ(t.fields(1).number(), -7);
 }
 
-TEST(ParseYamlIntoTest, EnumAndListErrors) {
+TEST(ConfigYaml, EnumAndListErrors) {
   pb::Type t;
   std::string e = Parse("oneofs: a\nsyntax: proto4\nfields:\n  - number: 3000000000\n    kind: 1\n",
                         &t);
@@ -114,7 +115,7 @@ TEST(ParseYamlIntoTest, EnumAndListErrors) {
   EXPECT_THAT(e, HasSubstr("fields[0].kind: \"1\" is not one of TYPE_UNKNOWN"));
 }
 
-TEST(ParseYamlIntoTest, SixtyFourBitIntegersAndDoubles) {
+TEST(ConfigYaml, SixtyFourBitIntegersAndDoubles) {
   pb::Int64Value i64;
   EXPECT_EQ(Parse("value: -9223372036854775808", &i64), "");
   EXPECT_EQ(i64.value(), std::numeric_limits<int64_t>::min());
@@ -144,7 +145,7 @@ TEST(ParseYamlIntoTest, SixtyFourBitIntegersAndDoubles) {
   EXPECT_THAT(Parse("value: 1", &b), HasSubstr("expected true or false, got \"1\""));
 }
 
-TEST(ParseYamlIntoTest, MapFieldsAndRecordedPositions) {
+TEST(ConfigYaml, MapFieldsAndRecordedPositions) {
   v1::UpstreamConfig u;
   SourceMap sources;
   std::string e = Parse("url: wss://h\nheaders:\n  X-One: \"1\"\n  X-Two: two\n", &u, &sources);
@@ -165,18 +166,25 @@ TEST(ParseYamlIntoTest, MapFieldsAndRecordedPositions) {
               HasSubstr("headers[\"A\"]: expected a string, got a mapping"));
 }
 
-TEST(ParseYamlIntoTest, DurationFieldsTakeOnlyScalars) {
+TEST(ConfigYaml, DurationFieldsTakeOnlyScalars) {
   v1::ShutdownConfig s;
   EXPECT_THAT(Parse("deadline: {seconds: 5}\n", &s),
               HasSubstr("deadline: expected a duration like \"10s\", got a mapping"));
 }
 
-TEST(ParseYamlIntoTest, NonScalarKeysAreRefused) {
+TEST(ConfigYaml, NonScalarKeysAreRefused) {
   v1::ShutdownConfig s;
   EXPECT_THAT(Parse("? [a]\n: 1\n", &s), HasSubstr("keys must be plain names, got a list"));
 }
 
-TEST(DiagnosticsTest, FormatsWithAndWithoutPosition) {
+TEST(ConfigYaml, SelfReferencingAliasStops) {
+  // google.protobuf.Struct is recursive, so only the depth limit ends this.
+  pb::Struct st;
+  std::string e = Parse("&x\nfields:\n  a:\n    struct_value: *x\n", &st);
+  EXPECT_THAT(e, HasSubstr("nested more than 32 levels deep"));
+}
+
+TEST(ConfigDiagnostics, FormatsWithAndWithoutPosition) {
   Diagnostics d("f.yaml");
   YAML::Node n = YAML::Load("a: 1");
   d.Add(n["a"].Mark(), "a", "bad (fix it)");
@@ -211,7 +219,7 @@ void ExpectDefaultsSet(const pb::Message& msg, const std::string& path, int* cou
   }
 }
 
-TEST(ApplyDefaultsTest, EverySchemaDefaultIsValidAndApplied) {
+TEST(ConfigDefaults, EverySchemaDefaultIsValidAndApplied) {
   v1::DaemonConfig c;
   c.add_bridges()->mutable_dfx()->mutable_upstream();
   ASSERT_TRUE(ApplyDefaults(&c).ok());
@@ -220,7 +228,7 @@ TEST(ApplyDefaultsTest, EverySchemaDefaultIsValidAndApplied) {
   EXPECT_GE(count, 22);
 }
 
-TEST(ApplyDefaultsTest, PresenceSensitiveMessagesStayAbsent) {
+TEST(ConfigDefaults, PresenceSensitiveMessagesStayAbsent) {
   v1::DaemonConfig c;
   c.add_bridges()->mutable_dfx();
   ASSERT_TRUE(ApplyDefaults(&c).ok());
@@ -237,7 +245,7 @@ TEST(ApplyDefaultsTest, PresenceSensitiveMessagesStayAbsent) {
   EXPECT_EQ(empty_bridge.bridges(0).kind_case(), v1::BridgeConfig::KIND_NOT_SET);
 }
 
-TEST(ApplyDefaultsTest, SetValuesAreKept) {
+TEST(ConfigDefaults, SetValuesAreKept) {
   v1::UpstreamConfig u;
   u.set_max_message_bytes(4096);
   u.mutable_backoff()->mutable_initial()->set_seconds(2);
