@@ -21,7 +21,10 @@ step "release tests"
 ctest --test-dir build/release --output-on-failure -j "$jobs"
 
 step "fuzz targets (clang, ${fuzz_seconds}s each)"
+# Coverage instrumentation and ASan+UBSan on everything the fuzzers link, not only
+# their entry points.
 CC=clang CXX=clang++ cmake -S . -B build/fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCMAKE_CXX_FLAGS="-fsanitize=fuzzer-no-link,address,undefined" \
   -DWSBRIDGE_FUZZ=ON -DWSBRIDGE_BUILD_TESTS=OFF -DWSBRIDGE_BUILD_BENCH=OFF >/dev/null
 ninja -C build/fuzz fuzz
 for f in build/fuzz/tests/fuzz/*_fuzz; do
