@@ -11,7 +11,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <mutex>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -68,9 +71,23 @@ Latency MedianOf(const std::vector<Latency>& runs) {
   return out;
 }
 
+namespace {
+std::mutex g_children_mu;
+std::set<pid_t>& Children() {
+  static auto* s = new std::set<pid_t>;
+  return *s;
+}
+}  // namespace
+
+void KillAllChildren() {
+  std::lock_guard<std::mutex> lock(g_children_mu);
+  for (pid_t p : Children()) kill(p, SIGKILL);
+}
+
 Child::~Child() { Stop(); }
 
-absl::Status Child::Spawn(const std::vector<std::string>& argv, const std::vector<std::string>& env) {
+absl::Status Child::Spawn(const std::vector<std::string>& argv, const std::vector<std::string>& env,
+                          const std::string& stderr_file) {
   int fds[2];
   if (pipe2(fds, O_CLOEXEC) != 0) return absl::InternalError("pipe failed");
   std::vector<std::string> envs;
@@ -85,12 +102,18 @@ absl::Status Child::Spawn(const std::vector<std::string>& argv, const std::vecto
   if (pid < 0) return absl::InternalError("fork failed");
   if (pid == 0) {
     dup2(fds[1], STDOUT_FILENO);
+    if (!stderr_file.empty()) {
+      int err = open(stderr_file.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+      if (err >= 0) dup2(err, STDERR_FILENO);
+    }
     execve(cargv[0], cargv.data(), cenv.data());
     _exit(127);
   }
   close(fds[1]);
   out_fd_ = fds[0];
   pid_ = pid;
+  std::lock_guard<std::mutex> lock(g_children_mu);
+  Children().insert(pid);
   return absl::OkStatus();
 }
 
@@ -130,6 +153,8 @@ void Child::Stop(std::chrono::milliseconds grace) {
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
+    std::lock_guard<std::mutex> lock(g_children_mu);
+    Children().erase(pid_);
     pid_ = -1;
   }
   if (out_fd_ >= 0) {
@@ -155,6 +180,31 @@ double ProcessCpuSeconds(pid_t pid) {
     }
   }
   return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+int64_t ProcessContextSwitches(pid_t pid) {
+  int64_t total = 0;
+  std::error_code ec;
+  for (const auto& task : std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/task"), ec)) {
+    std::ifstream f(task.path() / "status");
+    std::string line;
+    while (std::getline(f, line)) {
+      if (line.find("ctxt_switches:") != std::string::npos) {
+        total += std::stoll(line.substr(line.find(':') + 1));
+      }
+    }
+  }
+  return total;
+}
+
+int ProcessThreads(pid_t pid) {
+  int n = 0;
+  std::error_code ec;
+  for ([[maybe_unused]] const auto& task :
+       std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/task"), ec)) {
+    ++n;
+  }
+  return n;
 }
 
 int64_t ProcessRssKiB(pid_t pid) {

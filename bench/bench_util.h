@@ -40,8 +40,10 @@ class Child {
   Child& operator=(const Child&) = delete;
 
   // argv[0] is the executable path. `env` entries ("K=V") are added to ours.
+  // `stderr_file`: where its stderr goes ("" = inherit ours).
   absl::Status Spawn(const std::vector<std::string>& argv,
-                     const std::vector<std::string>& env = {});
+                     const std::vector<std::string>& env = {},
+                     const std::string& stderr_file = "");
   // Next stdout line containing `needle`, waiting at most `timeout`.
   absl::StatusOr<std::string> WaitForLine(const std::string& needle,
                                           std::chrono::milliseconds timeout);
@@ -55,8 +57,15 @@ class Child {
   std::string buffer_;
 };
 
+// SIGKILLs every child still running (for fatal errors: no orphans left behind).
+void KillAllChildren();
+
 // utime + stime of a process, in seconds.
 double ProcessCpuSeconds(pid_t pid);
+// Context switches (voluntary + involuntary) summed over all threads of a process.
+int64_t ProcessContextSwitches(pid_t pid);
+// Threads of a process.
+int ProcessThreads(pid_t pid);
 // Resident set size of a process, in KiB.
 int64_t ProcessRssKiB(pid_t pid);
 // This process's CPU (user + system), in seconds.

@@ -56,6 +56,7 @@ struct Options {
   std::set<std::string> sections = {"rt", "fanout", "dfx", "sessions", "alloc"};
   bool plain_run = true;
   bool direct_only = false;    // no wsbridged: the direct legs alone
+  std::string keep_logs;       // wsbridged's stderr goes here ("" = a temp file)
   int max_sessions = 10000;
   size_t msg_bytes = 64;       // JSON body of the round-trip probe
   size_t chunk_bytes = 4096;   // SDK payload of one DFX chunk
@@ -77,6 +78,7 @@ std::string Dir(const std::string& path) { return path.substr(0, path.rfind('/')
 
 [[noreturn]] void Die(const std::string& what) {
   std::cerr << "wsbridge-bench: " << what << "\n";
+  KillAllChildren();
   std::exit(1);
 }
 
@@ -197,9 +199,12 @@ std::unique_ptr<Daemon> StartDaemon(const Options& o, const DaemonSpec& spec, co
     d->alloc_file = absl::StrCat(dir.path(), "/alloc-", n, ".txt");
     env = {absl::StrCat("LD_PRELOAD=", o.alloc_lib), absl::StrCat("WSBRIDGE_ALLOC_FILE=", d->alloc_file)};
   }
-  CheckOk(d->child.Spawn({o.wsbridged, "--config", cfg}, env), "spawn wsbridged");
+  std::string log = absl::StrCat(dir.path(), "/wsbridged-", n, ".log");
+  CheckOk(d->child.Spawn({o.wsbridged, "--config", cfg}, env, o.keep_logs.empty() ? log : o.keep_logs),
+          "spawn wsbridged");
   std::string line = Check(d->child.WaitForLine("\"listening\"", seconds(30)), "wsbridged start");
   d->target = JsonField(line, "grpc");
+  std::cerr << "  wsbridged pid " << d->child.pid() << " listening on " << d->target << "\n";
   d->channel = d->NewChannel(1000 + n);
   d->stub = dfx::DfxService::NewStub(d->channel);
   return d;
@@ -327,7 +332,7 @@ json::object RoundTripSection(Env& e) {
   call.set_json_body(body);
 
   std::vector<Latency> ws_runs, unary_runs, stream_runs, bridge_runs;
-  std::vector<double> cpu_per_msg, bench_cpu_per_msg, up_cpu_per_msg;
+  std::vector<double> cpu_per_msg, bench_cpu_per_msg, up_cpu_per_msg, cs_per_msg;
   for (int run = 0; run < o.runs; ++run) {
     ws_runs.push_back(Summarize(Sample(o.warmup, o.rt_samples, [&] {
       Check(ws->RoundTrip(frame), "direct ws round trip");
@@ -339,9 +344,12 @@ json::object RoundTripSection(Env& e) {
     })));
     if (!e.daemon_ptr) continue;
     for (int i = 0; i < o.warmup; ++i) BridgeCall(*e.daemon().stub, call);
+    int64_t cs0 = ProcessContextSwitches(e.daemon().child.pid());
     double cpu0 = e.daemon().Cpu(), up0 = ProcessCpuSeconds(e.upstream.child.pid()), self0 = SelfCpuSeconds();
     bridge_runs.push_back(Summarize(Sample(0, o.rt_samples, [&] { BridgeCall(*e.daemon().stub, call); })));
     cpu_per_msg.push_back((e.daemon().Cpu() - cpu0) / o.rt_samples * 1e6);
+    cs_per_msg.push_back(static_cast<double>(ProcessContextSwitches(e.daemon().child.pid()) - cs0) /
+                         o.rt_samples);
     up_cpu_per_msg.push_back((ProcessCpuSeconds(e.upstream.child.pid()) - up0) / o.rt_samples * 1e6);
     bench_cpu_per_msg.push_back((SelfCpuSeconds() - self0) / o.rt_samples * 1e6);
   }
@@ -363,6 +371,8 @@ json::object RoundTripSection(Env& e) {
       {"added_over_ws_plus_grpc_unary", LatencyJson(Subtract(b, w, u))},
       {"added_over_ws_plus_grpc_stream", LatencyJson(Subtract(b, w, s))},
       {"wsbridged_cpu_us_per_call", Median(cpu_per_msg)},
+      {"wsbridged_context_switches_per_call", Median(cs_per_msg)},
+      {"wsbridged_threads", ProcessThreads(e.daemon().child.pid())},
       {"upstream_cpu_us_per_call", Median(up_cpu_per_msg)},
       {"client_cpu_us_per_call", Median(bench_cpu_per_msg)},
   };
@@ -422,7 +432,12 @@ class Subscriber : public grpc::ClientReadReactor<dfx::MeasurementResult> {
     std::lock_guard<std::mutex> lock(mu_);
     return done_;
   }
+  std::string status_text() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return absl::StrCat(status_.error_code(), " ", status_.error_message());
+  }
   void Cancel() {
+    if (done()) return;
     ctx_.TryCancel();
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait_for(lock, seconds(10), [&] { return done_; });
@@ -470,28 +485,41 @@ json::array FanoutSection(Env& e) {
     for (int c = 0; c < std::min(n, 4); ++c) channels.push_back(e.daemon().NewChannel(c + 1));
     std::vector<std::unique_ptr<dfx::DfxService::Stub>> stubs;
     for (auto& ch : channels) stubs.push_back(dfx::DfxService::NewStub(ch));
-    std::vector<std::unique_ptr<Subscriber>> subs;
-    for (int i = 0; i < n; ++i) {
-      subs.push_back(std::make_unique<Subscriber>(stubs[i % stubs.size()].get(), mid));
-    }
-    // Warm-up: publish slowly until every subscriber has seen an event, so that all
-    // streams are attached before anything is measured.
-    bool attached = WaitUntil([&] {
-      Check(control->RoundTrip(absl::StrCat("9001", "9001", RandomLetters(6), "{\"mid\":\"", mid,
-                                            "\",\"n\":3,\"rate\":1000,\"pad\":8,\"tag\":0}")),
-            "publish");
-      std::this_thread::sleep_for(milliseconds(20));
-      for (auto& s : subs) {
-        if (s->received_any() == 0) return false;
+    std::vector<std::unique_ptr<Subscriber>> subs(static_cast<size_t>(n));
+    int ended = 0;
+    std::string ended_status;
+    // (Re)subscribes every stream that is not open (the bridge ends streams that fall
+    // too far behind), then publishes slowly until every subscriber has seen an event,
+    // so that all streams are attached before anything is measured.
+    auto attach = [&] {
+      for (int i = 0; i < n; ++i) {
+        auto& sub = subs[static_cast<size_t>(i)];
+        if (sub && sub->done()) {
+          ++ended;
+          ended_status = sub->status_text();
+          sub.reset();
+        }
+        if (!sub) sub = std::make_unique<Subscriber>(stubs[static_cast<size_t>(i) % stubs.size()].get(), mid);
       }
-      return true;
-    }, seconds(30));
-    if (!attached) Die(absl::StrCat("fan-out: not every one of ", n, " subscribers got an event"));
+      bool attached = WaitUntil([&] {
+        Check(control->RoundTrip(absl::StrCat("9001", "9001", RandomLetters(6), "{\"mid\":\"", mid,
+                                              "\",\"n\":3,\"rate\":1000,\"pad\":8,\"tag\":0}")),
+              "publish");
+        std::this_thread::sleep_for(milliseconds(20));
+        for (auto& s : subs) {
+          if (s->received_any() == 0) return false;
+        }
+        return true;
+      }, seconds(30));
+      if (!attached) Die(absl::StrCat("fan-out: not every one of ", n, " subscribers got an event"));
+    };
+    attach();
 
     std::vector<std::vector<FanoutStep>> per_run;
     for (int run = 0; run < o.runs; ++run) {
       std::vector<FanoutStep> steps;
       for (double d : ladder) {
+        attach();
         int64_t tag = next_tag++;
         double rate = d / n;
         int64_t events = std::max<int64_t>(1, static_cast<int64_t>(rate * o.step_seconds));
@@ -556,6 +584,8 @@ json::array FanoutSection(Env& e) {
                    {"achieved_deliveries_per_s", Median(best_achieved)},
                    {"p99_ms_at_max", Median(best_p99)},
                    {"wsbridged_cpu_us_per_delivery", Median(best_cpu)},
+                   {"streams_ended_by_bridge", ended},
+                   {"last_end_status", ended_status},
                    {"ladder_capped", !per_run.empty() && !per_run[0].empty() && per_run[0].back().pass},
                    {"steps", std::move(runs_json)}});
     for (auto& s : subs) s->Cancel();
@@ -897,8 +927,10 @@ void PrintTable(const json::object& result) {
                     Num(l.at("p999_us")));
       }
       if (rt->as_object().contains("wsbridged_cpu_us_per_call"))
-      std::printf("   wsbridged CPU per bridged call: %.1f us (upstream %.1f us, client %.1f us)\n",
-                  Num(rt->at("wsbridged_cpu_us_per_call")), Num(rt->at("upstream_cpu_us_per_call")),
+      std::printf("   wsbridged per bridged call: CPU %.1f us, %.1f context switches (%d threads);"
+                  " upstream CPU %.1f us, client CPU %.1f us\n",
+                  Num(rt->at("wsbridged_cpu_us_per_call")), Num(rt->at("wsbridged_context_switches_per_call")),
+                  static_cast<int>(Num(rt->at("wsbridged_threads"))), Num(rt->at("upstream_cpu_us_per_call")),
                   Num(rt->at("client_cpu_us_per_call")));
     }
     if (auto* fo = Find(run, {"fanout"})) {
@@ -987,7 +1019,7 @@ int RunBench(const Options& o) {
       std::cerr << "  round trips\n";
       run["round_trip"] = RoundTripSection(e);
     }
-    // The plaintext run repeats only what TLS changes most: the round trip.
+    // The plaintext run repeats what TLS changes most: round trips and session memory.
     if (tls && want("fanout")) {
       std::cerr << "  fan-out\n";
       run["fanout"] = FanoutSection(e);
@@ -998,7 +1030,7 @@ int RunBench(const Options& o) {
     }
     run["wsbridged_rss_kib_after"] = d->RssKiB();
     d->child.Stop();
-    if (tls && want("sessions")) {
+    if (want("sessions")) {
       std::cerr << "  sessions\n";
       run["sessions"] = SessionsSection(e, dir);
     }
@@ -1023,6 +1055,7 @@ constexpr const char* kUsage =
     R"(Usage: wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
                       [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc]
                       [--no-plain] [--max-sessions N] [--direct-only]
+                      [--daemon-log FILE]
 
 Measures wsbridged against a direct WebSocket round trip plus a direct gRPC round
 trip, on loopback, with the upstream over TLS (and a round-trip run without it).
@@ -1069,6 +1102,8 @@ int main(int argc, char** argv) {
     } else if (a == "--sections") {
       o.sections.clear();
       for (auto s : absl::StrSplit(next(), ',')) o.sections.insert(std::string(s));
+    } else if (a == "--daemon-log") {
+      o.keep_logs = next();
     } else if (a == "--direct-only") {
       o.direct_only = true;
     } else if (a == "--no-plain") {
