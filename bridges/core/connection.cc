@@ -202,7 +202,6 @@ absl::StatusOr<std::shared_ptr<ssl::context>> GetTlsContext(const TlsOptions& o)
           absl::StrCat("cannot load client key ", key_file, ": ", ec.message()));
     }
   }
-  cache[key] = ctx;
   // Drop entries whose contexts are gone, so the map does not grow with config reloads.
   for (auto it = cache.begin(); it != cache.end();) {
     it = it->second.expired() ? cache.erase(it) : std::next(it);

@@ -565,6 +565,11 @@ absl::Status WsServer::Start() {
     if (ec) return absl::InvalidArgumentError(absl::StrCat("server certificate: ", ec.message()));
     m.ssl_ctx->use_private_key(net::buffer(m.options.key_pem), ssl::context::pem, ec);
     if (ec) return absl::InvalidArgumentError(absl::StrCat("server key: ", ec.message()));
+    if (!m.options.client_ca_pem.empty()) {
+      m.ssl_ctx->add_certificate_authority(net::buffer(m.options.client_ca_pem), ec);
+      if (ec) return absl::InvalidArgumentError(absl::StrCat("client CA: ", ec.message()));
+      m.ssl_ctx->set_verify_mode(ssl::verify_peer | ssl::verify_fail_if_no_peer_cert);
+    }
   }
 
   m.acceptor.emplace(net::make_strand(m.ioc));

@@ -30,6 +30,8 @@ struct WsServerOptions {
   std::string listen = "127.0.0.1:0";  // host:port; host must be a loopback address
   bool tls = false;
   std::string cert_pem, key_pem;  // server certificate chain and key (PEM text) when tls
+  // When set (PEM CA certificates), TLS clients must present a certificate it signed.
+  std::string client_ca_pem;
   size_t max_message_bytes = 16u << 20;
   int threads = 1;
 };
