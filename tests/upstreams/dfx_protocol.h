@@ -7,15 +7,43 @@
 // never share code with the bridge's codec: it is the independent check of it.
 //
 // Not thread-safe: DfxEmulator serializes calls.
+//
+// Where the vendor's pages leave a choice, the emulator does what the real service most
+// plausibly does (a client, and the bridge, must cope with exactly this):
+// - Handshake: the `json` subprotocol is required (selected in the answer); without it
+//   the upgrade is refused with HTTP 400. Any path is accepted (the client uses "/").
+// - Frames: text frames are read like binary ones; every answer is a binary frame.
+//   Shorter than ACTION(4)+REQUEST_ID(10): close 1002. Non-digit action, body not a
+//   JSON object (an empty body included: send "{}"): 400 BAD_REQUEST.
+// - Login (0718): 200 {}. Missing/empty/refused Token: 401 INVALID_TOKEN; the socket
+//   stays open and the connection is logged out (also if it was logged in), so 0718
+//   may be retried. Every other action (0100 included) before a successful login:
+//   401 NOT_AUTHENTICATED. The token is never echoed.
+// - Measurements belong to the token that created them (others get 404).
+// - 0510: Params.ID and RequestID (10 chars) are required (400 INVALID_PARAMETER);
+//   results are pushed on the body's RequestID. Subscribing to a finished measurement
+//   answers 200 {} and yields nothing more. No unsubscribe: it ends with the socket.
+// - 0506 checks, in order: Params.ID / Action / Payload present (400
+//   INVALID_PARAMETER), measurement known (404 INVALID_MEASUREMENT), not closed (400
+//   MEASUREMENT_CLOSED), payload base64 + SDK header (400 UNPACKER_RPC_ERROR), order
+//   (400 MISALIGNED_CHUNK: FIRST must carry ChunkOrder 0 and restarts the measurement;
+//   CHUNK/LAST before any FIRST are misaligned; a repeated chunk is misaligned), rate
+//   (429 RATE_LIMIT, sliding half-open window (now - window, now] per token over all
+//   its measurements and connections). A refused chunk changes nothing.
+// - Accepted chunk: 200 {"ID":"<data id>","ChunkOrder":n}, then (after the result
+//   delay) one result per ::PROCESS chunk on every subscription of the measurement:
+//   200 {"ID":mid,"MeasurementDataID":"<data id>","ChunkOrder":n,"Action":"...",
+//        "Status":"IN_PROGRESS"|"COMPLETE","Results":{"HR_BPM":60..99,"DataMs":total}}
+//   LAST (PROCESS or IGNORE) closes the measurement and always pushes a final result
+//   with "Status":"COMPLETE" (Results {} for LAST::IGNORE).
+// - 0100: 200 {"Version":"emulator","Status":"OK"}; any other action: 404 NOT_FOUND.
 #ifndef WSBRIDGE_TESTS_UPSTREAMS_DFX_PROTOCOL_H_
 #define WSBRIDGE_TESTS_UPSTREAMS_DFX_PROTOCOL_H_
 
 #include <chrono>
 #include <cstdint>
 #include <map>
-#include <memory>
 #include <optional>
-#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
