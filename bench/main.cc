@@ -148,6 +148,7 @@ struct Daemon {
   Child child;
   std::string target;
   std::string alloc_file;
+  uint64_t alloc_seq = 0;  // last snapshot read from alloc_file
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<dfx::DfxService::Stub> stub;
 
@@ -215,15 +216,14 @@ struct AllocSnapshot {
   uint64_t allocs = 0, bytes = 0;
 };
 
-AllocSnapshot ReadAllocs(const Daemon& d) {
-  static uint64_t last_seq = 0;
+AllocSnapshot ReadAllocs(Daemon& d) {
   kill(d.child.pid(), SIGUSR2);
   auto deadline = Clock::now() + seconds(5);
   while (Clock::now() < deadline) {
     std::ifstream f(d.alloc_file);
     uint64_t seq = 0, allocs = 0, frees = 0, bytes = 0;
-    if (f >> seq >> allocs >> frees >> bytes; seq > last_seq) {
-      last_seq = seq;
+    if (f >> seq >> allocs >> frees >> bytes; seq > d.alloc_seq) {
+      d.alloc_seq = seq;
       return {allocs, bytes};
     }
     std::this_thread::sleep_for(milliseconds(2));
@@ -1034,7 +1034,7 @@ int RunBench(const Options& o) {
       std::cerr << "  sessions\n";
       run["sessions"] = SessionsSection(e, dir);
     }
-    if (tls && want("alloc") && !o.alloc_lib.empty()) {
+    if (want("alloc") && !o.alloc_lib.empty()) {
       std::cerr << "  allocations\n";
       run["allocations"] = AllocSection(e, dir);
     }
