@@ -37,6 +37,9 @@ bridges:
         value: demo-device-token
       allow_call_token: true
       idle_session_timeout: 1s
+shutdown:
+  drain_timeout: 300ms
+  deadline: 10s
 )";
 
 class DfxDaemonTest : public ::testing::Test {
@@ -98,6 +101,37 @@ TEST_F(DfxDaemonTest, ServesTheBridgeBuiltFromConfig) {
   EXPECT_EQ(lresp.sessions_size(), 2);
   // The tenant's session closes after idle_session_timeout (1s); the configured stays.
   EXPECT_TRUE(WaitFor([&] { return emulator_->open_connections() == 1; }));
+}
+
+// SIGTERM's path (RequestShutdown): open streams end with UNAVAILABLE after the drain,
+// and every upstream session is closed with 1001 (going away).
+TEST_F(DfxDaemonTest, ShutdownEndsStreamsAndClosesUpstreamsWithGoingAway) {
+  ASSERT_TRUE(WaitFor([&] { return daemon_->ready(); }));
+  grpc::ClientContext cctx;
+  v1::CreateMeasurementRequest creq;
+  creq.set_study_id("study");
+  v1::CreateMeasurementResponse cresp;
+  ASSERT_TRUE(stub_->CreateMeasurement(&cctx, creq, &cresp).ok());
+
+  grpc::ClientContext sctx;
+  v1::SubscribeResultsRequest sreq;
+  sreq.set_measurement_id(cresp.measurement_id());
+  auto reader = stub_->SubscribeResults(&sctx, sreq);
+  ASSERT_TRUE(WaitFor([&] { return emulator_->active_subscriptions() == 1; }));
+
+  daemon_->RequestShutdown();
+  v1::MeasurementResult result;
+  EXPECT_FALSE(reader->Read(&result));
+  grpc::Status st = reader->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  EXPECT_NE(st.error_message().find("shutting down"), std::string::npos) << st.error_message();
+  daemon_->Wait();
+  daemon_.reset();
+
+  ASSERT_TRUE(WaitFor([&] { return emulator_->open_connections() == 0; }));
+  std::vector<int> codes = emulator_->close_codes();
+  ASSERT_FALSE(codes.empty());
+  for (int code : codes) EXPECT_EQ(code, 1001);
 }
 
 TEST_F(DfxDaemonTest, RejectsBadConfig) {

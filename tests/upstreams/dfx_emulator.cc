@@ -61,6 +61,8 @@ struct DfxEmulator::Impl {
     absl::MutexLock lock(&mu);
     conns.erase(c->id());
     proto.OnClose(c->id());
+    // 0 when the socket ended without a close handshake.
+    close_codes.push_back(c->remote_close_code());
   }
 
   // Runs under mu so answers leave in the order the protocol produced them; the
@@ -121,6 +123,7 @@ struct DfxEmulator::Impl {
   std::map<std::pair<DfxClock::time_point, uint64_t>, DfxAction> pending ABSL_GUARDED_BY(mu);
   uint64_t next_seq ABSL_GUARDED_BY(mu) = 0;
   bool stopping ABSL_GUARDED_BY(mu) = false;
+  std::vector<int> close_codes ABSL_GUARDED_BY(mu);
   std::unique_ptr<WsServer> server;
   std::thread scheduler;
 };
@@ -206,6 +209,11 @@ int DfxEmulator::open_connections() const {
   absl::MutexLock lock(&impl_->mu);
   return impl_->proto.open_connections();
 }
+std::vector<int> DfxEmulator::close_codes() const {
+  absl::MutexLock lock(&impl_->mu);
+  return impl_->close_codes;
+}
+
 int DfxEmulator::logins() const {
   absl::MutexLock lock(&impl_->mu);
   return impl_->proto.logins();

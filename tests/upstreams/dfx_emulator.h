@@ -58,6 +58,9 @@ class DfxEmulator {
   int MaxDataMsInWindow() const;
   int open_connections() const;
   int logins() const;  // successful ones
+  // Close codes clients sent on connections that have ended, in order; 0 for a
+  // connection that ended without a close handshake.
+  std::vector<int> close_codes() const;
   int active_subscriptions() const;
   int frames_received(std::string_view action) const;  // per action id, e.g. "0510"
 
