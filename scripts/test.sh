@@ -38,7 +38,8 @@ for f in build/fuzz/tests/fuzz/*_fuzz; do
 done
 
 step "ASan+UBSan build"
-cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-g -O1" \
+# -O0: GCC with UBSan at -O1 spends minutes on each Beast-heavy file; -O0 is 4x faster to build.
+cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-g -O0" \
   -DWSBRIDGE_SANITIZE=ON -DWSBRIDGE_BUILD_BENCH=OFF >/dev/null
 ninja -C build/asan
 step "ASan+UBSan tests"
