@@ -245,8 +245,13 @@ class TlsStream {
   template <class Executor>
   TlsStream(Executor&& ex, ssl::context& ctx)
       : tcp_(std::forward<Executor>(ex)), ssl_(SSL_new(ctx.native_handle())) {
-    // Retried writes may come from another linearization buffer (same bytes).
-    if (ssl_ != nullptr) SSL_set_mode(ssl_.get(), SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    if (ssl_ != nullptr) {
+      // Retried writes may come from another linearization buffer (same bytes).
+      SSL_set_mode(ssl_.get(), SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+      // One recv() takes every record that has arrived, instead of a header read and a
+      // body read per record (RELEASE_BUFFERS still frees the buffer once drained).
+      SSL_set_read_ahead(ssl_.get(), 1);
+    }
   }
   TlsStream(const TlsStream&) = delete;
   TlsStream& operator=(const TlsStream&) = delete;

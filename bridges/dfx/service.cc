@@ -552,8 +552,6 @@ class Outbox {
   }
   bool idle() const { return !writing_; }
   size_t size() const { return queue_.size(); }
-  // More results wait behind the one being written: that write may be buffered.
-  bool more() const { return queue_.size() > 1; }
 
  private:
   std::deque<std::shared_ptr<const Msg>> queue_;
@@ -564,9 +562,6 @@ class Outbox {
 template <typename Msg>
 struct Actions {
   const Msg* write = nullptr;
-  // The write is not the last one queued: gRPC may hold it and coalesce it with the
-  // next ones into one flush (a later write without the hint flushes them all).
-  bool buffer_hint = false;
   bool read = false;
   std::optional<grpc::Status> finish;
 };
@@ -636,7 +631,6 @@ class ResultsStream final : public grpc::ServerWriteReactor<MeasurementResult>,
       } else {
         sent_metadata_ = true;
         a.write = outbox_.Push(result);
-        a.buffer_hint = a.write != nullptr && outbox_.more();
         if (info.complete) {
           // The measurement's last result: end cleanly once it is written.
           pending_finish_ = true;
@@ -670,7 +664,6 @@ class ResultsStream final : public grpc::ServerWriteReactor<MeasurementResult>,
         }
       } else if (!finished_) {
         a.write = outbox_.WriteDone();
-        a.buffer_hint = a.write != nullptr && outbox_.more();
         if (a.write == nullptr && pending_finish_) {
           a.finish = grpc::Status::OK;
           MarkFinishedLocked();
@@ -710,10 +703,7 @@ class ResultsStream final : public grpc::ServerWriteReactor<MeasurementResult>,
     }
   }
   void Run(const Actions<MeasurementResult>& a) {
-    if (a.write != nullptr) {
-      StartWrite(a.write, a.buffer_hint ? grpc::WriteOptions().set_buffer_hint()
-                                        : grpc::WriteOptions());
-    }
+    if (a.write != nullptr) StartWrite(a.write);
     if (a.finish.has_value()) Finish(*a.finish);
   }
 
