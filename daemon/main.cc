@@ -5,6 +5,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "bridges/core/bridge.h"
 #include "daemon/config/config.h"
 #include "daemon/daemon.h"
@@ -93,6 +94,13 @@ int main(int argc, char** argv) {
     std::cout << "config OK\n";
     return 0;
   }
+
+#ifdef NDEBUG
+  // The packaged abseil has lock-order (deadlock) detection compiled in: it updates a
+  // global graph on every Mutex lock, measurable on each bridged call. Debug and
+  // sanitizer builds keep it, so lock-order cycles still show up in testing.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+#endif
 
   wsbridge::core::BridgeRegistry registry;
   wsbridge::core::RegisterBuiltinBridges(registry);

@@ -2,10 +2,13 @@
 // TCP and TLS streams (see connection.h for the contract).
 #include "bridges/core/connection.h"
 
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
 #include <algorithm>
+#include <array>
+#include <cerrno>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -16,12 +19,11 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/ssl/context.hpp>
+#include <boost/asio/ssl/error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket.hpp>
-#include <boost/beast/websocket/ssl.hpp>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -143,7 +145,7 @@ absl::StatusOr<ParsedUrl> ParseUrl(std::string_view url) {
   out.host_header = v6 ? absl::StrCat("[", out.host, "]") : out.host;
   if (out.port != default_port) absl::StrAppend(&out.host_header, ":", out.port);
   if (tail.empty()) {
-    out.target = "/";
+    out.target.assign(1, '/');  // (a literal here trips a GCC 12 -Wrestrict false positive)
   } else if (tail.front() == '?') {
     out.target = absl::StrCat("/", AV(tail));
   } else {
@@ -226,8 +228,180 @@ absl::Status StatusFromHttp(unsigned status, std::string message) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// TLS straight on the non-blocking socket. asio::ssl::stream stages every byte through
+// two 17 KiB vectors plus a BIO pair with two 17 KiB rings: 68 KiB per connection, idle
+// or not. Here OpenSSL reads and writes the socket itself (SSL_set_fd), so its own record
+// buffers are the only ones and SSL_MODE_RELEASE_BUFFERS frees them while idle. Waiting
+// is socket.async_wait on SSL_ERROR_WANT_READ/WRITE. Implements what Beast's
+// websocket::stream needs from its next layer (AsyncStream plus async_teardown; the
+// connection never closes synchronously).
+
+class TlsStream {
+ public:
+  using executor_type = beast::tcp_stream::executor_type;
+  using next_layer_type = beast::tcp_stream;
+
+  template <class Executor>
+  TlsStream(Executor&& ex, ssl::context& ctx)
+      : tcp_(std::forward<Executor>(ex)), ssl_(SSL_new(ctx.native_handle())) {
+    if (ssl_ != nullptr) {
+      // Retried writes may come from another linearization buffer (same bytes).
+      SSL_set_mode(ssl_.get(), SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+      // One recv() takes every record that has arrived, instead of a header read and a
+      // body read per record (RELEASE_BUFFERS still frees the buffer once drained).
+      SSL_set_read_ahead(ssl_.get(), 1);
+    }
+  }
+  TlsStream(const TlsStream&) = delete;
+  TlsStream& operator=(const TlsStream&) = delete;
+
+  executor_type get_executor() noexcept { return tcp_.get_executor(); }
+  beast::tcp_stream& next_layer() noexcept { return tcp_; }
+  SSL* native_handle() noexcept { return ssl_.get(); }
+
+  template <class Handler>
+  auto async_handshake(Handler&& handler) {
+    return Run([](SSL* s, std::size_t& n) {
+      n = 0;
+      return SSL_connect(s);
+    }, std::forward<Handler>(handler));
+  }
+
+  template <class Buffers, class Handler>
+  auto async_read_some(const Buffers& buffers, Handler&& handler) {
+    net::mutable_buffer b;
+    for (auto it = net::buffer_sequence_begin(buffers); it != net::buffer_sequence_end(buffers); ++it) {
+      if (net::mutable_buffer(*it).size() != 0) {
+        b = *it;
+        break;
+      }
+    }
+    return Run([b](SSL* s, std::size_t& n) {
+      if (b.size() == 0) {
+        n = 0;
+        return 1;
+      }
+      return SSL_read_ex(s, b.data(), b.size(), &n);
+    }, std::forward<Handler>(handler));
+  }
+
+  template <class Buffers, class Handler>
+  auto async_write_some(const Buffers& buffers, Handler&& handler) {
+    // Beast hands over frame header and payload as separate buffers: gather up to one
+    // record so they leave in one TLS record and one send().
+    return Run([buffers](SSL* s, std::size_t& n) {
+      const std::size_t total = net::buffer_size(buffers);
+      if (total == 0) {
+        n = 0;
+        return 1;
+      }
+      const net::const_buffer first = *net::buffer_sequence_begin(buffers);
+      if (first.size() == total || first.size() >= kRecord) {
+        return SSL_write_ex(s, first.data(), first.size(), &n);
+      }
+      thread_local std::array<char, kRecord> gather;
+      const std::size_t len = net::buffer_copy(net::buffer(gather), buffers);
+      return SSL_write_ex(s, gather.data(), len, &n);
+    }, std::forward<Handler>(handler));
+  }
+
+  // Sends close_notify without waiting for the peer's (the TCP close follows).
+  void SendCloseNotify() {
+    if (ssl_ == nullptr || !tcp_.socket().is_open() || !SSL_is_init_finished(ssl_.get())) return;
+    ERR_clear_error();
+    SSL_shutdown(ssl_.get());
+    ERR_clear_error();
+  }
+
+ private:
+  static constexpr std::size_t kRecord = 16 * 1024;
+
+  struct SslFree {
+    void operator()(SSL* s) const { SSL_free(s); }
+  };
+
+  // One SSL call retried on socket readiness until it completes.
+  template <class Fn>
+  struct Op {
+    TlsStream& s;
+    Fn fn;
+    bool async = false;           // an asynchronous wait happened already
+    std::optional<std::pair<error_code, std::size_t>> result;  // set before a deferral
+
+    template <class Self>
+    void operator()(Self& self, error_code ec = {}) {
+      if (result) return self.complete(result->first, result->second);
+      if (ec) return self.complete(ec, 0);
+      std::size_t n = 0;
+      if (s.ssl_ == nullptr) return Done(self, net::error::no_memory, 0);
+      // Never touch a descriptor number after the socket was closed (it may be reused).
+      if (!s.tcp_.socket().is_open()) return Done(self, net::error::bad_descriptor, 0);
+      if (SSL_get_fd(s.ssl_.get()) != s.tcp_.socket().native_handle()) {
+        error_code nb;
+        s.tcp_.socket().non_blocking(true, nb);
+        if (nb) return Done(self, nb, 0);
+        SSL_set_fd(s.ssl_.get(), static_cast<int>(s.tcp_.socket().native_handle()));
+      }
+      ERR_clear_error();
+      const int ret = fn(s.ssl_.get(), n);
+      if (ret > 0) return Done(self, {}, n);
+      const int err = SSL_get_error(s.ssl_.get(), ret);
+      switch (err) {
+        case SSL_ERROR_WANT_READ:
+          async = true;
+          return s.tcp_.socket().async_wait(net::socket_base::wait_read, std::move(self));
+        case SSL_ERROR_WANT_WRITE:
+          async = true;
+          return s.tcp_.socket().async_wait(net::socket_base::wait_write, std::move(self));
+        case SSL_ERROR_ZERO_RETURN:
+          return Done(self, net::error::eof, 0);
+        case SSL_ERROR_SYSCALL: {
+          const int e = errno;
+          const unsigned long code = ERR_get_error();
+          if (code != 0) return Done(self, error_code(static_cast<int>(code), net::error::get_ssl_category()), 0);
+          if (e == 0) return Done(self, net::error::eof, 0);
+          return Done(self, error_code(e, net::error::get_system_category()), 0);
+        }
+        default: {
+          const unsigned long code = ERR_get_error();
+          if (ERR_GET_REASON(code) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+            return Done(self, net::error::eof, 0);
+          }
+          return Done(self, error_code(static_cast<int>(code), net::error::get_ssl_category()), 0);
+        }
+      }
+    }
+
+    // A completion may not run inside the initiating call: defer it once when no
+    // wait happened.
+    template <class Self>
+    void Done(Self& self, error_code ec, std::size_t n) {
+      if (async) return self.complete(ec, n);
+      result.emplace(ec, n);
+      net::post(s.get_executor(), std::move(self));
+    }
+  };
+
+  template <class Fn, class Handler>
+  auto Run(Fn fn, Handler&& handler) {
+    return net::async_compose<Handler, void(error_code, std::size_t)>(
+        Op<Fn>{*this, std::move(fn), false, std::nullopt}, handler, tcp_);
+  }
+
+  beast::tcp_stream tcp_;
+  std::unique_ptr<SSL, SslFree> ssl_;
+};
+
+template <class Handler>
+void async_teardown(beast::role_type role, TlsStream& stream, Handler&& handler) {
+  stream.SendCloseNotify();
+  using websocket::async_teardown;
+  async_teardown(role, stream.next_layer(), std::forward<Handler>(handler));
+}
+
 using PlainWs = websocket::stream<beast::tcp_stream>;
-using TlsWs = websocket::stream<beast::ssl_stream<beast::tcp_stream>>;
+using TlsWs = websocket::stream<TlsStream>;
 
 // One connection attempt: the stream and what its in-flight operations need. Held by
 // shared_ptr from every pending handler, so the stream outlives its operations even
@@ -245,6 +419,8 @@ struct Attempt {
   bool reading = false;
   bool writing = false;
   bool pinging = false;
+  bool tls_done = false;       // the TLS handshake finished (either way)
+  bool tls_timed_out = false;  // its deadline cancelled it
 };
 
 class ConnectionImpl final : public Connection {
@@ -464,6 +640,9 @@ class ConnectionImpl final : public Connection {
       tls_ctx_ = *ctx;
       tls_ = std::make_shared<Attempt<TlsWs>>(gen_, strand_, *tls_ctx_);
       SSL* native = tls_->ws.next_layer().native_handle();
+      if (native == nullptr) {
+        return FailAttempt(absl::ResourceExhaustedError("cannot create a TLS session (out of memory)"));
+      }
       const std::string& name = options_.tls.server_name.empty() ? url_.host : options_.tls.server_name;
       const bool ip = IsIpLiteral(name);
       // SNI carries host names only; an IP literal is not allowed there (RFC 6066).
@@ -527,9 +706,19 @@ class ConnectionImpl final : public Connection {
     error_code ignored;
     beast::get_lowest_layer(a->ws).socket().set_option(tcp::no_delay(true), ignored);
     if constexpr (std::is_same_v<A, Attempt<TlsWs>>) {
-      beast::get_lowest_layer(a->ws).expires_after(options_.handshake_timeout);
-      a->ws.next_layer().async_handshake(ssl::stream_base::client,
-                                         [self = Self(), a](error_code ec) { self->OnTlsHandshake(a, ec); });
+      // The TLS stream waits on the socket directly, so the deadline cancels that wait.
+      resolve_timer_.expires_after(options_.handshake_timeout);
+      resolve_timer_.async_wait([a](error_code ec) {
+        if (ec || a->tls_done) return;
+        a->tls_timed_out = true;
+        error_code ignored;
+        beast::get_lowest_layer(a->ws).socket().cancel(ignored);
+      });
+      a->ws.next_layer().async_handshake([self = Self(), a](error_code ec, std::size_t) {
+        a->tls_done = true;
+        if (self->Current(a)) self->resolve_timer_.cancel();
+        self->OnTlsHandshake(a, ec);
+      });
     } else {
       DoWsHandshake(a);
     }
@@ -538,7 +727,7 @@ class ConnectionImpl final : public Connection {
   void OnTlsHandshake(std::shared_ptr<Attempt<TlsWs>> a, error_code ec) {
     if (!Current(a)) return;
     if (ec) {
-      if (ec == beast::error::timeout) {
+      if (a->tls_timed_out) {
         return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
             "TLS handshake with ", url_.host_header, " timed out after ", Fmt(options_.handshake_timeout))));
       }

@@ -11,6 +11,7 @@
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
 #include <gtest/gtest.h>
@@ -440,6 +441,24 @@ TEST_F(TlsConnectionTest, WrongHostnameIsRefused) {
   EXPECT_TRUE(d.will_retry);
   EXPECT_TRUE(handler_->opens().empty());
   EXPECT_EQ(upstream_.handshake_count(), 0u);
+}
+
+TEST_F(TlsConnectionTest, SilentServerTimesOutTheTlsHandshake) {
+  ca_ = pki_.MakeCa("wsbridge test CA");
+  // A listener that never accepts: the kernel completes TCP, nobody answers the hello.
+  net::io_context listen_ioc;
+  net::ip::tcp::acceptor silent(listen_ioc, {net::ip::make_address("127.0.0.1"), 0});
+  SetUrl(absl::StrCat("wss://127.0.0.1:", silent.local_endpoint().port(), "/"));
+  ConnectionOptions o = TlsOptionsFor(ca_.cert_file);
+  o.handshake_timeout = milliseconds(200);
+  StartConnection(o);
+  ASSERT_TRUE(WaitDisconnects(1));
+  const auto d = handler_->disconnects()[0];
+  EXPECT_EQ(d.status.code(), absl::StatusCode::kDeadlineExceeded) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "TLS handshake")) << d.status;
+  EXPECT_TRUE(Contains(d.status.message(), "timed out")) << d.status;
+  EXPECT_TRUE(d.will_retry);
+  EXPECT_TRUE(handler_->opens().empty());
 }
 
 TEST_F(TlsConnectionTest, UnknownCaIsRefused) {
