@@ -7,14 +7,14 @@
 #include <thread>
 #include <vector>
 
-#include <boost/asio/executor_work_guard.hpp>
-#include <boost/asio/io_context.hpp>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include "bridges/core/bridge.h"
 #include "bridges/core/metrics.h"
 #include "bridges/dfx/dfx_bridge.h"
+#include "daemon/config/config.h"
+#include "daemon/daemon.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
 #include "tests/support/test_support.h"
@@ -74,11 +74,12 @@ class DfxBridgeTest : public ::testing::Test {
  protected:
   void SetUp() override {}
 
+  // Runs the bridge inside the real daemon: the daemon's registry builds it through a
+  // factory (as for any configured bridge), with test-sized windows and timeouts.
   void Start(emulator::DfxEmulatorOptions eopts = {},
              std::function<void(DfxBridgeOptions&)> tweak = nullptr) {
     emulator_ = std::make_unique<emulator::DfxEmulator>(std::move(eopts));
     ASSERT_TRUE(emulator_->Start().ok());
-    for (int i = 0; i < 2; ++i) threads_.emplace_back([this] { io_.run(); });
 
     DfxBridgeOptions o;
     o.url = emulator_->url();
@@ -90,42 +91,45 @@ class DfxBridgeTest : public ::testing::Test {
     o.request_timeout = 5s;
     o.rate_limit_retry = 50ms;
     if (tweak) tweak(o);
-    core::BridgeContext ctx;
-    ctx.name = "dfx";
-    ctx.executor = io_.get_executor();
-    ctx.metrics = &metrics_;
-    auto bridge = NewDfxBridge(std::move(o), ctx);
-    ASSERT_TRUE(bridge.ok()) << bridge.status();
-    bridge_ = std::move(*bridge);
-    bridge_->Start();
+    registry_.Register(config::v1::DfxBridgeConfig::descriptor()->full_name(),
+                       [this, o](const google::protobuf::Message&, const core::BridgeContext& ctx)
+                           -> absl::StatusOr<std::unique_ptr<core::Bridge>> {
+                         auto bridge = NewDfxBridge(o, ctx);
+                         if (bridge.ok()) bridge_ = bridge->get();
+                         return bridge;
+                       });
 
-    grpc::ServerBuilder builder;
-    int port = 0;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    for (grpc::Service* s : bridge_->Services()) builder.RegisterService(s);
-    server_ = builder.BuildAndStart();
-    ASSERT_NE(server_, nullptr);
-    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
+    config::v1::DaemonConfig cfg;
+    cfg.mutable_server()->set_listen("127.0.0.1:0");
+    cfg.mutable_shutdown()->mutable_drain_timeout()->set_nanos(100'000'000);
+    cfg.mutable_shutdown()->mutable_deadline()->set_seconds(10);
+    auto* b = cfg.add_bridges();
+    b->set_name("dfx");
+    b->mutable_dfx()->mutable_upstream()->set_url(emulator_->url());
+    absl::Status defaults = config::ApplyConfigDefaults(&cfg);
+    ASSERT_TRUE(defaults.ok()) << defaults;
+    daemon::DaemonOptions dopts;
+    dopts.configure_logging = false;
+    daemon_ = std::make_unique<daemon::Daemon>(std::move(cfg), registry_, dopts);
+    absl::Status started = daemon_->Start();
+    ASSERT_TRUE(started.ok()) << started;
+    ASSERT_NE(bridge_, nullptr);
+    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(daemon_->grpc_port()),
                                    grpc::InsecureChannelCredentials());
     stub_ = v1::DfxService::NewStub(channel_);
   }
 
   void TearDown() override {
-    if (bridge_ != nullptr) {
-      std::promise<void> done;
-      bridge_->Shutdown(grpc::Status(grpc::StatusCode::UNAVAILABLE, "test over"),
-                        [&] { done.set_value(); });
-      EXPECT_EQ(done.get_future().wait_for(10s), std::future_status::ready);
+    if (daemon_ != nullptr) {
+      daemon_->RequestShutdown();
+      daemon_->Wait();
+      daemon_.reset();
     }
-    if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + 5s);
-    work_.reset();
-    io_.stop();
-    for (auto& t : threads_) t.join();
     if (emulator_ != nullptr) emulator_->Stop();
   }
 
   uint64_t Counter(const std::string& name) {
-    return metrics_.GetCounter(name, "", {{"bridge", "dfx"}}).value();
+    return daemon_->metrics().GetCounter(name, "", {{"bridge", "dfx"}}).value();
   }
 
   uint32_t Subscribers() {
@@ -191,14 +195,10 @@ class DfxBridgeTest : public ::testing::Test {
     return out;
   }
 
-  boost::asio::io_context io_;
-  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_{
-      io_.get_executor()};
-  std::vector<std::thread> threads_;
-  core::MetricsRegistry metrics_;
+  core::BridgeRegistry registry_;
   std::unique_ptr<emulator::DfxEmulator> emulator_;
-  std::unique_ptr<core::Bridge> bridge_;
-  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<daemon::Daemon> daemon_;
+  core::Bridge* bridge_ = nullptr;  // owned by daemon_
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::DfxService::Stub> stub_;
 };
@@ -228,7 +228,7 @@ TEST_F(DfxBridgeTest, FullMeasurementWithResults) {
   EXPECT_EQ(chunks[0].action, "FIRST::PROCESS");
   EXPECT_EQ(chunks[3].action, "LAST::PROCESS");
   EXPECT_EQ(emulator_->logins(), 1);
-  EXPECT_GT(metrics_.GetHistogram("wsbridge_upstream_rtt_seconds", "", {{"bridge", "dfx"}}).count(),
+  EXPECT_GT(daemon_->metrics().GetHistogram("wsbridge_upstream_rtt_seconds", "", {{"bridge", "dfx"}}).count(),
             0u);
 }
 
