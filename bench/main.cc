@@ -58,6 +58,7 @@ struct Options {
   bool direct_only = false;    // no wsbridged: the direct legs alone
   std::string keep_logs;       // wsbridged's stderr goes here ("" = a temp file)
   int max_sessions = 10000;
+  int io_threads = 2;  // wsbridged runtime.io_threads
   size_t msg_bytes = 64;       // JSON body of the round-trip probe
   size_t chunk_bytes = 4096;   // SDK payload of one DFX chunk
   size_t event_bytes = 256;    // fan-out result body (<= 512 B)
@@ -176,7 +177,7 @@ std::unique_ptr<Daemon> StartDaemon(const Options& o, const DaemonSpec& spec, co
       "log:\n"
       "  level: warn\n"
       "runtime:\n"
-      "  io_threads: 2\n"
+      "  io_threads: ", o.io_threads, "\n"
       "shutdown:\n"
       "  drain_timeout: 0s\n"
       "  deadline: 2s\n"
@@ -993,7 +994,7 @@ int RunBench(const Options& o) {
   result["settings"] = {{"quick", o.quick}, {"runs", o.runs}, {"round_trip_samples", o.rt_samples},
                         {"message_bytes", o.msg_bytes}, {"chunk_bytes", o.chunk_bytes},
                         {"event_bytes", o.event_bytes}, {"wsbridged", o.wsbridged},
-                        {"wsbridged_io_threads", 2}};
+                        {"wsbridged_io_threads", o.io_threads}};
   result["targets"] = {{"added_p50_us", 50}, {"added_p99_us", 250},
                        {"fanout_deliveries_per_s", 100000}, {"rss_kib_per_idle_tls_session", 32}};
   Pki pki;
@@ -1054,7 +1055,7 @@ int RunBench(const Options& o) {
 constexpr const char* kUsage =
     R"(Usage: wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
                       [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc]
-                      [--no-plain] [--max-sessions N] [--direct-only]
+                      [--no-plain] [--max-sessions N] [--io-threads N] [--direct-only]
                       [--daemon-log FILE]
 
 Measures wsbridged against a direct WebSocket round trip plus a direct gRPC round
@@ -1108,6 +1109,8 @@ int main(int argc, char** argv) {
       o.direct_only = true;
     } else if (a == "--no-plain") {
       o.plain_run = false;
+    } else if (a == "--io-threads") {
+      o.io_threads = std::clamp(std::stoi(next()), 1, 256);
     } else if (a == "--max-sessions") {
       o.max_sessions = std::max(1000, std::stoi(next()));
     } else if (a == "--help" || a == "-h") {

@@ -3,8 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <random>
 
 namespace wsbridge::core {
+
+Backoff::Backoff(BackoffPolicy policy) : Backoff(policy, Rng::FromEntropy()()) {}
 
 Backoff::Backoff(BackoffPolicy policy, uint64_t seed) : policy_(policy), rng_(seed) {
   if (policy_.initial < Duration::zero()) policy_.initial = Duration::zero();

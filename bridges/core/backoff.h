@@ -4,7 +4,8 @@
 
 #include <chrono>
 #include <cstdint>
-#include <random>
+
+#include "bridges/core/rng.h"
 
 namespace wsbridge::core {
 
@@ -20,7 +21,9 @@ struct BackoffPolicy {
 
 class Backoff {
  public:
-  explicit Backoff(BackoffPolicy policy, uint64_t seed = std::random_device{}());
+  // Without a seed the jitter draws from a generator unique to this instance.
+  explicit Backoff(BackoffPolicy policy);
+  Backoff(BackoffPolicy policy, uint64_t seed);
 
   // Delay before the next attempt; advances the attempt count.
   Duration Next();
@@ -33,7 +36,7 @@ class Backoff {
  private:
   BackoffPolicy policy_;
   int attempt_ = 0;
-  std::mt19937_64 rng_;
+  Rng rng_;
 };
 
 }  // namespace wsbridge::core

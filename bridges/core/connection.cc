@@ -7,9 +7,10 @@
 #include <openssl/x509v3.h>
 
 #include <algorithm>
+#include <bit>
 #include <array>
 #include <cerrno>
-#include <deque>
+#include <list>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -17,6 +18,7 @@
 
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/ssl/context.hpp>
 #include <boost/asio/ssl/error.hpp>
@@ -66,6 +68,10 @@ using beast::error_code;
 using Clock = std::chrono::steady_clock;
 
 constexpr std::string_view kLog = "connection";
+// First part of every incoming message (see DoRead): the buffer an idle session holds.
+constexpr std::size_t kFirstReadBytes = 512;
+// Largest masking buffer a connection keeps between messages (see DoWrite).
+constexpr std::size_t kMaxWriteBufferBytes = 8192;
 
 // Debian's abseil has its own string_view type.
 absl::string_view AV(std::string_view s) { return absl::string_view(s.data(), s.size()); }
@@ -430,13 +436,17 @@ class ConnectionImpl final : public Connection {
         options_(std::move(options)),
         handler_(std::move(handler)),
         backoff_(options_.backoff),
-        resolver_(strand_),
-        resolve_timer_(strand_),
-        retry_timer_(strand_),
-        keepalive_timer_(strand_),
-        heartbeat_timer_(strand_),
-        healthy_timer_(strand_),
-        close_timer_(strand_) {}
+        // Timers and the resolver sit on the plain io executor and every wait binds its
+        // handler to the strand: an any_io_executor holding a strand does not fit the
+        // type-erased executor's inline storage, so a timer built on the strand costs a
+        // heap allocation for its whole life (7 of them per connection).
+        resolver_(strand_.get_inner_executor()),
+        resolve_timer_(strand_.get_inner_executor()),
+        retry_timer_(strand_.get_inner_executor()),
+        keepalive_timer_(strand_.get_inner_executor()),
+        heartbeat_timer_(strand_.get_inner_executor()),
+        healthy_timer_(strand_.get_inner_executor()),
+        close_timer_(strand_.get_inner_executor()) {}
 
   // --- Strand only. ---
   void Start() override {
@@ -476,10 +486,10 @@ class ConnectionImpl final : public Connection {
     const uint64_t gen = gen_;
     auto self = Self();
     healthy_timer_.expires_after(options_.backoff.reset_after);
-    healthy_timer_.async_wait([self, gen](error_code ec) {
+    healthy_timer_.async_wait(net::bind_executor(strand_, [self, gen](error_code ec) {
       if (ec || gen != self->gen_ || self->state_.load() != ConnectionState::kReady) return;
       self->backoff_.Reset();
-    });
+    }));
     if (options_.keepalive.heartbeat_interval > Duration::zero()) ArmHeartbeat();
   }
 
@@ -510,13 +520,13 @@ class ConnectionImpl final : public Connection {
     const uint64_t gen = gen_;
     auto self = Self();
     close_timer_.expires_after(options_.close_timeout);
-    close_timer_.async_wait([self, gen](error_code ec) {
+    close_timer_.async_wait(net::bind_executor(strand_, [self, gen](error_code ec) {
       if (ec || gen != self->gen_ || self->state_.load() == ConnectionState::kClosed) return;
       log::Warn(kLog, "close handshake timed out",
                 {{"name", self->options_.name}, {"timeout", Fmt(self->options_.close_timeout)}});
       self->Teardown();
       self->Finish(absl::CancelledError("connection closed (close handshake timed out)"));
-    });
+    }));
     WithAttempt([&](auto& a) {
       if (!a->writing) DoClose(a);
     });
@@ -664,15 +674,16 @@ class ConnectionImpl final : public Connection {
     const uint64_t gen = gen_;
     auto self = Self();
     resolve_timer_.expires_after(options_.connect_timeout);
-    resolve_timer_.async_wait([self, gen](error_code ec) {
+    resolve_timer_.async_wait(net::bind_executor(strand_, [self, gen](error_code ec) {
       if (!ec && gen == self->gen_) self->resolver_.cancel();
-    });
+    }));
     resolver_.async_resolve(url_.host, url_.port,
-                            [self, gen](error_code ec, tcp::resolver::results_type results) {
+                            net::bind_executor(strand_, [self, gen](error_code ec,
+                                                                    tcp::resolver::results_type results) {
                               if (gen != self->gen_) return;
                               self->resolve_timer_.cancel();
                               self->WithAttempt([&](auto& a) { self->OnResolve(a, ec, results); });
-                            });
+                            }));
   }
 
   template <class A>
@@ -708,12 +719,12 @@ class ConnectionImpl final : public Connection {
     if constexpr (std::is_same_v<A, Attempt<TlsWs>>) {
       // The TLS stream waits on the socket directly, so the deadline cancels that wait.
       resolve_timer_.expires_after(options_.handshake_timeout);
-      resolve_timer_.async_wait([a](error_code ec) {
+      resolve_timer_.async_wait(net::bind_executor(strand_, [a](error_code ec) {
         if (ec || a->tls_done) return;
         a->tls_timed_out = true;
         error_code ignored;
         beast::get_lowest_layer(a->ws).socket().cancel(ignored);
-      });
+      }));
       a->ws.next_layer().async_handshake([self = Self(), a](error_code ec, std::size_t) {
         a->tls_done = true;
         if (self->Current(a)) self->resolve_timer_.cancel();
@@ -802,6 +813,12 @@ class ConnectionImpl final : public Connection {
       return FailAttempt(absl::FailedPreconditionError(
           absl::StrCat("upstream selected subprotocol \"", negotiated, "\" that was not requested")));
     }
+    // Keep nothing of the handshake for the connection's lifetime: the response's
+    // header fields, the request (which may carry credentials) and the decorator's copy
+    // of its headers are rebuilt on every attempt anyway.
+    a->response = {};
+    request_ = {};
+    a->ws.set_option(websocket::stream_base::decorator([](websocket::request_type&) {}));
     open_ = true;
     if (opened_before_) stats_.reconnects.fetch_add(1);
     opened_before_ = true;
@@ -820,7 +837,11 @@ class ConnectionImpl final : public Connection {
   void DoRead(std::shared_ptr<A> a) {
     if (paused_ || a->reading || !Current(a)) return;
     a->reading = true;
-    a->ws.async_read(a->read_buffer, [self = Self(), a](error_code ec, std::size_t n) {
+    // A message is read in parts: the first with a small limit, so an idle session's
+    // pending read holds kFirstReadBytes of buffer instead of Beast's 1,536-byte frame
+    // hint; the rest (if any) in one more part sized from the frame header.
+    const std::size_t limit = a->read_buffer.size() == 0 ? kFirstReadBytes : 0;
+    a->ws.async_read_some(a->read_buffer, limit, [self = Self(), a](error_code ec, std::size_t n) {
       self->OnRead(a, ec, n);
     });
   }
@@ -831,13 +852,19 @@ class ConnectionImpl final : public Connection {
     if (!Current(a)) return;
     if (ec) return OnReadError(a, ec);
     a->last_rx = Clock::now();
+    if (!a->ws.is_message_done()) return DoRead(a);
     stats_.frames_in.fetch_add(1, std::memory_order_relaxed);
-    stats_.bytes_in.fetch_add(n, std::memory_order_relaxed);
+    stats_.bytes_in.fetch_add(a->read_buffer.size(), std::memory_order_relaxed);
+    (void)n;
     const auto data = a->read_buffer.cdata();
     const std::string_view payload(static_cast<const char*>(data.data()), data.size());
     const bool binary = a->ws.got_binary();
     if (!Notify([&](ConnectionHandler& h) { h.OnMessage(payload, binary); })) return;
+    // Release the message's storage rather than keep the largest message's capacity
+    // for the life of the session: an idle session then holds no read buffer at all
+    // (one allocation per message in exchange; see docs/performance.md).
     a->read_buffer.consume(a->read_buffer.size());
+    a->read_buffer.shrink_to_fit();
     DoRead(a);  // no-op if the handler paused, reconnected or closed
   }
 
@@ -871,6 +898,12 @@ class ConnectionImpl final : public Connection {
     if (queue_.empty() || a->writing) return;
     a->writing = true;
     a->ws.binary(queue_.front().binary);
+    // Beast masks a client message through a write buffer of this size, which it keeps
+    // between messages. Sizing it to the message (a power of two, 64 B .. 8 KiB) keeps
+    // an idle session's buffer as small as its last message, not a fixed 4 KiB; Beast
+    // reallocates only when the size class changes.
+    a->ws.write_buffer_bytes(std::clamp<std::size_t>(
+        std::bit_ceil(queue_.front().payload.size()), 64, kMaxWriteBufferBytes));
     a->ws.async_write(net::buffer(queue_.front().payload),
                       [self = Self(), a](error_code ec, std::size_t n) { self->OnWrite(a, ec, n); });
   }
@@ -928,10 +961,10 @@ class ConnectionImpl final : public Connection {
     const Clock::time_point next =
         ping_sent_ ? *ping_sent_ + ka.pong_timeout : last_ping_ + ka.ping_interval;
     keepalive_timer_.expires_at(next);
-    keepalive_timer_.async_wait([self = Self(), a](error_code ec) {
+    keepalive_timer_.async_wait(net::bind_executor(strand_, [self = Self(), a](error_code ec) {
       if (ec || !self->Current(a)) return;
       self->OnKeepalive(a);
-    });
+    }));
   }
 
   template <class A>
@@ -962,13 +995,13 @@ class ConnectionImpl final : public Connection {
   void ArmHeartbeat() {
     const uint64_t gen = gen_;
     heartbeat_timer_.expires_after(options_.keepalive.heartbeat_interval);
-    heartbeat_timer_.async_wait([self = Self(), gen](error_code ec) {
+    heartbeat_timer_.async_wait(net::bind_executor(strand_, [self = Self(), gen](error_code ec) {
       if (ec || gen != self->gen_ || self->state_.load() != ConnectionState::kReady || self->closing_) return;
       if (!self->Notify([](ConnectionHandler& h) { h.OnHeartbeat(); })) return;
       if (gen == self->gen_ && self->state_.load() == ConnectionState::kReady && !self->closing_) {
         self->ArmHeartbeat();
       }
-    });
+    }));
   }
 
   // --- Failure and retry --------------------------------------------------------------
@@ -1028,10 +1061,10 @@ class ConnectionImpl final : public Connection {
     state_.store(ConnectionState::kBackingOff);
     const uint64_t retry = ++retry_gen_;
     retry_timer_.expires_after(delay);
-    retry_timer_.async_wait([self = Self(), retry](error_code ec) {
+    retry_timer_.async_wait(net::bind_executor(strand_, [self = Self(), retry](error_code ec) {
       if (ec || retry != self->retry_gen_ || self->state_.load() != ConnectionState::kBackingOff) return;
       self->StartAttempt();
-    });
+    }));
     log::Info(kLog, "upstream reconnect scheduled",
               {{"name", options_.name}, {"delay", Fmt(delay)}, {"attempt", std::to_string(backoff_.attempt())}});
     Notify([&](ConnectionHandler& h) { h.OnDisconnected(reason, true); });
@@ -1080,7 +1113,9 @@ class ConnectionImpl final : public Connection {
   bool close_started_ = false;
   bool paused_ = false;
   websocket::close_reason close_reason_;
-  std::deque<Outgoing> queue_;
+  // A list, not a deque: libstdc++'s deque allocates ~580 bytes even when empty, and
+  // this queue is empty for almost all of an idle session's life.
+  std::list<Outgoing> queue_;
   size_t queued_bytes_ = 0;
   bool want_writable_ = false;
   std::optional<Clock::time_point> ping_sent_;

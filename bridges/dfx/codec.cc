@@ -118,7 +118,7 @@ absl::Status ValidateJsonObject(std::string_view text) {
   return absl::OkStatus();
 }
 
-std::string MakeRequestId(std::string_view action, std::mt19937_64& rng) {
+std::string MakeRequestId(std::string_view action, core::Rng& rng) {
   static constexpr std::string_view kLetters =
       "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
   std::string id(action.substr(0, kActionIdSize));

@@ -9,12 +9,12 @@
 
 #include <cstdint>
 #include <optional>
-#include <random>
 #include <string>
 #include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "bridges/core/rng.h"
 
 namespace wsbridge::dfx {
 
@@ -48,7 +48,7 @@ absl::Status ValidateActionId(std::string_view action_id);
 absl::Status ValidateJsonObject(std::string_view json);
 
 // `action` + 6 letters drawn from `rng`.
-std::string MakeRequestId(std::string_view action, std::mt19937_64& rng);
+std::string MakeRequestId(std::string_view action, core::Rng& rng);
 
 // Whether `id` has the documented request id shape.
 bool IsRequestId(std::string_view id);

@@ -1,11 +1,12 @@
 #include "bridges/dfx/session.h"
 
 #include <algorithm>
-#include <deque>
+#include <list>
 #include <map>
 #include <optional>
 #include <random>
 
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
@@ -88,9 +89,10 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   SessionImpl(asio::any_io_executor executor, SessionOptions options)
       : strand_(asio::make_strand(executor)),
         options_(std::move(options)),
-        pace_timer_(strand_),
-        login_timer_(strand_),
-        rng_(std::random_device{}()) {}
+        // On the io executor with handlers bound to the strand (see connection.cc).
+        pace_timer_(strand_.get_inner_executor()),
+        login_timer_(strand_.get_inner_executor()),
+        rng_(core::Rng::FromEntropy()) {}
 
   // --- Session, any thread. ---
   void Start() override {
@@ -233,13 +235,13 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
       return;
     }
     login_timer_.expires_after(options_.request_timeout);
-    login_timer_.async_wait([w = weak_from_this(), gen](const boost::system::error_code& ec) {
+    login_timer_.async_wait(asio::bind_executor(strand_, [w = weak_from_this(), gen](const boost::system::error_code& ec) {
       auto s = w.lock();
       if (ec || s == nullptr || gen != s->generation_ || s->state_ != State::kLoggingIn) return;
       if (s->connection_ != nullptr) {
         s->connection_->Reconnect(absl::DeadlineExceededError("login (0718) was not answered"));
       }
-    });
+    }));
   }
 
   void OnMessage(uint64_t gen, std::string_view payload) {
@@ -398,13 +400,13 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   }
 
   void ArmDeadline(Op& op, Clock::time_point deadline) {
-    op.timer = std::make_unique<asio::steady_timer>(strand_);
+    op.timer = std::make_unique<asio::steady_timer>(strand_.get_inner_executor());
     op.timer->expires_at(deadline);
-    op.timer->async_wait([w = weak_from_this(), id = op.id](const boost::system::error_code& ec) {
+    op.timer->async_wait(asio::bind_executor(strand_, [w = weak_from_this(), id = op.id](const boost::system::error_code& ec) {
       auto s = w.lock();
       if (ec || s == nullptr) return;
       s->OnDeadline(id);
-    });
+    }));
   }
 
   void OnDeadline(uint64_t id) {
@@ -520,10 +522,10 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
     }
     if (wake.has_value()) {
       pace_timer_.expires_at(*wake);
-      pace_timer_.async_wait([w = weak_from_this()](const boost::system::error_code& ec) {
+      pace_timer_.async_wait(asio::bind_executor(strand_, [w = weak_from_this()](const boost::system::error_code& ec) {
         auto s = w.lock();
         if (!ec && s != nullptr) s->Pump();
-      });
+      }));
     }
   }
 
@@ -775,12 +777,12 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
     }
     connection_->Close(code, reason);
     // The connection reports its end through OnDisconnected; don't wait forever.
-    close_timer_ = std::make_unique<asio::steady_timer>(strand_);
+    close_timer_ = std::make_unique<asio::steady_timer>(strand_.get_inner_executor());
     close_timer_->expires_after(options_.connection.close_timeout + std::chrono::seconds(1));
-    close_timer_->async_wait([w = weak_from_this()](const boost::system::error_code& ec) {
+    close_timer_->async_wait(asio::bind_executor(strand_, [w = weak_from_this()](const boost::system::error_code& ec) {
       auto s = w.lock();
       if (!ec && s != nullptr) s->FinishClose();
-    });
+    }));
   }
 
   void FinishClose() {
@@ -813,7 +815,7 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   absl::Status auth_status_;
   Clock::time_point auth_failed_until_{};
   std::map<uint64_t, std::unique_ptr<Op>> ops_;
-  std::deque<uint64_t> waiting_;
+  std::list<uint64_t> waiting_;  // not a deque: no allocation while empty
   std::map<std::string, uint64_t, std::less<>> rid_to_op_;
   std::vector<PaceEntry> pace_;
   std::map<std::string, Subscription> subs_;
@@ -823,7 +825,7 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   std::unique_ptr<asio::steady_timer> close_timer_;
   std::vector<std::function<void()>> close_waiters_;
   std::shared_ptr<SessionImpl> close_self_;
-  std::mt19937_64 rng_;
+  core::Rng rng_;
 };
 
 absl::StatusOr<core::HandshakeRequest> Link::PrepareHandshake() {

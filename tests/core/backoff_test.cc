@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <random>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -113,6 +114,36 @@ TEST(Backoff, NonsensePoliciesAreClampedToSaneOnes) {
   }
   Backoff zero(Policy(Duration::zero(), Duration::zero(), 2.0), 1);
   EXPECT_EQ(zero.Next(), Duration::zero());
+}
+
+// The generator behind jitter and DFX request ids.
+TEST(Rng, SameSeedSameStreamAndEntropySeedsDiffer) {
+  Rng a(7), b(7), c(8);
+  for (int i = 0; i < 100; ++i) {
+    uint64_t x = a();
+    EXPECT_EQ(x, b());
+    EXPECT_NE(x, c());
+  }
+  Rng e1 = Rng::FromEntropy(), e2 = Rng::FromEntropy();
+  EXPECT_NE(e1(), e2());
+}
+
+TEST(Rng, UniformOverSmallRangesAndEveryBit) {
+  Rng r(12345);
+  std::array<int, 52> hist{};
+  uint64_t ones = 0, zeros = 0;
+  for (int i = 0; i < 52000; ++i) {
+    ++hist[std::uniform_int_distribution<size_t>(0, 51)(r)];
+    uint64_t v = r();
+    ones |= v;
+    zeros |= ~v;
+  }
+  for (int h : hist) {  // expected 1000 each; 6 sigma is about 190
+    EXPECT_GT(h, 800);
+    EXPECT_LT(h, 1200);
+  }
+  EXPECT_EQ(ones, ~uint64_t{0});
+  EXPECT_EQ(zeros, ~uint64_t{0});
 }
 
 }  // namespace

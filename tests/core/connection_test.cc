@@ -417,6 +417,42 @@ TEST_F(TlsConnectionTest, VerifiedTlsConnectsAndExchangesFrames) {
   EXPECT_EQ(handler_->messages()[0].first, "over tls");
 }
 
+// Incoming messages are read in parts (a small first part, then the rest) and outgoing
+// ones are masked through a buffer sized to each message: every size around those
+// boundaries, up to several TLS records, comes back intact and in order.
+TEST_F(TlsConnectionTest, MessagesOfEverySizeRoundTripIntactAndInOrder) {
+  StartTlsServer();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = TlsOptionsFor(ca_.cert_file);
+  o.max_message_bytes = 1 << 20;
+  StartConnection(o);
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
+      << conn_->last_error();
+  const std::vector<size_t> sizes = {0,    1,    63,   64,   65,    511,   512,   513,  1535,
+                                     1536, 1537, 4095, 4096, 4097,  8191,  8192,  8193, 16384,
+                                     16385, 70000, 300000, 5, 100000, 2};
+  std::vector<std::pair<std::string, bool>> sent;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    std::string payload(sizes[i], '\0');
+    for (size_t j = 0; j < payload.size(); ++j) payload[j] = static_cast<char>((i * 131 + j * 7) & 0xff);
+    const bool binary = (i % 2) == 0;
+    if (!binary) {
+      for (char& c : payload) c = static_cast<char>('a' + (static_cast<unsigned char>(c) % 26));
+    }
+    sent.emplace_back(payload, binary);
+    ASSERT_TRUE(OnStrand([&] { return conn_->Send(payload, binary); }).ok());
+  }
+  ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == sizes.size(); }, kDeadline))
+      << handler_->messages().size();
+  const auto got = handler_->messages();
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    EXPECT_EQ(got[i].first.size(), sizes[i]) << "message " << i;
+    EXPECT_TRUE(got[i].first == sent[i].first) << "message " << i << " of " << sizes[i] << " bytes differs";
+    EXPECT_EQ(got[i].second, sent[i].second) << "message " << i;
+  }
+  EXPECT_EQ(conn_->stats().frames_in.load(), sizes.size());
+}
+
 TEST_F(TlsConnectionTest, ServerNameOverrideIsVerifiedAgainstTheCertificate) {
   StartTlsServer();
   SetUrl(upstream_.server->url());

@@ -14,7 +14,7 @@ TEST(DfxCodec, EncodesRequestFrame) {
 }
 
 TEST(DfxCodec, RequestIdsHaveTheDocumentedShape) {
-  std::mt19937_64 rng(42);
+  core::Rng rng(42);
   for (int i = 0; i < 200; ++i) {
     std::string id = MakeRequestId("0506", rng);
     ASSERT_EQ(id.size(), 10u);
