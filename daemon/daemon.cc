@@ -63,6 +63,15 @@ constexpr std::chrono::seconds kHealthPollInterval{1};
 constexpr std::chrono::milliseconds kDrainPollInterval{20};
 constexpr std::string_view kAdminServiceName = "wsbridge.admin.v1.AdminService";
 
+std::vector<std::unique_ptr<asio::io_context>> MakeIoLoops(const DaemonConfig& config) {
+  const uint32_t n =
+      config.runtime().io_threads() != 0 ? config.runtime().io_threads() : kDefaultIoThreads;
+  std::vector<std::unique_ptr<asio::io_context>> loops;
+  // concurrency_hint 1: each loop is run by exactly one thread.
+  for (uint32_t i = 0; i < n; ++i) loops.push_back(std::make_unique<asio::io_context>(1));
+  return loops;
+}
+
 absl::Duration ToDuration(const google::protobuf::Duration& d, absl::Duration fallback) {
   if (d.seconds() == 0 && d.nanos() == 0) return fallback;
   return absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos());
@@ -191,8 +200,13 @@ struct Daemon::Impl {
   DaemonOptions options;
 
   // Declared first so that it outlives everything that may hold its executor.
-  asio::io_context io;
-  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work;
+  // One event loop per io thread (runtime.io_threads): a multi-threaded io_context
+  // shares one epoll set and wakes an idle thread for every post, so work hops between
+  // threads; a loop per thread keeps each session on one thread. `io` is the first.
+  std::vector<std::unique_ptr<asio::io_context>> io_loops = MakeIoLoops(config);
+  asio::io_context& io = *io_loops.front();
+  std::atomic<size_t> next_loop{0};
+  std::vector<asio::executor_work_guard<asio::io_context::executor_type>> work;
   std::vector<std::thread> threads;
   asio::strand<asio::io_context::executor_type> control;
   asio::steady_timer health_timer;
@@ -268,6 +282,10 @@ absl::Status Daemon::Impl::BuildBridges() {
     core::BridgeContext context;
     context.name = bridge_config.name();
     context.executor = io.get_executor();
+    context.session_executor = [this]() -> asio::any_io_executor {
+      return io_loops[next_loop.fetch_add(1, std::memory_order_relaxed) % io_loops.size()]
+          ->get_executor();
+    };
     context.metrics = &metrics;
     context.authorize = authorize;
     context.health_changed = [this] { asio::post(control, [this] { PublishHealth(); }); };
@@ -475,16 +493,14 @@ absl::Status Daemon::Impl::Start() {
   }
   authorize = MakeBearerAuthorizer(std::move(token));
 
-  work.emplace(io.get_executor());
-  const uint32_t io_threads =
-      config.runtime().io_threads() != 0 ? config.runtime().io_threads() : kDefaultIoThreads;
   {
     absl::MutexLock lock(&mu);
-    running_io_threads = static_cast<int>(io_threads);
+    running_io_threads = static_cast<int>(io_loops.size());
   }
-  for (uint32_t i = 0; i < io_threads; ++i) {
-    threads.emplace_back([this] {
-      io.run();
+  for (auto& loop : io_loops) {
+    work.push_back(asio::make_work_guard(*loop));
+    threads.emplace_back([this, l = loop.get()] {
+      l->run();
       absl::MutexLock lock(&mu);
       --running_io_threads;
     });
@@ -669,7 +685,7 @@ void Daemon::Impl::StopIo(absl::Time grace_until) {
     drain_timer.cancel();
     signals.cancel(ignored);
   });
-  work.reset();
+  work.clear();
   {
     // Let the io threads finish what the bridges' shutdown left (close handshakes);
     // whatever is still pending at `grace_until` is dropped.
@@ -678,7 +694,7 @@ void Daemon::Impl::StopIo(absl::Time grace_until) {
                              +[](int* n) { return *n == 0; }, &running_io_threads),
                          grace_until);
   }
-  io.stop();
+  for (auto& loop : io_loops) loop->stop();
   for (auto& t : threads) {
     if (t.joinable()) t.join();
   }

@@ -28,7 +28,11 @@ namespace wsbridge::core {
 // What the daemon gives a bridge.
 struct BridgeContext {
   std::string name;                       // instance name from config
-  boost::asio::any_io_executor executor;  // io threads; make a strand per session
+  boost::asio::any_io_executor executor;  // the first io thread; for bridge-wide strands
+  // The executor for a new upstream session: the io threads in turn. Each io thread
+  // runs its own event loop, so a session's work never migrates between threads and a
+  // post wakes exactly the one thread that will run it. Unset: use `executor`.
+  std::function<boost::asio::any_io_executor()> session_executor;
   MetricsRegistry* metrics = nullptr;
   // Checks caller credentials (bearer token) of a call. OK when no check is configured.
   std::function<grpc::Status(const grpc::CallbackServerContext&)> authorize;

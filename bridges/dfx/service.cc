@@ -286,7 +286,8 @@ class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackServ
         so.unrouted_frames = unrouted_;
         so.rtt = rtt_;
         if (pinned) so.health_changed = [this] { health(); };
-        session = Session::Create(context_.executor, std::move(so));
+        session = Session::Create(
+            context_.session_executor ? context_.session_executor() : context_.executor, std::move(so));
         session->pinned = pinned;
         session->idle_since_ns.store(Clock::now().time_since_epoch().count());
         sessions_.emplace(key, session);
