@@ -31,6 +31,7 @@ using v1::MeasurementEvent;
 using v1::MeasurementResult;
 
 constexpr std::string_view kLog = "dfx";
+constexpr std::chrono::seconds kDefaultTokenRecheck{1};
 
 std::string TokenHash(std::string_view token) {
   unsigned char digest[SHA256_DIGEST_LENGTH];
@@ -237,28 +238,42 @@ class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackServ
   }
 
  private:
+  // The configured token is re-read (file, env) and hashed at most once per
+  // kDefaultTokenRecheck, not on every call: a rotated secret moves calls to a new
+  // session within that time. Errors are not cached.
   absl::StatusOr<Lease> DefaultSession() {
-    absl::StatusOr<std::string> token = options_.default_token();
-    if (!token.ok()) {
-      return absl::UnavailableError(absl::StrCat("the configured DFX device token is unusable: ",
-                                                 token.status().message()));
-    }
-    std::string key = TokenHash(*token);
+    const Clock::time_point now = Clock::now();
+    std::string key;
     {
-      absl::MutexLock lock(&mu_);
-      default_key_ = key;
+      absl::MutexLock lock(&default_mu_);
+      if (!default_cached_key_.empty() && now - default_checked_ < kDefaultTokenRecheck) {
+        key = default_cached_key_;
+      }
+    }
+    if (key.empty()) {
+      absl::StatusOr<std::string> token = options_.default_token();
+      if (!token.ok()) {
+        return absl::UnavailableError(absl::StrCat(
+            "the configured DFX device token is unusable: ", token.status().message()));
+      }
+      key = TokenHash(*token);
+      absl::MutexLock lock(&default_mu_);
+      default_cached_key_ = key;
+      default_checked_ = now;
     }
     return SessionFor(key, options_.default_token, true);
   }
 
+  // `token` is copied into the session only when one is created.
   absl::StatusOr<Lease> SessionFor(const std::string& key,
-                                   std::function<absl::StatusOr<std::string>()> token,
+                                   const std::function<absl::StatusOr<std::string>()>& token,
                                    bool pinned) {
     std::shared_ptr<Session> session;
     bool created = false;
     {
       absl::MutexLock lock(&mu_);
       if (shut_down_) return absl::UnavailableError("the DFX bridge is shut down");
+      if (pinned && default_key_ != key) default_key_ = key;
       auto it = sessions_.find(key);
       if (it != sessions_.end()) {
         session = it->second;
@@ -275,7 +290,7 @@ class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackServ
         so.connection.name = so.session_id;
         so.url = options_.url;
         so.headers = options_.headers;
-        so.token = std::move(token);
+        so.token = token;
         so.request_timeout = options_.request_timeout;
         so.rate_limit_retry = options_.rate_limit_retry;
         so.max_rate_limit_retries = options_.max_rate_limit_retries;
@@ -374,6 +389,9 @@ class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackServ
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
   std::string default_key_ ABSL_GUARDED_BY(mu_);
+  absl::Mutex default_mu_;
+  std::string default_cached_key_ ABSL_GUARDED_BY(default_mu_);
+  Clock::time_point default_checked_ ABSL_GUARDED_BY(default_mu_);
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
   bool shutdown_complete_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::function<void()>> shutdown_waiters_ ABSL_GUARDED_BY(mu_);

@@ -58,7 +58,8 @@ struct Op {
   Clock::time_point sent_at{};
   Session::ResponseCallback done;
   Session::ChunkCallback chunk_done;
-  std::unique_ptr<asio::steady_timer> timer;
+  // When the op fails with DEADLINE_EXCEEDED unless answered; max = no deadline armed.
+  Clock::time_point expires = Clock::time_point::max();
 };
 
 // Data sent for pacing: counted until `acked` + window has passed.
@@ -92,6 +93,7 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
         // On the io executor with handlers bound to the strand (see connection.cc).
         pace_timer_(strand_.get_inner_executor()),
         login_timer_(strand_.get_inner_executor()),
+        deadline_timer_(strand_.get_inner_executor()),
         rng_(core::Rng::FromEntropy()) {}
 
   // --- Session, any thread. ---
@@ -399,14 +401,41 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
     Pump();
   }
 
+  // One timer per session, not one per op: it is armed for the earliest deadline and
+  // only re-armed when a new op expires sooner (most ops share the default timeout, so
+  // a call usually touches no timer at all). When it fires, every expired op fails and
+  // the timer moves on to the next earliest.
   void ArmDeadline(Op& op, Clock::time_point deadline) {
-    op.timer = std::make_unique<asio::steady_timer>(strand_.get_inner_executor());
-    op.timer->expires_at(deadline);
-    op.timer->async_wait(asio::bind_executor(strand_, [w = weak_from_this(), id = op.id](const boost::system::error_code& ec) {
-      auto s = w.lock();
-      if (ec || s == nullptr) return;
-      s->OnDeadline(id);
-    }));
+    op.expires = deadline;
+    if (deadline < deadline_armed_) ArmDeadlineTimer(deadline);
+  }
+
+  void ArmDeadlineTimer(Clock::time_point at) {
+    deadline_armed_ = at;
+    deadline_timer_.expires_at(at);
+    deadline_timer_.async_wait(asio::bind_executor(
+        strand_, [w = weak_from_this()](const boost::system::error_code& ec) {
+          auto s = w.lock();
+          if (ec || s == nullptr) return;
+          s->OnDeadlineTimer();
+        }));
+  }
+
+  void OnDeadlineTimer() {
+    deadline_armed_ = Clock::time_point::max();
+    const Clock::time_point now = Clock::now();
+    std::vector<uint64_t> expired;
+    Clock::time_point next = Clock::time_point::max();
+    for (const auto& [id, op] : ops_) {
+      if (op->expires <= now) {
+        expired.push_back(id);
+      } else {
+        next = std::min(next, op->expires);
+      }
+    }
+    for (uint64_t id : expired) OnDeadline(id);
+    // OnDeadline may have re-armed for a newer op; keep whichever is earlier.
+    if (next < deadline_armed_) ArmDeadlineTimer(next);
   }
 
   void OnDeadline(uint64_t id) {
@@ -581,7 +610,7 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
       return;
     }
     Op& op = *it->second;
-    op.timer.reset();
+    op.expires = Clock::time_point::max();
     if (frame.status / 100 == 2) {
       MarkPaceAcked(op_id, now);
       absl::StatusOr<ChunkAnswer> answer = ParseChunkAnswer(frame.body);
@@ -770,6 +799,8 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
     SetReady(false);
     pace_timer_.cancel();
     login_timer_.cancel();
+    deadline_timer_.cancel();
+    deadline_armed_ = Clock::time_point::max();
     FailAll(absl::UnavailableError(absl::StrCat("the DFX session was closed: ", reason)));
     if (connection_ == nullptr) {
       FinishClose();
@@ -822,6 +853,8 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   std::map<std::string, std::string, std::less<>> sub_rids_;
   asio::steady_timer pace_timer_;
   asio::steady_timer login_timer_;
+  asio::steady_timer deadline_timer_;
+  Clock::time_point deadline_armed_ = Clock::time_point::max();
   std::unique_ptr<asio::steady_timer> close_timer_;
   std::vector<std::function<void()>> close_waiters_;
   std::shared_ptr<SessionImpl> close_self_;

@@ -67,6 +67,25 @@ TEST(DfxCodec, ValidatesActionIdAndBody) {
   absl::Status bad = ValidateJsonObject("{bad");
   EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad.message().find("not valid JSON"), absl::string_view::npos);
+  // The validator builds no DOM; it must still reject everything json::parse rejects.
+  for (const char* ok : {R"({"a":{"b":[{"c":null}]},"d":"x","e":-1.5e3,"f":true})", " { } ",
+                         R"({"k":"\u00e9\n"})", R"({"big":18446744073709551615})"}) {
+    EXPECT_TRUE(ValidateJsonObject(ok).ok()) << ok;
+  }
+  for (const char* not_object : {"[{}]", "\"s\"", "null", "true", "-0"}) {
+    absl::Status st = ValidateJsonObject(not_object);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << not_object;
+    EXPECT_NE(st.message().find("must be a JSON object"), absl::string_view::npos) << not_object;
+  }
+  for (const char* invalid : {"", "{} {}", "{}x", R"({"a":})", R"({"a" 1})", "{'a':1}",
+                              R"({"a":[1,]})", "{\"a\":\"\x01\"}"}) {
+    absl::Status st = ValidateJsonObject(invalid);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << invalid;
+    EXPECT_NE(st.message().find("not valid JSON"), absl::string_view::npos) << invalid << ": " << st;
+  }
+  std::string deep(10000, '[');
+  EXPECT_NE(ValidateJsonObject("{\"a\":" + deep).message().find("not valid JSON"),
+            absl::string_view::npos);
 }
 
 TEST(DfxCodec, BuildsRequestBodies) {

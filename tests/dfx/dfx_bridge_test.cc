@@ -456,6 +456,93 @@ TEST_F(DfxBridgeTest, SessionsAreKeyedByTokenAndCapped) {
   EXPECT_TRUE(bridge_->Serving());
 }
 
+// The configured token is re-read at most once a second (not per call); a rotated
+// secret still moves calls to a session logged in with the new token.
+TEST_F(DfxBridgeTest, RotatedDefaultTokenMovesCallsToANewSession) {
+  auto token = std::make_shared<std::string>("token-before");
+  auto token_mu = std::make_shared<absl::Mutex>();
+  Start({}, [token, token_mu](DfxBridgeOptions& o) {
+    o.default_token = [token, token_mu] {
+      absl::MutexLock lock(token_mu.get());
+      return absl::StatusOr<std::string>(*token);
+    };
+  });
+  auto call = [&] {
+    grpc::ClientContext ctx;
+    v1::CallRequest req;
+    req.set_action_id("0100");
+    v1::CallResponse resp;
+    return stub_->Call(&ctx, req, &resp);
+  };
+  ASSERT_TRUE(call().ok());
+  auto before = bridge_->ListSessions();
+  ASSERT_EQ(before.size(), 1u);
+  const std::string first_id = before[0].id();
+  {
+    absl::MutexLock lock(token_mu.get());
+    *token = "token-after";
+  }
+  EXPECT_TRUE(WaitFor([&] {
+    if (!call().ok()) return false;
+    for (const auto& s : bridge_->ListSessions()) {
+      if (s.id() != first_id && s.state() == admin::v1::SESSION_STATE_READY) return true;
+    }
+    return false;
+  }));
+  EXPECT_EQ(emulator_->logins(), 2);
+}
+
+// An unanswered request fails with the bridge's own DEADLINE_EXCEEDED (the caller set
+// no deadline, so request_timeout applies); several in flight expire one after another
+// off the session's single deadline timer, and late answers are dropped.
+TEST_F(DfxBridgeTest, UnansweredCallsExpireAtTheRequestTimeout) {
+  Start({}, [](DfxBridgeOptions& o) { o.request_timeout = 300ms; });
+  auto call_ok = [&] {
+    grpc::ClientContext ctx;
+    v1::CallRequest req;
+    req.set_action_id("0100");
+    v1::CallResponse resp;
+    return stub_->Call(&ctx, req, &resp).ok();
+  };
+  ASSERT_TRUE(call_ok());  // logged in
+  emulator_->SetAnswerDelay(3000ms);
+  struct Pending {
+    grpc::ClientContext ctx;
+    v1::CallRequest req;
+    v1::CallResponse resp;
+    grpc::Status status;
+    bool done = false;
+  };
+  absl::Mutex mu;
+  std::vector<std::unique_ptr<Pending>> calls;
+  for (int i = 0; i < 3; ++i) {
+    auto p = std::make_unique<Pending>();
+    p->req.set_action_id("0100");
+    Pending* raw = p.get();
+    calls.push_back(std::move(p));
+    stub_->async()->Call(&raw->ctx, &raw->req, &raw->resp, [&mu, raw](grpc::Status st) {
+      absl::MutexLock lock(&mu);
+      raw->status = std::move(st);
+      raw->done = true;
+    });
+  }
+  ASSERT_TRUE(WaitFor([&] {
+    absl::MutexLock lock(&mu);
+    for (const auto& c : calls) {
+      if (!c->done) return false;
+    }
+    return true;
+  }));
+  for (const auto& c : calls) {
+    EXPECT_EQ(c->status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << c->status.error_message();
+    EXPECT_NE(c->status.error_message().find("no answer from the DFX upstream to action 0100"),
+              std::string::npos)
+        << c->status.error_message();
+  }
+  emulator_->SetAnswerDelay(0ms);
+  EXPECT_TRUE(WaitFor([&] { return call_ok(); }));
+}
+
 TEST_F(DfxBridgeTest, IdleSessionsClose) {
   Start({}, [](DfxBridgeOptions& o) { o.idle_session_timeout = 200ms; });
   grpc::ClientContext ctx;
