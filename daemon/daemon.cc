@@ -216,6 +216,14 @@ struct Daemon::Impl {
   core::MetricsRegistry metrics;
   Authorizer authorize;
   std::shared_ptr<RpcTracker> rpc_tracker;
+  // Handed to bridges before the tracker exists; no call can arrive before it does.
+  struct ForwardingObserver final : core::CallObserver {
+    RpcTracker* tracker = nullptr;
+    void Started() override { tracker->Started(); }
+    void Finished(std::string_view method, grpc::StatusCode code) override {
+      tracker->Finished(method, code);
+    }
+  } bridge_calls;
   std::vector<std::unique_ptr<core::Bridge>> bridges;
   std::unique_ptr<AdminServiceImpl> admin_service;
   // Destroyed before the services it serves.
@@ -287,6 +295,7 @@ absl::Status Daemon::Impl::BuildBridges() {
           ->get_executor();
     };
     context.metrics = &metrics;
+    context.calls = &bridge_calls;
     context.authorize = authorize;
     context.health_changed = [this] { asio::post(control, [this] { PublishHealth(); }); };
     auto bridge = (*factory)(reflection->GetMessage(bridge_config, field), context);
@@ -444,9 +453,15 @@ absl::Status Daemon::Impl::StartServer() {
   admin_service = std::make_unique<AdminServiceImpl>(bridge_ptrs, authorize);
   builder.RegisterService(admin_service.get());
 
+  std::set<std::string, std::less<>> self_observed;
+  for (const auto& bridge : bridges) {
+    if (!bridge->ObservesOwnCalls()) continue;
+    for (const auto& name : bridge->ServiceNames()) self_observed.insert(name);
+  }
   rpc_tracker = std::make_shared<RpcTracker>(&metrics, std::move(known_services));
+  bridge_calls.tracker = rpc_tracker.get();
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> factories;
-  factories.push_back(MakeRpcMetricsInterceptorFactory(rpc_tracker));
+  factories.push_back(MakeRpcMetricsInterceptorFactory(rpc_tracker, std::move(self_observed)));
   builder.experimental().SetInterceptorCreators(std::move(factories));
 
   server = builder.BuildAndStart();

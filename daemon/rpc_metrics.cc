@@ -38,18 +38,24 @@ class RpcMetricsInterceptor final : public grpc::experimental::Interceptor {
 class RpcMetricsInterceptorFactory final
     : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
-  explicit RpcMetricsInterceptorFactory(std::shared_ptr<RpcTracker> tracker)
-      : tracker_(std::move(tracker)) {}
+  RpcMetricsInterceptorFactory(std::shared_ptr<RpcTracker> tracker,
+                               std::set<std::string, std::less<>> self_observed)
+      : tracker_(std::move(tracker)), self_observed_(std::move(self_observed)) {}
 
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
     std::string_view path = info->method() != nullptr ? info->method() : "";
+    // No interceptor at all (null) for services that report their own calls.
+    if (path.size() > 1 && self_observed_.contains(path.substr(1, path.find('/', 1) - 1))) {
+      return nullptr;
+    }
     return new RpcMetricsInterceptor(tracker_, tracker_->MethodLabel(path),
                                      RpcTracker::HoldsDrain(path));
   }
 
  private:
   std::shared_ptr<RpcTracker> tracker_;
+  std::set<std::string, std::less<>> self_observed_;
 };
 
 }  // namespace
@@ -87,6 +93,13 @@ void RpcTracker::Finished(bool holds_drain) {
   if (holds_drain) draining_calls_.fetch_sub(1, std::memory_order_acq_rel);
 }
 
+void RpcTracker::Started() { Started(true); }
+
+void RpcTracker::Finished(std::string_view method, grpc::StatusCode code) {
+  Record(MethodLabel(method), code);
+  Finished(true);
+}
+
 void RpcTracker::Record(const std::string& method_label, grpc::StatusCode code) {
   if (metrics_ == nullptr) return;
   metrics_
@@ -119,8 +132,10 @@ std::string_view StatusCodeName(grpc::StatusCode code) {
 }
 
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
-MakeRpcMetricsInterceptorFactory(std::shared_ptr<RpcTracker> tracker) {
-  return std::make_unique<RpcMetricsInterceptorFactory>(std::move(tracker));
+MakeRpcMetricsInterceptorFactory(std::shared_ptr<RpcTracker> tracker,
+                                 std::set<std::string, std::less<>> self_observed) {
+  return std::make_unique<RpcMetricsInterceptorFactory>(std::move(tracker),
+                                                        std::move(self_observed));
 }
 
 }  // namespace wsbridge::daemon

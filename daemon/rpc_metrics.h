@@ -13,11 +13,14 @@
 #include <grpcpp/support/server_interceptor.h>
 #include <grpcpp/support/status.h>
 
+#include "bridges/core/bridge.h"
 #include "bridges/core/metrics.h"
 
 namespace wsbridge::daemon {
 
-class RpcTracker {
+// Also the CallObserver of bridges that report their own calls (their services are
+// left out of the interceptor).
+class RpcTracker final : public core::CallObserver {
  public:
   // `known_services`: full service names whose methods become label values; any other
   // method (a caller can send any path) is counted as "unknown" to bound cardinality.
@@ -30,6 +33,9 @@ class RpcTracker {
 
   void Started(bool holds_drain);
   void Finished(bool holds_drain);
+  // core::CallObserver: a bridge's call (holds the drain).
+  void Started() override;
+  void Finished(std::string_view method, grpc::StatusCode code) override;
   void Record(const std::string& method_label, grpc::StatusCode code);
   // Open calls that hold the drain open.
   int64_t draining_calls() const { return draining_calls_.load(std::memory_order_acquire); }
@@ -46,6 +52,7 @@ class RpcTracker {
 std::string_view StatusCodeName(grpc::StatusCode code);
 
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
-MakeRpcMetricsInterceptorFactory(std::shared_ptr<RpcTracker> tracker);
+MakeRpcMetricsInterceptorFactory(std::shared_ptr<RpcTracker> tracker,
+                                 std::set<std::string, std::less<>> self_observed);
 
 }  // namespace wsbridge::daemon

@@ -25,6 +25,20 @@
 
 namespace wsbridge::core {
 
+// Per-call accounting (the daemon's request counters and the drain's count of open
+// calls) for bridges that report their own calls instead of going through the daemon's
+// server interceptor: an interceptor costs gRPC a second completion round trip for
+// every operation of the call (measured: ~28 us of CPU per unary call).
+class CallObserver {
+ public:
+  virtual ~CallObserver() = default;
+  // A call began; it holds the drain open until Finished.
+  virtual void Started() = 0;
+  // `method` is the full path ("/wsbridge.dfx.v1.DfxService/Call"); `code` the status
+  // the call ended with (CANCELLED when it was cancelled before finishing).
+  virtual void Finished(std::string_view method, grpc::StatusCode code) = 0;
+};
+
 // What the daemon gives a bridge.
 struct BridgeContext {
   std::string name;                       // instance name from config
@@ -38,6 +52,8 @@ struct BridgeContext {
   std::function<grpc::Status(const grpc::CallbackServerContext&)> authorize;
   // Tell the daemon that Serving() may have changed (it re-publishes health).
   std::function<void()> health_changed;
+  // Where a bridge whose ObservesOwnCalls() is true reports its calls; never null then.
+  CallObserver* calls = nullptr;
 };
 
 class Bridge {
@@ -48,6 +64,9 @@ class Bridge {
   virtual std::vector<grpc::Service*> Services() = 0;
   // Full gRPC service names, for per-service health ("wsbridge.dfx.v1.DfxService").
   virtual std::vector<std::string> ServiceNames() const = 0;
+  // True when the bridge reports every call of its services to BridgeContext::calls;
+  // the daemon then leaves those services out of its interceptor.
+  virtual bool ObservesOwnCalls() const { return false; }
   // Starts upstream sessions that are configured to be always on.
   virtual void Start() = 0;
   // New calls are refused with UNAVAILABLE; open calls go on.

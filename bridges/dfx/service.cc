@@ -111,6 +111,15 @@ class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackServ
   std::vector<std::string> ServiceNames() const override {
     return {std::string(v1::DfxService::service_full_name())};
   }
+  // Every reactor reports itself (CallAccount), so the daemon's interceptor, which
+  // doubles gRPC's completion work per operation, stays off this service.
+  bool ObservesOwnCalls() const override { return context_.calls != nullptr; }
+  void CallStarted() {
+    if (context_.calls != nullptr) context_.calls->Started();
+  }
+  void CallFinished(std::string_view method, grpc::StatusCode code) {
+    if (context_.calls != nullptr) context_.calls->Finished(method, code);
+  }
 
   void Start() override {
     if (options_.default_token) {
@@ -371,7 +380,7 @@ class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackServ
   grpc::ServerUnaryReactor* CreateMeasurement(grpc::CallbackServerContext* ctx,
                                               const v1::CreateMeasurementRequest* req,
                                               v1::CreateMeasurementResponse* resp) override;
-  grpc::ServerWriteReactor<MeasurementResult>* SubscribeResults(
+  grpc::ServerWriteReactor<v1::SubscribeResultsResponse>* SubscribeResults(
       grpc::CallbackServerContext* ctx, const v1::SubscribeResultsRequest* req) override;
   grpc::ServerBidiReactor<v1::MeasurementChunk, MeasurementEvent>* StreamMeasurement(
       grpc::CallbackServerContext* ctx) override;
@@ -398,6 +407,36 @@ class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackServ
 };
 
 // ---------------------------------------------------------------------------------
+// Call accounting: started when the reactor is made, finished in OnDone with the
+// status the call was finished with (CANCELLED when it never was).
+
+constexpr std::string_view kCallMethod = "/wsbridge.dfx.v1.DfxService/Call";
+constexpr std::string_view kCreateMeasurementMethod = "/wsbridge.dfx.v1.DfxService/CreateMeasurement";
+constexpr std::string_view kSubscribeResultsMethod = "/wsbridge.dfx.v1.DfxService/SubscribeResults";
+constexpr std::string_view kStreamMeasurementMethod = "/wsbridge.dfx.v1.DfxService/StreamMeasurement";
+
+class CallAccount {
+ public:
+  CallAccount(DfxBridge* bridge, std::string_view method) : bridge_(bridge), method_(method) {
+    bridge_->CallStarted();
+  }
+  // The first status a call is finished with is the one counted.
+  void Finishing(grpc::StatusCode code) {
+    int unset = -1;
+    code_.compare_exchange_strong(unset, static_cast<int>(code));
+  }
+  void Done() {
+    const int c = code_.load();
+    bridge_->CallFinished(method_, c < 0 ? grpc::StatusCode::CANCELLED : static_cast<grpc::StatusCode>(c));
+  }
+
+ private:
+  DfxBridge* bridge_;
+  std::string_view method_;
+  std::atomic<int> code_{-1};
+};
+
+// ---------------------------------------------------------------------------------
 // Unary calls.
 
 // Finishes a unary call exactly once, from whichever thread gets there first; the
@@ -414,20 +453,24 @@ class UnaryState {
       r = reactor_;
       reactor_ = nullptr;
       if (status.ok() && fill) fill();
+      code_.store(static_cast<int>(status.error_code()));
     }
     r->Finish(status);
   }
+  // The status the call was finished with; -1 while unfinished.
+  int code() const { return code_.load(); }
   std::atomic<uint64_t> op_id{0};
 
  private:
   absl::Mutex mu_;
   grpc::ServerUnaryReactor* reactor_ ABSL_GUARDED_BY(mu_);
+  std::atomic<int> code_{-1};
 };
 
 class UnaryReactor final : public grpc::ServerUnaryReactor {
  public:
-  explicit UnaryReactor(DfxBridge* bridge)
-      : bridge_(bridge), state_(std::make_shared<UnaryState>(this)) {}
+  UnaryReactor(DfxBridge* bridge, std::string_view method)
+      : bridge_(bridge), state_(std::make_shared<UnaryState>(this)), account_(bridge, method) {}
 
   // Admits the call (or finishes it). Returns false when finished already.
   bool Admit(grpc::CallbackServerContext* ctx) {
@@ -455,6 +498,8 @@ class UnaryReactor final : public grpc::ServerUnaryReactor {
     state_->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
   }
   void OnDone() override {
+    if (state_->code() >= 0) account_.Finishing(static_cast<grpc::StatusCode>(state_->code()));
+    account_.Done();
     if (call_id_ != 0) bridge_->calls().Remove(call_id_);
     delete this;
   }
@@ -464,11 +509,12 @@ class UnaryReactor final : public grpc::ServerUnaryReactor {
   std::shared_ptr<UnaryState> state_;
   core::ActiveCalls::Id call_id_ = 0;
   Lease lease_;
+  CallAccount account_;
 };
 
 grpc::ServerUnaryReactor* DfxBridge::Call(grpc::CallbackServerContext* ctx,
                                           const v1::CallRequest* req, v1::CallResponse* resp) {
-  auto* r = new UnaryReactor(this);
+  auto* r = new UnaryReactor(this, kCallMethod);
   if (!r->Admit(ctx)) return r;
   if (absl::Status st = ValidateActionId(req->action_id()); !st.ok()) {
     r->Fail(st);
@@ -514,7 +560,7 @@ grpc::ServerUnaryReactor* DfxBridge::Call(grpc::CallbackServerContext* ctx,
 grpc::ServerUnaryReactor* DfxBridge::CreateMeasurement(grpc::CallbackServerContext* ctx,
                                                        const v1::CreateMeasurementRequest* req,
                                                        v1::CreateMeasurementResponse* resp) {
-  auto* r = new UnaryReactor(this);
+  auto* r = new UnaryReactor(this, kCreateMeasurementMethod);
   if (!r->Admit(ctx)) return r;
   if (req->study_id().empty()) {
     r->Fail(absl::InvalidArgumentError("study_id is required: the DFX study to measure with"));
@@ -585,6 +631,10 @@ struct Actions {
   std::optional<grpc::Status> finish;
 };
 
+// SubscribeResultsResponse limits (documented in dfx.proto).
+constexpr int kMaxResultsPerMessage = 64;
+constexpr size_t kMaxBatchBytes = 1 << 20;
+
 absl::Status SlowConsumer(size_t limit) {
   return core::WithErrorInfo(
       absl::ResourceExhaustedError(absl::StrCat(
@@ -594,12 +644,12 @@ absl::Status SlowConsumer(size_t limit) {
       "SLOW_CONSUMER", kErrorDomain);
 }
 
-class ResultsStream final : public grpc::ServerWriteReactor<MeasurementResult>,
+class ResultsStream final : public grpc::ServerWriteReactor<v1::SubscribeResultsResponse>,
                             public ResultSink,
                             public std::enable_shared_from_this<ResultsStream> {
  public:
   ResultsStream(DfxBridge* bridge, grpc::CallbackServerContext* ctx)
-      : bridge_(bridge), ctx_(ctx) {}
+      : bridge_(bridge), ctx_(ctx), account_(bridge, kSubscribeResultsMethod) {}
 
   void Begin(const v1::SubscribeResultsRequest& req) {
     self_ = shared_from_this();
@@ -632,7 +682,7 @@ class ResultsStream final : public grpc::ServerWriteReactor<MeasurementResult>,
   void OnSubscribed() override {
     {
       absl::MutexLock lock(&mu_);
-      if (finished_ || sent_metadata_ || !outbox_.idle()) return;
+      if (finished_ || sent_metadata_ || writing_) return;
       sent_metadata_ = true;
     }
     // Initial metadata tells the caller the upstream subscription is active.
@@ -640,16 +690,17 @@ class ResultsStream final : public grpc::ServerWriteReactor<MeasurementResult>,
   }
 
   void OnResult(const ResultPtr& result, const ResultInfo& info) override {
-    Actions<MeasurementResult> a;
+    Actions<v1::SubscribeResultsResponse> a;
     {
       absl::MutexLock lock(&mu_);
       if (finished_ || pending_finish_) return;
-      if (outbox_.size() >= bridge_->options().subscriber_queue) {
+      if (pending_.size() >= bridge_->options().subscriber_queue) {
         a.finish = core::ToGrpcStatus(SlowConsumer(bridge_->options().subscriber_queue));
         MarkFinishedLocked();
       } else {
         sent_metadata_ = true;
-        a.write = outbox_.Push(result);
+        pending_.push_back(result);
+        if (!writing_) a.write = NextBatchLocked();
         if (info.complete) {
           // The measurement's last result: end cleanly once it is written.
           pending_finish_ = true;
@@ -673,16 +724,17 @@ class ResultsStream final : public grpc::ServerWriteReactor<MeasurementResult>,
 
   // gRPC.
   void OnWriteDone(bool ok) override {
-    Actions<MeasurementResult> a;
+    Actions<v1::SubscribeResultsResponse> a;
     {
       absl::MutexLock lock(&mu_);
+      writing_ = false;
       if (!ok) {
         if (!finished_) {
           a.finish = grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke");
           MarkFinishedLocked();
         }
       } else if (!finished_) {
-        a.write = outbox_.WriteDone();
+        a.write = NextBatchLocked();
         if (a.write == nullptr && pending_finish_) {
           a.finish = grpc::Status::OK;
           MarkFinishedLocked();
@@ -700,6 +752,7 @@ class ResultsStream final : public grpc::ServerWriteReactor<MeasurementResult>,
       MarkFinishedLocked();
       lease_.Release();
     }
+    account_.Done();
     bridge_->calls().Remove(call_id_);
     self_.reset();
   }
@@ -711,6 +764,7 @@ class ResultsStream final : public grpc::ServerWriteReactor<MeasurementResult>,
       if (finished_) return;
       MarkFinishedLocked();
     }
+    account_.Finishing(st.error_code());
     Finish(st);
   }
   // Stops routing results here: the last subscriber leaving releases the upstream one.
@@ -721,13 +775,32 @@ class ResultsStream final : public grpc::ServerWriteReactor<MeasurementResult>,
       subscribed_ = false;
     }
   }
-  void Run(const Actions<MeasurementResult>& a) {
+  void Run(const Actions<v1::SubscribeResultsResponse>& a) {
     if (a.write != nullptr) StartWrite(a.write);
-    if (a.finish.has_value()) Finish(*a.finish);
+    if (a.finish.has_value()) {
+      account_.Finishing(a.finish->error_code());
+      Finish(*a.finish);
+    }
+  }
+  // Moves the queued results (up to a batch) into the message to write next; null
+  // when none are queued. The message is only touched while no write is in flight.
+  const v1::SubscribeResultsResponse* NextBatchLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (pending_.empty()) return nullptr;
+    batch_.Clear();
+    size_t bytes = 0;
+    while (!pending_.empty() && batch_.results_size() < kMaxResultsPerMessage &&
+           (batch_.results_size() == 0 || bytes + pending_.front()->json_body().size() <= kMaxBatchBytes)) {
+      bytes += pending_.front()->json_body().size();
+      *batch_.add_results() = *pending_.front();
+      pending_.pop_front();
+    }
+    writing_ = true;
+    return &batch_;
   }
 
   DfxBridge* bridge_;
   grpc::CallbackServerContext* ctx_;
+  CallAccount account_;
   std::shared_ptr<ResultsStream> self_;
   core::ActiveCalls::Id call_id_ = 0;
   absl::Mutex mu_;
@@ -738,10 +811,12 @@ class ResultsStream final : public grpc::ServerWriteReactor<MeasurementResult>,
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   bool sent_metadata_ ABSL_GUARDED_BY(mu_) = false;
   bool pending_finish_ ABSL_GUARDED_BY(mu_) = false;
-  Outbox<MeasurementResult> outbox_ ABSL_GUARDED_BY(mu_);
+  std::deque<ResultPtr> pending_ ABSL_GUARDED_BY(mu_);  // not yet in a message
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  v1::SubscribeResultsResponse batch_ ABSL_GUARDED_BY(mu_);  // the message in flight
 };
 
-grpc::ServerWriteReactor<MeasurementResult>* DfxBridge::SubscribeResults(
+grpc::ServerWriteReactor<v1::SubscribeResultsResponse>* DfxBridge::SubscribeResults(
     grpc::CallbackServerContext* ctx, const v1::SubscribeResultsRequest* req) {
   auto r = std::make_shared<ResultsStream>(this, ctx);
   r->Begin(*req);
@@ -754,7 +829,7 @@ class MeasurementStream final
       public std::enable_shared_from_this<MeasurementStream> {
  public:
   MeasurementStream(DfxBridge* bridge, grpc::CallbackServerContext* ctx)
-      : bridge_(bridge), ctx_(ctx) {}
+      : bridge_(bridge), ctx_(ctx), account_(bridge, kStreamMeasurementMethod) {}
 
   void Begin() {
     self_ = shared_from_this();
@@ -823,6 +898,7 @@ class MeasurementStream final
       MarkFinishedLocked();
       lease_.Release();
     }
+    account_.Done();
     bridge_->calls().Remove(call_id_);
     self_.reset();
   }
@@ -1019,6 +1095,7 @@ class MeasurementStream final
       if (finished_) return;
       MarkFinishedLocked();
     }
+    account_.Finishing(st.error_code());
     Finish(st);
   }
 
@@ -1042,11 +1119,15 @@ class MeasurementStream final
   void Run(const Actions<MeasurementEvent>& a) {
     if (a.write != nullptr) StartWrite(a.write);
     if (a.read) StartRead(&chunk_);
-    if (a.finish.has_value()) Finish(*a.finish);
+    if (a.finish.has_value()) {
+      account_.Finishing(a.finish->error_code());
+      Finish(*a.finish);
+    }
   }
 
   DfxBridge* bridge_;
   grpc::CallbackServerContext* ctx_;
+  CallAccount account_;
   std::shared_ptr<MeasurementStream> self_;
   core::ActiveCalls::Id call_id_ = 0;
   v1::MeasurementChunk chunk_;

@@ -298,8 +298,11 @@ TEST_F(DfxBridgeTest, TwoSubscribersShareOneUpstreamSubscription) {
   EXPECT_TRUE(out.results.empty());
   for (auto* r : {r1.get(), r2.get()}) {
     std::vector<v1::MeasurementResult> got;
-    v1::MeasurementResult res;
-    while (r->Read(&res)) got.push_back(res);
+    v1::SubscribeResultsResponse res;
+    while (r->Read(&res)) {
+      EXPECT_GT(res.results_size(), 0);
+      for (const auto& one : res.results()) got.push_back(one);
+    }
     grpc::Status st = r->Finish();
     EXPECT_TRUE(st.ok()) << st.error_message();
     ASSERT_EQ(got.size(), 3u);
@@ -339,7 +342,7 @@ TEST_F(DfxBridgeTest, UpstreamErrorCodesMapToGrpcStatusAndReason) {
     v1::SubscribeResultsRequest req;
     req.set_measurement_id("no-such-measurement");
     auto r = stub_->SubscribeResults(&ctx, req);
-    v1::MeasurementResult res;
+    v1::SubscribeResultsResponse res;
     EXPECT_FALSE(r->Read(&res));
     grpc::Status st = r->Finish();
     EXPECT_EQ(st.error_code(), grpc::StatusCode::NOT_FOUND);
@@ -611,8 +614,11 @@ TEST_F(DfxBridgeTest, ReconnectRestoresSubscriptionsAndFailsUnaryInFlight) {
       mid, {Chunk(v1::STAGE_FIRST, 0, 10), Chunk(v1::STAGE_LAST, 1, 10)}, false);
   ASSERT_TRUE(out.status.ok()) << out.status.error_message();
   std::vector<v1::MeasurementResult> got;
-  v1::MeasurementResult res;
-  while (reader->Read(&res)) got.push_back(res);
+  v1::SubscribeResultsResponse res;
+  while (reader->Read(&res)) {
+    EXPECT_GT(res.results_size(), 0);
+    for (const auto& one : res.results()) got.push_back(one);
+  }
   EXPECT_TRUE(reader->Finish().ok());
   ASSERT_EQ(got.size(), 2u);
   EXPECT_TRUE(got[0].after_reconnect());
@@ -718,13 +724,56 @@ TEST_F(DfxBridgeTest, DrainRefusesNewCallsAndShutdownEndsOpenOnes) {
   std::promise<void> done;
   bridge_->Shutdown(grpc::Status(grpc::StatusCode::UNAVAILABLE, "going away"),
                     [&] { done.set_value(); });
-  v1::MeasurementResult res;
+  v1::SubscribeResultsResponse res;
   EXPECT_FALSE(reader->Read(&res));
   grpc::Status st = reader->Finish();
   EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE);
   ASSERT_EQ(done.get_future().wait_for(10s), std::future_status::ready);
   EXPECT_TRUE(WaitFor([&] { return emulator_->open_connections() == 0; }));
   EXPECT_TRUE(bridge_->ListSessions().empty());
+}
+
+// The DFX service reports its own calls (no interceptor on it): counted by method and
+// final status, including cancellations, and held by the daemon's drain while open.
+TEST_F(DfxBridgeTest, CallsAreCountedByMethodAndStatusWithoutTheInterceptor) {
+  Start();
+  auto count = [&](const std::string& method, const std::string& code) {
+    return daemon_->metrics()
+        .GetCounter("wsbridge_grpc_requests_total", "",
+                    {{"method", "/wsbridge.dfx.v1.DfxService/" + method}, {"code", code}})
+        .value();
+  };
+  auto call = [&](const std::string& action) {
+    grpc::ClientContext ctx;
+    v1::CallRequest req;
+    req.set_action_id(action);
+    v1::CallResponse resp;
+    return stub_->Call(&ctx, req, &resp);
+  };
+  ASSERT_TRUE(call("0100").ok());
+  ASSERT_TRUE(call("0100").ok());
+  ASSERT_EQ(call("x").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(WaitFor([&] { return count("Call", "OK") == 2 && count("Call", "INVALID_ARGUMENT") == 1; }));
+  std::string mid = CreateMeasurement();
+  EXPECT_TRUE(WaitFor([&] { return count("CreateMeasurement", "OK") == 1; }));
+
+  // An open stream holds the drain until it is cancelled; then it counts as CANCELLED.
+  v1::SubscribeResultsRequest sreq;
+  sreq.set_measurement_id(mid);
+  grpc::ClientContext sctx;
+  auto reader = stub_->SubscribeResults(&sctx, sreq);
+  reader->WaitForInitialMetadata();
+  auto in_flight = [&] {
+    return daemon_->metrics().Render().find("wsbridge_grpc_calls_in_flight 1\n") != std::string::npos;
+  };
+  EXPECT_TRUE(WaitFor(in_flight));  // the open stream is what the drain waits for
+  EXPECT_EQ(count("SubscribeResults", "CANCELLED"), 0u);
+  sctx.TryCancel();
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(WaitFor([&] { return count("SubscribeResults", "CANCELLED") == 1; }));
+  EXPECT_TRUE(WaitFor([&] {
+    return daemon_->metrics().Render().find("wsbridge_grpc_calls_in_flight 0\n") != std::string::npos;
+  }));
 }
 
 TEST_F(DfxBridgeTest, CloseSessionByAdminId) {

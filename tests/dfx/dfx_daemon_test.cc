@@ -120,7 +120,7 @@ TEST_F(DfxDaemonTest, ShutdownEndsStreamsAndClosesUpstreamsWithGoingAway) {
   ASSERT_TRUE(WaitFor([&] { return emulator_->active_subscriptions() == 1; }));
 
   daemon_->RequestShutdown();
-  v1::MeasurementResult result;
+  v1::SubscribeResultsResponse result;
   EXPECT_FALSE(reader->Read(&result));
   grpc::Status st = reader->Finish();
   EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
