@@ -488,7 +488,8 @@ json::array FanoutSection(Env& e) {
   std::vector<int> ns = o.quick ? std::vector<int>{1, 10} : std::vector<int>{1, 10, 100};
   std::vector<double> ladder = o.quick ? std::vector<double>{2000}
                                        : std::vector<double>{10000, 25000, 50000, 75000, 100000,
-                                                             150000, 200000, 300000};
+                                                             150000, 200000, 300000, 400000,
+                                                             500000, 750000, 1000000};
   json::array out;
   static int64_t next_tag = 1;
   for (int n : ns) {

@@ -22,10 +22,10 @@ bool ConstantTimeEquals(std::string_view a, std::string_view b) {
 
 Authorizer MakeBearerAuthorizer(std::string token) {
   if (token.empty()) {
-    return [](const grpc::CallbackServerContext&) { return grpc::Status::OK; };
+    return [](const grpc::ServerContextBase&) { return grpc::Status::OK; };
   }
   auto expected = std::make_shared<const std::string>(std::move(token));
-  return [expected](const grpc::CallbackServerContext& context) {
+  return [expected](const grpc::ServerContextBase& context) {
     const auto& metadata = context.client_metadata();
     auto it = metadata.find("authorization");
     if (it == metadata.end()) {

@@ -10,7 +10,7 @@
 
 namespace wsbridge::daemon {
 
-using Authorizer = std::function<grpc::Status(const grpc::CallbackServerContext&)>;
+using Authorizer = std::function<grpc::Status(const grpc::ServerContextBase&)>;
 
 // An authorizer requiring `authorization: Bearer <token>` metadata; with an empty
 // `token` every call is allowed. Failures are UNAUTHENTICATED and never echo tokens.

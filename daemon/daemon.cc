@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <csignal>
@@ -39,6 +40,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "bridges/core/cq_loop.h"
 #include "bridges/core/log.h"
 #include "daemon/admin_http.h"
 #include "daemon/admin_service.h"
@@ -193,6 +195,10 @@ struct Daemon::Impl {
   void ShutdownBridges();     // on `control`
   void WaitSignal();
   void StopIo(absl::Time grace_until);
+  // After the server shut down: every call tag comes back (ok = false) and is released.
+  void ShutdownCqLoops() {
+    for (auto& loop : cq_loops) loop->Shutdown();
+  }
   std::string ListeningJson() const;
 
   DaemonConfig config;
@@ -226,6 +232,10 @@ struct Daemon::Impl {
   } bridge_calls;
   std::vector<std::unique_ptr<core::Bridge>> bridges;
   std::unique_ptr<AdminServiceImpl> admin_service;
+  // Completion queues for bridges serving on the async API; shut down after the server
+  // and before the bridges whose calls they hold.
+  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs;
+  std::vector<std::unique_ptr<core::CqLoop>> cq_loops;
   // Destroyed before the services it serves.
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<AdminHttpServer> admin_http;
@@ -464,6 +474,13 @@ absl::Status Daemon::Impl::StartServer() {
   factories.push_back(MakeRpcMetricsInterceptorFactory(rpc_tracker, std::move(self_observed)));
   builder.experimental().SetInterceptorCreators(std::move(factories));
 
+  const bool wants_cqs = std::any_of(bridges.begin(), bridges.end(),
+                                     [](const auto& b) { return b->UsesCompletionQueues(); });
+  if (wants_cqs) {
+    const uint32_t n = config.runtime().grpc_cq_threads() != 0 ? config.runtime().grpc_cq_threads() : 1;
+    for (uint32_t i = 0; i < n; ++i) cqs.push_back(builder.AddCompletionQueue());
+  }
+
   server = builder.BuildAndStart();
   unix_bound = server != nullptr && !unix_path.empty();
   if (server == nullptr || (!server_config.listen().empty() && grpc_port == 0)) {
@@ -475,6 +492,18 @@ absl::Status Daemon::Impl::StartServer() {
     return absl::UnavailableError(absl::StrCat(
         "cannot start the gRPC server on ", absl::StrJoin(where, " and "),
         ": the address is in use, not local, or not host:port (see the gRPC error above)"));
+  }
+  if (!cqs.empty()) {
+    std::vector<core::CqLoop*> loops;
+    for (auto& cq : cqs) {
+      cq_loops.push_back(std::make_unique<core::CqLoop>(std::move(cq)));
+      cq_loops.back()->Start();
+      loops.push_back(cq_loops.back().get());
+    }
+    cqs.clear();
+    for (const auto& bridge : bridges) {
+      if (bridge->UsesCompletionQueues()) bridge->ServeAsync(loops);
+    }
   }
   if (!server_config.listen().empty()) grpc_address = WithPort(server_config.listen(), grpc_port);
   if (!unix_path.empty() && chmod(unix_path.c_str(), socket_mode) != 0) {
@@ -744,6 +773,7 @@ absl::Status Daemon::Start() {
     log::Error("server", "start-up failed", {{"error", std::string(status.message())}});
     // Undo whatever did start; bridges are told to stop before their executor does.
     if (impl_->server) impl_->server->Shutdown(std::chrono::system_clock::now());
+    impl_->ShutdownCqLoops();
     for (const auto& bridge : impl_->bridges) {
       bridge->Shutdown(grpc::Status(grpc::StatusCode::UNAVAILABLE, "server failed to start"),
                        [] {});
@@ -792,6 +822,7 @@ void Daemon::Wait() {
   // (health watches, reflection, admin) is cancelled now rather than at the deadline.
   // Blocks until the handlers are done, hence this thread.
   d.server->Shutdown(absl::ToChronoTime(std::min(server_deadline, absl::Now())));
+  d.ShutdownCqLoops();
   d.StopIo(std::min(absl::Now() + absl::Seconds(2), d.exit_deadline));
   d.server.reset();
   if (!d.unix_path.empty() && unlink(d.unix_path.c_str()) != 0 && errno != ENOENT) {

@@ -25,6 +25,8 @@
 
 namespace wsbridge::core {
 
+class CqLoop;
+
 // Per-call accounting (the daemon's request counters and the drain's count of open
 // calls) for bridges that report their own calls instead of going through the daemon's
 // server interceptor: an interceptor costs gRPC a second completion round trip for
@@ -49,7 +51,7 @@ struct BridgeContext {
   std::function<boost::asio::any_io_executor()> session_executor;
   MetricsRegistry* metrics = nullptr;
   // Checks caller credentials (bearer token) of a call. OK when no check is configured.
-  std::function<grpc::Status(const grpc::CallbackServerContext&)> authorize;
+  std::function<grpc::Status(const grpc::ServerContextBase&)> authorize;
   // Tell the daemon that Serving() may have changed (it re-publishes health).
   std::function<void()> health_changed;
   // Where a bridge whose ObservesOwnCalls() is true reports its calls; never null then.
@@ -67,6 +69,13 @@ class Bridge {
   // True when the bridge reports every call of its services to BridgeContext::calls;
   // the daemon then leaves those services out of its interceptor.
   virtual bool ObservesOwnCalls() const { return false; }
+  // True when some of the bridge's methods are served on the completion-queue API:
+  // the daemon then adds completion queues to the server (runtime.grpc_cq_threads),
+  // each drained by its own CqLoop, and calls ServeAsync once the server has started.
+  virtual bool UsesCompletionQueues() const { return false; }
+  // Start requesting calls on `loops` (they outlive every call). Called once, right
+  // after the server started.
+  virtual void ServeAsync(const std::vector<CqLoop*>& loops) { (void)loops; }
   // Starts upstream sessions that are configured to be always on.
   virtual void Start() = 0;
   // New calls are refused with UNAVAILABLE; open calls go on.

@@ -16,6 +16,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "bridges/core/cq_loop.h"
 #include "bridges/core/log.h"
 #include "bridges/core/status.h"
 #include "bridges/dfx/codec.h"
@@ -40,7 +41,7 @@ std::string TokenHash(std::string_view token) {
       absl::string_view(reinterpret_cast<const char*>(digest), sizeof(digest)));
 }
 
-Clock::time_point SteadyDeadline(const grpc::CallbackServerContext& ctx) {
+Clock::time_point SteadyDeadline(const grpc::ServerContextBase& ctx) {
   auto d = ctx.deadline();
   if (d == std::chrono::system_clock::time_point::max()) return Clock::time_point::max();
   auto left = d - std::chrono::system_clock::now();
@@ -85,7 +86,16 @@ class Lease {
   std::shared_ptr<Session> session_;
 };
 
-class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackService {
+// Call, CreateMeasurement and StreamMeasurement on the callback API; SubscribeResults,
+// the fan-out path, on the completion-queue API (AsyncResultsStream).
+using DfxServiceBase = v1::DfxService::WithCallbackMethod_Call<
+    v1::DfxService::WithCallbackMethod_CreateMeasurement<v1::DfxService::WithAsyncMethod_SubscribeResults<
+        v1::DfxService::WithCallbackMethod_StreamMeasurement<v1::DfxService::Service>>>>;
+
+// SubscribeResults calls requested ahead on each completion queue.
+constexpr int kOutstandingSubscribeRequests = 8;
+
+class DfxBridge final : public core::Bridge, public DfxServiceBase {
  public:
   DfxBridge(DfxBridgeOptions options, core::BridgeContext context)
       : options_(std::move(options)),
@@ -114,6 +124,8 @@ class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackServ
   // Every reactor reports itself (CallAccount), so the daemon's interceptor, which
   // doubles gRPC's completion work per operation, stays off this service.
   bool ObservesOwnCalls() const override { return context_.calls != nullptr; }
+  bool UsesCompletionQueues() const override { return true; }
+  void ServeAsync(const std::vector<core::CqLoop*>& loops) override;
   void CallStarted() {
     if (context_.calls != nullptr) context_.calls->Started();
   }
@@ -211,7 +223,7 @@ class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackServ
   const DfxBridgeOptions& options() const { return options_; }
 
   // Authorization, drain and session lookup for one call.
-  absl::StatusOr<Lease> Admit(const grpc::CallbackServerContext& ctx) {
+  absl::StatusOr<Lease> Admit(const grpc::ServerContextBase& ctx) {
     if (draining_.load()) {
       return absl::UnavailableError("the DFX bridge is shutting down; retry on another instance");
     }
@@ -380,8 +392,6 @@ class DfxBridge final : public core::Bridge, public v1::DfxService::CallbackServ
   grpc::ServerUnaryReactor* CreateMeasurement(grpc::CallbackServerContext* ctx,
                                               const v1::CreateMeasurementRequest* req,
                                               v1::CreateMeasurementResponse* resp) override;
-  grpc::ServerWriteReactor<v1::SubscribeResultsResponse>* SubscribeResults(
-      grpc::CallbackServerContext* ctx, const v1::SubscribeResultsRequest* req) override;
   grpc::ServerBidiReactor<v1::MeasurementChunk, MeasurementEvent>* StreamMeasurement(
       grpc::CallbackServerContext* ctx) override;
 
@@ -644,183 +654,240 @@ absl::Status SlowConsumer(size_t limit) {
       "SLOW_CONSUMER", kErrorDomain);
 }
 
-class ResultsStream final : public grpc::ServerWriteReactor<v1::SubscribeResultsResponse>,
-                            public ResultSink,
-                            public std::enable_shared_from_this<ResultsStream> {
+// SubscribeResults on the completion-queue API (see bridges/core/cq_loop.h for why).
+// Every member below is touched only on the stream's CqLoop thread: the session's
+// strand reaches it through CqLoop::Post, gRPC through the tags. The object owns
+// itself (self_) until gRPC has returned every tag it was given.
+class AsyncResultsStream final : public ResultSink,
+                                 public std::enable_shared_from_this<AsyncResultsStream> {
  public:
-  ResultsStream(DfxBridge* bridge, grpc::CallbackServerContext* ctx)
-      : bridge_(bridge), ctx_(ctx), account_(bridge, kSubscribeResultsMethod) {}
+  AsyncResultsStream(DfxBridge* bridge, core::CqLoop* loop)
+      : bridge_(bridge), loop_(loop), writer_(&ctx_) {}
 
-  void Begin(const v1::SubscribeResultsRequest& req) {
-    self_ = shared_from_this();
-    call_id_ = bridge_->calls().Add([w = weak_from_this()](const grpc::Status& st) {
-      if (auto s = w.lock()) s->FinishNow(st);
+  // Asks gRPC for the next SubscribeResults call on `loop` (any thread).
+  static void Request(DfxBridge* bridge, core::CqLoop* loop) {
+    auto s = std::make_shared<AsyncResultsStream>(bridge, loop);
+    s->self_ = s;
+    // Before the request: the done tag comes back once the matched call is over.
+    s->ctx_.AsyncNotifyWhenDone(&s->done_tag_);
+    const bool requested = loop->RunIfAccepting([&] {
+      bridge->RequestSubscribeResults(&s->ctx_, &s->req_, &s->writer_, loop->cq(), loop->cq(),
+                                      &s->matched_tag_);
+    });
+    if (!requested) s->self_.reset();
+  }
+
+  // ResultSink (session strand): hand over to the loop thread.
+  void OnSubscribed() override {
+    loop_->Post([s = shared_from_this()] { s->Subscribed(); });
+  }
+  void OnResult(const ResultPtr& result, const ResultInfo& info) override {
+    loop_->Post([s = shared_from_this(), result, complete = info.complete] {
+      s->Result(result, complete);
+    });
+  }
+  void OnSubscriptionEnded(const absl::Status& status) override {
+    loop_->Post([s = shared_from_this(), status] {
+      s->subscribed_ = false;
+      s->FinishWith(core::ToGrpcStatus(status));
+    });
+  }
+
+ private:
+  // --- gRPC tags (loop thread). ---
+  void OnMatched(bool ok) {
+    if (!ok) {  // the server is shutting down; the call was never matched
+      self_.reset();
+      return;
+    }
+    matched_ = true;
+    Request(bridge_, loop_);  // keep a request outstanding for the next caller
+    account_.emplace(bridge_, kSubscribeResultsMethod);
+    call_id_ = bridge_->calls().Add([w = weak_from_this(), loop = loop_](const grpc::Status& st) {
+      loop->Post([w, st] {
+        if (auto s = w.lock()) s->FinishWith(st);
+      });
     });
     if (call_id_ == 0) {
-      FinishNow(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the DFX bridge is shutting down"));
+      FinishWith(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the DFX bridge is shutting down"));
       return;
     }
-    absl::StatusOr<Lease> lease = bridge_->Admit(*ctx_);
+    absl::StatusOr<Lease> lease = bridge_->Admit(ctx_);
     if (!lease.ok()) {
-      FinishNow(core::ToGrpcStatus(lease.status()));
+      FinishWith(core::ToGrpcStatus(lease.status()));
       return;
     }
-    if (req.measurement_id().empty()) {
-      FinishNow(core::ToGrpcStatus(
+    if (req_.measurement_id().empty()) {
+      FinishWith(core::ToGrpcStatus(
           absl::InvalidArgumentError("measurement_id is required (from CreateMeasurement)")));
       return;
     }
-    absl::MutexLock lock(&mu_);
-    if (finished_) return;
     lease_ = std::move(*lease);
-    mid_ = req.measurement_id();
+    mid_ = req_.measurement_id();
     sub_id_ = lease_->Subscribe(mid_, shared_from_this());
     subscribed_ = true;
   }
 
-  // ResultSink (session strand).
-  void OnSubscribed() override {
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_ || sent_metadata_ || writing_) return;
-      sent_metadata_ = true;
+  void OnMetadataSent(bool ok) {
+    --ops_;
+    writing_ = false;
+    if (!ok) {
+      FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke"));
+    } else {
+      WriteNext();
     }
+    MaybeRelease();
+  }
+
+  void OnWritten(bool ok) {
+    --ops_;
+    writing_ = false;
+    if (!ok) {
+      FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke"));
+    } else {
+      WriteNext();
+    }
+    MaybeRelease();
+  }
+
+  void OnFinished(bool /*ok*/) {
+    --ops_;
+    MaybeRelease();
+  }
+
+  // The call is over: finished by us, or cancelled by the caller or the server.
+  void OnDone(bool /*ok*/) {
+    done_ = true;
+    if (!finished_) finished_ = true;  // cancelled: no Finish() is needed any more
+    Unsubscribe();
+    lease_.Release();
+    if (call_id_ != 0) bridge_->calls().Remove(call_id_);
+    if (account_.has_value()) account_->Done();
+    MaybeRelease();
+  }
+
+  // --- Loop thread. ---
+  void Subscribed() {
+    if (finished_ || sent_metadata_ || writing_) return;
     // Initial metadata tells the caller the upstream subscription is active.
-    StartSendInitialMetadata();
+    sent_metadata_ = true;
+    writing_ = true;
+    ++ops_;
+    writer_.SendInitialMetadata(&metadata_tag_);
   }
 
-  void OnResult(const ResultPtr& result, const ResultInfo& info) override {
-    Actions<v1::SubscribeResultsResponse> a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_ || pending_finish_) return;
-      if (pending_.size() >= bridge_->options().subscriber_queue) {
-        a.finish = core::ToGrpcStatus(SlowConsumer(bridge_->options().subscriber_queue));
-        MarkFinishedLocked();
-      } else {
-        sent_metadata_ = true;
-        pending_.push_back(result);
-        if (!writing_) a.write = NextBatchLocked();
-        if (info.complete) {
-          // The measurement's last result: end cleanly once it is written.
-          pending_finish_ = true;
-          if (subscribed_) {
-            lease_->Unsubscribe(mid_, sub_id_);
-            subscribed_ = false;
-          }
-        }
+  void Result(const ResultPtr& result, bool complete) {
+    if (finished_ || pending_finish_) return;
+    if (pending_.size() >= bridge_->options().subscriber_queue) {
+      FinishWith(core::ToGrpcStatus(SlowConsumer(bridge_->options().subscriber_queue)));
+      return;
+    }
+    sent_metadata_ = true;  // a write sends it
+    pending_.push_back(result);
+    if (complete) {
+      // The measurement's last result: end cleanly once it is written.
+      pending_finish_ = true;
+      Unsubscribe();
+    }
+    if (!writing_) WriteNext();
+  }
+
+  // Writes the queued results (up to a batch) or, with none left, a pending finish.
+  void WriteNext() {
+    if (writing_ || finish_started_) return;
+    if (pending_.empty()) {
+      if (pending_finish_ && !finished_) {
+        finished_ = true;
+        StartFinish(grpc::Status::OK);
+      } else if (finished_ && final_status_.has_value()) {
+        StartFinish(*final_status_);
       }
+      return;
     }
-    Run(a);
-  }
-
-  void OnSubscriptionEnded(const absl::Status& status) override {
-    {
-      absl::MutexLock lock(&mu_);
-      subscribed_ = false;
-    }
-    FinishNow(core::ToGrpcStatus(status));
-  }
-
-  // gRPC.
-  void OnWriteDone(bool ok) override {
-    Actions<v1::SubscribeResultsResponse> a;
-    {
-      absl::MutexLock lock(&mu_);
-      writing_ = false;
-      if (!ok) {
-        if (!finished_) {
-          a.finish = grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke");
-          MarkFinishedLocked();
-        }
-      } else if (!finished_) {
-        a.write = NextBatchLocked();
-        if (a.write == nullptr && pending_finish_) {
-          a.finish = grpc::Status::OK;
-          MarkFinishedLocked();
-        }
-      }
-    }
-    Run(a);
-  }
-  void OnCancel() override {
-    FinishNow(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
-  }
-  void OnDone() override {
-    {
-      absl::MutexLock lock(&mu_);
-      MarkFinishedLocked();
-      lease_.Release();
-    }
-    account_.Done();
-    bridge_->calls().Remove(call_id_);
-    self_.reset();
-  }
-
- private:
-  void FinishNow(const grpc::Status& st) {
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      MarkFinishedLocked();
-    }
-    account_.Finishing(st.error_code());
-    Finish(st);
-  }
-  // Stops routing results here: the last subscriber leaving releases the upstream one.
-  void MarkFinishedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    finished_ = true;
-    if (subscribed_ && lease_.get() != nullptr) {
-      lease_->Unsubscribe(mid_, sub_id_);
-      subscribed_ = false;
-    }
-  }
-  void Run(const Actions<v1::SubscribeResultsResponse>& a) {
-    if (a.write != nullptr) StartWrite(a.write);
-    if (a.finish.has_value()) {
-      account_.Finishing(a.finish->error_code());
-      Finish(*a.finish);
-    }
-  }
-  // Moves the queued results (up to a batch) into the message to write next; null
-  // when none are queued. The message is only touched while no write is in flight.
-  const v1::SubscribeResultsResponse* NextBatchLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (pending_.empty()) return nullptr;
+    if (finished_) return;
     batch_.Clear();
     size_t bytes = 0;
     while (!pending_.empty() && batch_.results_size() < kMaxResultsPerMessage &&
-           (batch_.results_size() == 0 || bytes + pending_.front()->json_body().size() <= kMaxBatchBytes)) {
+           (batch_.results_size() == 0 ||
+            bytes + pending_.front()->json_body().size() <= kMaxBatchBytes)) {
       bytes += pending_.front()->json_body().size();
       *batch_.add_results() = *pending_.front();
       pending_.pop_front();
     }
     writing_ = true;
-    return &batch_;
+    ++ops_;
+    writer_.Write(batch_, &write_tag_);
+  }
+
+  // Ends the call with `status` (the first status wins), after a write in flight.
+  void FinishWith(const grpc::Status& status) {
+    if (!matched_ || finished_ || done_) return;
+    finished_ = true;
+    Unsubscribe();
+    pending_.clear();
+    if (writing_) {
+      final_status_ = status;  // WriteNext finishes once the write is done
+    } else {
+      StartFinish(status);
+    }
+  }
+
+  void StartFinish(const grpc::Status& status) {
+    if (finish_started_ || done_) return;
+    finish_started_ = true;
+    if (account_.has_value()) account_->Finishing(status.error_code());
+    ++ops_;
+    writer_.Finish(status, &finish_tag_);
+  }
+
+  // Stops routing results here: the last subscriber leaving releases the upstream one.
+  void Unsubscribe() {
+    if (subscribed_ && lease_.get() != nullptr) {
+      lease_->Unsubscribe(mid_, sub_id_);
+    }
+    subscribed_ = false;
+  }
+
+  void MaybeRelease() {
+    if (done_ && ops_ == 0) self_.reset();
   }
 
   DfxBridge* bridge_;
-  grpc::CallbackServerContext* ctx_;
-  CallAccount account_;
-  std::shared_ptr<ResultsStream> self_;
+  core::CqLoop* loop_;
+  grpc::ServerContext ctx_;
+  v1::SubscribeResultsRequest req_;
+  grpc::ServerAsyncWriter<v1::SubscribeResultsResponse> writer_;
+  std::shared_ptr<AsyncResultsStream> self_;
+  core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnMatched> matched_tag_{this};
+  core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnMetadataSent> metadata_tag_{this};
+  core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnWritten> write_tag_{this};
+  core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnFinished> finish_tag_{this};
+  core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnDone> done_tag_{this};
+  std::optional<CallAccount> account_;
   core::ActiveCalls::Id call_id_ = 0;
-  absl::Mutex mu_;
-  Lease lease_ ABSL_GUARDED_BY(mu_);
+  Lease lease_;
   std::string mid_;
   uint64_t sub_id_ = 0;
-  bool subscribed_ ABSL_GUARDED_BY(mu_) = false;
-  bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  bool sent_metadata_ ABSL_GUARDED_BY(mu_) = false;
-  bool pending_finish_ ABSL_GUARDED_BY(mu_) = false;
-  std::deque<ResultPtr> pending_ ABSL_GUARDED_BY(mu_);  // not yet in a message
-  bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  v1::SubscribeResultsResponse batch_ ABSL_GUARDED_BY(mu_);  // the message in flight
+  int ops_ = 0;  // metadata, write and finish operations gRPC has not returned yet
+  bool matched_ = false;
+  bool subscribed_ = false;
+  bool sent_metadata_ = false;
+  bool writing_ = false;
+  bool pending_finish_ = false;  // OK once the queued results are written
+  bool finished_ = false;        // no more results; a Finish is started or not needed
+  bool finish_started_ = false;
+  bool done_ = false;
+  std::optional<grpc::Status> final_status_;  // to finish with once a write is done
+  std::deque<ResultPtr> pending_;              // not yet in a message
+  v1::SubscribeResultsResponse batch_;         // the message in flight
 };
 
-grpc::ServerWriteReactor<v1::SubscribeResultsResponse>* DfxBridge::SubscribeResults(
-    grpc::CallbackServerContext* ctx, const v1::SubscribeResultsRequest* req) {
-  auto r = std::make_shared<ResultsStream>(this, ctx);
-  r->Begin(*req);
-  return r.get();
+void DfxBridge::ServeAsync(const std::vector<core::CqLoop*>& loops) {
+  // A few requests outstanding per queue, so that a burst of new subscribers does not
+  // wait for each match to request the next.
+  for (core::CqLoop* loop : loops) {
+    for (int i = 0; i < kOutstandingSubscribeRequests; ++i) AsyncResultsStream::Request(this, loop);
+  }
 }
 
 class MeasurementStream final
