@@ -86,14 +86,16 @@ class Lease {
   std::shared_ptr<Session> session_;
 };
 
-// Call, CreateMeasurement and StreamMeasurement on the callback API; SubscribeResults,
-// the fan-out path, on the completion-queue API (AsyncResultsStream).
-using DfxServiceBase = v1::DfxService::WithCallbackMethod_Call<
+// The hot paths on the completion-queue API: Call (latency, AsyncCall) and
+// SubscribeResults (fan-out, AsyncResultsStream); CreateMeasurement and
+// StreamMeasurement on the callback API.
+using DfxServiceBase = v1::DfxService::WithAsyncMethod_Call<
     v1::DfxService::WithCallbackMethod_CreateMeasurement<v1::DfxService::WithAsyncMethod_SubscribeResults<
         v1::DfxService::WithCallbackMethod_StreamMeasurement<v1::DfxService::Service>>>>;
 
-// SubscribeResults calls requested ahead on each completion queue.
+// Calls requested ahead on each completion queue, per async method.
 constexpr int kOutstandingSubscribeRequests = 8;
+constexpr int kOutstandingCallRequests = 16;
 
 class DfxBridge final : public core::Bridge, public DfxServiceBase {
  public:
@@ -387,8 +389,6 @@ class DfxBridge final : public core::Bridge, public DfxServiceBase {
   }
 
   // --- gRPC methods (defined below). ---
-  grpc::ServerUnaryReactor* Call(grpc::CallbackServerContext* ctx, const v1::CallRequest* req,
-                                 v1::CallResponse* resp) override;
   grpc::ServerUnaryReactor* CreateMeasurement(grpc::CallbackServerContext* ctx,
                                               const v1::CreateMeasurementRequest* req,
                                               v1::CreateMeasurementResponse* resp) override;
@@ -522,50 +522,152 @@ class UnaryReactor final : public grpc::ServerUnaryReactor {
   CallAccount account_;
 };
 
-grpc::ServerUnaryReactor* DfxBridge::Call(grpc::CallbackServerContext* ctx,
-                                          const v1::CallRequest* req, v1::CallResponse* resp) {
-  auto* r = new UnaryReactor(this, kCallMethod);
-  if (!r->Admit(ctx)) return r;
-  if (absl::Status st = ValidateActionId(req->action_id()); !st.ok()) {
-    r->Fail(st);
-    return r;
-  }
-  const std::string& action = req->action_id();
+// What Call accepts: any action id but the ones with their own RPC, with a JSON object
+// body (empty = {}).
+absl::Status ValidateCall(const v1::CallRequest& req) {
+  if (absl::Status st = ValidateActionId(req.action_id()); !st.ok()) return st;
+  const std::string& action = req.action_id();
   if (action == kActionLogin) {
-    r->Fail(absl::InvalidArgumentError(
+    return absl::InvalidArgumentError(
         "action 0718 (login) is managed by the bridge: it logs in with the device token on "
-        "every connect"));
-    return r;
+        "every connect");
   }
   if (action == kActionSubscribeResults) {
-    r->Fail(absl::InvalidArgumentError(
-        "action 0510 (subscribe to results) streams results: use SubscribeResults"));
-    return r;
+    return absl::InvalidArgumentError(
+        "action 0510 (subscribe to results) streams results: use SubscribeResults");
   }
   if (action == kActionMeasurementData) {
-    r->Fail(absl::InvalidArgumentError(
-        "action 0506 (measurement data) must be ordered and paced: use StreamMeasurement"));
-    return r;
+    return absl::InvalidArgumentError(
+        "action 0506 (measurement data) must be ordered and paced: use StreamMeasurement");
   }
-  std::string body = req->json_body().empty() ? "{}" : req->json_body();
-  if (absl::Status st = ValidateJsonObject(body); !st.ok()) {
-    r->Fail(st);
-    return r;
-  }
-  r->state()->op_id.store(r->session()->Request(
-      action, std::move(body), SteadyDeadline(*ctx),
-      [s = r->state(), resp](absl::StatusOr<Response> answer) {
-        if (!answer.ok()) {
-          s->Finish(core::ToGrpcStatus(answer.status()));
-          return;
-        }
-        s->Finish(grpc::Status::OK, [&] {
-          resp->set_status(static_cast<uint32_t>(answer->status));
-          resp->set_json_body(std::move(answer->body));
-        });
-      }));
-  return r;
+  if (!req.json_body().empty()) return ValidateJsonObject(req.json_body());
+  return absl::OkStatus();
 }
+
+// Call on the completion-queue API, the latency path: matched, admitted and sent on
+// its CqLoop thread; the session's strand posts the answer back to that thread, which
+// finishes the call. One object per call; it owns itself (self_) until gRPC has
+// returned every tag it was given. All members are touched only on the loop thread.
+class AsyncCall final : public std::enable_shared_from_this<AsyncCall> {
+ public:
+  AsyncCall(DfxBridge* bridge, core::CqLoop* loop)
+      : bridge_(bridge), loop_(loop), responder_(&ctx_) {}
+
+  // Asks gRPC for the next Call on `loop` (any thread).
+  static void Request(DfxBridge* bridge, core::CqLoop* loop) {
+    auto c = std::make_shared<AsyncCall>(bridge, loop);
+    c->self_ = c;
+    c->ctx_.AsyncNotifyWhenDone(&c->done_tag_);
+    const bool requested = loop->RunIfAccepting([&] {
+      bridge->RequestCall(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(),
+                          &c->matched_tag_);
+    });
+    if (!requested) c->self_.reset();
+  }
+
+ private:
+  void OnMatched(bool ok) {
+    if (!ok) {  // the server is shutting down; the call was never matched
+      self_.reset();
+      return;
+    }
+    matched_ = true;
+    Request(bridge_, loop_);  // keep a request outstanding for the next caller
+    account_.emplace(bridge_, kCallMethod);
+    call_id_ = bridge_->calls().Add([w = weak_from_this(), loop = loop_](const grpc::Status& st) {
+      loop->Post([w, st] {
+        if (auto c = w.lock()) c->FinishWith(st);
+      });
+    });
+    if (call_id_ == 0) {
+      FinishWith(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                              "the DFX bridge is shutting down; retry on another instance"));
+      return;
+    }
+    absl::StatusOr<Lease> lease = bridge_->Admit(ctx_);
+    if (!lease.ok()) {
+      FinishWith(core::ToGrpcStatus(lease.status()));
+      return;
+    }
+    lease_ = std::move(*lease);
+    if (absl::Status st = ValidateCall(req_); !st.ok()) {
+      FinishWith(core::ToGrpcStatus(st));
+      return;
+    }
+    std::string body = req_.json_body().empty() ? "{}" : std::move(*req_.mutable_json_body());
+    op_id_ = lease_->Request(
+        req_.action_id(), std::move(body), SteadyDeadline(ctx_),
+        [c = shared_from_this()](absl::StatusOr<Response> answer) mutable {
+          core::CqLoop* loop = c->loop_;
+          loop->Post([c = std::move(c), answer = std::move(answer)]() mutable {
+            c->Answer(std::move(answer));
+          });
+        });
+  }
+
+  void Answer(absl::StatusOr<Response> answer) {
+    if (finished_) return;
+    if (!answer.ok()) {
+      FinishWith(core::ToGrpcStatus(answer.status()));
+      return;
+    }
+    resp_.set_status(static_cast<uint32_t>(answer->status));
+    resp_.set_json_body(std::move(answer->body));
+    FinishWith(grpc::Status::OK);
+  }
+
+  void FinishWith(const grpc::Status& status) {
+    if (!matched_ || finished_ || done_) return;
+    finished_ = true;
+    if (account_.has_value()) account_->Finishing(status.error_code());
+    ++ops_;
+    if (status.ok()) {
+      responder_.Finish(resp_, status, &finish_tag_);
+    } else {
+      responder_.FinishWithError(status, &finish_tag_);
+    }
+  }
+
+  void OnFinished(bool /*ok*/) {
+    --ops_;
+    MaybeRelease();
+  }
+
+  // The call is over: finished, or cancelled by the caller (the upstream request is
+  // dropped then; a late answer is ignored).
+  void OnDone(bool /*ok*/) {
+    done_ = true;
+    if (!finished_ && op_id_ != 0 && lease_.get() != nullptr) lease_->Cancel(op_id_);
+    finished_ = true;
+    lease_.Release();
+    if (call_id_ != 0) bridge_->calls().Remove(call_id_);
+    if (account_.has_value()) account_->Done();
+    MaybeRelease();
+  }
+
+  void MaybeRelease() {
+    if (done_ && ops_ == 0) self_.reset();
+  }
+
+  DfxBridge* bridge_;
+  core::CqLoop* loop_;
+  grpc::ServerContext ctx_;
+  v1::CallRequest req_;
+  v1::CallResponse resp_;
+  grpc::ServerAsyncResponseWriter<v1::CallResponse> responder_;
+  std::shared_ptr<AsyncCall> self_;
+  core::MemberTag<AsyncCall, &AsyncCall::OnMatched> matched_tag_{this};
+  core::MemberTag<AsyncCall, &AsyncCall::OnFinished> finish_tag_{this};
+  core::MemberTag<AsyncCall, &AsyncCall::OnDone> done_tag_{this};
+  std::optional<CallAccount> account_;
+  core::ActiveCalls::Id call_id_ = 0;
+  Lease lease_;
+  uint64_t op_id_ = 0;
+  int ops_ = 0;
+  bool matched_ = false;
+  bool finished_ = false;
+  bool done_ = false;
+};
 
 grpc::ServerUnaryReactor* DfxBridge::CreateMeasurement(grpc::CallbackServerContext* ctx,
                                                        const v1::CreateMeasurementRequest* req,
@@ -887,6 +989,7 @@ void DfxBridge::ServeAsync(const std::vector<core::CqLoop*>& loops) {
   // wait for each match to request the next.
   for (core::CqLoop* loop : loops) {
     for (int i = 0; i < kOutstandingSubscribeRequests; ++i) AsyncResultsStream::Request(this, loop);
+    for (int i = 0; i < kOutstandingCallRequests; ++i) AsyncCall::Request(this, loop);
   }
 }
 
