@@ -1,5 +1,9 @@
 // wsbridged: serves third-party WebSocket APIs as typed gRPC services.
+#include <sys/resource.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <iostream>
 #include <string>
 #include <string_view>
@@ -43,6 +47,27 @@ config.
 #ifndef WSBRIDGE_VERSION
 #define WSBRIDGE_VERSION "unknown"
 #endif
+
+}  // namespace
+
+namespace {
+
+// Every upstream session is a socket and every caller connection another: raise the
+// soft descriptor limit to the hard one (commonly 1024 -> 1048576 under systemd and
+// container runtimes) so that thousands of sessions do not fail with EMFILE. Returns
+// the resulting soft limit (0 when unknown).
+rlim_t RaiseDescriptorLimit() {
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return 0;
+  if (lim.rlim_cur < lim.rlim_max) {
+    rlimit raised = lim;
+    raised.rlim_cur = lim.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) return raised.rlim_cur;
+    std::cerr << "wsbridged: cannot raise the open-file limit from " << lim.rlim_cur << " to "
+              << lim.rlim_max << ": " << std::strerror(errno) << "\n";
+  }
+  return lim.rlim_cur;
+}
 
 }  // namespace
 
@@ -101,6 +126,8 @@ int main(int argc, char** argv) {
   // sanitizer builds keep it, so lock-order cycles still show up in testing.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 #endif
+
+  RaiseDescriptorLimit();
 
   wsbridge::core::BridgeRegistry registry;
   wsbridge::core::RegisterBuiltinBridges(registry);

@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -267,6 +268,40 @@ TEST(ProcessTest, ServesAndExitsCleanlyOnSigterm) {
   const std::string err = process.Stderr();
   EXPECT_NE(err.find("draining"), std::string::npos) << err;
   EXPECT_NE(err.find("stopped"), std::string::npos) << err;
+}
+
+// Thousands of upstream sessions need as many descriptors: wsbridged raises its soft
+// open-file limit to the hard limit at start.
+TEST(ProcessTest, RaisesTheOpenFileSoftLimitToTheHardLimit) {
+  rlimit original{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &original), 0);
+  if (original.rlim_max != RLIM_INFINITY && original.rlim_max <= 256) {
+    GTEST_SKIP() << "hard open-file limit " << original.rlim_max << " leaves nothing to raise";
+  }
+  TempDir dir;
+  const std::string config = dir.WriteFile("wsbridged.yaml", Config(dir, "1s", "10s"));
+  // The child inherits a low soft limit from this process for the spawn only.
+  rlimit low = original;
+  low.rlim_cur = 256;
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &low), 0);
+  DaemonProcess process({"--config", config}, dir.path() + "/stderr.txt");
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &original), 0);
+  ASSERT_TRUE(process.spawned());
+  ASSERT_TRUE(AwaitListening(process).has_value()) << process.Stderr();
+  std::ifstream limits("/proc/" + std::to_string(process.pid()) + "/limits");
+  std::string line, soft, hard;
+  while (std::getline(limits, line)) {
+    if (line.rfind("Max open files", 0) != 0) continue;
+    std::istringstream fields(line.substr(std::string("Max open files").size()));
+    fields >> soft >> hard;
+  }
+  ASSERT_FALSE(soft.empty());
+  EXPECT_EQ(soft, hard);
+  EXPECT_NE(soft, "256");
+  ASSERT_EQ(kill(process.pid(), SIGTERM), 0);
+  auto status = process.WaitExit(std::chrono::seconds(10));
+  ASSERT_TRUE(status.has_value()) << process.Stderr();
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << process.Stderr();
 }
 
 TEST(ProcessTest, SecondSignalExitsAtOnce) {
