@@ -781,11 +781,12 @@ int64_t UpstreamStat(WsClient& control, const std::string& key) {
   return std::atoll(JsonField(r, key).c_str());
 }
 
-// RSS after the allocator has settled: the lowest of a few readings.
+// RSS once idle: the lowest reading over 6 s, which covers one period of wsbridged's
+// default runtime.memory_trim_interval (5 s), when freed heap goes back to the kernel.
 int64_t SettledRss(const Daemon& d) {
   int64_t best = INT64_MAX;
-  for (int i = 0; i < 5; ++i) {
-    std::this_thread::sleep_for(milliseconds(100));
+  for (int i = 0; i < 12; ++i) {
+    std::this_thread::sleep_for(milliseconds(500));
     best = std::min(best, d.RssKiB());
   }
   return best;

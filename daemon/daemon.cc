@@ -1,5 +1,6 @@
 #include "daemon/daemon.h"
 
+#include <malloc.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -182,7 +183,7 @@ const char* SessionStateLabel(wsbridge::admin::v1::SessionState state) {
 struct Daemon::Impl {
   Impl(DaemonConfig c, core::BridgeRegistry& r, DaemonOptions o)
       : config(std::move(c)), registry(r), options(o), control(asio::make_strand(io)),
-        health_timer(control), drain_timer(control), signals(control) {}
+        health_timer(control), drain_timer(control), trim_timer(control), signals(control) {}
 
   absl::Status Start();
   absl::Status BuildBridges();
@@ -190,6 +191,7 @@ struct Daemon::Impl {
   void AddCollectors();
   void PublishHealth();       // on `control`
   void ScheduleHealthPoll();  // on `control`
+  void ScheduleMemoryTrim();  // on `control`
   void BeginShutdown();       // on `control`
   void PollDrain();           // on `control`
   void ShutdownBridges();     // on `control`
@@ -216,6 +218,7 @@ struct Daemon::Impl {
   std::vector<std::thread> threads;
   asio::strand<asio::io_context::executor_type> control;
   asio::steady_timer health_timer;
+  asio::steady_timer trim_timer;
   asio::steady_timer drain_timer;
   asio::signal_set signals;
 
@@ -580,7 +583,10 @@ absl::Status Daemon::Impl::Start() {
     admin_http = *std::move(http);
   }
 
-  asio::post(control, [this] { ScheduleHealthPoll(); });
+  asio::post(control, [this] {
+    ScheduleHealthPoll();
+    ScheduleMemoryTrim();
+  });
   if (options.handle_signals) {
     signals.add(SIGTERM);
     signals.add(SIGINT);
@@ -618,6 +624,23 @@ void Daemon::Impl::ScheduleHealthPoll() {
     PublishHealth();
     ScheduleHealthPoll();
   });
+}
+
+void Daemon::Impl::ScheduleMemoryTrim() {
+#ifdef __GLIBC__
+  // Unset means the default; an explicit 0 disables trimming.
+  const auto& d = config.runtime().memory_trim_interval();
+  const absl::Duration every = config.runtime().has_memory_trim_interval()
+                                   ? absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos())
+                                   : absl::Seconds(5);
+  if (every <= absl::ZeroDuration() || draining.load()) return;
+  trim_timer.expires_after(absl::ToChronoNanoseconds(every));
+  trim_timer.async_wait([this](boost::system::error_code ec) {
+    if (ec) return;
+    malloc_trim(0);
+    ScheduleMemoryTrim();
+  });
+#endif
 }
 
 void Daemon::Impl::WaitSignal() {
@@ -727,6 +750,7 @@ void Daemon::Impl::StopIo(absl::Time grace_until) {
     boost::system::error_code ignored;
     health_timer.cancel();
     drain_timer.cancel();
+    trim_timer.cancel();
     signals.cancel(ignored);
   });
   work.clear();

@@ -70,6 +70,8 @@ TEST(ConfigLoad, DefaultsAreApplied) {
   EXPECT_EQ(c->shutdown().drain_timeout().seconds(), 10);
   EXPECT_EQ(c->shutdown().deadline().seconds(), 15);
   EXPECT_EQ(c->runtime().io_threads(), 2u);
+  EXPECT_EQ(c->runtime().grpc_cq_threads(), 1u);
+  EXPECT_EQ(c->runtime().memory_trim_interval().seconds(), 5);
   EXPECT_EQ(c->log().format(), "plain");
   EXPECT_EQ(c->log().level(), "info");
   const v1::DfxBridgeConfig& dfx = c->bridges(0).dfx();
@@ -100,7 +102,7 @@ TEST(ConfigLoad, ExplicitValuesWinOverDefaults) {
   max_message_bytes: 2048
 log: {level: debug, format: json}
 shutdown: {drain_timeout: 0s, deadline: 1.5s}
-runtime: {io_threads: 8}
+runtime: {io_threads: 8, grpc_cq_threads: 3, memory_trim_interval: 0s}
 )",
                                                         "test.yaml");
   ASSERT_TRUE(c.ok()) << c.status();
@@ -114,6 +116,9 @@ runtime: {io_threads: 8}
   EXPECT_EQ(c->shutdown().deadline().seconds(), 1);
   EXPECT_EQ(c->shutdown().deadline().nanos(), 500'000'000);
   EXPECT_EQ(c->runtime().io_threads(), 8u);
+  EXPECT_EQ(c->runtime().grpc_cq_threads(), 3u);
+  EXPECT_TRUE(c->runtime().has_memory_trim_interval());  // 0s: trimming off
+  EXPECT_EQ(c->runtime().memory_trim_interval().seconds(), 0);
 }
 
 TEST(ConfigLoad, DemoConfigLoadsWithNoEnvironment) {

@@ -26,6 +26,8 @@ server:
   listen: "127.0.0.1:0"
 log:
   level: warn
+# Two completion-queue loops: Call and SubscribeResults are matched on either.
+runtime: {grpc_cq_threads: 2}
 bridges:
   - name: dfx
     dfx:
