@@ -544,51 +544,117 @@ absl::Status ValidateCall(const v1::CallRequest& req) {
   return absl::OkStatus();
 }
 
-// Call on the completion-queue API, the latency path: matched, admitted and sent on
-// its CqLoop thread; the session's strand posts the answer back to that thread, which
-// finishes the call. One object per call; it owns itself (self_) until gRPC has
-// returned every tag it was given. All members are touched only on the loop thread.
-class AsyncCall final : public std::enable_shared_from_this<AsyncCall> {
- public:
-  AsyncCall(DfxBridge* bridge, core::CqLoop* loop)
-      : bridge_(bridge), loop_(loop), responder_(&ctx_) {}
+// What every DFX call served on the completion-queue API shares: it owns itself
+// (self_) from its request until gRPC has returned every tag it was given (the done
+// tag and `ops_` more), admits itself once matched, and is touched only on its CqLoop
+// thread. `Derived` has FinishWith(const grpc::Status&) and the tags.
+template <typename Derived>
+class AsyncCallBase : public std::enable_shared_from_this<Derived> {
+ protected:
+  AsyncCallBase(DfxBridge* bridge, core::CqLoop* loop, std::string_view method)
+      : bridge_(bridge), loop_(loop), method_(method) {}
 
-  // Asks gRPC for the next Call on `loop` (any thread).
-  static void Request(DfxBridge* bridge, core::CqLoop* loop) {
-    auto c = std::make_shared<AsyncCall>(bridge, loop);
-    c->self_ = c;
-    c->ctx_.AsyncNotifyWhenDone(&c->done_tag_);
-    const bool requested = loop->RunIfAccepting([&] {
-      bridge->RequestCall(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(),
-                          &c->matched_tag_);
-    });
-    if (!requested) c->self_.reset();
+  // Starts `call`: the done tag, then `request` (gRPC's Request<Method>) unless the
+  // loop is shutting down.
+  template <typename Request>
+  static void Start(std::shared_ptr<Derived> call, core::CqTag* done_tag, Request&& request) {
+    call->self_ = call;
+    call->ctx_.AsyncNotifyWhenDone(done_tag);
+    if (!call->loop_->RunIfAccepting(std::forward<Request>(request))) call->self_.reset();
   }
 
- private:
-  void OnMatched(bool ok) {
-    if (!ok) {  // the server is shutting down; the call was never matched
+  // On the matched tag: requests the next call, registers this one (accounting, drain)
+  // and admits it. The lease, or nullopt when the call was never matched (server
+  // shutdown) or has been finished with an error.
+  std::optional<Lease> AdmitMatched(bool ok) {
+    if (!ok) {
       self_.reset();
-      return;
+      return std::nullopt;
     }
     matched_ = true;
-    Request(bridge_, loop_);  // keep a request outstanding for the next caller
-    account_.emplace(bridge_, kCallMethod);
-    call_id_ = bridge_->calls().Add([w = weak_from_this(), loop = loop_](const grpc::Status& st) {
+    Derived::Request(bridge_, loop_);  // keep a request outstanding for the next caller
+    account_.emplace(bridge_, method_);
+    call_id_ = bridge_->calls().Add([w = this->weak_from_this(), loop = loop_](const grpc::Status& st) {
       loop->Post([w, st] {
         if (auto c = w.lock()) c->FinishWith(st);
       });
     });
     if (call_id_ == 0) {
-      FinishWith(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                              "the DFX bridge is shutting down; retry on another instance"));
-      return;
+      Self().FinishWith(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                     "the DFX bridge is shutting down; retry on another instance"));
+      return std::nullopt;
     }
     absl::StatusOr<Lease> lease = bridge_->Admit(ctx_);
     if (!lease.ok()) {
-      FinishWith(core::ToGrpcStatus(lease.status()));
-      return;
+      Self().FinishWith(core::ToGrpcStatus(lease.status()));
+      return std::nullopt;
     }
+    return std::move(*lease);
+  }
+
+  // On the done tag: the call is over (finished, or cancelled by the caller or the
+  // server). Releases what admission took; the object goes once no tag is out.
+  void EndCall(Lease& lease) {
+    done_ = true;
+    finished_ = true;
+    lease.Release();
+    if (call_id_ != 0) bridge_->calls().Remove(call_id_);
+    if (account_.has_value()) account_->Done();
+    MaybeRelease();
+  }
+
+  void Finishing(const grpc::Status& status) {
+    if (account_.has_value()) account_->Finishing(status.error_code());
+  }
+  void OpStarted() { ++ops_; }
+  void OpReturned() {
+    --ops_;
+    MaybeRelease();
+  }
+
+  DfxBridge* bridge_;
+  core::CqLoop* loop_;
+  grpc::ServerContext ctx_;
+  bool matched_ = false;
+  bool finished_ = false;  // a Finish is started, or none is needed any more
+  bool done_ = false;
+
+ private:
+  Derived& Self() { return static_cast<Derived&>(*this); }
+  void MaybeRelease() {
+    if (done_ && ops_ == 0) self_.reset();
+  }
+
+  std::string_view method_;
+  std::shared_ptr<Derived> self_;
+  std::optional<CallAccount> account_;
+  core::ActiveCalls::Id call_id_ = 0;
+  int ops_ = 0;  // operations gRPC has not returned yet (besides the done tag)
+};
+
+// Call on the completion-queue API, the latency path: matched, admitted and sent on
+// its CqLoop thread; the session's strand posts the answer back to that thread, which
+// finishes the call.
+class AsyncCall final : public AsyncCallBase<AsyncCall> {
+ public:
+  AsyncCall(DfxBridge* bridge, core::CqLoop* loop)
+      : AsyncCallBase(bridge, loop, kCallMethod), responder_(&ctx_) {}
+
+  // Asks gRPC for the next Call on `loop` (any thread).
+  static void Request(DfxBridge* bridge, core::CqLoop* loop) {
+    auto c = std::make_shared<AsyncCall>(bridge, loop);
+    Start(c, &c->done_tag_, [&] {
+      bridge->RequestCall(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(),
+                          &c->matched_tag_);
+    });
+  }
+
+ private:
+  friend class AsyncCallBase<AsyncCall>;
+
+  void OnMatched(bool ok) {
+    std::optional<Lease> lease = AdmitMatched(ok);
+    if (!lease.has_value()) return;
     lease_ = std::move(*lease);
     if (absl::Status st = ValidateCall(req_); !st.ok()) {
       FinishWith(core::ToGrpcStatus(st));
@@ -619,8 +685,8 @@ class AsyncCall final : public std::enable_shared_from_this<AsyncCall> {
   void FinishWith(const grpc::Status& status) {
     if (!matched_ || finished_ || done_) return;
     finished_ = true;
-    if (account_.has_value()) account_->Finishing(status.error_code());
-    ++ops_;
+    Finishing(status);
+    OpStarted();
     if (status.ok()) {
       responder_.Finish(resp_, status, &finish_tag_);
     } else {
@@ -628,45 +694,23 @@ class AsyncCall final : public std::enable_shared_from_this<AsyncCall> {
     }
   }
 
-  void OnFinished(bool /*ok*/) {
-    --ops_;
-    MaybeRelease();
-  }
+  void OnFinished(bool /*ok*/) { OpReturned(); }
 
-  // The call is over: finished, or cancelled by the caller (the upstream request is
-  // dropped then; a late answer is ignored).
+  // Cancelled before the answer: the upstream request is dropped (a late answer is
+  // ignored).
   void OnDone(bool /*ok*/) {
-    done_ = true;
     if (!finished_ && op_id_ != 0 && lease_.get() != nullptr) lease_->Cancel(op_id_);
-    finished_ = true;
-    lease_.Release();
-    if (call_id_ != 0) bridge_->calls().Remove(call_id_);
-    if (account_.has_value()) account_->Done();
-    MaybeRelease();
+    EndCall(lease_);
   }
 
-  void MaybeRelease() {
-    if (done_ && ops_ == 0) self_.reset();
-  }
-
-  DfxBridge* bridge_;
-  core::CqLoop* loop_;
-  grpc::ServerContext ctx_;
   v1::CallRequest req_;
   v1::CallResponse resp_;
   grpc::ServerAsyncResponseWriter<v1::CallResponse> responder_;
-  std::shared_ptr<AsyncCall> self_;
   core::MemberTag<AsyncCall, &AsyncCall::OnMatched> matched_tag_{this};
   core::MemberTag<AsyncCall, &AsyncCall::OnFinished> finish_tag_{this};
   core::MemberTag<AsyncCall, &AsyncCall::OnDone> done_tag_{this};
-  std::optional<CallAccount> account_;
-  core::ActiveCalls::Id call_id_ = 0;
   Lease lease_;
   uint64_t op_id_ = 0;
-  int ops_ = 0;
-  bool matched_ = false;
-  bool finished_ = false;
-  bool done_ = false;
 };
 
 grpc::ServerUnaryReactor* DfxBridge::CreateMeasurement(grpc::CallbackServerContext* ctx,
@@ -757,26 +801,20 @@ absl::Status SlowConsumer(size_t limit) {
 }
 
 // SubscribeResults on the completion-queue API (see bridges/core/cq_loop.h for why).
-// Every member below is touched only on the stream's CqLoop thread: the session's
-// strand reaches it through CqLoop::Post, gRPC through the tags. The object owns
-// itself (self_) until gRPC has returned every tag it was given.
-class AsyncResultsStream final : public ResultSink,
-                                 public std::enable_shared_from_this<AsyncResultsStream> {
+// The session's strand reaches the stream through CqLoop::Post, gRPC through the tags;
+// both run on the stream's loop thread.
+class AsyncResultsStream final : public AsyncCallBase<AsyncResultsStream>, public ResultSink {
  public:
   AsyncResultsStream(DfxBridge* bridge, core::CqLoop* loop)
-      : bridge_(bridge), loop_(loop), writer_(&ctx_) {}
+      : AsyncCallBase(bridge, loop, kSubscribeResultsMethod), writer_(&ctx_) {}
 
   // Asks gRPC for the next SubscribeResults call on `loop` (any thread).
   static void Request(DfxBridge* bridge, core::CqLoop* loop) {
     auto s = std::make_shared<AsyncResultsStream>(bridge, loop);
-    s->self_ = s;
-    // Before the request: the done tag comes back once the matched call is over.
-    s->ctx_.AsyncNotifyWhenDone(&s->done_tag_);
-    const bool requested = loop->RunIfAccepting([&] {
+    Start(s, &s->done_tag_, [&] {
       bridge->RequestSubscribeResults(&s->ctx_, &s->req_, &s->writer_, loop->cq(), loop->cq(),
                                       &s->matched_tag_);
     });
-    if (!requested) s->self_.reset();
   }
 
   // ResultSink (session strand): hand over to the loop thread.
@@ -796,29 +834,12 @@ class AsyncResultsStream final : public ResultSink,
   }
 
  private:
+  friend class AsyncCallBase<AsyncResultsStream>;
+
   // --- gRPC tags (loop thread). ---
   void OnMatched(bool ok) {
-    if (!ok) {  // the server is shutting down; the call was never matched
-      self_.reset();
-      return;
-    }
-    matched_ = true;
-    Request(bridge_, loop_);  // keep a request outstanding for the next caller
-    account_.emplace(bridge_, kSubscribeResultsMethod);
-    call_id_ = bridge_->calls().Add([w = weak_from_this(), loop = loop_](const grpc::Status& st) {
-      loop->Post([w, st] {
-        if (auto s = w.lock()) s->FinishWith(st);
-      });
-    });
-    if (call_id_ == 0) {
-      FinishWith(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the DFX bridge is shutting down"));
-      return;
-    }
-    absl::StatusOr<Lease> lease = bridge_->Admit(ctx_);
-    if (!lease.ok()) {
-      FinishWith(core::ToGrpcStatus(lease.status()));
-      return;
-    }
+    std::optional<Lease> lease = AdmitMatched(ok);
+    if (!lease.has_value()) return;
     if (req_.measurement_id().empty()) {
       FinishWith(core::ToGrpcStatus(
           absl::InvalidArgumentError("measurement_id is required (from CreateMeasurement)")));
@@ -830,42 +851,22 @@ class AsyncResultsStream final : public ResultSink,
     subscribed_ = true;
   }
 
-  void OnMetadataSent(bool ok) {
-    --ops_;
-    writing_ = false;
-    if (!ok) {
-      FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke"));
-    } else {
-      WriteNext();
-    }
-    MaybeRelease();
-  }
-
+  // Initial metadata and writes: one in flight at a time.
   void OnWritten(bool ok) {
-    --ops_;
     writing_ = false;
     if (!ok) {
       FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke"));
     } else {
       WriteNext();
     }
-    MaybeRelease();
+    OpReturned();
   }
 
-  void OnFinished(bool /*ok*/) {
-    --ops_;
-    MaybeRelease();
-  }
+  void OnFinished(bool /*ok*/) { OpReturned(); }
 
-  // The call is over: finished by us, or cancelled by the caller or the server.
   void OnDone(bool /*ok*/) {
-    done_ = true;
-    if (!finished_) finished_ = true;  // cancelled: no Finish() is needed any more
     Unsubscribe();
-    lease_.Release();
-    if (call_id_ != 0) bridge_->calls().Remove(call_id_);
-    if (account_.has_value()) account_->Done();
-    MaybeRelease();
+    EndCall(lease_);
   }
 
   // --- Loop thread. ---
@@ -874,8 +875,8 @@ class AsyncResultsStream final : public ResultSink,
     // Initial metadata tells the caller the upstream subscription is active.
     sent_metadata_ = true;
     writing_ = true;
-    ++ops_;
-    writer_.SendInitialMetadata(&metadata_tag_);
+    OpStarted();
+    writer_.SendInitialMetadata(&write_tag_);
   }
 
   void Result(const ResultPtr& result, bool complete) {
@@ -917,7 +918,7 @@ class AsyncResultsStream final : public ResultSink,
       pending_.pop_front();
     }
     writing_ = true;
-    ++ops_;
+    OpStarted();
     writer_.Write(batch_, &write_tag_);
   }
 
@@ -937,8 +938,8 @@ class AsyncResultsStream final : public ResultSink,
   void StartFinish(const grpc::Status& status) {
     if (finish_started_ || done_) return;
     finish_started_ = true;
-    if (account_.has_value()) account_->Finishing(status.error_code());
-    ++ops_;
+    Finishing(status);
+    OpStarted();
     writer_.Finish(status, &finish_tag_);
   }
 
@@ -950,35 +951,20 @@ class AsyncResultsStream final : public ResultSink,
     subscribed_ = false;
   }
 
-  void MaybeRelease() {
-    if (done_ && ops_ == 0) self_.reset();
-  }
-
-  DfxBridge* bridge_;
-  core::CqLoop* loop_;
-  grpc::ServerContext ctx_;
   v1::SubscribeResultsRequest req_;
   grpc::ServerAsyncWriter<v1::SubscribeResultsResponse> writer_;
-  std::shared_ptr<AsyncResultsStream> self_;
   core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnMatched> matched_tag_{this};
-  core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnMetadataSent> metadata_tag_{this};
   core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnWritten> write_tag_{this};
   core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnFinished> finish_tag_{this};
   core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnDone> done_tag_{this};
-  std::optional<CallAccount> account_;
-  core::ActiveCalls::Id call_id_ = 0;
   Lease lease_;
   std::string mid_;
   uint64_t sub_id_ = 0;
-  int ops_ = 0;  // metadata, write and finish operations gRPC has not returned yet
-  bool matched_ = false;
   bool subscribed_ = false;
   bool sent_metadata_ = false;
   bool writing_ = false;
   bool pending_finish_ = false;  // OK once the queued results are written
-  bool finished_ = false;        // no more results; a Finish is started or not needed
   bool finish_started_ = false;
-  bool done_ = false;
   std::optional<grpc::Status> final_status_;  // to finish with once a write is done
   std::deque<ResultPtr> pending_;              // not yet in a message
   v1::SubscribeResultsResponse batch_;         // the message in flight
