@@ -880,7 +880,7 @@ class AsyncResultsStream final : public AsyncCallBase<AsyncResultsStream>, publi
   }
 
   void Result(const ResultPtr& result, bool complete) {
-    if (finished_ || pending_finish_) return;
+    if (finished_ || finish_after_.has_value()) return;
     if (pending_.size() >= bridge_->options().subscriber_queue) {
       FinishWith(core::ToGrpcStatus(SlowConsumer(bridge_->options().subscriber_queue)));
       return;
@@ -889,7 +889,7 @@ class AsyncResultsStream final : public AsyncCallBase<AsyncResultsStream>, publi
     pending_.push_back(result);
     if (complete) {
       // The measurement's last result: end cleanly once it is written.
-      pending_finish_ = true;
+      finish_after_ = grpc::Status::OK;
       Unsubscribe();
     }
     if (!writing_) WriteNext();
@@ -899,15 +899,12 @@ class AsyncResultsStream final : public AsyncCallBase<AsyncResultsStream>, publi
   void WriteNext() {
     if (writing_ || finish_started_) return;
     if (pending_.empty()) {
-      if (pending_finish_ && !finished_) {
+      if (finish_after_.has_value()) {
         finished_ = true;
-        StartFinish(grpc::Status::OK);
-      } else if (finished_ && final_status_.has_value()) {
-        StartFinish(*final_status_);
+        StartFinish(*finish_after_);
       }
       return;
     }
-    if (finished_) return;
     batch_.Clear();
     size_t bytes = 0;
     while (!pending_.empty() && batch_.results_size() < kMaxResultsPerMessage &&
@@ -922,17 +919,15 @@ class AsyncResultsStream final : public AsyncCallBase<AsyncResultsStream>, publi
     writer_.Write(batch_, &write_tag_);
   }
 
-  // Ends the call with `status` (the first status wins), after a write in flight.
+  // Ends the call with `status` (the first status wins; it replaces the OK a complete
+  // measurement queued), dropping unwritten results, once a write in flight is done.
   void FinishWith(const grpc::Status& status) {
     if (!matched_ || finished_ || done_) return;
     finished_ = true;
     Unsubscribe();
     pending_.clear();
-    if (writing_) {
-      final_status_ = status;  // WriteNext finishes once the write is done
-    } else {
-      StartFinish(status);
-    }
+    finish_after_ = status;
+    WriteNext();  // finishes now unless a write is in flight; OnWritten comes back here
   }
 
   void StartFinish(const grpc::Status& status) {
@@ -963,9 +958,10 @@ class AsyncResultsStream final : public AsyncCallBase<AsyncResultsStream>, publi
   bool subscribed_ = false;
   bool sent_metadata_ = false;
   bool writing_ = false;
-  bool pending_finish_ = false;  // OK once the queued results are written
   bool finish_started_ = false;
-  std::optional<grpc::Status> final_status_;  // to finish with once a write is done
+  // The status to finish with once nothing is left to write: OK after a complete
+  // measurement's last result, or FinishWith's.
+  std::optional<grpc::Status> finish_after_;
   std::deque<ResultPtr> pending_;              // not yet in a message
   v1::SubscribeResultsResponse batch_;         // the message in flight
 };
