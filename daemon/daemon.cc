@@ -235,9 +235,8 @@ struct Daemon::Impl {
   } bridge_calls;
   std::vector<std::unique_ptr<core::Bridge>> bridges;
   std::unique_ptr<AdminServiceImpl> admin_service;
-  // Completion queues for bridges serving on the async API; shut down after the server
-  // and before the bridges whose calls they hold.
-  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs;
+  // The completion queues of bridges serving on the async API, each with its thread;
+  // shut down after the server and before the bridges whose calls they hold.
   std::vector<std::unique_ptr<core::CqLoop>> cq_loops;
   // Destroyed before the services it serves.
   std::unique_ptr<grpc::Server> server;
@@ -479,6 +478,7 @@ absl::Status Daemon::Impl::StartServer() {
 
   const bool wants_cqs = std::any_of(bridges.begin(), bridges.end(),
                                      [](const auto& b) { return b->UsesCompletionQueues(); });
+  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs;  // CqLoops own them once started
   if (wants_cqs) {
     const uint32_t n = config.runtime().grpc_cq_threads() != 0 ? config.runtime().grpc_cq_threads() : 1;
     for (uint32_t i = 0; i < n; ++i) cqs.push_back(builder.AddCompletionQueue());
@@ -503,7 +503,6 @@ absl::Status Daemon::Impl::StartServer() {
       cq_loops.back()->Start();
       loops.push_back(cq_loops.back().get());
     }
-    cqs.clear();
     for (const auto& bridge : bridges) {
       if (bridge->UsesCompletionQueues()) bridge->ServeAsync(loops);
     }
@@ -629,10 +628,10 @@ void Daemon::Impl::ScheduleHealthPoll() {
 void Daemon::Impl::ScheduleMemoryTrim() {
 #ifdef __GLIBC__
   // Unset means the default; an explicit 0 disables trimming.
-  const auto& d = config.runtime().memory_trim_interval();
-  const absl::Duration every = config.runtime().has_memory_trim_interval()
-                                   ? absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos())
-                                   : absl::Seconds(5);
+  const absl::Duration every =
+      config.runtime().has_memory_trim_interval()
+          ? ToDuration(config.runtime().memory_trim_interval(), absl::ZeroDuration())
+          : absl::Seconds(5);
   if (every <= absl::ZeroDuration() || draining.load()) return;
   trim_timer.expires_after(absl::ToChronoNanoseconds(every));
   trim_timer.async_wait([this](boost::system::error_code ec) {

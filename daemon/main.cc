@@ -48,25 +48,18 @@ config.
 #define WSBRIDGE_VERSION "unknown"
 #endif
 
-}  // namespace
-
-namespace {
-
 // Every upstream session is a socket and every caller connection another: raise the
 // soft descriptor limit to the hard one (commonly 1024 -> 1048576 under systemd and
-// container runtimes) so that thousands of sessions do not fail with EMFILE. Returns
-// the resulting soft limit (0 when unknown).
-rlim_t RaiseDescriptorLimit() {
+// container runtimes) so that thousands of sessions do not fail with EMFILE.
+void RaiseDescriptorLimit() {
   rlimit lim{};
-  if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return 0;
-  if (lim.rlim_cur < lim.rlim_max) {
-    rlimit raised = lim;
-    raised.rlim_cur = lim.rlim_max;
-    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) return raised.rlim_cur;
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0 || lim.rlim_cur >= lim.rlim_max) return;
+  rlimit raised = lim;
+  raised.rlim_cur = lim.rlim_max;
+  if (setrlimit(RLIMIT_NOFILE, &raised) != 0) {
     std::cerr << "wsbridged: cannot raise the open-file limit from " << lim.rlim_cur << " to "
               << lim.rlim_max << ": " << std::strerror(errno) << "\n";
   }
-  return lim.rlim_cur;
 }
 
 }  // namespace

@@ -847,7 +847,7 @@ class ConnectionImpl final : public Connection {
   }
 
   template <class A>
-  void OnRead(std::shared_ptr<A> a, error_code ec, std::size_t n) {
+  void OnRead(std::shared_ptr<A> a, error_code ec, std::size_t /*part_bytes*/) {
     a->reading = false;
     if (!Current(a)) return;
     if (ec) return OnReadError(a, ec);
@@ -855,7 +855,6 @@ class ConnectionImpl final : public Connection {
     if (!a->ws.is_message_done()) return DoRead(a);
     stats_.frames_in.fetch_add(1, std::memory_order_relaxed);
     stats_.bytes_in.fetch_add(a->read_buffer.size(), std::memory_order_relaxed);
-    (void)n;
     const auto data = a->read_buffer.cdata();
     const std::string_view payload(static_cast<const char*>(data.data()), data.size());
     const bool binary = a->ws.got_binary();
