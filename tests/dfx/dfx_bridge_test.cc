@@ -138,6 +138,16 @@ class DfxBridgeTest : public ::testing::Test {
     return n;
   }
 
+  // A unary Call of `action` with an empty body; `token` goes in x-dfx-device-token.
+  grpc::Status CallAction(const std::string& action = "0100", const std::string& token = "") {
+    grpc::ClientContext ctx;
+    if (!token.empty()) ctx.AddMetadata("x-dfx-device-token", token);
+    v1::CallRequest req;
+    req.set_action_id(action);
+    v1::CallResponse resp;
+    return stub_->Call(&ctx, req, &resp);
+  }
+
   std::string CreateMeasurement(grpc::ClientContext* ctx = nullptr) {
     grpc::ClientContext own;
     v1::CreateMeasurementRequest req;
@@ -412,12 +422,7 @@ TEST_F(DfxBridgeTest, PacingKeepsAFastCallerUnderTheLimit) {
 TEST_F(DfxBridgeTest, RefusedTokenIsUnauthenticatedAndNotHammered) {
   Start({}, [](DfxBridgeOptions& o) { o.default_token = nullptr; });
   for (int i = 0; i < 5; ++i) {
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("x-dfx-device-token", "bad-token");
-    v1::CallRequest req;
-    req.set_action_id("0100");
-    v1::CallResponse resp;
-    grpc::Status st = stub_->Call(&ctx, req, &resp);
+    grpc::Status st = CallAction("0100", "bad-token");
     EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAUTHENTICATED) << st.error_message();
     EXPECT_EQ(ErrorDetail(st).reason, "INVALID_TOKEN");
     EXPECT_EQ(st.error_message().find("bad-token"), std::string::npos);
@@ -425,27 +430,15 @@ TEST_F(DfxBridgeTest, RefusedTokenIsUnauthenticatedAndNotHammered) {
   EXPECT_EQ(emulator_->frames_received("0718"), 1);
   EXPECT_EQ(emulator_->frames_received("0100"), 0);
   // A call without a token, on a bridge without one, is refused without going upstream.
-  grpc::ClientContext ctx;
-  v1::CallRequest req;
-  req.set_action_id("0100");
-  v1::CallResponse resp;
-  EXPECT_EQ(stub_->Call(&ctx, req, &resp).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(CallAction().error_code(), grpc::StatusCode::UNAUTHENTICATED);
 }
 
 TEST_F(DfxBridgeTest, SessionsAreKeyedByTokenAndCapped) {
   Start({}, [](DfxBridgeOptions& o) { o.max_sessions = 2; });
-  auto call = [&](const std::string& token) {
-    grpc::ClientContext ctx;
-    if (!token.empty()) ctx.AddMetadata("x-dfx-device-token", token);
-    v1::CallRequest req;
-    req.set_action_id("0100");
-    v1::CallResponse resp;
-    return stub_->Call(&ctx, req, &resp);
-  };
-  EXPECT_TRUE(call("").ok());
-  EXPECT_TRUE(call("tenant-a").ok());
-  EXPECT_TRUE(call("tenant-a").ok());
-  grpc::Status st = call("tenant-b");
+  EXPECT_TRUE(CallAction("0100", "").ok());
+  EXPECT_TRUE(CallAction("0100", "tenant-a").ok());
+  EXPECT_TRUE(CallAction("0100", "tenant-a").ok());
+  grpc::Status st = CallAction("0100", "tenant-b");
   EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_NE(st.error_message().find("max_sessions"), std::string::npos);
   auto sessions = bridge_->ListSessions();
@@ -470,14 +463,7 @@ TEST_F(DfxBridgeTest, RotatedDefaultTokenMovesCallsToANewSession) {
       return absl::StatusOr<std::string>(*token);
     };
   });
-  auto call = [&] {
-    grpc::ClientContext ctx;
-    v1::CallRequest req;
-    req.set_action_id("0100");
-    v1::CallResponse resp;
-    return stub_->Call(&ctx, req, &resp);
-  };
-  ASSERT_TRUE(call().ok());
+  ASSERT_TRUE(CallAction().ok());
   auto before = bridge_->ListSessions();
   ASSERT_EQ(before.size(), 1u);
   const std::string first_id = before[0].id();
@@ -486,7 +472,7 @@ TEST_F(DfxBridgeTest, RotatedDefaultTokenMovesCallsToANewSession) {
     *token = "token-after";
   }
   EXPECT_TRUE(WaitFor([&] {
-    if (!call().ok()) return false;
+    if (!CallAction().ok()) return false;
     for (const auto& s : bridge_->ListSessions()) {
       if (s.id() != first_id && s.state() == admin::v1::SESSION_STATE_READY) return true;
     }
@@ -500,14 +486,7 @@ TEST_F(DfxBridgeTest, RotatedDefaultTokenMovesCallsToANewSession) {
 // off the session's single deadline timer, and late answers are dropped.
 TEST_F(DfxBridgeTest, UnansweredCallsExpireAtTheRequestTimeout) {
   Start({}, [](DfxBridgeOptions& o) { o.request_timeout = 300ms; });
-  auto call_ok = [&] {
-    grpc::ClientContext ctx;
-    v1::CallRequest req;
-    req.set_action_id("0100");
-    v1::CallResponse resp;
-    return stub_->Call(&ctx, req, &resp).ok();
-  };
-  ASSERT_TRUE(call_ok());  // logged in
+  ASSERT_TRUE(CallAction().ok());  // logged in
   emulator_->SetAnswerDelay(3000ms);
   struct Pending {
     grpc::ClientContext ctx;
@@ -543,17 +522,12 @@ TEST_F(DfxBridgeTest, UnansweredCallsExpireAtTheRequestTimeout) {
         << c->status.error_message();
   }
   emulator_->SetAnswerDelay(0ms);
-  EXPECT_TRUE(WaitFor([&] { return call_ok(); }));
+  EXPECT_TRUE(WaitFor([&] { return CallAction().ok(); }));
 }
 
 TEST_F(DfxBridgeTest, IdleSessionsClose) {
   Start({}, [](DfxBridgeOptions& o) { o.idle_session_timeout = 200ms; });
-  grpc::ClientContext ctx;
-  ctx.AddMetadata("x-dfx-device-token", "tenant-a");
-  v1::CallRequest req;
-  req.set_action_id("0100");
-  v1::CallResponse resp;
-  ASSERT_TRUE(stub_->Call(&ctx, req, &resp).ok());
+  ASSERT_TRUE(CallAction("0100", "tenant-a").ok());
   ASSERT_TRUE(WaitFor([&] { return emulator_->open_connections() == 2; }));
   // The per-call token's session closes; the configured token's session stays.
   EXPECT_TRUE(WaitFor([&] { return bridge_->ListSessions().size() == 1; }));
@@ -598,11 +572,7 @@ TEST_F(DfxBridgeTest, ReconnectRestoresSubscriptionsAndFailsUnaryInFlight) {
   // login, create, subscribe; the 4th frame (a Call) drops the connection.
   emulator_->SetDropAfterFrames(4);
   {
-    grpc::ClientContext ctx;
-    v1::CallRequest req;
-    req.set_action_id("0100");
-    v1::CallResponse resp;
-    grpc::Status st = stub_->Call(&ctx, req, &resp);
+    grpc::Status st = CallAction();
     EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE);
     EXPECT_EQ(ErrorDetail(st).reason, "OUTCOME_UNKNOWN");
     EXPECT_NE(st.error_message().find("outcome unknown"), std::string::npos);
@@ -714,13 +684,7 @@ TEST_F(DfxBridgeTest, DrainRefusesNewCallsAndShutdownEndsOpenOnes) {
   reader->WaitForInitialMetadata();
   bridge_->BeginDrain();
   EXPECT_FALSE(bridge_->Serving());
-  {
-    grpc::ClientContext ctx;
-    v1::CallRequest req;
-    req.set_action_id("0100");
-    v1::CallResponse resp;
-    EXPECT_EQ(stub_->Call(&ctx, req, &resp).error_code(), grpc::StatusCode::UNAVAILABLE);
-  }
+  EXPECT_EQ(CallAction().error_code(), grpc::StatusCode::UNAVAILABLE);
   std::promise<void> done;
   bridge_->Shutdown(grpc::Status(grpc::StatusCode::UNAVAILABLE, "going away"),
                     [&] { done.set_value(); });
@@ -743,16 +707,9 @@ TEST_F(DfxBridgeTest, CallsAreCountedByMethodAndStatusWithoutTheInterceptor) {
                     {{"method", "/wsbridge.dfx.v1.DfxService/" + method}, {"code", code}})
         .value();
   };
-  auto call = [&](const std::string& action) {
-    grpc::ClientContext ctx;
-    v1::CallRequest req;
-    req.set_action_id(action);
-    v1::CallResponse resp;
-    return stub_->Call(&ctx, req, &resp);
-  };
-  ASSERT_TRUE(call("0100").ok());
-  ASSERT_TRUE(call("0100").ok());
-  ASSERT_EQ(call("x").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  ASSERT_TRUE(CallAction().ok());
+  ASSERT_TRUE(CallAction().ok());
+  ASSERT_EQ(CallAction("x").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_TRUE(WaitFor([&] { return count("Call", "OK") == 2 && count("Call", "INVALID_ARGUMENT") == 1; }));
   std::string mid = CreateMeasurement();
   EXPECT_TRUE(WaitFor([&] { return count("CreateMeasurement", "OK") == 1; }));
