@@ -1,7 +1,7 @@
 #include "bridges/dfx/factory.h"
 
 #include "absl/strings/str_cat.h"
-#include "daemon/config/config.h"
+#include "bridges/core/upstream_config.h"
 
 namespace wsbridge::dfx {
 namespace {
@@ -18,11 +18,11 @@ absl::StatusOr<DfxBridgeOptions> OptionsFromConfig(const config::v1::DfxBridgeCo
   if (!cfg.has_upstream()) {
     return absl::InvalidArgumentError("upstream: required (the DFX WebSocket URL)");
   }
-  if (absl::Status st = config::CheckUpstreamUrl(cfg.upstream()); !st.ok()) {
+  if (absl::Status st = core::CheckUpstreamUrl(cfg.upstream()); !st.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("upstream.url: ", st.message()));
   }
   absl::StatusOr<core::ConnectionOptions> conn =
-      config::ToConnectionOptions(cfg.upstream(), std::string(bridge_name));
+      core::ToConnectionOptions(cfg.upstream(), std::string(bridge_name));
   if (!conn.ok()) return conn.status();
   DfxBridgeOptions o;
   o.url = cfg.upstream().url();
@@ -32,11 +32,11 @@ absl::StatusOr<DfxBridgeOptions> OptionsFromConfig(const config::v1::DfxBridgeCo
   if (cfg.has_device_token()) {
     // Checked now so a missing variable or file is a start-up error, then re-read on
     // every login so rotated tokens take effect.
-    if (absl::StatusOr<std::string> t = config::ResolveSecret(cfg.device_token()); !t.ok()) {
+    if (absl::StatusOr<std::string> t = core::ResolveSecret(cfg.device_token()); !t.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("device_token: ", t.status().message()));
     }
     config::v1::Secret secret = cfg.device_token();
-    o.default_token = [secret] { return config::ResolveSecret(secret); };
+    o.default_token = [secret] { return core::ResolveSecret(secret); };
   }
   o.allow_call_token = cfg.allow_call_token();
   if (!o.default_token && !o.allow_call_token) {

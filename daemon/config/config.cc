@@ -28,8 +28,6 @@ namespace {
 
 namespace pb = google::protobuf;
 
-// Secrets are tokens and keys, never large; a bigger file is almost surely the wrong one.
-constexpr size_t kMaxSecretFileBytes = 64 * 1024;
 constexpr size_t kMaxConfigFileBytes = 4 * 1024 * 1024;
 // sockaddr_un::sun_path holds 108 bytes including the terminating NUL.
 constexpr size_t kMaxUnixSocketPath = 107;
@@ -50,40 +48,6 @@ absl::Status ErrnoStatus(int err, std::string message) {
     case EPERM: return absl::PermissionDeniedError(std::move(message));
     default: return absl::FailedPreconditionError(std::move(message));
   }
-}
-
-// Reads a whole file with POSIX calls so directories and oversize files give a clear
-// errno-based reason rather than an empty string.
-absl::StatusOr<std::string> ReadFile(const std::string& path, size_t max_bytes,
-                                     absl::string_view what) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    int err = errno;
-    return ErrnoStatus(err, absl::StrCat("cannot read ", what, " ", Quoted(path), ": ",
-                                         ErrnoText(err), " (check the path and permissions)"));
-  }
-  std::string data;
-  char buf[8192];
-  while (true) {
-    ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      int err = errno;
-      ::close(fd);
-      return ErrnoStatus(err, absl::StrCat("cannot read ", what, " ", Quoted(path), ": ",
-                                           ErrnoText(err), " (check the path and permissions)"));
-    }
-    if (n == 0) break;
-    data.append(buf, static_cast<size_t>(n));
-    if (data.size() > max_bytes) {
-      ::close(fd);
-      return absl::InvalidArgumentError(absl::StrCat(what, " ", Quoted(path),
-                                                     " is larger than ", max_bytes,
-                                                     " bytes (is it the right file?)"));
-    }
-  }
-  ::close(fd);
-  return data;
 }
 
 absl::Status CheckReadable(const std::string& path) {
@@ -343,7 +307,7 @@ class Validator {
 }  // namespace
 
 absl::StatusOr<v1::DaemonConfig> LoadConfigFile(const std::string& path) {
-  absl::StatusOr<std::string> text = ReadFile(path, kMaxConfigFileBytes, "config file");
+  absl::StatusOr<std::string> text = core::ReadSmallFile(path, kMaxConfigFileBytes, "config file");
   if (!text.ok()) return text.status();
   return LoadConfigString(*text, path);
 }
@@ -392,144 +356,6 @@ absl::Status ParseYamlInto(const YAML::Node& node, google::protobuf::Message* me
 
 absl::Status ApplyConfigDefaults(google::protobuf::Message* message) {
   return ApplyDefaults(message);
-}
-
-absl::StatusOr<std::string> ResolveSecret(const v1::Secret& secret) {
-  std::string value;
-  switch (secret.source_case()) {
-    case v1::Secret::kEnv: {
-      const std::string& name = secret.env();
-      if (name.empty()) {
-        return absl::InvalidArgumentError(
-            "the environment variable name is empty (write env: VARIABLE_NAME)");
-      }
-      const char* v = std::getenv(name.c_str());
-      if (v == nullptr) {
-        return absl::NotFoundError(absl::StrCat("environment variable ", Quoted(name),
-                                                " is not set (export it before starting "
-                                                "wsbridged, or use file:)"));
-      }
-      value = v;
-      if (value.empty()) {
-        return absl::InvalidArgumentError(absl::StrCat("environment variable ", Quoted(name),
-                                                       " is empty (give it the secret's value)"));
-      }
-      break;
-    }
-    case v1::Secret::kFile: {
-      const std::string& path = secret.file();
-      if (path.empty()) {
-        return absl::InvalidArgumentError("the file path is empty (write file: /path/to/secret)");
-      }
-      absl::StatusOr<std::string> data = ReadFile(path, kMaxSecretFileBytes, "secret file");
-      if (!data.ok()) return data.status();
-      value = std::move(*data);
-      if (absl::EndsWith(value, "\r\n")) {
-        value.resize(value.size() - 2);
-      } else if (absl::EndsWith(value, "\n")) {
-        value.pop_back();
-      }
-      if (value.empty()) {
-        return absl::InvalidArgumentError(absl::StrCat("secret file ", Quoted(path),
-                                                       " is empty (write the secret into it)"));
-      }
-      break;
-    }
-    case v1::Secret::kValue:
-      if (secret.value().empty()) {
-        return absl::InvalidArgumentError("the inline value is empty (write the secret, or use "
-                                          "env: or file:)");
-      }
-      value = secret.value();
-      break;
-    case v1::Secret::SOURCE_NOT_SET:
-      return absl::InvalidArgumentError(
-          "no source is set (write one of env: VARIABLE, file: /path or value: ...)");
-  }
-  log::RegisterSecret(value);
-  return value;
-}
-
-absl::Status CheckUpstreamUrl(const v1::UpstreamConfig& upstream) {
-  const std::string& url = upstream.url();
-  std::string shown = Quoted(log::RedactUrl(url));
-  size_t sep = url.find("://");
-  std::string scheme = absl::AsciiStrToLower(url.substr(0, sep == std::string::npos ? 0 : sep));
-  if (sep == std::string::npos || (scheme != "ws" && scheme != "wss")) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(shown, " is not a ws:// or wss:// URL (write e.g. wss://host/path)"));
-  }
-  absl::string_view rest = absl::string_view(url).substr(sep + 3);
-  absl::string_view authority = rest.substr(0, rest.find_first_of("/?#"));
-  if (authority.find('@') != absl::string_view::npos) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        shown, " carries user info (put credentials in a Secret, not in the URL)"));
-  }
-  absl::string_view host = authority;
-  absl::string_view port;
-  if (absl::StartsWith(authority, "[")) {
-    size_t close = authority.find(']');
-    if (close == absl::string_view::npos) {
-      return absl::InvalidArgumentError(absl::StrCat(shown, " has an unclosed IPv6 bracket"));
-    }
-    host = authority.substr(1, close - 1);
-    absl::string_view after = authority.substr(close + 1);
-    if (!after.empty()) {
-      if (after.front() != ':') {
-        return absl::InvalidArgumentError(absl::StrCat(shown, " has a malformed host"));
-      }
-      port = after.substr(1);
-    }
-  } else if (size_t colon = authority.rfind(':'); colon != absl::string_view::npos) {
-    host = authority.substr(0, colon);
-    port = authority.substr(colon + 1);
-  }
-  if (host.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(shown, " has no host"));
-  }
-  uint32_t port_number = 0;
-  if (authority.back() == ':' ||
-      (!port.empty() && (port.find_first_not_of("0123456789") != absl::string_view::npos ||
-                         port.size() > 5 || !absl::SimpleAtoi(port, &port_number) ||
-                         port_number == 0 || port_number > 65535))) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(shown, " has an invalid port (use 1 to 65535)"));
-  }
-  if (scheme == "ws" && !upstream.allow_plaintext()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        shown, " is plaintext (use wss://, or set allow_plaintext: true for local emulators "
-               "and tests only)"));
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<core::ConnectionOptions> ToConnectionOptions(const v1::UpstreamConfig& upstream,
-                                                            std::string name) {
-  v1::UpstreamConfig u = upstream;
-  if (absl::Status s = ApplyDefaults(&u); !s.ok()) return s;
-  if (absl::Status s = CheckUpstreamUrl(u); !s.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(name, ": url: ", s.message()));
-  }
-  core::ConnectionOptions o;
-  o.name = std::move(name);
-  o.allow_plaintext = u.allow_plaintext();
-  o.tls.verify_peer = !u.tls().insecure_skip_verify();
-  o.tls.ca_file = u.tls().ca_file();
-  o.tls.server_name = u.tls().server_name();
-  o.tls.cert_file = u.tls().cert_file();
-  o.tls.key_file = u.tls().key_file();
-  o.connect_timeout = ToDuration(u.connect_timeout());
-  o.handshake_timeout = ToDuration(u.handshake_timeout());
-  o.max_message_bytes = u.max_message_bytes();
-  o.send_queue_max_messages = u.send_queue_messages();
-  o.keepalive.ping_interval =
-      u.keepalive().disabled() ? core::Duration::zero() : ToDuration(u.keepalive().ping_interval());
-  o.keepalive.pong_timeout = ToDuration(u.keepalive().pong_timeout());
-  o.backoff.initial = ToDuration(u.backoff().initial());
-  o.backoff.max = ToDuration(u.backoff().max());
-  o.backoff.multiplier = u.backoff().multiplier();
-  o.backoff.reset_after = ToDuration(u.backoff().reset_after());
-  return o;
 }
 
 }  // namespace wsbridge::config

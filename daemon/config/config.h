@@ -14,7 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "bridges/core/connection.h"
+#include "bridges/core/upstream_config.h"
 #include "wsbridge/config/v1/common.pb.h"
 #include "wsbridge/config/v1/daemon.pb.h"
 
@@ -43,21 +43,10 @@ absl::Status ParseYamlInto(const YAML::Node& node, google::protobuf::Message* me
 // messages when built by hand (tests).
 absl::Status ApplyConfigDefaults(google::protobuf::Message* message);
 
-// The current value of a secret: the environment variable, the file's contents (one
-// trailing newline stripped) or the inline value. Errors name the variable or file,
-// never the value. On success the value is registered with wsbridge::log::RegisterSecret
-// so it is redacted from every later log line. Call it on every (re)connect so rotated
-// secrets take effect.
-absl::StatusOr<std::string> ResolveSecret(const v1::Secret& secret);
-
-// Checks an upstream URL against the config: ws:// or wss:// with a host, and ws:// only
-// with allow_plaintext. The message names no path; callers prefix theirs.
-absl::Status CheckUpstreamUrl(const v1::UpstreamConfig& upstream);
-
-// Connection options for one upstream, defaults applied. `name` is used in logs, e.g.
-// "dfx/default". Headers are not part of ConnectionOptions: the bridge's
-// ConnectionHandler adds `upstream.headers()` to its HandshakeRequest.
-absl::StatusOr<core::ConnectionOptions> ToConnectionOptions(const v1::UpstreamConfig& upstream,
-                                                            std::string name);
+// Secrets, URL checks and connection options are bridges/core/upstream_config.h's; the
+// loader uses them too.
+using core::CheckUpstreamUrl;
+using core::ResolveSecret;
+using core::ToConnectionOptions;
 
 }  // namespace wsbridge::config
