@@ -197,16 +197,28 @@ absl::StatusOr<ResponseFrame> ParseResponse(std::string_view frame) {
     return absl::InvalidArgumentError("status is not three digits");
   }
   std::string_view body = frame.substr(kHeader);
-  if (!body.empty()) {
-    std::string why;
-    if (!Parse(body, &why).has_value()) {
-      return absl::InvalidArgumentError(absl::StrCat("body is not valid JSON: ", why));
-    }
-  }
   ResponseFrame out;
   out.request_id = rid;
   out.status = (status[0] - '0') * 100 + (status[1] - '0') * 10 + (status[2] - '0');
   out.body = body;
+  if (!body.empty()) {
+    std::string why;
+    std::optional<json::value> v = Parse(body, &why);
+    if (!v.has_value()) {
+      return absl::InvalidArgumentError(absl::StrCat("body is not valid JSON: ", why));
+    }
+    if (v->is_object()) {
+      const json::object& o = v->get_object();
+      out.empty = o.empty();
+      out.code = AsString(o, "Code");
+      out.message = AsString(o, "Message");
+      out.id = AsString(o, "ID");
+      out.measurement_data_id = AsString(o, "MeasurementDataID");
+      out.chunk_order = AsInt(o.if_contains("ChunkOrder"));
+    } else {
+      out.empty = false;
+    }
+  }
   return out;
 }
 
@@ -294,7 +306,20 @@ ResultInfo ParseResultInfo(std::string_view text) {
   const json::object& o = v->get_object();
   out.chunk_order = AsInt(o.if_contains("ChunkOrder"));
   out.measurement_data_id = AsString(o, "MeasurementDataID");
-  out.complete = AsString(o, "Status") == "COMPLETE";
+  return out;
+}
+
+ChunkAnswer ChunkAnswerOf(const ResponseFrame& f) {
+  ChunkAnswer out;
+  out.measurement_data_id = f.id.empty() ? f.measurement_data_id : f.id;
+  out.chunk_order = f.chunk_order;
+  return out;
+}
+
+ResultInfo ResultInfoOf(const ResponseFrame& f) {
+  ResultInfo out;
+  out.chunk_order = f.chunk_order;
+  out.measurement_data_id = f.measurement_data_id;
   return out;
 }
 
@@ -304,14 +329,25 @@ bool IsEmptyObject(std::string_view text) {
   return absl::StripAsciiWhitespace(t.substr(1, t.size() - 2)).empty();
 }
 
-absl::Status UpstreamError(int status, std::string_view body, std::string_view what) {
-  ErrorBody e = ParseErrorBody(body);
+namespace {
+
+absl::Status ErrorStatus(int status, const ErrorBody& e, std::string_view what) {
   std::string reason = e.code.empty() ? absl::StrCat("HTTP_", status) : e.code;
   std::string message = absl::StrCat(Av(what), ": upstream answered ", status);
   if (!e.code.empty()) absl::StrAppend(&message, " ", e.code);
   if (!e.message.empty()) absl::StrAppend(&message, ": ", log::Redact(e.message));
   return core::WithErrorInfo(absl::Status(CodeFor(e.code, status), message), reason,
                              kErrorDomain, {{"upstream_status", absl::StrCat(status)}});
+}
+
+}  // namespace
+
+absl::Status UpstreamError(int status, std::string_view body, std::string_view what) {
+  return ErrorStatus(status, ParseErrorBody(body), what);
+}
+
+absl::Status UpstreamError(const ResponseFrame& f, std::string_view what) {
+  return ErrorStatus(f.status, ErrorBody{f.code, f.message}, what);
 }
 
 }  // namespace wsbridge::dfx

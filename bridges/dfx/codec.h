@@ -33,11 +33,21 @@ inline constexpr std::string_view kActionCreateMeasurement = "0504";
 inline constexpr std::string_view kActionMeasurementData = "0506";
 inline constexpr std::string_view kActionSubscribeResults = "0510";
 
-// One parsed server frame. `body` views into the frame it was parsed from.
+// One parsed server frame. `body` views into the frame it was parsed from. The body is
+// parsed once, here, and the fields the bridge routes and answers on are read out of it,
+// so nothing downstream parses the frame again.
 struct ResponseFrame {
   std::string_view request_id;
   int status = 0;
   std::string_view body;
+  // The body is empty or "{}": e.g. a 0510 subscribe acknowledgement.
+  bool empty = true;
+  // Fields of a JSON object body, "" / nullopt when absent.
+  std::string code;                 // "Code" of an error answer (e.g. "RATE_LIMIT")
+  std::string message;              // "Message" of an error answer
+  std::string id;                   // "ID" (0504: the measurement; 0506: the data id)
+  std::string measurement_data_id;  // "MeasurementDataID" (results; some 0506 answers)
+  std::optional<int64_t> chunk_order;  // "ChunkOrder" (0506 answers, results)
   std::string_view action_id() const { return request_id.substr(0, kActionIdSize); }
 };
 
@@ -57,8 +67,8 @@ bool IsRequestId(std::string_view id);
 std::string EncodeRequest(std::string_view action, std::string_view request_id,
                           std::string_view json_body);
 
-// Parses one server frame. INVALID_ARGUMENT for a short frame, a malformed request
-// id, a non-numeric status or a body that is not a JSON value.
+// Parses one server frame, body included. INVALID_ARGUMENT for a short frame, a
+// malformed request id, a non-numeric status or a body that is not a JSON value.
 absl::StatusOr<ResponseFrame> ParseResponse(std::string_view frame);
 
 // Request bodies.
@@ -97,10 +107,13 @@ absl::StatusOr<std::string> ParseCreatedId(std::string_view json);
 struct ResultInfo {
   std::optional<int64_t> chunk_order;
   std::string measurement_data_id;
-  // "Status": "COMPLETE": the measurement's last result.
-  bool complete = false;
 };
 ResultInfo ParseResultInfo(std::string_view json);
+
+// The same answers, read from a parsed frame (no second parse).
+ChunkAnswer ChunkAnswerOf(const ResponseFrame& frame);
+ResultInfo ResultInfoOf(const ResponseFrame& frame);
+absl::Status UpstreamError(const ResponseFrame& frame, std::string_view what);
 
 // Whether a body is "{}" (possibly with whitespace): a 0510 subscribe acknowledgement
 // rather than a result.

@@ -26,17 +26,18 @@ absl::StatusOr<DfxBridgeOptions> OptionsFromConfig(const config::v1::DfxBridgeCo
   if (!conn.ok()) return conn.status();
   DfxBridgeOptions o;
   o.url = cfg.upstream().url();
-  for (const auto& [k, v] : cfg.upstream().headers()) o.headers.emplace_back(k, v);
+  o.headers = core::UpstreamHeaders(cfg.upstream());
   o.connection = *std::move(conn);
   o.connection.reconnect = true;
   if (cfg.has_device_token()) {
-    // Checked now so a missing variable or file is a start-up error, then re-read on
-    // every login so rotated tokens take effect.
-    if (absl::StatusOr<std::string> t = core::ResolveSecret(cfg.device_token()); !t.ok()) {
+    // Read now so a missing variable or file is a start-up error; then kept current off
+    // the io threads, so rotated tokens take effect.
+    absl::StatusOr<std::shared_ptr<core::SecretSource>> t =
+        core::SecretSource::Create(cfg.device_token());
+    if (!t.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("device_token: ", t.status().message()));
     }
-    config::v1::Secret secret = cfg.device_token();
-    o.default_token = [secret] { return core::ResolveSecret(secret); };
+    o.default_token = *std::move(t);
   }
   o.allow_call_token = cfg.allow_call_token();
   if (!o.default_token && !o.allow_call_token) {
@@ -48,7 +49,7 @@ absl::StatusOr<DfxBridgeOptions> OptionsFromConfig(const config::v1::DfxBridgeCo
   o.idle_session_timeout = FromProto(cfg.idle_session_timeout(), std::chrono::minutes(5));
   o.rate_limit_retry = FromProto(cfg.rate_limit_retry(), std::chrono::seconds(1));
   o.pacing = !cfg.disable_pacing();
-  o.max_sessions = cfg.max_sessions() == 0 ? 1000 : cfg.max_sessions();
+  if (cfg.max_sessions() != 0) o.max_sessions = cfg.max_sessions();
   return o;
 }
 

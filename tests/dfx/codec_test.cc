@@ -120,16 +120,41 @@ TEST(DfxCodec, ParsesAnswers) {
   EXPECT_FALSE(ParseChunkAnswer("[]").ok());
   EXPECT_EQ(*ParseCreatedId(R"({"ID":"m"})"), "m");
   EXPECT_FALSE(ParseCreatedId("{}").ok());
-  ResultInfo r = ParseResultInfo(R"({"ChunkOrder":"4","MeasurementDataID":"d","Status":"COMPLETE"})");
+  ResultInfo r = ParseResultInfo(R"({"ChunkOrder":"4","MeasurementDataID":"d"})");
   EXPECT_EQ(r.chunk_order, 4);
   EXPECT_EQ(r.measurement_data_id, "d");
-  EXPECT_TRUE(r.complete);
   EXPECT_TRUE(IsEmptyObject(" { } "));
   EXPECT_FALSE(IsEmptyObject(R"({"a":1})"));
   ErrorBody e = ParseErrorBody(R"({"Code":"RATE_LIMIT","Message":"slow down"})");
   EXPECT_EQ(e.code, "RATE_LIMIT");
   EXPECT_EQ(e.message, "slow down");
   EXPECT_EQ(ParseErrorBody("not json").code, "");
+}
+
+TEST(DfxCodec, ReadsTheFieldsOfAFrameInOneParse) {
+  absl::StatusOr<ResponseFrame> chunk =
+      ParseResponse(R"(0506abcdef200{"ID":"d1","ChunkOrder":"3"})");
+  ASSERT_TRUE(chunk.ok()) << chunk.status();
+  EXPECT_FALSE(chunk->empty);
+  EXPECT_EQ(ChunkAnswerOf(*chunk).measurement_data_id, "d1");
+  EXPECT_EQ(ChunkAnswerOf(*chunk).chunk_order, 3);
+  absl::StatusOr<ResponseFrame> result =
+      ParseResponse(R"(0510abcdef200{"MeasurementDataID":"d2","ChunkOrder":4,"Results":{}})");
+  ASSERT_TRUE(result.ok());
+  EXPECT_EQ(ResultInfoOf(*result).measurement_data_id, "d2");
+  EXPECT_EQ(ResultInfoOf(*result).chunk_order, 4);
+  absl::StatusOr<ResponseFrame> ack = ParseResponse("0510abcdef200{ }");
+  ASSERT_TRUE(ack.ok());
+  EXPECT_TRUE(ack->empty);
+  EXPECT_TRUE(ParseResponse("0510abcdef200")->empty);
+  absl::StatusOr<ResponseFrame> err =
+      ParseResponse(R"(0506abcdef429{"Code":"RATE_LIMIT","Message":"slow down"})");
+  ASSERT_TRUE(err.ok());
+  EXPECT_EQ(err->code, "RATE_LIMIT");
+  absl::Status st = UpstreamError(*err, "measurement data (0506)");
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(wsbridge::core::ErrorReason(st), "RATE_LIMIT");
+  EXPECT_FALSE(ParseResponse("0510abcdef200[1]")->empty);
 }
 
 TEST(DfxCodec, MapsUpstreamErrors) {

@@ -86,7 +86,7 @@ class DfxBridgeTest : public ::testing::Test {
     o.connection.allow_plaintext = true;
     o.connection.backoff.initial = 20ms;
     o.connection.backoff.max = 200ms;
-    o.default_token = [] { return absl::StatusOr<std::string>("demo-device-token"); };
+    o.default_token = core::SecretSource::Fixed("demo-device-token");
     o.allow_call_token = true;
     o.request_timeout = 5s;
     o.rate_limit_retry = 50ms;
@@ -452,33 +452,33 @@ TEST_F(DfxBridgeTest, SessionsAreKeyedByTokenAndCapped) {
   EXPECT_TRUE(bridge_->Serving());
 }
 
-// The configured token is re-read at most once a second (not per call); a rotated
-// secret still moves calls to a session logged in with the new token.
-TEST_F(DfxBridgeTest, RotatedDefaultTokenMovesCallsToANewSession) {
-  auto token = std::make_shared<std::string>("token-before");
-  auto token_mu = std::make_shared<absl::Mutex>();
-  Start({}, [token, token_mu](DfxBridgeOptions& o) {
-    o.default_token = [token, token_mu] {
-      absl::MutexLock lock(token_mu.get());
-      return absl::StatusOr<std::string>(*token);
-    };
+// A rotated token file moves the default session to the new token on its own (no call
+// needed) within the refresher's second; the old session drains and closes instead of
+// staying pinned and counting against max_sessions.
+TEST_F(DfxBridgeTest, RotatedDefaultTokenMovesToANewSessionAndClosesTheOld) {
+  testing::TempDir dir;
+  const std::string path = dir.WriteFile("token", "token-before\n");
+  Start({}, [&path](DfxBridgeOptions& o) {
+    config::v1::Secret secret;
+    secret.set_file(path);
+    o.default_token = core::SecretSource::Create(secret).value();
+    o.max_sessions = 1;
   });
   ASSERT_TRUE(CallAction().ok());
   auto before = bridge_->ListSessions();
   ASSERT_EQ(before.size(), 1u);
   const std::string first_id = before[0].id();
-  {
-    absl::MutexLock lock(token_mu.get());
-    *token = "token-after";
-  }
+  dir.WriteFile("token", "token-after\n");
   EXPECT_TRUE(WaitFor([&] {
-    if (!CallAction().ok()) return false;
-    for (const auto& s : bridge_->ListSessions()) {
-      if (s.id() != first_id && s.state() == admin::v1::SESSION_STATE_READY) return true;
-    }
-    return false;
+    auto now = bridge_->ListSessions();
+    return now.size() == 1 && now[0].id() != first_id &&
+           now[0].state() == admin::v1::SESSION_STATE_READY;
   }));
   EXPECT_EQ(emulator_->logins(), 2);
+  EXPECT_TRUE(WaitFor([&] { return emulator_->open_connections() == 1; }));
+  // max_sessions is 1: the retired session no longer holds the slot.
+  EXPECT_TRUE(CallAction().ok());
+  EXPECT_TRUE(bridge_->Serving());
 }
 
 // An unanswered request fails with the bridge's own DEADLINE_EXCEEDED (the caller set

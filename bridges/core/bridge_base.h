@@ -1,0 +1,121 @@
+// BridgeBase: the core::Bridge plumbing every bridge shares — drain, shutdown, health,
+// admin, call accounting and admission, the session pool and its metrics — so a bridge
+// is its protocol, its handlers and a factory.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <grpcpp/server_context.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "bridges/core/bridge.h"
+#include "bridges/core/metrics.h"
+#include "bridges/core/session_pool.h"
+
+namespace wsbridge::core {
+
+// Where a call's upstream credential comes from.
+struct CredentialPolicy {
+  // Metadata key of a per-call credential (e.g. "x-dfx-device-token"); "" = none.
+  std::string metadata_key;
+  // Whether calls may carry one (multi-tenant use).
+  bool allow_per_call = false;
+};
+
+class BridgeBase : public Bridge {
+ public:
+  // `upstream` names the API in messages ("DFX").
+  BridgeBase(BridgeContext context, std::string upstream, std::vector<std::string> service_names);
+  ~BridgeBase() override;
+
+  // --- Bridge ---
+  const std::string& name() const override { return context_.name; }
+  std::vector<std::string> ServiceNames() const override { return service_names_; }
+  // Calls report themselves through CallAccount, so the daemon's interceptor (which
+  // doubles gRPC's completion work per operation) stays off these services.
+  bool ObservesOwnCalls() const override { return context_.calls != nullptr; }
+  void Start() override { pool_->Start(); }
+  void BeginDrain() override { draining_.store(true); }
+  void Shutdown(const grpc::Status& status, std::function<void()> done) override;
+  bool Serving() const override { return !draining_.load() && pool_->DefaultReady(); }
+  std::vector<admin::v1::Session> ListSessions() const override { return pool_->List(); }
+  absl::Status CloseSession(std::string_view session_id) override {
+    return pool_->Close(session_id);
+  }
+
+  // --- For the bridge's calls (any thread). ---
+  const BridgeContext& context() const { return context_; }
+  const std::string& upstream() const { return upstream_; }
+  ActiveCalls& calls() { return calls_; }
+  SessionPool& pool() { return *pool_; }
+  bool draining() const { return draining_.load(); }
+  void CallStarted();
+  void CallFinished(std::string_view method, grpc::StatusCode code);
+  // Admission every call passes first: the drain, then the caller's own credentials.
+  absl::Status Admit(const grpc::ServerContextBase& ctx) const;
+  // The session for a call that passed Admit and validation: the per-call credential
+  // from metadata when present (and allowed), else the default one.
+  absl::StatusOr<Lease> SessionFor(const grpc::ServerContextBase& ctx);
+  // UNAVAILABLE "shutting down; retry on another instance".
+  absl::Status ShuttingDown() const;
+  // The executor for a new upstream session (the io threads in turn).
+  boost::asio::any_io_executor SessionExecutor() const {
+    return context_.session_executor ? context_.session_executor() : context_.executor;
+  }
+  // Session options every session of this bridge shares (metrics, names, health).
+  SessionOptions BaseSessionOptions(const std::string& id, bool pinned);
+
+ protected:
+  // Called once by the derived constructor.
+  void InitPool(SessionPoolOptions options, SessionPool::SessionFactory factory,
+                CredentialPolicy credentials, std::shared_ptr<SecretSource> default_credential);
+
+ private:
+  void HealthChanged() {
+    if (context_.health_changed) context_.health_changed();
+  }
+
+  const BridgeContext context_;
+  const std::string upstream_;
+  const std::vector<std::string> service_names_;
+  CredentialPolicy credentials_;
+  Counter* malformed_ = nullptr;
+  Counter* unrouted_ = nullptr;
+  Histogram* rtt_ = nullptr;
+  ActiveCalls calls_;
+  std::atomic<bool> draining_{false};
+  std::unique_ptr<SessionPool> pool_;
+};
+
+// Per-call accounting: started when made, finished with the first status the call was
+// finished with (CANCELLED when it never was).
+class CallAccount {
+ public:
+  CallAccount(BridgeBase* bridge, std::string_view method) : bridge_(bridge), method_(method) {
+    bridge_->CallStarted();
+  }
+  void Finishing(grpc::StatusCode code) {
+    int unset = -1;
+    code_.compare_exchange_strong(unset, static_cast<int>(code));
+  }
+  void Done() {
+    const int c = code_.load();
+    bridge_->CallFinished(method_, c < 0 ? grpc::StatusCode::CANCELLED
+                                         : static_cast<grpc::StatusCode>(c));
+  }
+
+ private:
+  BridgeBase* bridge_;
+  std::string_view method_;
+  std::atomic<int> code_{-1};
+};
+
+// The gRPC deadline of a call on the steady clock (max when none).
+Clock::time_point SteadyDeadline(const grpc::ServerContextBase& ctx);
+
+}  // namespace wsbridge::core

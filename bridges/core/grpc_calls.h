@@ -1,0 +1,256 @@
+// gRPC call helpers every bridge's handlers build on.
+//
+//  - AsyncCallBase: a call served on the completion-queue API (see cq_loop.h for why):
+//    it owns itself from its request until gRPC has returned every tag, keeps one request
+//    outstanding for the next caller, is counted (CallAccount) and registered with the
+//    drain (ActiveCalls), admitted (drain, caller auth) and touched only on its CqLoop
+//    thread. The derived call then validates its request and only then takes a session,
+//    so bad requests never occupy one.
+//  - AsyncStreamWriter: the server-streaming half: items queued from a session strand are
+//    handed to the loop thread through ONE pending post per stream (so a CqLoop's mailbox
+//    holds at most one entry per open stream), bounded per stream (the slow-consumer
+//    rule: past the bound the stream ends RESOURCE_EXHAUSTED SLOW_CONSUMER and nobody
+//    else is held back), batched into messages with one write in flight, finished
+//    exactly once after what was queued before an OK finish is written.
+//  - UnaryCall: finish-exactly-once for callback-API unary calls.
+#pragma once
+
+#include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string_view>
+#include <utility>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "bridges/core/bridge_base.h"
+#include "bridges/core/cq_loop.h"
+#include "bridges/core/status.h"
+
+namespace wsbridge::core {
+
+// RESOURCE_EXHAUSTED with ErrorInfo SLOW_CONSUMER: a stream fell `limit` items behind.
+absl::Status SlowConsumer(size_t limit, std::string_view items, std::string_view domain);
+
+template <typename Derived>
+class AsyncCallBase : public std::enable_shared_from_this<Derived> {
+ protected:
+  AsyncCallBase(BridgeBase* bridge, CqLoop* loop, std::string_view method)
+      : bridge_(bridge), loop_(loop), method_(method) {}
+
+  // Starts `call`: the done tag, then `request` (gRPC's Request<Method>) unless the
+  // loop is shutting down.
+  template <typename RequestFn>
+  static void Start(std::shared_ptr<Derived> call, CqTag* done_tag, RequestFn&& request) {
+    call->self_ = call;
+    call->ctx_.AsyncNotifyWhenDone(done_tag);
+    if (!call->loop_->RunIfAccepting(std::forward<RequestFn>(request))) call->self_.reset();
+  }
+
+  // On the matched tag: requests the next call, registers this one (accounting, drain)
+  // and admits it. False when the call was never matched (server shutdown) or has been
+  // finished with an error.
+  bool AdmitMatched(bool ok) {
+    if (!ok) {
+      self_.reset();
+      return false;
+    }
+    matched_ = true;
+    Derived::Request(bridge_, loop_);  // keep a request outstanding for the next caller
+    account_.emplace(bridge_, method_);
+    call_id_ = bridge_->calls().Add([w = this->weak_from_this(), loop = loop_](const grpc::Status& st) {
+      loop->Post([w, st] {
+        if (auto c = w.lock()) c->Abort(st);
+      });
+    });
+    if (call_id_ == 0) {
+      Self().FinishWith(ToGrpcStatus(bridge_->ShuttingDown()));
+      return false;
+    }
+    if (absl::Status st = bridge_->Admit(ctx_); !st.ok()) {
+      Self().FinishWith(ToGrpcStatus(st));
+      return false;
+    }
+    return true;
+  }
+
+  // The session for this call (after validation). Finishes the call on failure.
+  std::optional<Lease> TakeSession() {
+    absl::StatusOr<Lease> lease = bridge_->SessionFor(ctx_);
+    if (!lease.ok()) {
+      Self().FinishWith(ToGrpcStatus(lease.status()));
+      return std::nullopt;
+    }
+    return std::move(*lease);
+  }
+
+  // The drain (or shutdown) ends the call. Derived may override to add details.
+  void Abort(const grpc::Status& st) { Self().FinishWith(st); }
+
+  // On the done tag: the call is over (finished, or cancelled by the caller or the
+  // server). Releases what admission took; the object goes once no tag is out.
+  void EndCall(Lease& lease) {
+    done_ = true;
+    finished_ = true;
+    lease.Release();
+    if (call_id_ != 0) bridge_->calls().Remove(call_id_);
+    if (account_.has_value()) account_->Done();
+    MaybeRelease();
+  }
+
+  void Finishing(const grpc::Status& status) {
+    if (account_.has_value()) account_->Finishing(status.error_code());
+  }
+  void OpStarted() { ++ops_; }
+  void OpReturned() {
+    --ops_;
+    MaybeRelease();
+  }
+
+  BridgeBase* bridge_;
+  CqLoop* loop_;
+  grpc::ServerContext ctx_;
+  bool matched_ = false;
+  bool finished_ = false;  // a Finish is started, or none is needed any more
+  bool done_ = false;
+
+ private:
+  Derived& Self() { return static_cast<Derived&>(*this); }
+  void MaybeRelease() {
+    if (done_ && ops_ == 0) self_.reset();
+  }
+
+  std::string_view method_;
+  std::shared_ptr<Derived> self_;
+  std::optional<CallAccount> account_;
+  ActiveCalls::Id call_id_ = 0;
+  int ops_ = 0;  // operations gRPC has not returned yet (besides the done tag)
+};
+
+// The queue between a session strand (producer, any thread) and a stream's loop thread
+// (consumer). Thread-safe. At most one wake-up is pending per stream.
+template <typename Item>
+class StreamInbox {
+ public:
+  explicit StreamInbox(size_t limit) : limit_(limit) {}
+
+  // Queues `item`; false when the stream is `limit` behind (the caller ends it). Returns
+  // through `wake` whether the consumer must be woken (nothing was pending).
+  bool Push(Item item, bool* wake) {
+    absl::MutexLock lock(&mu_);
+    if (items_.size() >= limit_) {
+      *wake = false;
+      return false;
+    }
+    items_.push_back(std::move(item));
+    *wake = !wake_pending_;
+    wake_pending_ = true;
+    return true;
+  }
+  // Consumer: takes everything queued (and allows the next wake-up).
+  void Take(std::deque<Item>* out) {
+    absl::MutexLock lock(&mu_);
+    wake_pending_ = false;
+    if (out->empty()) {
+      out->swap(items_);
+    } else {
+      for (auto& i : items_) out->push_back(std::move(i));
+      items_.clear();
+    }
+  }
+  void Clear() {
+    absl::MutexLock lock(&mu_);
+    items_.clear();
+  }
+  size_t limit() const { return limit_; }
+
+ private:
+  const size_t limit_;
+  absl::Mutex mu_;
+  std::deque<Item> items_ ABSL_GUARDED_BY(mu_);
+  bool wake_pending_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// Finishes a callback-API unary call exactly once, from whichever thread gets there
+// first; a session's callback may outlive the reactor, so it holds this, not the reactor.
+class UnaryFinisher {
+ public:
+  explicit UnaryFinisher(grpc::ServerUnaryReactor* r) : reactor_(r) {}
+  // `fill` writes the response before finishing OK; skipped when already finished.
+  void Finish(const grpc::Status& status, const std::function<void()>& fill = nullptr) {
+    grpc::ServerUnaryReactor* r;
+    {
+      absl::MutexLock lock(&mu_);
+      if (reactor_ == nullptr) return;
+      r = reactor_;
+      reactor_ = nullptr;
+      if (status.ok() && fill) fill();
+      code_.store(static_cast<int>(status.error_code()));
+    }
+    r->Finish(status);
+  }
+  // The status the call was finished with; -1 while unfinished.
+  int code() const { return code_.load(); }
+  std::atomic<uint64_t> op_id{0};
+
+ private:
+  absl::Mutex mu_;
+  grpc::ServerUnaryReactor* reactor_ ABSL_GUARDED_BY(mu_);
+  std::atomic<int> code_{-1};
+};
+
+// A callback-API unary call: admitted, counted, registered with the drain; `Begin`
+// validates first (through `validate`) and only then takes the session.
+class UnaryCall final : public grpc::ServerUnaryReactor {
+ public:
+  UnaryCall(BridgeBase* bridge, std::string_view method)
+      : bridge_(bridge), state_(std::make_shared<UnaryFinisher>(this)), account_(bridge, method) {}
+
+  // Admits the call, runs `validate`, takes the session. False when finished already.
+  bool Begin(grpc::CallbackServerContext* ctx, const std::function<absl::Status()>& validate) {
+    call_id_ = bridge_->calls().Add([s = state_](const grpc::Status& st) { s->Finish(st); });
+    if (call_id_ == 0) {
+      state_->Finish(ToGrpcStatus(bridge_->ShuttingDown()));
+      return false;
+    }
+    absl::Status st = bridge_->Admit(*ctx);
+    if (st.ok() && validate) st = validate();
+    if (!st.ok()) {
+      state_->Finish(ToGrpcStatus(st));
+      return false;
+    }
+    absl::StatusOr<Lease> lease = bridge_->SessionFor(*ctx);
+    if (!lease.ok()) {
+      state_->Finish(ToGrpcStatus(lease.status()));
+      return false;
+    }
+    lease_ = std::move(*lease);
+    return true;
+  }
+  const std::shared_ptr<UnaryFinisher>& state() const { return state_; }
+  UpstreamSession* session() const { return lease_.get(); }
+
+  void OnCancel() override {
+    if (lease_ && state_->op_id.load() != 0) lease_->Cancel(state_->op_id.load());
+    state_->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
+  }
+  void OnDone() override {
+    if (state_->code() >= 0) account_.Finishing(static_cast<grpc::StatusCode>(state_->code()));
+    account_.Done();
+    if (call_id_ != 0) bridge_->calls().Remove(call_id_);
+    delete this;
+  }
+
+ private:
+  BridgeBase* bridge_;
+  std::shared_ptr<UnaryFinisher> state_;
+  ActiveCalls::Id call_id_ = 0;
+  Lease lease_;
+  CallAccount account_;
+};
+
+}  // namespace wsbridge::core

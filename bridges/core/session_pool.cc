@@ -1,0 +1,287 @@
+#include "bridges/core/session_pool.h"
+
+#include <openssl/sha.h>
+
+#include <boost/asio/post.hpp>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "bridges/core/log.h"
+
+namespace wsbridge::core {
+namespace {
+
+namespace asio = boost::asio;
+constexpr std::string_view kLog = "pool";
+
+inline absl::string_view Av(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+
+int64_t NowNs() { return Clock::now().time_since_epoch().count(); }
+
+}  // namespace
+
+void Lease::Release() {
+  if (session_ == nullptr) return;
+  if (session_->leases.fetch_sub(1) == 1) session_->idle_since_ns.store(NowNs());
+  session_.reset();
+}
+
+std::string CredentialKey(std::string_view credential) {
+  unsigned char digest[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const unsigned char*>(credential.data()), credential.size(), digest);
+  return absl::BytesToHexString(
+      absl::string_view(reinterpret_cast<const char*>(digest), sizeof(digest)));
+}
+
+SessionPool::SessionPool(SessionPoolOptions options, asio::any_io_executor executor,
+                         SessionFactory factory, std::function<void()> health_changed)
+    : options_(std::move(options)),
+      factory_(std::move(factory)),
+      health_changed_(std::move(health_changed)),
+      strand_(asio::make_strand(executor)),
+      timer_(strand_) {}
+
+SessionPool::~SessionPool() = default;
+
+void SessionPool::SetDefault(std::shared_ptr<SecretSource> credential) {
+  default_ = std::move(credential);
+  refresher_.Watch(default_);
+}
+
+void SessionPool::Start() {
+  if (default_ != nullptr) {
+    if (absl::StatusOr<Lease> l = AcquireDefault(); !l.ok()) {
+      log::Warn(kLog, "could not start the default session",
+                {{"bridge", options_.bridge}, {"error", l.status().ToString()}});
+    }
+  }
+  ScheduleCheck();
+}
+
+absl::StatusOr<std::string> SessionPool::DefaultKey() {
+  const uint64_t version = default_->version();
+  {
+    absl::MutexLock lock(&mu_);
+    if (version == default_version_ && !default_key_.empty()) return default_key_;
+  }
+  absl::StatusOr<std::string> value = default_->Current();
+  if (!value.ok()) {
+    return absl::UnavailableError(absl::StrCat("the configured ", options_.upstream,
+                                               " credential is unusable: ",
+                                               value.status().message()));
+  }
+  std::string key = CredentialKey(*value);
+  std::shared_ptr<UpstreamSession> retired;
+  {
+    absl::MutexLock lock(&mu_);
+    default_version_ = version;
+    if (key == default_key_) return key;
+    // Rotated: the old default session stops being pinned, drains and closes.
+    if (auto it = sessions_.find(default_key_); it != sessions_.end()) {
+      it->second.pinned = false;
+      it->second.draining = true;
+      if (it->second.session->leases.load() == 0) {
+        retired = it->second.session;
+        sessions_.erase(it);
+      }
+    }
+    default_key_ = key;
+  }
+  if (retired != nullptr) {
+    log::Info(kLog, "the default credential changed; closing its old session",
+              {{"session", retired->id()}});
+    retired->Close(1000, "credential rotated", nullptr);
+  }
+  return key;
+}
+
+absl::StatusOr<Lease> SessionPool::AcquireDefault() {
+  if (default_ == nullptr) {
+    return absl::FailedPreconditionError("this bridge has no default credential");
+  }
+  absl::StatusOr<std::string> key = DefaultKey();
+  if (!key.ok()) return key.status();
+  std::shared_ptr<UpstreamSession> started;
+  absl::StatusOr<Lease> lease;
+  {
+    absl::MutexLock lock(&mu_);
+    lease = AcquireLocked(*key, [this] { return default_; }, true, &started);
+  }
+  if (started != nullptr) {
+    started->Start();
+    if (health_changed_) health_changed_();
+  }
+  return lease;
+}
+
+absl::StatusOr<Lease> SessionPool::Acquire(const std::string& key, std::string_view credential) {
+  absl::MutexLock lock(&mu_);
+  return AcquireLocked(
+      key, [credential] { return SecretSource::Fixed(std::string(credential)); }, false, nullptr);
+}
+
+absl::StatusOr<Lease> SessionPool::AcquireLocked(
+    const std::string& key, const std::function<std::shared_ptr<SecretSource>()>& credential,
+                                                 bool pinned,
+                                                 std::shared_ptr<UpstreamSession>* started) {
+  if (shut_down_) {
+    return absl::UnavailableError(absl::StrCat("the ", options_.upstream,
+                                               " bridge is shutting down; retry on another "
+                                               "instance"));
+  }
+  auto it = sessions_.find(key);
+  if (it == sessions_.end()) {
+    if (sessions_.size() >= options_.max_sessions) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the ", options_.upstream, " bridge already holds its maximum of ",
+          options_.max_sessions,
+          " upstream sessions (one per credential); retry later or raise max_sessions"));
+    }
+    std::string id = absl::StrCat(options_.bridge, "/", key.substr(0, 8));
+    Entry e;
+    e.session = factory_(id, credential(), pinned);
+    e.pinned = pinned;
+    e.session->idle_since_ns.store(NowNs());
+    it = sessions_.emplace(key, std::move(e)).first;
+    if (pinned && started != nullptr) *started = it->second.session;
+  } else if (pinned) {
+    it->second.pinned = true;
+    it->second.draining = false;
+  }
+  it->second.session->leases.fetch_add(1);
+  return Lease(it->second.session);
+}
+
+bool SessionPool::DefaultReady() const {
+  if (default_ == nullptr) return true;
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(default_key_);
+  return it != sessions_.end() && it->second.session->ready();
+}
+
+std::vector<admin::v1::Session> SessionPool::List() const {
+  std::vector<std::shared_ptr<UpstreamSession>> sessions;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [k, e] : sessions_) sessions.push_back(e.session);
+  }
+  std::vector<admin::v1::Session> out;
+  out.reserve(sessions.size());
+  for (const auto& s : sessions) out.push_back(s->Describe());
+  return out;
+}
+
+absl::Status SessionPool::Close(std::string_view session_id) {
+  std::shared_ptr<UpstreamSession> victim;
+  bool was_default = false;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = sessions_.begin(); it != sessions_.end(); ++it) {
+      if (it->second.session->id() == session_id) {
+        victim = it->second.session;
+        was_default = it->first == default_key_;
+        sessions_.erase(it);
+        break;
+      }
+    }
+  }
+  if (victim == nullptr) {
+    return absl::NotFoundError(absl::StrCat("no ", options_.upstream, " session with id \"",
+                                            Av(session_id), "\" (list them with ListSessions)"));
+  }
+  victim->Close(1001, "closed by an operator", nullptr);
+  if (was_default) (void)AcquireDefault();  // always on
+  if (health_changed_) health_changed_();
+  return absl::OkStatus();
+}
+
+void SessionPool::Shutdown(std::function<void()> done) {
+  std::map<std::string, Entry> sessions;
+  {
+    absl::MutexLock lock(&mu_);
+    if (done) shutdown_waiters_.push_back(std::move(done));
+    if (shut_down_) {
+      if (shutdown_complete_) {
+        for (auto& w : shutdown_waiters_) asio::post(strand_, std::move(w));
+        shutdown_waiters_.clear();
+      }
+      return;
+    }
+    shut_down_ = true;
+    sessions = std::move(sessions_);
+    sessions_.clear();
+  }
+  asio::post(strand_, [this] { timer_.cancel(); });
+  auto remaining = std::make_shared<std::atomic<size_t>>(sessions.size() + 1);
+  auto finished = [this, remaining] {
+    if (remaining->fetch_sub(1) != 1) return;
+    std::vector<std::function<void()>> waiters;
+    {
+      absl::MutexLock lock(&mu_);
+      shutdown_complete_ = true;
+      waiters = std::move(shutdown_waiters_);
+      shutdown_waiters_.clear();
+    }
+    for (auto& w : waiters) w();
+  };
+  for (auto& [key, e] : sessions) e.session->Close(1001, "going away", finished);
+  if (health_changed_) health_changed_();
+  finished();
+}
+
+size_t SessionPool::size() const {
+  absl::MutexLock lock(&mu_);
+  return sessions_.size();
+}
+
+void SessionPool::ScheduleCheck() {
+  asio::post(strand_, [this] {
+    timer_.expires_after(options_.check_interval);
+    timer_.async_wait([this](const boost::system::error_code& ec) {
+      if (ec) return;
+      Check();
+      {
+        absl::MutexLock lock(&mu_);
+        if (shut_down_) return;
+      }
+      ScheduleCheck();
+    });
+  });
+}
+
+// Closes sessions no call has held for idle_timeout, and former defaults no call holds;
+// follows a rotated default credential even while no call arrives.
+void SessionPool::Check() {
+  if (default_ != nullptr) {
+    bool need_default;
+    {
+      absl::MutexLock lock(&mu_);
+      need_default = !shut_down_ && (default_version_ != default_->version() ||
+                                     !sessions_.contains(default_key_));
+    }
+    if (need_default) (void)AcquireDefault();
+  }
+  std::vector<std::shared_ptr<UpstreamSession>> idle;
+  const int64_t now = NowNs();
+  const int64_t limit = std::chrono::duration_cast<Clock::duration>(options_.idle_timeout).count();
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = sessions_.begin(); it != sessions_.end();) {
+      const Entry& e = it->second;
+      const bool unused = e.session->leases.load() == 0;
+      if (!e.pinned && unused &&
+          (e.draining || now - e.session->idle_since_ns.load() >= limit)) {
+        idle.push_back(e.session);
+        it = sessions_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& s : idle) {
+    log::Info(kLog, "closing an unused upstream session", {{"session", s->id()}});
+    s->Close(1000, "idle", nullptr);
+  }
+}
+
+}  // namespace wsbridge::core
