@@ -10,8 +10,11 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "bridges/core/bridge.h"
+#include "bridges/core/log.h"
 #include "bridges/core/metrics.h"
+#include "bridges/core/upstream_config.h"
 #include "bridges/dfx/dfx_bridge.h"
 #include "daemon/config/config.h"
 #include "daemon/daemon.h"
@@ -228,7 +231,7 @@ TEST_F(DfxBridgeTest, FullMeasurementWithResults) {
     EXPECT_FALSE(out.accepted[i].measurement_data_id().empty());
   }
   ASSERT_EQ(out.results.size(), 4u);
-  EXPECT_NE(out.results.back().json_body().find("COMPLETE"), std::string::npos);
+  EXPECT_NE(out.results.back().json_body().find(R"("ChunkOrder":3)"), std::string::npos);
   for (const auto& r : out.results) {
     EXPECT_EQ(r.measurement_id(), mid);
     EXPECT_FALSE(r.after_reconnect());
@@ -315,8 +318,10 @@ TEST_F(DfxBridgeTest, TwoSubscribersShareOneUpstreamSubscription) {
     }
     grpc::Status st = r->Finish();
     EXPECT_TRUE(st.ok()) << st.error_message();
+    // Ended OK by the LAST chunk's result: the upstream sends no end marker.
     ASSERT_EQ(got.size(), 3u);
-    EXPECT_NE(got.back().json_body().find("COMPLETE"), std::string::npos);
+    EXPECT_NE(got.back().json_body().find(R"("ChunkOrder":2)"), std::string::npos);
+    EXPECT_EQ(got.back().json_body().find("Status"), std::string::npos);
   }
   EXPECT_EQ(emulator_->frames_received("0510"), 1);
   EXPECT_TRUE(WaitFor([&] { return Subscribers() == 0; }));
@@ -431,6 +436,131 @@ TEST_F(DfxBridgeTest, RefusedTokenIsUnauthenticatedAndNotHammered) {
   EXPECT_EQ(emulator_->frames_received("0100"), 0);
   // A call without a token, on a bridge without one, is refused without going upstream.
   EXPECT_EQ(CallAction().error_code(), grpc::StatusCode::UNAUTHENTICATED);
+}
+
+// A refused token file: calls fail UNAUTHENTICATED at once and the bridge is not
+// serving; once the secret is fixed the bridge logs in again on its own (no call
+// needed) and serves.
+TEST_F(DfxBridgeTest, RefusedDefaultTokenRecoversOnItsOwnWhenTheSecretIsFixed) {
+  testing::TempDir dir;
+  const std::string path = dir.WriteFile("token", "bad-token\n");
+  Start({}, [&path](DfxBridgeOptions& o) {
+    config::v1::Secret secret;
+    secret.set_file(path);
+    o.default_token = core::SecretSource::Create(secret).value();
+    o.connection.auth_backoff.initial = 50ms;
+    o.connection.auth_backoff.max = 200ms;
+  });
+  ASSERT_TRUE(WaitFor([&] { return CallAction().error_code() == grpc::StatusCode::UNAUTHENTICATED; }));
+  EXPECT_FALSE(bridge_->Serving());
+  dir.WriteFile("token", "good-token\n");
+  EXPECT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+  EXPECT_TRUE(CallAction().ok());
+}
+
+// The upstream refuses a token and later accepts the same one (fixed on its side): the
+// session retries on the slow auth backoff by itself and the bridge serves again.
+TEST_F(DfxBridgeTest, RefusedLoginIsRetriedOnTheAuthBackoffWithoutCalls) {
+  Start({}, [](DfxBridgeOptions& o) {
+    o.connection.auth_backoff.initial = 50ms;
+    o.connection.auth_backoff.max = 200ms;
+  });
+  ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+  emulator_->SetRefuseLogin(true);
+  ASSERT_EQ(bridge_->CloseSession(bridge_->ListSessions().at(0).id()), absl::OkStatus());
+  ASSERT_TRUE(WaitFor([&] { return CallAction().error_code() == grpc::StatusCode::UNAUTHENTICATED; }));
+  EXPECT_FALSE(bridge_->Serving());
+  const int attempts = emulator_->frames_received("0718");
+  emulator_->SetRefuseLogin(false);
+  EXPECT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+  EXPECT_GT(emulator_->frames_received("0718"), attempts);
+  EXPECT_TRUE(CallAction().ok());
+}
+
+// Requests are validated before a session is taken: bad calls with per-call tokens
+// leave no session behind (they cannot fill max_sessions), and every per-call token a
+// session was opened with is redacted from logs.
+TEST_F(DfxBridgeTest, BadRequestsTakeNoSessionAndPerCallTokensAreRedacted) {
+  Start({}, [](DfxBridgeOptions& o) {
+    o.default_token = nullptr;
+    o.max_sessions = 1;
+  });
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(CallAction("01x0", absl::StrCat("bogus-token-", i)).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("x-dfx-device-token", "bogus-token-create");
+    v1::CreateMeasurementRequest req;  // no study_id
+    v1::CreateMeasurementResponse resp;
+    EXPECT_EQ(stub_->CreateMeasurement(&ctx, req, &resp).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("x-dfx-device-token", "bogus-token-subscribe");
+    v1::SubscribeResultsRequest req;  // no measurement_id
+    auto reader = stub_->SubscribeResults(&ctx, req);
+    v1::SubscribeResultsResponse res;
+    EXPECT_FALSE(reader->Read(&res));
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  EXPECT_TRUE(bridge_->ListSessions().empty());
+  EXPECT_TRUE(CallAction("0100", "tenant-token-7731").ok());
+  EXPECT_EQ(log::Redact("sent tenant-token-7731 upstream").find("tenant-token-7731"),
+            std::string::npos);
+}
+
+// A chunk written after LAST is never sent upstream and never silently dropped: the
+// stream ends FAILED_PRECONDITION naming it, with the last acknowledged chunk.
+TEST_F(DfxBridgeTest, AChunkAfterLastIsRefusedNamingIt) {
+  Start();
+  std::string mid = CreateMeasurement();
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + 30s);
+  auto stream = stub_->StreamMeasurement(&ctx);
+  v1::MeasurementChunk first = Chunk(v1::STAGE_FIRST, 0, 10);
+  first.set_measurement_id(mid);
+  v1::MeasurementEvent ev;
+  ASSERT_TRUE(stream->Write(first));
+  ASSERT_TRUE(stream->Read(&ev));
+  ASSERT_TRUE(stream->Write(Chunk(v1::STAGE_LAST, 1, 10)));
+  ASSERT_TRUE(stream->Read(&ev));
+  ASSERT_TRUE(ev.has_chunk_accepted());
+  EXPECT_EQ(ev.chunk_accepted().chunk_order(), 1u);
+  stream->Write(Chunk(v1::STAGE_CHUNK, 2, 10));
+  while (stream->Read(&ev)) {
+  }
+  grpc::Status st = stream->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_NE(st.error_message().find("chunk 2 arrived after the LAST chunk"), std::string::npos)
+      << st.error_message();
+  EXPECT_EQ(ErrorDetail(st).metadata["last_acked_chunk_order"], "1");
+  EXPECT_EQ(emulator_->chunks().size(), 2u);
+}
+
+// The shutdown drain ends an open measurement stream like any other error: with the
+// measurement id and the last chunk the upstream acknowledged.
+TEST_F(DfxBridgeTest, DrainedStreamsNameTheLastAcknowledgedChunk) {
+  Start();
+  std::string mid = CreateMeasurement();
+  grpc::ClientContext ctx;
+  auto stream = stub_->StreamMeasurement(&ctx);
+  v1::MeasurementChunk first = Chunk(v1::STAGE_FIRST, 0, 10);
+  first.set_measurement_id(mid);
+  v1::MeasurementEvent ev;
+  ASSERT_TRUE(stream->Write(first));
+  ASSERT_TRUE(stream->Read(&ev));
+  daemon_->RequestShutdown();
+  while (stream->Read(&ev)) {
+  }
+  grpc::Status st = stream->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  Detail d = ErrorDetail(st);
+  EXPECT_EQ(d.metadata["last_acked_chunk_order"], "0");
+  EXPECT_EQ(d.metadata["measurement_id"], mid);
+  daemon_->Wait();
 }
 
 TEST_F(DfxBridgeTest, SessionsAreKeyedByTokenAndCapped) {

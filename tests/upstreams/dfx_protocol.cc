@@ -372,11 +372,11 @@ std::vector<DfxAction> DfxProtocol::AddData(uint64_t conn, Conn& c, const Reques
   answer["ChunkOrder"] = order;
   std::vector<DfxAction> out = {Answer(conn, req.request_id, 200, json::serialize(answer))};
 
-  // Results: one per ::PROCESS chunk; LAST (either flavour) always ends the stream
-  // with a result whose Status is COMPLETE so subscribers learn it is over.
-  if (process || last) {
+  // Results: one per ::PROCESS chunk, LAST's included; no end-of-results marker (the
+  // public page defines none, and a real upstream need not send one).
+  if (process) {
     json::object results;
-    if (process) {
+    {
       // Deterministic stand-ins for real signals, derived from the chunk.
       unsigned sum = 0;
       for (size_t i = kChunkHeaderLen; i < payload->size(); ++i) {
@@ -390,7 +390,6 @@ std::vector<DfxAction> DfxProtocol::AddData(uint64_t conn, Conn& c, const Reques
     result["MeasurementDataID"] = data_id;
     result["ChunkOrder"] = order;
     result["Action"] = action;
-    result["Status"] = last ? "COMPLETE" : "IN_PROGRESS";
     result["Results"] = std::move(results);
     std::string result_json = json::serialize(result);
     for (const auto& [other, oc] : conns_) {

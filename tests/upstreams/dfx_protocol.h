@@ -33,9 +33,10 @@
 // - Accepted chunk: 200 {"ID":"<data id>","ChunkOrder":n}, then (after the result
 //   delay) one result per ::PROCESS chunk on every subscription of the measurement:
 //   200 {"ID":mid,"MeasurementDataID":"<data id>","ChunkOrder":n,"Action":"...",
-//        "Status":"IN_PROGRESS"|"COMPLETE","Results":{"HR_BPM":60..99,"DataMs":total}}
-//   LAST (PROCESS or IGNORE) closes the measurement and always pushes a final result
-//   with "Status":"COMPLETE" (Results {} for LAST::IGNORE).
+//        "Results":{"HR_BPM":60..99,"DataMs":total}}
+//   LAST (PROCESS or IGNORE) closes the measurement. The public page defines no
+//   end-of-results marker, so none is sent: a subscriber learns the end from the result
+//   whose ChunkOrder is the LAST chunk's (none comes for LAST::IGNORE).
 // - 0100: 200 {"Version":"emulator","Status":"OK"}; any other action: 404 NOT_FOUND.
 #ifndef WSBRIDGE_TESTS_UPSTREAMS_DFX_PROTOCOL_H_
 #define WSBRIDGE_TESTS_UPSTREAMS_DFX_PROTOCOL_H_

@@ -227,7 +227,7 @@ TEST_F(DfxProtocolTest, FullMeasurementWithResultsOnSubscriptionRequestId) {
     EXPECT_EQ(Str(res.body, "ID"), mid);
     EXPECT_EQ(Str(res.body, "MeasurementDataID"), data_ids.back());
     EXPECT_EQ(res.body.at("ChunkOrder").to_number<int>(), static_cast<int>(order));
-    EXPECT_EQ(Str(res.body, "Status"), order == 3 ? "COMPLETE" : "IN_PROGRESS");
+    EXPECT_FALSE(res.body.contains("Status"));
     EXPECT_EQ(res.body.at("Results").at("DataMs").to_number<int>(), 1000 * (order + 1));
     int hr = res.body.at("Results").at("HR_BPM").to_number<int>();
     EXPECT_GE(hr, 60);
@@ -256,16 +256,15 @@ TEST_F(DfxProtocolTest, FullMeasurementWithResultsOnSubscriptionRequestId) {
   EXPECT_EQ(proto_.open_connections(), 0);
 }
 
-TEST_F(DfxProtocolTest, LastIgnoreStillEndsWithCompleteResult) {
+TEST_F(DfxProtocolTest, LastIgnoreClosesTheMeasurementWithoutAResult) {
   Login(1);
   std::string mid = Create(1);
   ASSERT_EQ(One(1, "0510", "0510SUBSCR", R"({"Params":{"ID":")" + mid + R"("},"RequestID":"0510SUBSCR"})").status, 200);
   ASSERT_EQ(Data(1, mid, "FIRST::IGNORE", 0).size(), 1u);
   std::vector<DfxAction> out = Data(1, mid, "LAST::IGNORE", 1);
-  ASSERT_EQ(out.size(), 2u);
-  Reply res = ParseReply(out[1]);
-  EXPECT_EQ(Str(res.body, "Status"), "COMPLETE");
-  EXPECT_TRUE(res.body.at("Results").as_object().empty());
+  ASSERT_EQ(out.size(), 1u);  // the chunk's answer, and no result
+  EXPECT_EQ(ParseReply(out[0]).status, 200);
+  EXPECT_EQ(Str(ParseReply(Data(1, mid, "CHUNK::PROCESS", 2)[0]).body, "Code"), "MEASUREMENT_CLOSED");
 }
 
 TEST_F(DfxProtocolTest, ResultsGoToEverySubscriptionOnEveryConnection) {
