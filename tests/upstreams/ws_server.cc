@@ -136,6 +136,13 @@ int HttpStatusFor(const absl::Status& s) {
 
 }  // namespace
 
+std::string HttpRequest::Header(std::string_view name) const {
+  for (const auto& [k, v] : headers) {
+    if (absl::EqualsIgnoreCase(k, absl::string_view(name.data(), name.size()))) return v;
+  }
+  return "";
+}
+
 std::string HandshakeInfo::Header(std::string_view name) const {
   for (const auto& [k, v] : headers) {
     if (absl::EqualsIgnoreCase(k, absl::string_view(name.data(), name.size()))) return v;
@@ -318,7 +325,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     beast::get_lowest_layer(ws_).expires_after(kHandshakeTimeout);
     parser_.emplace();
     parser_->header_limit(16 * 1024);
-    parser_->body_limit(64 * 1024);
+    parser_->body_limit(core_->options.max_http_body_bytes);
     http::async_read(ws_.next_layer(), buffer_, *parser_,
                      [self = this->shared_from_this()](error_code ec, std::size_t) {
                        self->OnRequest(ec);
@@ -326,10 +333,14 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
   }
 
   void OnRequest(error_code ec) {
+    if (ec == http::error::body_limit && core_->handler.on_http) {
+      return Refuse(413, "request body too large");
+    }
     if (ec) return Finish(absl::UnavailableError(absl::StrCat("reading the upgrade request: ", ec.message())));
     request_ = parser_->release();
     parser_.reset();
     if (!websocket::is_upgrade(request_)) {
+      if (core_->handler.on_http) return ServeHttp();
       return Refuse(400, "expected a WebSocket upgrade request");
     }
     info_.target = std::string(request_.target());
@@ -364,6 +375,39 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     ws_.async_accept(request_, [self = this->shared_from_this()](error_code ec) {
       self->OnAccept(ec);
     });
+  }
+
+  // A plain HTTP request, answered by on_http; the connection then reads the next
+  // request (keep-alive) or closes.
+  void ServeHttp() {
+    HttpRequest req;
+    req.method = std::string(request_.method_string());
+    req.target = std::string(request_.target());
+    for (const auto& field : request_) {
+      req.headers.emplace_back(std::string(field.name_string()), std::string(field.value()));
+    }
+    req.body = std::move(request_.body());
+    HttpResponse answer = core_->handler.on_http(req);
+    const bool keep_alive = core_->options.http_keep_alive && request_.keep_alive();
+    response_.emplace();
+    response_->version(request_.version());
+    response_->result(answer.status >= 100 && answer.status <= 999
+                          ? static_cast<unsigned>(answer.status) : 500u);
+    response_->set(http::field::server, "wsbridge-test-upstream");
+    bool has_type = false;
+    for (const auto& [name, value] : answer.headers) {
+      response_->insert(name, value);
+      has_type = has_type || absl::EqualsIgnoreCase(name, "content-type");
+    }
+    if (!has_type) response_->set(http::field::content_type, "application/json");
+    response_->keep_alive(keep_alive);
+    response_->body() = std::move(answer.body);
+    response_->prepare_payload();
+    http::async_write(ws_.next_layer(), *response_,
+                      [self = this->shared_from_this(), keep_alive](error_code ec, std::size_t) {
+                        if (ec || !keep_alive) return self->Finish(absl::OkStatus());
+                        self->DoReadRequest();
+                      });
   }
 
   void Refuse(int status, std::string body) {

@@ -26,6 +26,25 @@ struct HandshakeInfo {
   std::string Header(std::string_view name) const;
 };
 
+// A plain HTTP request (not a WebSocket upgrade), for WsServerHandler::on_http.
+struct HttpRequest {
+  std::string method;  // e.g. "POST"
+  std::string target;  // path?query
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::string body;
+
+  // First header value with this name (case-insensitive), or "" when absent.
+  std::string Header(std::string_view name) const;
+};
+
+// The answer to an HttpRequest. The server sets Content-Length, Server and, unless
+// given, Content-Type: application/json.
+struct HttpResponse {
+  int status = 200;
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::string body;
+};
+
 struct WsServerOptions {
   std::string listen = "127.0.0.1:0";  // host:port; host must be a loopback address
   bool tls = false;
@@ -33,6 +52,12 @@ struct WsServerOptions {
   // When set (PEM CA certificates), TLS clients must present a certificate it signed.
   std::string client_ca_pem;
   size_t max_message_bytes = 16u << 20;
+  // Largest body of a plain HTTP request (on_http); larger ones are answered 413 and
+  // the connection is closed.
+  size_t max_http_body_bytes = 64u << 10;
+  // Whether a plain HTTP connection may carry further requests (HTTP/1.1 keep-alive,
+  // unless the client says "Connection: close"). Off: every answer closes it.
+  bool http_keep_alive = true;
   int threads = 1;
 };
 
@@ -68,6 +93,9 @@ struct WsServerHandler {
   // Once per opened connection. OK after a clean close handshake (see
   // remote_close_code()); otherwise the error that ended the connection.
   std::function<void(const std::shared_ptr<WsServerConnection>&, const absl::Status&)> on_close;
+  // Requests that are not WebSocket upgrades (e.g. a REST login on the same port as the
+  // socket), on an io thread. Unset: they are refused with 400.
+  std::function<HttpResponse(const HttpRequest&)> on_http;
 };
 
 class WsServer {
