@@ -124,7 +124,14 @@ class Scanner {
       ++pos_;
       if (Peek() == '+' || Peek() == '-') ++pos_;
       if (!IsDigit(Peek())) return Fail("invalid number: digit expected in the exponent");
-      while (IsDigit(Peek())) ++pos_;
+      // Exponents beyond 9 significant digits are refused (Boost.JSON refuses those
+      // beyond INT_MAX; no real value needs either).
+      int64_t exponent = 0;
+      while (IsDigit(Peek())) {
+        exponent = exponent * 10 + (s_[pos_] - '0');
+        if (exponent > 999'999'999) return Fail("invalid number: exponent out of range");
+        ++pos_;
+      }
     }
     return true;
   }
