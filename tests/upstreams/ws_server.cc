@@ -25,6 +25,7 @@
 #include <boost/beast/websocket/ssl.hpp>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -129,12 +130,29 @@ int HttpStatusFor(const absl::Status& s) {
       return 401;
     case absl::StatusCode::kPermissionDenied:
       return 403;
+    case absl::StatusCode::kResourceExhausted:
+      return 429;
+    case absl::StatusCode::kUnavailable:
+      return 503;
     default:
       return 400;
   }
 }
 
+constexpr char kRetryAfterPayload[] = "wsbridge.test/retry-after";
+
+// The Retry-After value WithRetryAfter attached to a refusal; "" when none.
+std::string RetryAfterOf(const absl::Status& s) {
+  const auto v = s.GetPayload(kRetryAfterPayload);  // absl::optional on Debian
+  return v ? std::string(*v) : std::string();
+}
+
 }  // namespace
+
+absl::Status WithRetryAfter(absl::Status refusal, int seconds) {
+  refusal.SetPayload(kRetryAfterPayload, absl::Cord(std::to_string(seconds)));
+  return refusal;
+}
 
 std::string HttpRequest::Header(std::string_view name) const {
   for (const auto& [k, v] : headers) {
@@ -358,7 +376,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     std::string subprotocol;
     if (core_->handler.on_handshake) {
       absl::Status st = core_->handler.on_handshake(info_, &subprotocol);
-      if (!st.ok()) return Refuse(HttpStatusFor(st), std::string(st.message()));
+      if (!st.ok()) return Refuse(HttpStatusFor(st), std::string(st.message()), RetryAfterOf(st));
     }
     beast::get_lowest_layer(ws_).expires_never();
     websocket::stream_base::timeout timeouts{};
@@ -410,8 +428,9 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
                       });
   }
 
-  void Refuse(int status, std::string body) {
+  void Refuse(int status, std::string body, std::string retry_after = {}) {
     response_.emplace();
+    if (!retry_after.empty()) response_->set(http::field::retry_after, retry_after);
     response_->result(static_cast<http::status>(status));
     response_->version(request_.version());
     response_->set(http::field::server, "wsbridge-test-upstream");

@@ -81,11 +81,15 @@ class WsServerConnection {
   virtual uint16_t remote_close_code() const = 0;
 };
 
+// Marks an on_handshake refusal so the response carries "Retry-After: <seconds>" (kept as
+// a payload of the status, so on_handshake's signature stays as it is).
+absl::Status WithRetryAfter(absl::Status refusal, int seconds);
+
 struct WsServerHandler {
   // Return an error to refuse the upgrade (HTTP status by code: UNAUTHENTICATED->401,
-  // PERMISSION_DENIED->403, else 400; the status message is the response body); set
-  // *subprotocol to the accepted one (or leave it empty). Unset: accept everything and
-  // select no subprotocol.
+  // PERMISSION_DENIED->403, RESOURCE_EXHAUSTED->429, UNAVAILABLE->503, else 400; the
+  // status message is the response body; see WithRetryAfter); set *subprotocol to the
+  // accepted one (or leave it empty). Unset: accept everything and select no subprotocol.
   std::function<absl::Status(const HandshakeInfo&, std::string* subprotocol)> on_handshake;
   std::function<void(const std::shared_ptr<WsServerConnection>&)> on_open;
   std::function<void(const std::shared_ptr<WsServerConnection>&, std::string_view data, bool binary)>
