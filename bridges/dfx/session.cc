@@ -36,7 +36,7 @@ class Link final : public core::ConnectionHandler {
   absl::StatusOr<core::HandshakeRequest> PrepareHandshake() override;
   void OnOpen(std::string_view subprotocol) override;
   void OnMessage(std::string_view payload, bool binary) override;
-  void OnDisconnected(const absl::Status& reason, bool will_retry) override;
+  void OnDisconnected(const core::DisconnectInfo& info, bool will_retry) override;
 
  private:
   std::weak_ptr<SessionImpl> session_;
@@ -872,8 +872,8 @@ void Link::OnOpen(std::string_view subprotocol) {
 void Link::OnMessage(std::string_view payload, bool /*binary*/) {
   if (auto s = session_.lock()) s->OnMessage(generation_, payload);
 }
-void Link::OnDisconnected(const absl::Status& reason, bool will_retry) {
-  if (auto s = session_.lock()) s->OnDisconnected(generation_, reason, will_retry);
+void Link::OnDisconnected(const core::DisconnectInfo& info, bool will_retry) {
+  if (auto s = session_.lock()) s->OnDisconnected(generation_, info.reason, will_retry);
 }
 
 }  // namespace
