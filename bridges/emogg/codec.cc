@@ -413,6 +413,12 @@ void DecodeAnswer(Scanner& sc, Frame& f, std::string* structure) {
           f.path.clear();
           if (!sc.String(&f.path)) return;
           has_path = true;
+        } else if (c == 'n') {
+          // Choice: an error answer to a message whose path could not be read (a 405)
+          // may carry "path": null; it is still an answer (with path "").
+          if (!sc.Literal("null")) return;
+          f.path.clear();
+          has_path = true;
         } else {
           bad("\"path\" is not a string");
           if (!sc.Value(1)) return;
@@ -463,7 +469,7 @@ void DecodeAnswer(Scanner& sc, Frame& f, std::string* structure) {
     }
   }
   if (!sc.ok()) return;
-  if (!has_path) bad("answer without a string \"path\"");
+  if (!has_path) bad("answer without a \"path\"");
   if (!has_status) bad("answer without a numeric \"status\"");
   if (!f.data.empty()) f.message = StringMember(f.data, "message").value_or("");
   if (has_path && f.path == kPathSubscribe && !f.is_error() && !f.body.empty()) {

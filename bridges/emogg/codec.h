@@ -129,6 +129,7 @@ struct Frame {
   // The echoed id; numbers as their JSON text (e.g. "1"). Empty when null or absent.
   std::string id;
   bool has_id = false;
+  // "" when the answer said "path": null (a 405 to a message whose path was unreadable).
   std::string path;
   int status = 0;
   // "error": true.

@@ -133,6 +133,14 @@ TEST(EmoggCodec, DecodesTheDocumentedAnswers) {
   EXPECT_EQ(sub.subscribed_id, "luug96xrbbc594");
   EXPECT_EQ(sub.body, R"({"subscriptionId":"luug96xrbbc594"})");
 
+  // A 405 to a message whose path could not be read may name no path.
+  Frame unreadable = DecodeFrame(
+      R"({"error":true,"id":null,"path":null,"status":405,"data":{"message":"Malformed payload"}})");
+  EXPECT_EQ(unreadable.kind, FrameKind::kResponse) << unreadable.reason;
+  EXPECT_EQ(unreadable.path, "");
+  EXPECT_TRUE(unreadable.is_error());
+  EXPECT_TRUE(StatusClosesConnection(unreadable.status));
+
   Frame ping = DecodeFrame(
       R"({ "id": null, "path": "ping", "status": 200, "body": {"ts":"2024-05-01T10:30:00.000Z"} })");
   EXPECT_EQ(ping.kind, FrameKind::kPingAnswer);
@@ -217,7 +225,7 @@ TEST(EmoggCodec, ClassifiesMalformedFramesWithAReason) {
       {"{\"path\":\"p\",\"status\":200,\"body\":\"\\ud800\"}", "surrogate"},
       {"{\"path\":\"p\",\"status\":200,\"body\":\"\\udc00\"}", "surrogate"},
       {"{\"path\":\"p\",\"status\":200,\"body\":\"\\x\"}", "invalid escape"},
-      {"{\"status\":200}", "without a string \"path\""},
+      {"{\"status\":200}", "without a \"path\""},
       {"{\"path\":\"p\"}", "without a numeric \"status\""},
       {"{\"path\":\"p\",\"status\":\"200\"}", "\"status\" is not a number"},
       {"{\"path\":\"p\",\"status\":200.5}", "integer from 100 to 599"},
