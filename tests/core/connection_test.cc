@@ -280,6 +280,12 @@ class ConnectionTest : public ::testing::Test {
     return WaitFor([&] { return handler_->disconnect_count() >= n; }, kDeadline);
   }
 
+  // The client sees its side open (and may become ready) before the server's io thread
+  // has run on_open, which records the server side: wait for it before using conn(i).
+  bool WaitServerConn(size_t i) {
+    return WaitFor([&] { return upstream_.conn(i) != nullptr; }, kDeadline);
+  }
+
   // A normal backoff so slow that a retry under it never comes during a test, and a
   // quick auth backoff: which one applied shows in retry_delay_ms and in whether the
   // next attempt comes at all, never in wall time.
@@ -1176,6 +1182,7 @@ TEST_F(ConnectionTest, StopsWhenTheHandlerIsGone) {
   StartConnection(PlainOptions());
   ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline));
   handler_.reset();
+  ASSERT_TRUE(WaitServerConn(0));
   upstream_.conn(0)->Drop();
   ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kClosed; }, kDeadline));
   EXPECT_EQ(upstream_.handshake_count(), 1u);
