@@ -115,7 +115,8 @@ struct NexoraEmulator::Impl {
         it->second->Close(a.close_code, a.close_reason);
         break;
       case NexoraAction::Kind::kDrop:
-        it->second->Drop();
+        // After the events the answer already sent: "drop after n events" must deliver n.
+        it->second->DropAfterWrites();
         // Later frames of this socket's answers must not go out while the drop is
         // still on its way through the connection's strand.
         conns.erase(it);

@@ -177,6 +177,7 @@ struct WsServer::Impl {
     virtual void Send(std::string data, bool binary) = 0;
     virtual void Close(uint16_t code, std::string reason) = 0;
     virtual void Drop() = 0;
+    virtual void DropAfterWrites() = 0;
     virtual void SetSilent(bool silent) = 0;
   };
   // What handlers get: safe to keep after the session (and the server) are gone, because
@@ -195,6 +196,9 @@ struct WsServer::Impl {
     }
     void Drop() override {
       if (auto s = Lock()) s->Drop();
+    }
+    void DropAfterWrites() override {
+      if (auto s = Lock()) s->DropAfterWrites();
     }
     void SetSilent(bool silent) override {
       if (auto s = Lock()) s->SetSilent(silent);
@@ -299,6 +303,16 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
 
   void Drop() override {
     Post([](Session& s) { s.Finish(absl::UnavailableError("connection dropped by the server")); });
+  }
+
+  void DropAfterWrites() override {
+    Post([](Session& s) {
+      if (s.writing_ || !s.queue_.empty()) {
+        s.drop_after_writes_ = true;  // OnWrite drops once the queue is empty
+      } else {
+        s.Finish(absl::UnavailableError("connection dropped by the server"));
+      }
+    });
   }
 
   void SetSilent(bool silent) override {
@@ -487,6 +501,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     if (finished_) return;
     queue_.pop_front();
     if (!queue_.empty()) return DoWrite();
+    if (drop_after_writes_) return Finish(absl::UnavailableError("connection dropped by the server"));
     if (close_requested_) DoClose();
   }
 
@@ -543,6 +558,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
   bool close_requested_ = false;
   bool closing_ = false;
   bool finished_ = false;
+  bool drop_after_writes_ = false;
 };
 
 void WsServer::Impl::DoAccept() {

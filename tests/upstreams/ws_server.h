@@ -74,6 +74,9 @@ class WsServerConnection {
   virtual void Close(uint16_t code, std::string reason) = 0;
   // Abrupt: closes the TCP socket, no close frame.
   virtual void Drop() = 0;
+  // Like Drop(), once the messages already queued by Send() were written (a server that
+  // dies right after flushing what it sent).
+  virtual void DropAfterWrites() = 0;
   // Stop reading (so pings go unanswered and the peer's writes back up) and stop sending;
   // SetSilent(false) resumes both.
   virtual void SetSilent(bool silent) = 0;

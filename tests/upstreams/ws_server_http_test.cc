@@ -197,5 +197,33 @@ TEST_F(WsServerHttpTest, HttpsOnTheWssPort) {
   EXPECT_EQ(requests()[0].target, "/api/auth/login");
 }
 
+// Not HTTP, but the same kind of additive test-server switch the Nexora emulator needs:
+// "drop after n events" must deliver the n events first.
+TEST(WsServerDropTest, DropAfterWritesDeliversWhatWasQueuedThenDrops) {
+  constexpr int kMessages = 200;
+  WsServerHandler h;
+  h.on_open = [](const std::shared_ptr<WsServerConnection>& c) {
+    for (int i = 0; i < kMessages; ++i) c->Send(std::string(1000, 'a' + i % 26), false);
+    c->DropAfterWrites();
+  };
+  WsServer server(WsServerOptions{}, std::move(h));
+  ASSERT_TRUE(server.Start().ok());
+  net::io_context ioc;
+  websocket::stream<tcp::socket> ws(ioc);
+  ws.next_layer().connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), server.port()));
+  ws.handshake("127.0.0.1", "/");
+  int received = 0;
+  beast::error_code ec;
+  for (;;) {
+    beast::flat_buffer buf;
+    ws.read(buf, ec);
+    if (ec) break;
+    EXPECT_EQ(beast::buffers_to_string(buf.data()), std::string(1000, 'a' + received % 26));
+    ++received;
+  }
+  EXPECT_EQ(received, kMessages);
+  EXPECT_NE(ec, websocket::error::closed) << "a drop sends no close frame";
+}
+
 }  // namespace
 }  // namespace wsbridge::upstreams
