@@ -5,6 +5,8 @@
 //   wsbridge-emulator --emogg 127.0.0.1:0 [--emogg-token TOKEN ...] [--emogg-event-interval MS]
 //   wsbridge-emulator --nexora 127.0.0.1:0 [--nexora-api-key KEY ...]
 //                     [--nexora-user EMAIL:PASSWORD ...]
+//   wsbridge-emulator --nlx 127.0.0.1:0 [--nlx-api-key K] [--nlx-deployment-key K]
+//                     [--nlx-channel-key K]
 //
 // Prints one JSON line per listener on stdout once all listen, e.g.
 //   {"api":"dfx","url":"ws://127.0.0.1:40123"}
@@ -30,6 +32,7 @@
 #include "tests/upstreams/dfx_emulator.h"
 #include "tests/upstreams/emogg_emulator.h"
 #include "tests/upstreams/nexora_emulator.h"
+#include "tests/upstreams/nlx_emulator.h"
 
 namespace {
 
@@ -37,6 +40,8 @@ constexpr std::string_view kUsage =
     "usage: wsbridge-emulator [--dfx HOST:PORT]... [--dfx-token TOKEN]...\n"
     "                         [--nexora HOST:PORT]... [--nexora-api-key KEY]...\n"
     "                         [--nexora-user EMAIL:PASSWORD]... [--nexora-jwt-lifetime S]\n"
+    "                         [--nlx HOST:PORT]... [--nlx-api-key KEY]\n"
+    "                         [--nlx-deployment-key KEY] [--nlx-channel-key KEY]\n"
     "                         [--tls-cert FILE --tls-key FILE]\n"
     "  --dfx HOST:PORT     serve the DFX (DeepAffex) WebSocket API here (loopback only;\n"
     "                      port 0 picks a free one); repeatable\n"
@@ -55,6 +60,11 @@ constexpr std::string_view kUsage =
     "                      frequency (demos)\n"
     "  --emogg-idle-timeout MS    close connections silent for MS ms (default 65000)\n"
     "  --emogg-max-messages N     messages per user per 60 s before 429 (default 80)\n"
+    "  --nlx HOST:PORT     serve the NLX WebSocket API here (keys in the query); repeatable\n"
+    "  --nlx-api-key KEY   the accepted apiKey (default nlx-emulator-api-key)\n"
+    "  --nlx-deployment-key KEY  the accepted deploymentKey (default nlx-emulator-deployment)\n"
+    "  --nlx-channel-key KEY     the accepted channelKey, language suffix included\n"
+    "                      (default nlx-emulator-channel-en-US)\n"
     "  --tls-cert/--tls-key  PEM files: serve wss:// (and https://) instead of ws://\n";
 
 // One API served on one address. Other APIs add their own kind here.
@@ -104,6 +114,19 @@ class EmoggListener : public Listener {
   wsbridge::emulator::EmoggEmulator emulator_;
 };
 
+// NLX: the URL printed is the socket endpoint; clients add the keys as query parameters.
+class NlxListener : public Listener {
+ public:
+  explicit NlxListener(wsbridge::emulator::NlxEmulatorOptions o) : emulator_(std::move(o)) {}
+  std::string api() const override { return "nlx"; }
+  absl::Status Start() override { return emulator_.Start(); }
+  std::string url() const override { return emulator_.url(); }
+  void Stop() override { emulator_.Stop(); }
+
+ private:
+  wsbridge::emulator::NlxEmulator emulator_;
+};
+
 // A positive integer flag value (ms or a count).
 bool ParsePositive(const std::string& value, int* out) {
   if (value.empty() || value.size() > 9 || value.find_first_not_of("0123456789") != std::string::npos) {
@@ -125,6 +148,8 @@ struct Flags {
   int nexora_jwt_lifetime_s = 900;
   std::vector<std::string> dfx;
   std::vector<std::string> dfx_tokens;
+  std::vector<std::string> nlx;
+  wsbridge::emulator::NlxEmulatorOptions nlx_keys;  // only the key fields are used
   std::string tls_cert, tls_key;
 };
 
@@ -202,6 +227,15 @@ int main(int argc, char** argv) {
       if (!ParsePositive(value, &flags.emogg_max_messages)) {
         return Usage("--emogg-max-messages takes a positive count, e.g. 80");
       }
+    } else if (name == "--nlx") {
+      flags.nlx.push_back(value);
+    } else if (name == "--nlx-api-key" || name == "--nlx-deployment-key" ||
+               name == "--nlx-channel-key") {
+      if (value.empty()) return Usage(std::string(name) + " must not be empty");
+      std::string& key = name == "--nlx-api-key"          ? flags.nlx_keys.api_key
+                         : name == "--nlx-deployment-key" ? flags.nlx_keys.deployment_key
+                                                          : flags.nlx_keys.channel_key;
+      key = value;
     } else if (name == "--tls-cert") {
       flags.tls_cert = value;
     } else if (name == "--tls-key") {
@@ -210,8 +244,8 @@ int main(int argc, char** argv) {
       return Usage("unknown argument " + std::string(arg));
     }
   }
-  if (flags.dfx.empty() && flags.emogg.empty() && flags.nexora.empty()) {
-    return Usage("nothing to serve: give at least one --dfx, --emogg or --nexora HOST:PORT");
+  if (flags.dfx.empty() && flags.emogg.empty() && flags.nexora.empty() && flags.nlx.empty()) {
+    return Usage("nothing to serve: give at least one --dfx, --emogg, --nexora or --nlx HOST:PORT");
   }
   if (flags.tls_cert.empty() != flags.tls_key.empty()) {
     return Usage("--tls-cert and --tls-key go together");
@@ -267,6 +301,14 @@ int main(int argc, char** argv) {
     o.cert_pem = cert_pem;
     o.key_pem = key_pem;
     listeners.push_back(std::make_unique<NexoraListener>(std::move(o)));
+  }
+  for (const std::string& listen : flags.nlx) {
+    wsbridge::emulator::NlxEmulatorOptions o = flags.nlx_keys;
+    o.listen = listen;
+    o.tls = tls;
+    o.cert_pem = cert_pem;
+    o.key_pem = key_pem;
+    listeners.push_back(std::make_unique<NlxListener>(std::move(o)));
   }
   for (auto& l : listeners) {
     if (absl::Status st = l->Start(); !st.ok()) {
