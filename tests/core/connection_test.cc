@@ -395,7 +395,9 @@ TEST_F(ConnectionTest, HandshakeCarriesPathQueryHeadersAndSubprotocol) {
   const auto got = handler_->messages();
   EXPECT_EQ(got[0], std::make_pair(std::string("hello"), false));
   EXPECT_EQ(got[1], std::make_pair(binary_payload, true));
-  EXPECT_EQ(conn_->stats().frames_out.load(), 2u);
+  // The write completion is not ordered against the echo's arrival: wait for it.
+  EXPECT_TRUE(WaitFor(
+      [&] { return conn_->stats().frames_out.load() == 2u && conn_->stats().bytes_out.load() == 8u; }, kDeadline));
   EXPECT_EQ(conn_->stats().frames_in.load(), 2u);
   EXPECT_EQ(conn_->stats().bytes_out.load(), 8u);
   EXPECT_GT(conn_->stats().ready_since_unix_ms.load(), 0);
