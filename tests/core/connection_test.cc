@@ -709,8 +709,9 @@ TEST_F(ConnectionTest, SilentPeerIsDetectedAsDead) {
   EXPECT_EQ(d.status.code(), absl::StatusCode::kDeadlineExceeded) << d.status;
   EXPECT_TRUE(Contains(d.status.message(), "no pong")) << d.status;
   EXPECT_TRUE(d.will_retry);
-  // The next connection answers pings and becomes ready again.
-  ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 2 && conn_->state() == ConnectionState::kReady; },
+  // The next connection answers pings and becomes ready again. (>= 2: on a loaded
+  // machine a 200 ms pong deadline can also end a healthy connection.)
+  ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() >= 2 && conn_->state() == ConnectionState::kReady; },
                       kDeadline));
 }
 
