@@ -852,6 +852,7 @@ TEST_F(ConnectionTest, PausedReadsDeliverNothingUntilResumed) {
   ASSERT_TRUE(WaitFor([&] { return handler_->opens().size() == 1; }, kDeadline));
   // Pause, then let one message in flight complete the read that was already pending.
   OnStrand([&] { conn_->PauseReads(); });
+  ASSERT_TRUE(WaitServerConn(0));
   upstream_.conn(0)->Send("first", false);
   ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 1; }, kDeadline));
   upstream_.conn(0)->Send("second", false);
