@@ -95,6 +95,21 @@ milliseconds Ceil(NexoraClock::duration d) {
   return std::chrono::ceil<milliseconds>(d);
 }
 
+NexoraAction SendAction(uint64_t conn, std::string text) {
+  NexoraAction a;
+  a.conn = conn;
+  a.kind = NexoraAction::Kind::kSend;
+  a.text = std::move(text);
+  return a;
+}
+
+NexoraAction DropAction(uint64_t conn) {
+  NexoraAction a;
+  a.conn = conn;
+  a.kind = NexoraAction::Kind::kDrop;
+  return a;
+}
+
 }  // namespace
 
 std::vector<NexoraScriptStep> NexoraDefaultScript() {
@@ -245,7 +260,7 @@ NexoraAction NexoraProtocol::ErrorFrame(uint64_t conn, std::string_view code,
   o["type"] = "error";
   o["code"] = json::string_view(code.data(), code.size());
   o["message"] = json::string_view(message.data(), message.size());
-  return {conn, NexoraAction::Kind::kSend, json::serialize(o)};
+  return SendAction(conn, json::serialize(o));
 }
 
 std::vector<NexoraAction> NexoraProtocol::OnFrame(uint64_t conn, std::string_view frame,
@@ -263,7 +278,7 @@ std::vector<NexoraAction> NexoraProtocol::OnFrame(uint64_t conn, std::string_vie
   if (type->get_string() == "ping") {
     ++pings_;
     if (!answer_pings_) return {};
-    return {{conn, NexoraAction::Kind::kSend, R"({"type":"pong"})"}};
+    return {SendAction(conn, R"({"type":"pong"})")};
   }
   if (type->get_string() != "message") {
     return {ErrorFrame(conn, "unknown_message_type",
@@ -300,7 +315,7 @@ std::vector<NexoraAction> NexoraProtocol::OnMessage(uint64_t conn, const std::st
         dup["client_message_id"] = client_message_id;
         dup["message_id"] = a->message_id;
         ++duplicates_sent_;
-        out.push_back({conn, NexoraAction::Kind::kSend, json::serialize(dup)});
+        out.push_back(SendAction(conn, json::serialize(dup)));
         return out;
       }
       break;  // errored or abandoned: answered afresh
@@ -350,13 +365,13 @@ std::vector<NexoraAction> NexoraProtocol::OnMessage(uint64_t conn, const std::st
         text = json::serialize(ordered);
       }
     }
-    NexoraAction a{conn, NexoraAction::Kind::kSend, std::move(text)};
+    NexoraAction a = SendAction(conn, std::move(text));
     a.delay = at;
     out.push_back(std::move(a));
   }
   at += options_.step_delay;
   if (drop) {
-    NexoraAction a{conn, NexoraAction::Kind::kDrop};
+    NexoraAction a = DropAction(conn);
     a.delay = at;
     out.push_back(std::move(a));
     answer.outcome = finish_after_drop_ ? Outcome::kDone : Outcome::kDropped;
@@ -369,7 +384,7 @@ std::vector<NexoraAction> NexoraProtocol::OnMessage(uint64_t conn, const std::st
     json::object done;
     done["type"] = "done";
     done["message_id"] = answer.message_id;
-    NexoraAction a{conn, NexoraAction::Kind::kSend, json::serialize(done)};
+    NexoraAction a = SendAction(conn, json::serialize(done));
     a.delay = at;
     out.push_back(std::move(a));
     answer.outcome = Outcome::kDone;
@@ -446,7 +461,7 @@ NexoraHttpAnswer NexoraProtocol::CreateChat(std::string_view authorization,
 std::vector<NexoraAction> NexoraProtocol::DropSockets(std::string_view chat_id) const {
   std::vector<NexoraAction> out;
   for (const auto& [conn, chat] : conns_) {
-    if (chat_id.empty() || chat == chat_id) out.push_back({conn, NexoraAction::Kind::kDrop});
+    if (chat_id.empty() || chat == chat_id) out.push_back(DropAction(conn));
   }
   return out;
 }
@@ -455,7 +470,7 @@ std::vector<NexoraAction> NexoraProtocol::Broadcast(std::string_view chat_id,
                                                     std::string text) const {
   std::vector<NexoraAction> out;
   for (const auto& [conn, chat] : conns_) {
-    if (chat_id.empty() || chat == chat_id) out.push_back({conn, NexoraAction::Kind::kSend, text});
+    if (chat_id.empty() || chat == chat_id) out.push_back(SendAction(conn, text));
   }
   return out;
 }

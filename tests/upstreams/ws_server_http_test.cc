@@ -16,6 +16,7 @@
 #include <boost/beast/websocket.hpp>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "tests/support/test_support.h"
 #include "tests/upstreams/ws_server.h"
 
@@ -96,7 +97,7 @@ TEST_F(WsServerHttpTest, KeepAliveServesSeveralRequestsThenAnUpgradeOnTheSamePor
   s.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), server_->port()));
   beast::flat_buffer buf;
   for (int i = 1; i <= 3; ++i) {
-    http::write(s, Post(i == 2 ? "/missing" : "/ok", "b" + std::to_string(i)));
+    http::write(s, Post(i == 2 ? "/missing" : "/ok", absl::StrCat("b", i)));
     http::response<http::string_body> res;
     http::read(s, buf, res);
     EXPECT_EQ(res.result_int(), i == 2 ? 404 : 201);
