@@ -3,6 +3,7 @@
 #include "tests/upstreams/emogg_emulator.h"
 
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -143,19 +144,26 @@ TEST_F(EmoggEmulatorTest, AuthenticatesThenAnswersRequestsById) {
   auto c = Connected();
   c->Auth();
   EXPECT_EQ(emulator_->auth_successes(), 1);
-  // Several requests in flight; answers carry their ids.
+  // Several requests in flight; each answer carries its request's id (the slow one is
+  // normally last, but the order is not asserted: under load the sends may be slower
+  // than its 50 ms).
   c->Send(R"({"id":"a","path":"emulator:slow","body":{"ms":50}})");
   c->Send(R"({"id":"b","path":"ping"})");
   c->Send(R"({"id":3,"path":"sessions:get","body":{"sessionId":"s1"}})");
-  json::value b = c->Next();
-  EXPECT_EQ(b.at("id").as_string(), "b");
+  std::map<std::string, json::value> by_id;
+  for (int i = 0; i < 3; ++i) {
+    json::value v = c->Next();
+    ASSERT_TRUE(v.is_object()) << v;
+    by_id[json::serialize(v.at("id"))] = v;
+  }
+  ASSERT_EQ(by_id.size(), 3u);
+  json::value b = by_id["\"b\""];
   EXPECT_EQ(b.at("path").as_string(), "ping");
   EXPECT_TRUE(b.at("body").at("ts").is_string());
-  json::value three = c->Next();
-  EXPECT_EQ(three.at("id").as_int64(), 3);
+  json::value three = by_id["3"];
+  EXPECT_EQ(three.at("path").as_string(), "sessions:get");
   EXPECT_EQ(three.at("body").at("name").as_string(), "Session s1");
-  json::value a = c->Next();
-  EXPECT_EQ(a.at("id").as_string(), "a");
+  EXPECT_EQ(by_id["\"a\""].at("path").as_string(), "emulator:slow");
   // Errors that do not close.
   json::value nf = c->Call(R"({"id":"n","path":"no:such"})");
   EXPECT_EQ(nf.at("status").as_int64(), 404);
@@ -286,13 +294,13 @@ TEST_F(EmoggEmulatorTest, EmitNowAndWorkerStateReachSubscribers) {
 
 TEST_F(EmoggEmulatorTest, IdleConnectionsAreClosedUnlessTheClientPings) {
   EmoggEmulatorOptions o;
-  o.protocol.idle_timeout = milliseconds(1000);
+  o.protocol.idle_timeout = milliseconds(1500);
   Start(o);
   auto idle = Connected();
   idle->Auth();
   auto busy = Connected();
   busy->Auth();
-  const auto until = std::chrono::steady_clock::now() + milliseconds(2500);
+  const auto until = std::chrono::steady_clock::now() + milliseconds(3200);
   while (std::chrono::steady_clock::now() < until) {
     ASSERT_EQ(busy->Call(R"({"path":"ping"})").at("status").as_int64(), 200);
     // The cadence of the client's heartbeat, not a wait for a condition.
