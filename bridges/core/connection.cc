@@ -56,6 +56,44 @@ std::string_view ToString(ConnectionState s) {
   return "UNKNOWN";
 }
 
+std::string_view ToString(DisconnectKind k) {
+  switch (k) {
+    case DisconnectKind::kError:
+      return "ERROR";
+    case DisconnectKind::kClosedByPeer:
+      return "CLOSED_BY_PEER";
+    case DisconnectKind::kAuthRefused:
+      return "AUTH_REFUSED";
+    case DisconnectKind::kSlowDown:
+      return "SLOW_DOWN";
+    case DisconnectKind::kClosedByUs:
+      return "CLOSED_BY_US";
+  }
+  return "UNKNOWN";
+}
+
+DisconnectKind ClassifyDisconnect(int http_status, uint16_t close_code, bool has_retry_after) {
+  if (http_status == 401 || http_status == 403) return DisconnectKind::kAuthRefused;
+  if (http_status == 429 || (http_status == 503 && has_retry_after)) return DisconnectKind::kSlowDown;
+  switch (close_code) {
+    case 0:
+      return DisconnectKind::kError;
+    // 1008 policy violation is what most services send for a bad or expired token; the
+    // 4xxx ones mirror HTTP 401/403 in the private-use range.
+    case 1008:
+    case 4001:
+    case 4003:
+    case 4401:
+    case 4403:
+      return DisconnectKind::kAuthRefused;
+    case 1013:  // try again later
+    case 4429:
+      return DisconnectKind::kSlowDown;
+    default:
+      return DisconnectKind::kClosedByPeer;
+  }
+}
+
 namespace {
 
 namespace net = boost::asio;
@@ -216,6 +254,20 @@ absl::StatusOr<std::shared_ptr<ssl::context>> GetTlsContext(const TlsOptions& o)
   }
   cache[key] = ctx;
   return ctx;
+}
+
+// Retry-After of a refused upgrade, seconds form only (RFC 9110 10.2.3 also allows an
+// HTTP-date, which WebSocket services do not use in practice; it reads as none).
+Duration RetryAfterOf(const websocket::response_type& res) {
+  const auto it = res.find(http::field::retry_after);
+  if (it == res.end()) return Duration::zero();
+  const auto v = it->value();
+  int64_t seconds = 0;
+  if (!absl::SimpleAtoi(absl::string_view(v.data(), v.size()), &seconds) || seconds <= 0) {
+    return Duration::zero();
+  }
+  // Clamped far above any max_retry_after, so the conversion cannot overflow.
+  return std::chrono::seconds(std::min<int64_t>(seconds, int64_t{365} * 24 * 3600));
 }
 
 absl::Status StatusFromHttp(unsigned status, std::string message) {
@@ -436,6 +488,7 @@ class ConnectionImpl final : public Connection {
         options_(std::move(options)),
         handler_(std::move(handler)),
         backoff_(options_.backoff),
+        auth_backoff_(options_.auth_backoff),
         // Timers and the resolver sit on the plain io executor and every wait binds its
         // handler to the strand: an any_io_executor holding a strand does not fit the
         // type-erased executor's inline storage, so a timer built on the strand costs a
@@ -489,18 +542,23 @@ class ConnectionImpl final : public Connection {
     healthy_timer_.async_wait(net::bind_executor(strand_, [self, gen](error_code ec) {
       if (ec || gen != self->gen_ || self->state_.load() != ConnectionState::kReady) return;
       self->backoff_.Reset();
+      self->auth_backoff_.Reset();
     }));
     if (options_.keepalive.heartbeat_interval > Duration::zero()) ArmHeartbeat();
   }
 
-  void Reconnect(const absl::Status& reason) override {
+  void Reconnect(const absl::Status& reason, DisconnectKind kind) override {
     const ConnectionState s = state_.load();
     if (s == ConnectionState::kClosed || s == ConnectionState::kIdle || closing_) return;
     if (s == ConnectionState::kBackingOff) return;  // one attempt in flight at any time
     log::Warn(kLog, "reconnecting upstream",
-              {{"name", options_.name}, {"reason", log::Redact(reason.ToString())}});
+              {{"name", options_.name}, {"kind", std::string(ToString(kind))},
+               {"reason", log::Redact(reason.ToString())}});
+    DisconnectInfo info = Info(reason);
+    info.kind = kind;
+    info.was_open = open_;
     Teardown();
-    ScheduleRetry(reason);
+    Ended(std::move(info), /*classify=*/false);
   }
 
   void Close(uint16_t code, std::string_view reason) override {
@@ -511,11 +569,7 @@ class ConnectionImpl final : public Connection {
     retry_timer_.cancel();
     resolve_timer_.cancel();
     resolver_.cancel();
-    if (!open_) {
-      Teardown();
-      Finish(absl::CancelledError("closed before the connection opened"));
-      return;
-    }
+    if (!open_) return EndClosedByUs(absl::CancelledError("closed before the connection opened"));
     close_reason_ = websocket::close_reason(static_cast<websocket::close_code>(code), reason);
     const uint64_t gen = gen_;
     auto self = Self();
@@ -524,8 +578,7 @@ class ConnectionImpl final : public Connection {
       if (ec || gen != self->gen_ || self->state_.load() == ConnectionState::kClosed) return;
       log::Warn(kLog, "close handshake timed out",
                 {{"name", self->options_.name}, {"timeout", Fmt(self->options_.close_timeout)}});
-      self->Teardown();
-      self->Finish(absl::CancelledError("connection closed (close handshake timed out)"));
+      self->EndClosedByUs(absl::CancelledError("connection closed (close handshake timed out)"));
     }));
     WithAttempt([&](auto& a) {
       if (!a->writing) DoClose(a);
@@ -605,6 +658,7 @@ class ConnectionImpl final : public Connection {
   // The owner is gone: stop everything without callbacks.
   void Shutdown() {
     closing_ = true;
+    stats_.retry_delay_ms.store(0);
     ++retry_gen_;
     retry_timer_.cancel();
     resolve_timer_.cancel();
@@ -619,6 +673,7 @@ class ConnectionImpl final : public Connection {
     if (closing_ || state_.load() == ConnectionState::kClosed) return;
     state_.store(ConnectionState::kConnecting);
     stats_.attempts.fetch_add(1);
+    stats_.retry_delay_ms.store(0);
     ++gen_;
     absl::StatusOr<HandshakeRequest> request;
     if (!Notify([&](ConnectionHandler& h) { request = h.PrepareHandshake(); })) return;
@@ -638,7 +693,7 @@ class ConnectionImpl final : public Connection {
       SetLastError(st);
       log::Error(kLog, "upstream refused", {{"name", options_.name}, {"error", std::string(st.message())}});
       closing_ = true;
-      Finish(st);
+      Finish(Info(st));
       return;
     }
     request_ = *std::move(request);
@@ -788,12 +843,18 @@ class ConnectionImpl final : public Connection {
     if (!Current(a)) return;
     if (ec) {
       if (ec == websocket::error::upgrade_declined && a->response.result_int() != 101) {
+        DisconnectInfo info;
+        info.http_status = static_cast<int>(a->response.result_int());
+        info.retry_after = RetryAfterOf(a->response);
         std::string body = a->response.body().substr(0, 200);
         absl::StripAsciiWhitespace(&body);
-        return FailAttempt(StatusFromHttp(
+        const std::string retry_after =
+            info.retry_after > Duration::zero() ? absl::StrCat(" (Retry-After ", Fmt(info.retry_after), ")") : "";
+        info.reason = StatusFromHttp(
             a->response.result_int(),
             log::Redact(absl::StrCat("WebSocket upgrade refused by ", url_.host_header, " with HTTP ",
-                                     a->response.result_int(), body.empty() ? "" : ": ", body))));
+                                     a->response.result_int(), retry_after, body.empty() ? "" : ": ", body)));
+        return FailAttempt(std::move(info));
       }
       if (ec == beast::error::timeout) {
         return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
@@ -871,15 +932,21 @@ class ConnectionImpl final : public Connection {
   void OnReadError(std::shared_ptr<A> a, error_code ec) {
     if (closing_) {
       // Our close handshake finished (or the socket died during it).
-      Teardown();
-      Finish(CloseStatus());
-      return;
+      return EndClosedByUs(CloseStatus());
     }
     absl::Status st;
     if (ec == websocket::error::closed) {
       const auto& r = a->ws.reason();
-      st = absl::UnavailableError(absl::StrCat("upstream closed the connection (code ", r.code,
-                                               r.reason.empty() ? "" : ": ", log::Redact(r.reason.c_str()), ")"));
+      DisconnectInfo info;
+      info.was_open = true;
+      // A close frame without a code reads as close_code::none (0); RFC 6455 7.1.5 calls
+      // that 1005, and it is still a close by the peer.
+      info.close_code = r.code == websocket::close_code::none ? uint16_t{1005} : static_cast<uint16_t>(r.code);
+      info.close_reason = log::Redact(std::string_view(r.reason.data(), r.reason.size()));
+      info.reason = absl::UnavailableError(absl::StrCat("upstream closed the connection (code ", info.close_code,
+                                                        info.close_reason.empty() ? "" : ": ", info.close_reason,
+                                                        ")"));
+      return Lost(std::move(info));
     } else if (ec == websocket::error::message_too_big) {
       st = absl::ResourceExhaustedError(absl::StrCat(
           "upstream sent a message larger than max_message_bytes (", options_.max_message_bytes,
@@ -912,10 +979,7 @@ class ConnectionImpl final : public Connection {
     a->writing = false;
     if (!Current(a)) return;
     if (ec) {
-      if (closing_) {
-        Teardown();
-        return Finish(CloseStatus());
-      }
+      if (closing_) return EndClosedByUs(CloseStatus());
       return Lost(absl::UnavailableError(absl::StrCat("writing to upstream failed: ", ec.message())));
     }
     stats_.frames_out.fetch_add(1, std::memory_order_relaxed);
@@ -939,10 +1003,7 @@ class ConnectionImpl final : public Connection {
     a->ws.async_close(close_reason_, [self = Self(), a](error_code) {
       if (!self->Current(a)) return;
       // Wait for the pending read to see the end of the stream, unless none is pending.
-      if (!a->reading) {
-        self->Teardown();
-        self->Finish(self->CloseStatus());
-      }
+      if (!a->reading) self->EndClosedByUs(self->CloseStatus());
     });
   }
 
@@ -1010,18 +1071,39 @@ class ConnectionImpl final : public Connection {
     last_error_ = log::Redact(st.ToString());
   }
 
-  void FailAttempt(const absl::Status& st) {
+  static DisconnectInfo Info(absl::Status st) {
+    DisconnectInfo info;
+    info.reason = std::move(st);
+    return info;
+  }
+
+  void FailAttempt(const absl::Status& st) { FailAttempt(Info(st)); }
+  void FailAttempt(DisconnectInfo info) {
     log::Warn(kLog, "upstream connection attempt failed",
-              {{"name", options_.name}, {"target", Target()}, {"error", log::Redact(st.ToString())}});
+              {{"name", options_.name}, {"target", Target()}, {"error", log::Redact(info.reason.ToString())}});
     Teardown();
-    ScheduleRetry(st);
+    Ended(std::move(info), /*classify=*/true);
   }
 
   void Lost(const absl::Status& st) {
+    DisconnectInfo info = Info(st);
+    info.was_open = true;
+    Lost(std::move(info));
+  }
+  void Lost(DisconnectInfo info) {
     log::Warn(kLog, "upstream connection lost",
-              {{"name", options_.name}, {"target", Target()}, {"error", log::Redact(st.ToString())}});
+              {{"name", options_.name}, {"target", Target()}, {"error", log::Redact(info.reason.ToString())}});
     Teardown();
-    ScheduleRetry(st);
+    Ended(std::move(info), /*classify=*/true);
+  }
+
+  // Close() ran its course (or timed out): closed for good, kClosedByUs.
+  void EndClosedByUs(absl::Status st) {
+    DisconnectInfo info = Info(std::move(st));
+    info.kind = DisconnectKind::kClosedByUs;
+    info.was_open = open_;
+    Teardown();
+    Finish(std::move(info));
   }
 
   // Drops the current attempt's socket; its pending operations complete as stale.
@@ -1049,15 +1131,27 @@ class ConnectionImpl final : public Connection {
     stats_.ready_since_unix_ms.store(0);
   }
 
-  void ScheduleRetry(const absl::Status& reason) {
-    SetLastError(reason);
+  // An attempt failed or the connection ended (the socket is already torn down).
+  // Classifies the end unless the caller gave its kind, then schedules the next attempt
+  // under that kind's policy, or finishes when reconnecting is off.
+  void Ended(DisconnectInfo info, bool classify) {
+    SetLastError(info.reason);
+    std::shared_ptr<ConnectionHandler> h = handler_.lock();
+    if (!h) return Shutdown();
+    if (classify) {
+      info.kind = DisconnectKind::kError;
+      info.kind = h->Classify(info);
+    }
+    if (info.kind == DisconnectKind::kAuthRefused) stats_.auth_refusals.fetch_add(1);
     if (!options_.reconnect) {
       closing_ = true;
-      Finish(reason);
+      h.reset();
+      Finish(std::move(info));
       return;
     }
-    const Duration delay = backoff_.Next();
+    const Duration delay = NextDelay(info);
     state_.store(ConnectionState::kBackingOff);
+    stats_.retry_delay_ms.store(std::max<int64_t>(1, std::chrono::ceil<std::chrono::milliseconds>(delay).count()));
     const uint64_t retry = ++retry_gen_;
     retry_timer_.expires_after(delay);
     retry_timer_.async_wait(net::bind_executor(strand_, [self = Self(), retry](error_code ec) {
@@ -1065,25 +1159,45 @@ class ConnectionImpl final : public Connection {
       self->StartAttempt();
     }));
     log::Info(kLog, "upstream reconnect scheduled",
-              {{"name", options_.name}, {"delay", Fmt(delay)}, {"attempt", std::to_string(backoff_.attempt())}});
-    Notify([&](ConnectionHandler& h) { h.OnDisconnected(reason, true); });
+              {{"name", options_.name},
+               {"kind", std::string(ToString(info.kind))},
+               {"delay", Fmt(delay)},
+               {"attempt", std::to_string(backoff_.attempt())}});
+    h->OnDisconnected(info, true);
+  }
+
+  // The delay before the next attempt. The normal backoff advances on every failure,
+  // whatever its kind, so refusals followed by plain errors keep backing off; only a
+  // healthy period (MarkReady + backoff.reset_after) resets it and auth_backoff.
+  Duration NextDelay(const DisconnectInfo& info) {
+    const Duration normal = backoff_.Next();
+    switch (info.kind) {
+      case DisconnectKind::kAuthRefused:
+        return auth_backoff_.Next();
+      case DisconnectKind::kSlowDown:
+        return std::max({normal, options_.slow_down_delay, std::min(info.retry_after, options_.max_retry_after)});
+      default:
+        return normal;
+    }
   }
 
   // Closed for good.
-  void Finish(const absl::Status& reason) {
+  void Finish(DisconnectInfo info) {
     if (state_.load() == ConnectionState::kClosed) return;
     state_.store(ConnectionState::kClosed);
+    stats_.retry_delay_ms.store(0);
     close_timer_.cancel();
     ++retry_gen_;
     retry_timer_.cancel();
-    log::Info(kLog, "upstream connection closed", {{"name", options_.name}});
-    if (auto h = handler_.lock()) h->OnDisconnected(reason, false);
+    log::Info(kLog, "upstream connection closed", {{"name", options_.name}, {"kind", std::string(ToString(info.kind))}});
+    if (auto h = handler_.lock()) h->OnDisconnected(info, false);
   }
 
   const Strand strand_;
   const ConnectionOptions options_;
   const std::weak_ptr<ConnectionHandler> handler_;
   Backoff backoff_;
+  Backoff auth_backoff_;
   ConnectionStats stats_;
   std::atomic<ConnectionState> state_{ConnectionState::kIdle};
 

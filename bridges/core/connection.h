@@ -5,7 +5,10 @@
 // from its own handlers. It connects (TCP, TLS, WebSocket handshake, each under a
 // timeout), keeps the connection alive (WebSocket pings with a pong deadline plus a
 // protocol heartbeat hook), writes from a bounded queue with one write in flight, and
-// reconnects with capped exponential backoff and full jitter until Close().
+// reconnects with capped exponential backoff and full jitter until Close(). A refused
+// credential (HTTP 401/403, an auth close code, or Reconnect(..., kAuthRefused)) retries
+// under the slower auth_backoff; "slow down" (429, 503 + Retry-After, close 1013) waits at
+// least slow_down_delay and the upstream's Retry-After.
 #pragma once
 
 #include <atomic>
@@ -35,6 +38,33 @@ enum class ConnectionState : int {
   kClosed,          // closed for good
 };
 std::string_view ToString(ConnectionState s);
+
+// What ended a connection attempt or an open connection; decides the retry policy.
+enum class DisconnectKind {
+  kError,         // network error, timeout, protocol error, refused upgrade with another status
+  kClosedByPeer,  // the upstream sent a close frame with a code not classified below
+  kAuthRefused,   // upgrade refused 401/403, or a close code that means "credentials refused"
+  kSlowDown,      // upgrade refused 429 (or 503 with Retry-After), or close 1013 "try again later"
+  kClosedByUs,    // Close() was called
+};
+std::string_view ToString(DisconnectKind k);
+
+// Why a connection attempt or an open connection ended. Handed to the handler.
+struct DisconnectInfo {
+  absl::Status reason;  // readable, credentials redacted
+  DisconnectKind kind = DisconnectKind::kError;
+  int http_status = 0;       // status of a refused WebSocket upgrade (e.g. 401); 0 otherwise
+  uint16_t close_code = 0;   // code of the upstream's close frame; 0 when none came (a close
+                             // frame without a code reports 1005, as RFC 6455 7.1.5 says)
+  std::string close_reason;  // the upstream's close reason text (credentials redacted)
+  Duration retry_after{0};   // from a refused upgrade's Retry-After header (seconds form); 0 = none
+  bool was_open = false;     // the WebSocket had opened before it ended
+};
+
+// Default classification: 401/403 upgrade or close codes 1008, 4001, 4003, 4401, 4403
+// -> kAuthRefused; 429 upgrade, 503 upgrade with Retry-After, close 1013 or 4429 -> kSlowDown;
+// any other close frame -> kClosedByPeer; else kError.
+DisconnectKind ClassifyDisconnect(int http_status, uint16_t close_code, bool has_retry_after);
 
 struct TlsOptions {
   bool verify_peer = true;
@@ -73,6 +103,16 @@ struct ConnectionOptions {
   size_t send_queue_max_bytes = 16u << 20;
   KeepaliveOptions keepalive;
   BackoffPolicy backoff;
+  // Used instead of `backoff` after kAuthRefused: a bad credential never makes a hot
+  // loop, yet the connection keeps retrying on its own (PrepareHandshake runs again, so
+  // a fixed secret is picked up). Its reset_after is not used: a healthy period of
+  // backoff.reset_after resets both policies.
+  BackoffPolicy auth_backoff = {std::chrono::seconds(5), std::chrono::minutes(5), 2.0};
+  // After kSlowDown the next attempt waits max(backoff delay, slow_down_delay, Retry-After).
+  Duration slow_down_delay = std::chrono::seconds(30);
+  // The longest Retry-After honoured: a buggy or hostile upstream cannot park the
+  // connection for days.
+  Duration max_retry_after = std::chrono::minutes(10);
   bool reconnect = true;
 };
 
@@ -86,6 +126,11 @@ struct ConnectionStats {
   std::atomic<uint64_t> attempts{0};    // connection attempts started
   // Unix ms when the connection last became ready; 0 when not ready.
   std::atomic<int64_t> ready_since_unix_ms{0};
+  // Delay of the currently scheduled attempt in ms (rounded up, at least 1); 0 when none
+  // is scheduled.
+  std::atomic<int64_t> retry_delay_ms{0};
+  // Disconnects classified kAuthRefused (refused upgrades, close codes, Reconnect calls).
+  std::atomic<uint64_t> auth_refusals{0};
 };
 
 // Implemented by the protocol session. Every callback runs on the connection's strand.
@@ -99,8 +144,15 @@ class ConnectionHandler {
   // Connection::MarkAuthenticating, send, later MarkReady) or calls MarkReady at once.
   virtual void OnOpen(std::string_view negotiated_subprotocol) = 0;
   virtual void OnMessage(std::string_view payload, bool binary) = 0;
-  // The connection closed or an attempt failed. `will_retry`: a reconnect is scheduled.
-  virtual void OnDisconnected(const absl::Status& reason, bool will_retry) = 0;
+  // The connection closed or an attempt failed. `will_retry`: a reconnect is scheduled
+  // (stats().retry_delay_ms holds its delay).
+  virtual void OnDisconnected(const DisconnectInfo& info, bool will_retry) = 0;
+  // Decides info.kind for an upgrade refusal, a close frame from the upstream or a lost
+  // connection (not for Close() or Reconnect(), whose kind is given). Called with kind
+  // still unset; protocols override it for their own close codes.
+  virtual DisconnectKind Classify(const DisconnectInfo& info) {
+    return ClassifyDisconnect(info.http_status, info.close_code, info.retry_after > Duration::zero());
+  }
   // Protocol-level heartbeat cadence (KeepaliveOptions::heartbeat_interval) while ready.
   virtual void OnHeartbeat() {}
   // The send queue fell to half its limit after a Send() was refused.
@@ -125,8 +177,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Marks the connection usable; starts the healthy-period timer that resets backoff.
   virtual void MarkReady() = 0;
   // Drops the current socket (no close handshake wait) and reconnects after backoff.
-  // Used for protocol errors and rejected logins.
-  virtual void Reconnect(const absl::Status& reason) = 0;
+  // Used for protocol errors and rejected logins: a session whose login was refused
+  // passes kAuthRefused (auth_backoff applies), kSlowDown for "too many requests".
+  virtual void Reconnect(const absl::Status& reason, DisconnectKind kind = DisconnectKind::kError) = 0;
   // Orderly close with `code` (1000 normal, 1001 going away); no reconnect afterwards.
   virtual void Close(uint16_t code, std::string_view reason) = 0;
   // Flow control towards the upstream: stop/restart reading frames.

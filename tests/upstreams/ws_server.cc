@@ -25,6 +25,7 @@
 #include <boost/beast/websocket/ssl.hpp>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -129,12 +130,36 @@ int HttpStatusFor(const absl::Status& s) {
       return 401;
     case absl::StatusCode::kPermissionDenied:
       return 403;
+    case absl::StatusCode::kResourceExhausted:
+      return 429;
+    case absl::StatusCode::kUnavailable:
+      return 503;
     default:
       return 400;
   }
 }
 
+constexpr char kRetryAfterPayload[] = "wsbridge.test/retry-after";
+
+// The Retry-After value WithRetryAfter attached to a refusal; "" when none.
+std::string RetryAfterOf(const absl::Status& s) {
+  const auto v = s.GetPayload(kRetryAfterPayload);  // absl::optional on Debian
+  return v ? std::string(*v) : std::string();
+}
+
 }  // namespace
+
+absl::Status WithRetryAfter(absl::Status refusal, int seconds) {
+  refusal.SetPayload(kRetryAfterPayload, absl::Cord(std::to_string(seconds)));
+  return refusal;
+}
+
+std::string HttpRequest::Header(std::string_view name) const {
+  for (const auto& [k, v] : headers) {
+    if (absl::EqualsIgnoreCase(k, absl::string_view(name.data(), name.size()))) return v;
+  }
+  return "";
+}
 
 std::string HandshakeInfo::Header(std::string_view name) const {
   for (const auto& [k, v] : headers) {
@@ -152,6 +177,7 @@ struct WsServer::Impl {
     virtual void Send(std::string data, bool binary) = 0;
     virtual void Close(uint16_t code, std::string reason) = 0;
     virtual void Drop() = 0;
+    virtual void DropAfterWrites() = 0;
     virtual void SetSilent(bool silent) = 0;
   };
   // What handlers get: safe to keep after the session (and the server) are gone, because
@@ -170,6 +196,9 @@ struct WsServer::Impl {
     }
     void Drop() override {
       if (auto s = Lock()) s->Drop();
+    }
+    void DropAfterWrites() override {
+      if (auto s = Lock()) s->DropAfterWrites();
     }
     void SetSilent(bool silent) override {
       if (auto s = Lock()) s->SetSilent(silent);
@@ -276,6 +305,16 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     Post([](Session& s) { s.Finish(absl::UnavailableError("connection dropped by the server")); });
   }
 
+  void DropAfterWrites() override {
+    Post([](Session& s) {
+      if (s.writing_ || !s.queue_.empty()) {
+        s.drop_after_writes_ = true;  // OnWrite drops once the queue is empty
+      } else {
+        s.Finish(absl::UnavailableError("connection dropped by the server"));
+      }
+    });
+  }
+
   void SetSilent(bool silent) override {
     Post([silent](Session& s) {
       if (s.finished_) return;
@@ -318,7 +357,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     beast::get_lowest_layer(ws_).expires_after(kHandshakeTimeout);
     parser_.emplace();
     parser_->header_limit(16 * 1024);
-    parser_->body_limit(64 * 1024);
+    parser_->body_limit(core_->options.max_http_body_bytes);
     http::async_read(ws_.next_layer(), buffer_, *parser_,
                      [self = this->shared_from_this()](error_code ec, std::size_t) {
                        self->OnRequest(ec);
@@ -326,10 +365,14 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
   }
 
   void OnRequest(error_code ec) {
+    if (ec == http::error::body_limit && core_->handler.on_http) {
+      return Refuse(413, "request body too large");
+    }
     if (ec) return Finish(absl::UnavailableError(absl::StrCat("reading the upgrade request: ", ec.message())));
     request_ = parser_->release();
     parser_.reset();
     if (!websocket::is_upgrade(request_)) {
+      if (core_->handler.on_http) return ServeHttp();
       return Refuse(400, "expected a WebSocket upgrade request");
     }
     info_.target = std::string(request_.target());
@@ -347,7 +390,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     std::string subprotocol;
     if (core_->handler.on_handshake) {
       absl::Status st = core_->handler.on_handshake(info_, &subprotocol);
-      if (!st.ok()) return Refuse(HttpStatusFor(st), std::string(st.message()));
+      if (!st.ok()) return Refuse(HttpStatusFor(st), std::string(st.message()), RetryAfterOf(st));
     }
     beast::get_lowest_layer(ws_).expires_never();
     websocket::stream_base::timeout timeouts{};
@@ -366,8 +409,42 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     });
   }
 
-  void Refuse(int status, std::string body) {
+  // A plain HTTP request, answered by on_http; the connection then reads the next
+  // request (keep-alive) or closes.
+  void ServeHttp() {
+    HttpRequest req;
+    req.method = std::string(request_.method_string());
+    req.target = std::string(request_.target());
+    for (const auto& field : request_) {
+      req.headers.emplace_back(std::string(field.name_string()), std::string(field.value()));
+    }
+    req.body = std::move(request_.body());
+    HttpResponse answer = core_->handler.on_http(req);
+    const bool keep_alive = core_->options.http_keep_alive && request_.keep_alive();
     response_.emplace();
+    response_->version(request_.version());
+    response_->result(answer.status >= 100 && answer.status <= 999
+                          ? static_cast<unsigned>(answer.status) : 500u);
+    response_->set(http::field::server, "wsbridge-test-upstream");
+    bool has_type = false;
+    for (const auto& [name, value] : answer.headers) {
+      response_->insert(name, value);
+      has_type = has_type || absl::EqualsIgnoreCase(name, "content-type");
+    }
+    if (!has_type) response_->set(http::field::content_type, "application/json");
+    response_->keep_alive(keep_alive);
+    response_->body() = std::move(answer.body);
+    response_->prepare_payload();
+    http::async_write(ws_.next_layer(), *response_,
+                      [self = this->shared_from_this(), keep_alive](error_code ec, std::size_t) {
+                        if (ec || !keep_alive) return self->Finish(absl::OkStatus());
+                        self->DoReadRequest();
+                      });
+  }
+
+  void Refuse(int status, std::string body, std::string retry_after = {}) {
+    response_.emplace();
+    if (!retry_after.empty()) response_->set(http::field::retry_after, retry_after);
     response_->result(static_cast<http::status>(status));
     response_->version(request_.version());
     response_->set(http::field::server, "wsbridge-test-upstream");
@@ -424,6 +501,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     if (finished_) return;
     queue_.pop_front();
     if (!queue_.empty()) return DoWrite();
+    if (drop_after_writes_) return Finish(absl::UnavailableError("connection dropped by the server"));
     if (close_requested_) DoClose();
   }
 
@@ -480,6 +558,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
   bool close_requested_ = false;
   bool closing_ = false;
   bool finished_ = false;
+  bool drop_after_writes_ = false;
 };
 
 void WsServer::Impl::DoAccept() {

@@ -26,6 +26,25 @@ struct HandshakeInfo {
   std::string Header(std::string_view name) const;
 };
 
+// A plain HTTP request (not a WebSocket upgrade), for WsServerHandler::on_http.
+struct HttpRequest {
+  std::string method;  // e.g. "POST"
+  std::string target;  // path?query
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::string body;
+
+  // First header value with this name (case-insensitive), or "" when absent.
+  std::string Header(std::string_view name) const;
+};
+
+// The answer to an HttpRequest. The server sets Content-Length, Server and, unless
+// given, Content-Type: application/json.
+struct HttpResponse {
+  int status = 200;
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::string body;
+};
+
 struct WsServerOptions {
   std::string listen = "127.0.0.1:0";  // host:port; host must be a loopback address
   bool tls = false;
@@ -33,6 +52,12 @@ struct WsServerOptions {
   // When set (PEM CA certificates), TLS clients must present a certificate it signed.
   std::string client_ca_pem;
   size_t max_message_bytes = 16u << 20;
+  // Largest body of a plain HTTP request (on_http); larger ones are answered 413 and
+  // the connection is closed.
+  size_t max_http_body_bytes = 64u << 10;
+  // Whether a plain HTTP connection may carry further requests (HTTP/1.1 keep-alive,
+  // unless the client says "Connection: close"). Off: every answer closes it.
+  bool http_keep_alive = true;
   int threads = 1;
 };
 
@@ -49,6 +74,9 @@ class WsServerConnection {
   virtual void Close(uint16_t code, std::string reason) = 0;
   // Abrupt: closes the TCP socket, no close frame.
   virtual void Drop() = 0;
+  // Like Drop(), once the messages already queued by Send() were written (a server that
+  // dies right after flushing what it sent).
+  virtual void DropAfterWrites() = 0;
   // Stop reading (so pings go unanswered and the peer's writes back up) and stop sending;
   // SetSilent(false) resumes both.
   virtual void SetSilent(bool silent) = 0;
@@ -56,11 +84,15 @@ class WsServerConnection {
   virtual uint16_t remote_close_code() const = 0;
 };
 
+// Marks an on_handshake refusal so the response carries "Retry-After: <seconds>" (kept as
+// a payload of the status, so on_handshake's signature stays as it is).
+absl::Status WithRetryAfter(absl::Status refusal, int seconds);
+
 struct WsServerHandler {
   // Return an error to refuse the upgrade (HTTP status by code: UNAUTHENTICATED->401,
-  // PERMISSION_DENIED->403, else 400; the status message is the response body); set
-  // *subprotocol to the accepted one (or leave it empty). Unset: accept everything and
-  // select no subprotocol.
+  // PERMISSION_DENIED->403, RESOURCE_EXHAUSTED->429, UNAVAILABLE->503, else 400; the
+  // status message is the response body; see WithRetryAfter); set *subprotocol to the
+  // accepted one (or leave it empty). Unset: accept everything and select no subprotocol.
   std::function<absl::Status(const HandshakeInfo&, std::string* subprotocol)> on_handshake;
   std::function<void(const std::shared_ptr<WsServerConnection>&)> on_open;
   std::function<void(const std::shared_ptr<WsServerConnection>&, std::string_view data, bool binary)>
@@ -68,6 +100,9 @@ struct WsServerHandler {
   // Once per opened connection. OK after a clean close handshake (see
   // remote_close_code()); otherwise the error that ended the connection.
   std::function<void(const std::shared_ptr<WsServerConnection>&, const absl::Status&)> on_close;
+  // Requests that are not WebSocket upgrades (e.g. a REST login on the same port as the
+  // socket), on an io thread. Unset: they are refused with 400.
+  std::function<HttpResponse(const HttpRequest&)> on_http;
 };
 
 class WsServer {
