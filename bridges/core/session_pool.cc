@@ -131,7 +131,10 @@ absl::StatusOr<Lease> SessionPool::AcquireLocked(
   }
   auto it = sessions_.find(key);
   if (it == sessions_.end()) {
-    if (sessions_.size() >= options_.max_sessions) {
+    // Former defaults still draining their calls do not hold a slot.
+    size_t live = 0;
+    for (const auto& [k, e] : sessions_) live += e.draining ? 0 : 1;
+    if (live >= options_.max_sessions) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "the ", options_.upstream, " bridge already holds its maximum of ",
           options_.max_sessions,

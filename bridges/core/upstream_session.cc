@@ -622,7 +622,8 @@ class SessionImpl final : public UpstreamSession,
 
   void OnReply(Inbound in) {
     if (auto it = sub_routes_.find(in.route); it != sub_routes_.end()) {
-      OnSubscriptionReply(it->second, std::move(in));
+      const std::string key = it->second;  // a copy: acknowledging remaps the routes
+      OnSubscriptionReply(key, std::move(in));
       return;
     }
     uint64_t id = 0;

@@ -1,0 +1,177 @@
+// SessionPool with real sessions of the fake protocol against a real WebSocket server:
+// keys and the cap, idle expiry, the default credential's session following a rotated
+// secret while the old one drains, operator close, shutdown.
+#include "bridges/core/session_pool.h"
+
+#include <future>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <gtest/gtest.h>
+
+#include "absl/strings/match.h"
+#include "absl/synchronization/mutex.h"
+#include "tests/core/fake_protocol.h"
+#include "tests/support/test_support.h"
+#include "tests/upstreams/ws_server.h"
+
+namespace wsbridge::core {
+namespace {
+
+namespace net = boost::asio;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+using wsbridge::testing::WaitFor;
+
+class SessionPoolTest : public ::testing::Test {
+ protected:
+  SessionPoolTest() : work_(net::make_work_guard(io_)), thread_([this] { io_.run(); }) {
+    upstreams::WsServerHandler h;
+    h.on_message = [this](const std::shared_ptr<upstreams::WsServerConnection>& c,
+                          std::string_view data, bool) {
+      std::string m(data);
+      if (absl::StartsWith(m, "login|")) {
+        absl::MutexLock lock(&mu_);
+        logins_.push_back(m.substr(6));
+        c->Send("login|ok", false);
+      }
+    };
+    server_ = std::make_unique<upstreams::WsServer>(upstreams::WsServerOptions{}, std::move(h));
+    EXPECT_TRUE(server_->Start().ok());
+  }
+  ~SessionPoolTest() override {
+    if (pool_ != nullptr) {
+      std::promise<void> done;
+      pool_->Shutdown([&] { done.set_value(); });
+      done.get_future().wait_for(seconds(20));
+      pool_.reset();
+    }
+    work_.reset();
+    io_.stop();
+    thread_.join();
+  }
+
+  void MakePool(SessionPoolOptions o) {
+    o.bridge = "fake";
+    o.upstream = "fake";
+    pool_ = std::make_unique<SessionPool>(
+        o, io_.get_executor(),
+        [this](const std::string& id, std::shared_ptr<SecretSource> credential, bool) {
+          SessionOptions so;
+          so.bridge = "fake";
+          so.id = id;
+          so.upstream = "fake";
+          so.connection.allow_plaintext = true;
+          so.connection.backoff.initial = milliseconds(10);
+          return UpstreamSession::Create(
+              io_.get_executor(), so,
+              std::make_unique<testing::FakeProtocol>(server_->url(), credential, true));
+        },
+        [this] { health_changes_.fetch_add(1); });
+  }
+
+  std::vector<std::string> logins() {
+    absl::MutexLock lock(&mu_);
+    return logins_;
+  }
+
+  net::io_context io_;
+  net::executor_work_guard<net::io_context::executor_type> work_;
+  std::thread thread_;
+  std::unique_ptr<upstreams::WsServer> server_;
+  absl::Mutex mu_;
+  std::vector<std::string> logins_ ABSL_GUARDED_BY(mu_);
+  std::atomic<int> health_changes_{0};
+  std::unique_ptr<SessionPool> pool_;
+};
+
+TEST_F(SessionPoolTest, SessionsAreKeyedByCredentialAndCapped) {
+  MakePool({.max_sessions = 2});
+  absl::StatusOr<Lease> a1 = pool_->Acquire(CredentialKey("tenant-a"), "tenant-a");
+  absl::StatusOr<Lease> a2 = pool_->Acquire(CredentialKey("tenant-a"), "tenant-a");
+  absl::StatusOr<Lease> b = pool_->Acquire(CredentialKey("tenant-b"), "tenant-b");
+  ASSERT_TRUE(a1.ok() && a2.ok() && b.ok());
+  EXPECT_EQ(a1->get(), a2->get());
+  EXPECT_NE(a1->get(), b->get());
+  absl::StatusOr<Lease> c = pool_->Acquire(CredentialKey("tenant-c"), "tenant-c");
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(c.status().message(), "max_sessions"));
+  // Ids carry a prefix of the credential's hash, never the credential.
+  for (const auto& s : pool_->List()) {
+    EXPECT_FALSE(absl::StrContains(s.id(), "tenant"));
+    EXPECT_EQ(s.id().rfind("fake/", 0), 0u);
+  }
+}
+
+TEST_F(SessionPoolTest, UnusedSessionsCloseAfterTheIdleTimeout) {
+  MakePool({.idle_timeout = milliseconds(100), .check_interval = milliseconds(20)});
+  pool_->Start();
+  {
+    absl::StatusOr<Lease> held = pool_->Acquire(CredentialKey("held"), "held");
+    absl::StatusOr<Lease> dropped = pool_->Acquire(CredentialKey("dropped"), "dropped");
+    ASSERT_TRUE(held.ok() && dropped.ok());
+    dropped->Release();
+    ASSERT_TRUE(WaitFor([&] { return pool_->size() == 1; }));
+    EXPECT_EQ(pool_->List().at(0).id(), "fake/" + CredentialKey("held").substr(0, 8));
+  }
+  EXPECT_TRUE(WaitFor([&] { return pool_->size() == 0; }));
+}
+
+TEST_F(SessionPoolTest, TheDefaultSessionFollowsARotatedSecretAndTheOldOneDrains) {
+  wsbridge::testing::TempDir dir;
+  const std::string path = dir.WriteFile("token", "first-token\n");
+  config::v1::Secret secret;
+  secret.set_file(path);
+  MakePool({.max_sessions = 1, .check_interval = milliseconds(20)});
+  pool_->SetDefault(SecretSource::Create(secret).value());
+  pool_->Start();
+  ASSERT_TRUE(WaitFor([&] { return pool_->DefaultReady(); }));
+  absl::StatusOr<Lease> old = pool_->AcquireDefault();  // a call still on the old session
+  ASSERT_TRUE(old.ok());
+  const std::string old_id = (*old)->id();
+
+  dir.WriteFile("token", "second-token\n");
+  pool_->RefreshSecretsNow();
+  // Without any call, the pool moves the default to a session for the new value.
+  ASSERT_TRUE(WaitFor([&] {
+    for (const auto& s : pool_->List()) {
+      if (s.id() != old_id && s.state() == admin::v1::SESSION_STATE_READY) return true;
+    }
+    return false;
+  }));
+  EXPECT_EQ(logins(), (std::vector<std::string>{"first-token", "second-token"}));
+  EXPECT_EQ(pool_->size(), 2u);  // the old one drains while a call holds it
+  old->Release();
+  EXPECT_TRUE(WaitFor([&] { return pool_->size() == 1; }));
+  EXPECT_NE(pool_->List().at(0).id(), old_id);
+  EXPECT_TRUE(WaitFor([&] { return server_->open_connections() == 1; }));
+  EXPECT_TRUE(pool_->DefaultReady());
+}
+
+TEST_F(SessionPoolTest, OperatorCloseReplacesTheDefaultAndUnknownIdsAreNotFound) {
+  MakePool({});
+  pool_->SetDefault(SecretSource::Fixed("default-token"));
+  pool_->Start();
+  ASSERT_TRUE(WaitFor([&] { return pool_->DefaultReady(); }));
+  const std::string id = pool_->List().at(0).id();
+  EXPECT_EQ(pool_->Close("fake/nope").code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE(pool_->Close(id).ok());
+  EXPECT_TRUE(WaitFor([&] { return pool_->DefaultReady() && logins().size() == 2; }));
+}
+
+TEST_F(SessionPoolTest, ShutdownClosesEverySessionAndRefusesNewOnes) {
+  MakePool({});
+  ASSERT_TRUE(pool_->Acquire(CredentialKey("a"), "a-token").ok());
+  std::promise<void> done;
+  pool_->Shutdown([&] { done.set_value(); });
+  EXPECT_EQ(done.get_future().wait_for(seconds(20)), std::future_status::ready);
+  absl::StatusOr<Lease> late = pool_->Acquire(CredentialKey("b"), "b-token");
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(absl::StrContains(late.status().message(), "shutting down"));
+}
+
+}  // namespace
+}  // namespace wsbridge::core

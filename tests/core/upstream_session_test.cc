@@ -1,0 +1,473 @@
+// UpstreamSession through the fake protocol (tests/core/fake_protocol.h) over a real
+// WebSocket server on 127.0.0.1: everything the session does for every bridge.
+#include "bridges/core/upstream_session.h"
+
+#include <future>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <gtest/gtest.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "bridges/core/metrics.h"
+#include "tests/core/fake_protocol.h"
+#include "tests/support/test_support.h"
+#include "tests/upstreams/ws_server.h"
+
+namespace wsbridge::core {
+namespace {
+
+namespace net = boost::asio;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+using testing::BodyOf;
+using testing::FakeProtocol;
+using testing::FakeRequest;
+using testing::MakeText;
+using wsbridge::testing::WaitFor;
+
+// The fake upstream: answers the fake protocol, records what it received, and lets a
+// test change its behaviour. Thread-safe.
+class FakeUpstream {
+ public:
+  FakeUpstream() {
+    upstreams::WsServerHandler h;
+    h.on_handshake = [this](const upstreams::HandshakeInfo&, std::string*) {
+      absl::MutexLock lock(&mu_);
+      ++handshakes_;
+      return refuse_;
+    };
+    h.on_open = [this](const std::shared_ptr<upstreams::WsServerConnection>& c) {
+      absl::MutexLock lock(&mu_);
+      conns_.push_back(c);
+    };
+    h.on_message = [this](const std::shared_ptr<upstreams::WsServerConnection>& c,
+                          std::string_view data, bool) { OnMessage(c, std::string(data)); };
+    server_ = std::make_unique<upstreams::WsServer>(upstreams::WsServerOptions{}, std::move(h));
+    EXPECT_TRUE(server_->Start().ok());
+  }
+
+  std::string url() const { return server_->url(); }
+  // Refuse upgrades with this status (OK = accept).
+  void Refuse(absl::Status st) {
+    absl::MutexLock lock(&mu_);
+    refuse_ = std::move(st);
+  }
+  // Drop every open connection (no close frame).
+  void DropAll() {
+    std::vector<std::shared_ptr<upstreams::WsServerConnection>> conns;
+    {
+      absl::MutexLock lock(&mu_);
+      conns.swap(conns_);
+    }
+    for (auto& c : conns) c->Drop();
+  }
+  void Push(const std::string& frame) {
+    absl::MutexLock lock(&mu_);
+    for (auto& c : conns_) c->Send(frame, false);
+  }
+  // Messages received that start with `prefix`.
+  int Count(std::string_view prefix) const {
+    absl::MutexLock lock(&mu_);
+    int n = 0;
+    for (const auto& m : messages_) n += absl::StartsWith(m, absl::string_view(prefix.data(), prefix.size())) ? 1 : 0;
+    return n;
+  }
+  std::vector<std::string> messages() const {
+    absl::MutexLock lock(&mu_);
+    return messages_;
+  }
+  int handshakes() const {
+    absl::MutexLock lock(&mu_);
+    return handshakes_;
+  }
+  int open() const { return static_cast<int>(server_->open_connections()); }
+
+ private:
+  // Default answers: login ok unless the token starts with "bad"; req echo (body "hold"
+  // is never answered, "stream" answers twice then finally, "404" is an error); ord echo;
+  // subscriptions acknowledged as "S-<topic>" unless the topic is "silent".
+  void OnMessage(const std::shared_ptr<upstreams::WsServerConnection>& c, std::string m) {
+    {
+      absl::MutexLock lock(&mu_);
+      messages_.push_back(m);
+    }
+    std::vector<std::string> f = absl::StrSplit(m, absl::MaxSplits('|', 2));
+    if (f[0] == "login") {
+      c->Send(absl::StartsWith(f[1], "bad") ? "login|no" : "login|ok", false);
+    } else if (f[0] == "req") {
+      const std::string& body = f[2];
+      if (body == "hold") return;
+      if (body == "stream") {
+        c->Send(absl::StrCat("rep|", f[1], "|0|200|part1"), false);
+        c->Send(absl::StrCat("rep|", f[1], "|0|200|part2"), false);
+      }
+      const char* status = body == "404" ? "404" : body == "429" ? "429" : "200";
+      c->Send(absl::StrCat("rep|", f[1], "|1|", status, "|", body), false);
+    } else if (f[0] == "ord") {
+      if (f[1] == "hold") return;
+      c->Send(absl::StrCat("ord|1|200|", f[1]), false);
+    } else if (f[0] == "sub") {
+      if (f[2] == "silent") return;
+      c->Send(absl::StrCat("suback|", f[1], "|S-", f[2]), false);
+    } else if (f[0] == "unsub") {
+      c->Send(absl::StrCat("rep|", f[1], "|1|200|"), false);
+    } else if (f[0] == "ping") {
+      c->Send("pong", false);
+    }
+  }
+
+  mutable absl::Mutex mu_;
+  absl::Status refuse_ ABSL_GUARDED_BY(mu_);
+  int handshakes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::string> messages_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<upstreams::WsServerConnection>> conns_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<upstreams::WsServer> server_;
+};
+
+// Collects what a request's callback receives. Thread-safe.
+struct Replies {
+  absl::Mutex mu;
+  std::vector<absl::StatusOr<Reply>> got ABSL_GUARDED_BY(mu);
+  ReplyCallback callback() {
+    return [this](absl::StatusOr<Reply> r) {
+      absl::MutexLock lock(&mu);
+      got.push_back(std::move(r));
+    };
+  }
+  size_t size() {
+    absl::MutexLock lock(&mu);
+    return got.size();
+  }
+  absl::StatusOr<Reply> at(size_t i) {
+    absl::MutexLock lock(&mu);
+    return got.at(i);
+  }
+  bool WaitFinal() {
+    return WaitFor([this] {
+      absl::MutexLock lock(&mu);
+      return !got.empty() && (!got.back().ok() || got.back()->final);
+    });
+  }
+};
+
+// A subscriber that records everything. Thread-safe.
+struct Sink final : EventSink {
+  absl::Mutex mu;
+  std::vector<SubscribedInfo> subscribed ABSL_GUARDED_BY(mu);
+  std::vector<std::pair<std::string, bool>> events ABSL_GUARDED_BY(mu);
+  std::optional<absl::Status> ended ABSL_GUARDED_BY(mu);
+  void OnSubscribed(const SubscribedInfo& info) override {
+    absl::MutexLock lock(&mu);
+    subscribed.push_back(info);
+  }
+  void OnEvent(const PayloadPtr& e, bool after_gap) override {
+    absl::MutexLock lock(&mu);
+    events.emplace_back(BodyOf(e), after_gap);
+  }
+  void OnEnded(const absl::Status& st) override {
+    absl::MutexLock lock(&mu);
+    ended = st;
+  }
+  size_t subscriptions() {
+    absl::MutexLock lock(&mu);
+    return subscribed.size();
+  }
+  size_t event_count() {
+    absl::MutexLock lock(&mu);
+    return events.size();
+  }
+};
+
+class UpstreamSessionTest : public ::testing::Test {
+ protected:
+  UpstreamSessionTest() : work_(net::make_work_guard(io_)), thread_([this] { io_.run(); }) {}
+  ~UpstreamSessionTest() override {
+    if (session_ != nullptr) {
+      std::promise<void> closed;
+      session_->Close(1000, "test over", [&] { closed.set_value(); });
+      closed.get_future().wait_for(seconds(20));
+      session_.reset();
+    }
+    work_.reset();
+    io_.stop();
+    thread_.join();
+  }
+
+  std::shared_ptr<UpstreamSession> Make(std::function<void(SessionOptions&)> tweak = nullptr,
+                                        std::string token = "good-token", bool login = true) {
+    SessionOptions o;
+    o.bridge = "fake";
+    o.id = "fake/test";
+    o.upstream = "fake";
+    o.error_domain = std::string(testing::kFakeDomain);
+    o.connection.allow_plaintext = true;
+    o.connection.backoff.initial = milliseconds(10);
+    o.connection.backoff.max = milliseconds(50);
+    o.connection.auth_backoff.initial = milliseconds(100);
+    o.connection.auth_backoff.max = milliseconds(200);
+    o.request_timeout = seconds(10);
+    o.malformed_frames = &malformed_;
+    o.unrouted_frames = &unrouted_;
+    o.health_changed = [this] { health_changes_.fetch_add(1); };
+    if (tweak) tweak(o);
+    session_ = UpstreamSession::Create(
+        io_.get_executor(), o,
+        std::make_unique<FakeProtocol>(upstream_.url(), SecretSource::Fixed(token), login));
+    return session_;
+  }
+
+  // Reply collectors outlive the session (closing it fails what is still open).
+  Replies& R() { return *replies_.emplace_back(std::make_unique<Replies>()); }
+
+  net::io_context io_;
+  net::executor_work_guard<net::io_context::executor_type> work_;
+  std::thread thread_;
+  FakeUpstream upstream_;
+  std::vector<std::unique_ptr<Replies>> replies_;
+  Counter malformed_;
+  Counter unrouted_;
+  std::atomic<int> health_changes_{0};
+  std::shared_ptr<UpstreamSession> session_;
+};
+
+TEST_F(UpstreamSessionTest, LogsInFirstThenAnswersRequestsByRoute) {
+  auto s = Make();
+  Replies& a = R(); Replies& b = R();
+  s->Send(FakeRequest("hold"), a.callback());  // never answered: b must not get its reply
+  s->Send(FakeRequest("second"), b.callback());
+  ASSERT_TRUE(b.WaitFinal());
+  EXPECT_EQ(BodyOf(b.at(0)->payload), "second");
+  EXPECT_EQ(a.size(), 0u);
+  std::vector<std::string> m = upstream_.messages();
+  ASSERT_GE(m.size(), 3u);
+  EXPECT_EQ(m[0], "login|good-token");  // nothing before the login
+  EXPECT_TRUE(s->ready());
+  EXPECT_GE(health_changes_.load(), 1);
+}
+
+TEST_F(UpstreamSessionTest, StreamedRepliesEndWithTheFinalOne) {
+  auto s = Make();
+  Replies& r = R();
+  s->Send(FakeRequest("stream"), r.callback());
+  ASSERT_TRUE(r.WaitFinal());
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_FALSE(r.at(0)->final);
+  EXPECT_EQ(BodyOf(r.at(1)->payload), "part2");
+  EXPECT_TRUE(r.at(2)->final);
+  Replies& e = R();
+  s->Send(FakeRequest("404"), e.callback());
+  ASSERT_TRUE(e.WaitFinal());
+  EXPECT_EQ(e.at(0).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(ErrorReason(e.at(0).status()), "HTTP_404");
+}
+
+TEST_F(UpstreamSessionTest, SendOrderRepliesGoToTheOldestRequest) {
+  auto s = Make();
+  Replies& a = R(); Replies& b = R();
+  s->Send(FakeRequest("one", /*ordered=*/true), a.callback());
+  s->Send(FakeRequest("two", /*ordered=*/true), b.callback());
+  ASSERT_TRUE(a.WaitFinal());
+  ASSERT_TRUE(b.WaitFinal());
+  EXPECT_EQ(BodyOf(a.at(0)->payload), "one");
+  EXPECT_EQ(BodyOf(b.at(0)->payload), "two");
+}
+
+TEST_F(UpstreamSessionTest, ADropFailsInFlightRequestsOutcomeUnknownAndResendsIdempotentOnes) {
+  auto s = Make();
+  Replies& warm = R();
+  s->Send(FakeRequest("warm"), warm.callback());
+  ASSERT_TRUE(warm.WaitFinal());
+  Replies& lost = R(); Replies& resent = R();
+  s->Send(FakeRequest("hold"), lost.callback());
+  Request idempotent = FakeRequest("hold");
+  idempotent.on_drop = OnDrop::kResend;
+  s->Send(std::move(idempotent), resent.callback());
+  ASSERT_TRUE(WaitFor([&] { return upstream_.Count("req|") == 3; }));
+  upstream_.DropAll();
+  ASSERT_TRUE(lost.WaitFinal());
+  EXPECT_EQ(lost.at(0).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(ErrorReason(lost.at(0).status()), "OUTCOME_UNKNOWN");
+  EXPECT_TRUE(absl::StrContains(lost.at(0).status().message(), "not resent"));
+  // The idempotent one went out again on the new connection (after a new login).
+  EXPECT_TRUE(WaitFor([&] { return upstream_.Count("req|") == 4; }));
+  EXPECT_EQ(upstream_.Count("login|"), 2);
+  EXPECT_EQ(resent.size(), 0u);
+}
+
+TEST_F(UpstreamSessionTest, PendingRequestsAreBoundedWhileTheUpstreamIsAway) {
+  upstream_.Refuse(absl::UnavailableError("down for maintenance"));
+  auto s = Make([](SessionOptions& o) { o.max_pending = 2; });
+  Replies& a = R(); Replies& b = R(); Replies& c = R();
+  s->Send(FakeRequest("a"), a.callback());
+  s->Send(FakeRequest("b"), b.callback());
+  s->Send(FakeRequest("c"), c.callback());
+  ASSERT_TRUE(c.WaitFinal());
+  EXPECT_EQ(c.at(0).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(c.at(0).status().message(), "max_pending_requests"));
+  EXPECT_EQ(a.size(), 0u);  // the accepted ones still wait
+  upstream_.Refuse(absl::OkStatus());
+  EXPECT_TRUE(a.WaitFinal());
+  EXPECT_TRUE(b.WaitFinal());
+  EXPECT_TRUE(a.at(0).ok());
+}
+
+TEST_F(UpstreamSessionTest, AQueuedRequestFailsAtItsDeadlineWithoutBeingSent) {
+  upstream_.Refuse(absl::UnavailableError("down"));
+  auto s = Make();
+  Replies& r = R();
+  Request req = FakeRequest("late");
+  req.deadline = Clock::now() + milliseconds(100);
+  s->Send(std::move(req), r.callback());
+  ASSERT_TRUE(r.WaitFinal());
+  EXPECT_EQ(r.at(0).status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_TRUE(absl::StrContains(r.at(0).status().message(), "nothing was sent"));
+  upstream_.Refuse(absl::OkStatus());
+  Replies& next = R();
+  s->Send(FakeRequest("next"), next.callback());
+  ASSERT_TRUE(next.WaitFinal());
+  EXPECT_EQ(upstream_.Count("req|"), 1);  // "late" never went out
+}
+
+TEST_F(UpstreamSessionTest, AnswersTheUpstreamAsksToRetryAreResentAfterThePause) {
+  auto s = Make();
+  Replies& r = R();
+  Request req = FakeRequest("429");
+  req.max_retries = 2;
+  s->Send(std::move(req), r.callback());
+  ASSERT_TRUE(r.WaitFinal());
+  EXPECT_EQ(upstream_.Count("req|"), 3);  // the first try and two retries
+  EXPECT_FALSE(r.at(0).ok());
+}
+
+TEST_F(UpstreamSessionTest, SubscriptionsAreSharedRestoredWithAGapAndReleasedByTheLast) {
+  auto s = Make();
+  auto one = std::make_shared<Sink>();
+  auto two = std::make_shared<Sink>();
+  uint64_t id1 = s->Subscribe("topic", nullptr, one);
+  uint64_t id2 = s->Subscribe("topic", nullptr, two);
+  ASSERT_TRUE(WaitFor([&] { return one->subscriptions() == 1 && two->subscriptions() == 1; }));
+  EXPECT_EQ(upstream_.Count("sub|"), 1);  // one upstream subscription for both
+  upstream_.Push("ev|S-topic|hello");
+  ASSERT_TRUE(WaitFor([&] { return one->event_count() == 1 && two->event_count() == 1; }))
+      << "unrouted " << unrouted_.value() << " malformed " << malformed_.value() << " events "
+      << one->event_count() << "/" << two->event_count();
+
+  upstream_.DropAll();
+  ASSERT_TRUE(WaitFor([&] { return one->subscriptions() == 2; }));
+  {
+    absl::MutexLock lock(&one->mu);
+    EXPECT_TRUE(one->subscribed[1].restored);
+    EXPECT_LE(one->subscribed[1].gap_from, one->subscribed[1].gap_to);
+  }
+  EXPECT_EQ(upstream_.Count("sub|"), 2);
+  upstream_.Push("ev|S-topic|again");
+  ASSERT_TRUE(WaitFor([&] { return one->event_count() == 2; }));
+  {
+    absl::MutexLock lock(&one->mu);
+    EXPECT_TRUE(one->events[1].second);  // the first event after the gap is marked
+  }
+  s->Unsubscribe("topic", id1);
+  EXPECT_EQ(upstream_.Count("unsub|"), 0);
+  s->Unsubscribe("topic", id2);
+  EXPECT_TRUE(WaitFor([&] { return upstream_.Count("unsub|") == 1; }));
+  EXPECT_EQ(unrouted_.value(), 0u);  // the unsubscribe's answer was expected
+}
+
+TEST_F(UpstreamSessionTest, AnUnacknowledgedSubscriptionEndsAtTheSubscribeTimeout) {
+  auto s = Make([](SessionOptions& o) { o.subscribe_timeout = milliseconds(100); });
+  auto sink = std::make_shared<Sink>();
+  s->Subscribe("silent", nullptr, sink);
+  ASSERT_TRUE(WaitFor([&] {
+    absl::MutexLock lock(&sink->mu);
+    return sink->ended.has_value();
+  }));
+  absl::MutexLock lock(&sink->mu);
+  EXPECT_EQ(sink->ended->code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_TRUE(absl::StrContains(sink->ended->message(), "did not acknowledge"));
+}
+
+TEST_F(UpstreamSessionTest, ARefusedUpgradeFailsCallsAtOnceAndIsRetriedOnTheAuthBackoff) {
+  upstream_.Refuse(absl::UnauthenticatedError("bad api key"));
+  auto s = Make(nullptr, "good-token", /*login=*/false);
+  Replies& r = R();
+  s->Send(FakeRequest("x"), r.callback());
+  ASSERT_TRUE(r.WaitFinal());
+  EXPECT_EQ(r.at(0).status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_TRUE(s->auth_refused());
+  Replies& fast = R();  // while refused, calls fail at once instead of waiting
+  s->Send(FakeRequest("y"), fast.callback());
+  ASSERT_TRUE(fast.WaitFinal());
+  EXPECT_EQ(fast.at(0).status().code(), absl::StatusCode::kUnauthenticated);
+  const admin::v1::Session d = s->Describe();
+  EXPECT_TRUE(absl::StrContains(d.last_error(), "refused"));
+  // Fixed upstream side: the session comes back by itself.
+  upstream_.Refuse(absl::OkStatus());
+  EXPECT_TRUE(WaitFor([&] { return s->ready(); }));
+  EXPECT_FALSE(s->auth_refused());
+  Replies& ok = R();
+  s->Send(FakeRequest("z"), ok.callback());
+  ASSERT_TRUE(ok.WaitFinal());
+  EXPECT_TRUE(ok.at(0).ok());
+}
+
+TEST_F(UpstreamSessionTest, ARefusedLoginIsAnAuthRefusalNotAFastLoop) {
+  auto s = Make(nullptr, "bad-token");
+  Replies& r = R();
+  s->Send(FakeRequest("x"), r.callback());
+  ASSERT_TRUE(r.WaitFinal());
+  EXPECT_EQ(r.at(0).status().code(), absl::StatusCode::kUnauthenticated);
+  // The next login waits for the auth backoff (100-200 ms here), not the 10 ms one.
+  ASSERT_TRUE(WaitFor([&] { return upstream_.Count("login|") >= 2; }));
+  const admin::v1::Session d = s->Describe();
+  EXPECT_EQ(d.bridge(), "fake");
+}
+
+TEST_F(UpstreamSessionTest, HeartbeatsAreSentWhileReady) {
+  auto s = Make([](SessionOptions& o) { o.connection.keepalive.heartbeat_interval = milliseconds(20); });
+  s->Start();
+  EXPECT_TRUE(WaitFor([&] { return upstream_.Count("ping") >= 2; }));
+}
+
+TEST_F(UpstreamSessionTest, MalformedAndUnroutedFramesAreCountedNotFatal) {
+  auto s = Make();
+  Replies& warm = R();
+  s->Send(FakeRequest("warm"), warm.callback());
+  ASSERT_TRUE(warm.WaitFinal());
+  upstream_.Push("garbage");
+  upstream_.Push("rep|r999|1|200|nobody asked");
+  upstream_.Push("ev|S-nothing|x");
+  ASSERT_TRUE(WaitFor([&] { return malformed_.value() == 1 && unrouted_.value() == 2; }));
+  Replies& after = R();
+  s->Send(FakeRequest("still fine"), after.callback());
+  ASSERT_TRUE(after.WaitFinal());
+  EXPECT_TRUE(after.at(0).ok());
+}
+
+TEST_F(UpstreamSessionTest, CloseEndsEverythingAndIsIdempotent) {
+  auto s = Make();
+  Replies& held = R();
+  s->Send(FakeRequest("hold"), held.callback());
+  auto sink = std::make_shared<Sink>();
+  s->Subscribe("topic", nullptr, sink);
+  ASSERT_TRUE(WaitFor([&] { return sink->subscriptions() == 1; }));
+  std::promise<void> a, b;
+  s->Close(1001, "going away", [&] { a.set_value(); });
+  s->Close(1001, "going away", [&] { b.set_value(); });
+  EXPECT_EQ(a.get_future().wait_for(seconds(10)), std::future_status::ready);
+  EXPECT_EQ(b.get_future().wait_for(seconds(10)), std::future_status::ready);
+  ASSERT_TRUE(held.WaitFinal());
+  EXPECT_EQ(held.at(0).status().code(), absl::StatusCode::kUnavailable);
+  absl::MutexLock lock(&sink->mu);
+  ASSERT_TRUE(sink->ended.has_value());
+  EXPECT_EQ(sink->ended->code(), absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace wsbridge::core
