@@ -175,6 +175,222 @@ class StreamInbox {
   bool wake_pending_ ABSL_GUARDED_BY(mu_) = false;
 };
 
+// A unary call on the completion-queue API. Derived has
+//   static void Request(BridgeBase*, CqLoop*)   asks gRPC for the next call (see Start);
+//   void OnAdmitted()                           validates req_, takes a session, sends;
+// and answers with FinishWith (on the loop thread; use Post from a session strand).
+// `upstream_op_` and `lease_`, when set, are cancelled and released if the caller goes.
+template <typename Derived, typename RequestMsg, typename ResponseMsg>
+class AsyncUnaryCall : public AsyncCallBase<Derived> {
+ protected:
+  using Base = AsyncCallBase<Derived>;
+  AsyncUnaryCall(BridgeBase* bridge, CqLoop* loop, std::string_view method)
+      : Base(bridge, loop, method), responder_(&this->ctx_) {}
+
+  void FinishWith(const grpc::Status& status) {
+    if (!this->matched_ || this->finished_ || this->done_) return;
+    this->finished_ = true;
+    this->Finishing(status);
+    this->OpStarted();
+    if (status.ok()) {
+      responder_.Finish(resp_, status, &finish_tag_);
+    } else {
+      responder_.FinishWithError(status, &finish_tag_);
+    }
+  }
+
+  // Runs `fn(call)` on this call's loop thread, unless the call is over by then.
+  template <typename F>
+  void OnLoop(F&& fn) {
+    CqLoop* loop = this->loop_;
+    loop->Post([c = this->shared_from_this(), fn = std::forward<F>(fn)]() mutable {
+      if (!c->finished_) fn(*c);
+    });
+  }
+
+  CqTag* matched_tag() { return &matched_tag_; }
+  CqTag* done_tag() { return &done_tag_; }
+
+  RequestMsg req_;
+  ResponseMsg resp_;
+  grpc::ServerAsyncResponseWriter<ResponseMsg> responder_;
+  Lease lease_;
+  uint64_t upstream_op_ = 0;
+
+ private:
+  friend Base;
+  void OnMatched(bool ok) {
+    if (this->AdmitMatched(ok)) static_cast<Derived&>(*this).OnAdmitted();
+  }
+  void OnFinished(bool /*ok*/) { this->OpReturned(); }
+  // Cancelled before the answer: the upstream request is dropped (a late answer is
+  // ignored).
+  void OnDone(bool /*ok*/) {
+    if (!this->finished_ && upstream_op_ != 0 && lease_) lease_->Cancel(upstream_op_);
+    this->EndCall(lease_);
+  }
+  MemberTag<AsyncUnaryCall, &AsyncUnaryCall::OnMatched> matched_tag_{this};
+  MemberTag<AsyncUnaryCall, &AsyncUnaryCall::OnFinished> finish_tag_{this};
+  MemberTag<AsyncUnaryCall, &AsyncUnaryCall::OnDone> done_tag_{this};
+};
+
+// A server-streaming call on the completion-queue API that forwards items from a session
+// strand: initial metadata once the upstream side is active (Activated), items batched
+// into messages with one write in flight, bounded per stream (SLOW_CONSUMER), finished
+// exactly once. Derived has
+//   static void Request(BridgeBase*, CqLoop*)   asks gRPC for the next call (see Start);
+//   void OnAdmitted()                           validates req_, takes a session, subscribes;
+//   void Release()                              drops its upstream share (loop thread; once);
+//   static bool Append(ResponseMsg*, const Item&, size_t* bytes)
+//                                               adds an item to a message unless it is full
+//                                               (`bytes`: the payload bytes in it so far).
+template <typename Derived, typename RequestMsg, typename ResponseMsg, typename Item>
+class AsyncServerStream : public AsyncCallBase<Derived> {
+ public:
+  // --- Any thread (a session strand). ---
+  // The upstream side is active: initial metadata tells the caller.
+  void Activated() {
+    this->loop_->Post([s = this->shared_from_this()] { s->SendMetadata(); });
+  }
+  // Queues an item; `last` ends the stream OK once it is written.
+  void Push(Item item, bool last = false) {
+    bool wake = false;
+    if (!inbox_.Push(Queued{std::move(item), last}, &wake)) {
+      if (!overflowed_.exchange(true)) {
+        this->loop_->Post([s = this->shared_from_this()] {
+          s->FinishWith(ToGrpcStatus(SlowConsumer(s->inbox_.limit(), s->items_, s->domain_)));
+        });
+      }
+      return;
+    }
+    if (wake) this->loop_->Post([s = this->shared_from_this()] { s->Drain(); });
+  }
+  // Ends the stream with `status` (an upstream error, the session closing).
+  void End(const absl::Status& status) {
+    this->loop_->Post([s = this->shared_from_this(), status] { s->FinishWith(ToGrpcStatus(status)); });
+  }
+
+ protected:
+  using Base = AsyncCallBase<Derived>;
+  // `limit`: items queued before SLOW_CONSUMER; `items`/`domain` name them in its message.
+  AsyncServerStream(BridgeBase* bridge, CqLoop* loop, std::string_view method, size_t limit,
+                    std::string_view items, std::string_view domain)
+      : Base(bridge, loop, method), writer_(&this->ctx_), inbox_(limit), items_(items), domain_(domain) {}
+
+  // Ends the call with `status` (the first status wins), dropping unwritten items, once
+  // a write in flight is done. Loop thread.
+  void FinishWith(const grpc::Status& status) {
+    if (!this->matched_ || this->finished_ || this->done_) return;
+    this->finished_ = true;
+    ReleaseOnce();
+    pending_.clear();
+    inbox_.Clear();
+    finish_after_ = status;
+    WriteNext();  // finishes now unless a write is in flight; OnWritten comes back here
+  }
+
+  CqTag* matched_tag() { return &matched_tag_; }
+  CqTag* done_tag() { return &done_tag_; }
+
+  RequestMsg req_;
+  grpc::ServerAsyncWriter<ResponseMsg> writer_;
+  Lease lease_;
+
+ private:
+  friend Base;
+  struct Queued {
+    Item item;
+    bool last = false;
+  };
+
+  void OnMatched(bool ok) {
+    if (this->AdmitMatched(ok)) static_cast<Derived&>(*this).OnAdmitted();
+  }
+  void OnWritten(bool ok) {
+    writing_ = false;
+    if (!ok) {
+      FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke"));
+    } else {
+      WriteNext();
+    }
+    this->OpReturned();
+  }
+  void OnFinished(bool /*ok*/) { this->OpReturned(); }
+  void OnDone(bool /*ok*/) {
+    ReleaseOnce();
+    this->EndCall(lease_);
+  }
+
+  void ReleaseOnce() {
+    if (released_) return;
+    released_ = true;
+    static_cast<Derived&>(*this).Release();
+  }
+
+  void SendMetadata() {
+    if (this->finished_ || sent_metadata_ || writing_) return;
+    sent_metadata_ = true;
+    writing_ = true;
+    this->OpStarted();
+    writer_.SendInitialMetadata(&write_tag_);
+  }
+
+  void Drain() {
+    std::deque<Queued> items;
+    inbox_.Take(&items);
+    if (this->finished_ || finish_after_.has_value()) return;
+    for (Queued& q : items) {
+      pending_.push_back(std::move(q.item));
+      if (q.last) {
+        finish_after_ = grpc::Status::OK;
+        ReleaseOnce();
+        break;
+      }
+    }
+    sent_metadata_ = true;  // a write sends it
+    if (!writing_) WriteNext();
+  }
+
+  // Writes the queued items (one message's worth) or, with none left, a pending finish.
+  void WriteNext() {
+    if (writing_ || finish_started_) return;
+    if (pending_.empty()) {
+      if (finish_after_.has_value()) {
+        this->finished_ = true;
+        finish_started_ = true;
+        this->Finishing(*finish_after_);
+        this->OpStarted();
+        writer_.Finish(*finish_after_, &finish_tag_);
+      }
+      return;
+    }
+    batch_.Clear();
+    size_t bytes = 0;
+    while (!pending_.empty() && Derived::Append(&batch_, pending_.front(), &bytes)) {
+      pending_.pop_front();
+    }
+    writing_ = true;
+    this->OpStarted();
+    writer_.Write(batch_, &write_tag_);
+  }
+
+  MemberTag<AsyncServerStream, &AsyncServerStream::OnMatched> matched_tag_{this};
+  MemberTag<AsyncServerStream, &AsyncServerStream::OnWritten> write_tag_{this};
+  MemberTag<AsyncServerStream, &AsyncServerStream::OnFinished> finish_tag_{this};
+  MemberTag<AsyncServerStream, &AsyncServerStream::OnDone> done_tag_{this};
+  StreamInbox<Queued> inbox_;
+  std::string_view items_, domain_;
+  std::atomic<bool> overflowed_{false};
+  bool released_ = false;
+  bool sent_metadata_ = false;
+  bool writing_ = false;
+  bool finish_started_ = false;
+  // The status to finish with once nothing is left to write.
+  std::optional<grpc::Status> finish_after_;
+  std::deque<Item> pending_;  // not yet in a message
+  ResponseMsg batch_;         // the message in flight
+};
+
 // Finishes a callback-API unary call exactly once, from whichever thread gets there
 // first; a session's callback may outlive the reactor, so it holds this, not the reactor.
 class UnaryFinisher {

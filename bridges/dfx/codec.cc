@@ -267,48 +267,6 @@ std::string Base64Encode(std::string_view bytes) {
   return out;
 }
 
-ErrorBody ParseErrorBody(std::string_view text) {
-  ErrorBody out;
-  std::optional<json::value> v = Parse(text);
-  if (!v.has_value() || !v->is_object()) return out;
-  out.code = AsString(v->get_object(), "Code");
-  out.message = AsString(v->get_object(), "Message");
-  return out;
-}
-
-absl::StatusOr<ChunkAnswer> ParseChunkAnswer(std::string_view text) {
-  std::optional<json::value> v = Parse(text);
-  if (!v.has_value() || !v->is_object()) {
-    return absl::InternalError("upstream answered a chunk without a JSON object");
-  }
-  ChunkAnswer out;
-  const json::object& o = v->get_object();
-  out.measurement_data_id = AsString(o, "ID");
-  if (out.measurement_data_id.empty()) out.measurement_data_id = AsString(o, "MeasurementDataID");
-  out.chunk_order = AsInt(o.if_contains("ChunkOrder"));
-  return out;
-}
-
-absl::StatusOr<std::string> ParseCreatedId(std::string_view text) {
-  std::optional<json::value> v = Parse(text);
-  if (!v.has_value() || !v->is_object()) {
-    return absl::InternalError("upstream answered 0504 without a JSON object");
-  }
-  std::string id = AsString(v->get_object(), "ID");
-  if (id.empty()) return absl::InternalError("upstream answered 0504 without an ID");
-  return id;
-}
-
-ResultInfo ParseResultInfo(std::string_view text) {
-  ResultInfo out;
-  std::optional<json::value> v = Parse(text);
-  if (!v.has_value() || !v->is_object()) return out;
-  const json::object& o = v->get_object();
-  out.chunk_order = AsInt(o.if_contains("ChunkOrder"));
-  out.measurement_data_id = AsString(o, "MeasurementDataID");
-  return out;
-}
-
 ChunkAnswer ChunkAnswerOf(const ResponseFrame& f) {
   ChunkAnswer out;
   out.measurement_data_id = f.id.empty() ? f.measurement_data_id : f.id;
@@ -323,31 +281,13 @@ ResultInfo ResultInfoOf(const ResponseFrame& f) {
   return out;
 }
 
-bool IsEmptyObject(std::string_view text) {
-  absl::string_view t = absl::StripAsciiWhitespace(Av(text));
-  if (t.size() < 2 || t.front() != '{' || t.back() != '}') return false;
-  return absl::StripAsciiWhitespace(t.substr(1, t.size() - 2)).empty();
-}
-
-namespace {
-
-absl::Status ErrorStatus(int status, const ErrorBody& e, std::string_view what) {
-  std::string reason = e.code.empty() ? absl::StrCat("HTTP_", status) : e.code;
-  std::string message = absl::StrCat(Av(what), ": upstream answered ", status);
-  if (!e.code.empty()) absl::StrAppend(&message, " ", e.code);
-  if (!e.message.empty()) absl::StrAppend(&message, ": ", log::Redact(e.message));
-  return core::WithErrorInfo(absl::Status(CodeFor(e.code, status), message), reason,
-                             kErrorDomain, {{"upstream_status", absl::StrCat(status)}});
-}
-
-}  // namespace
-
-absl::Status UpstreamError(int status, std::string_view body, std::string_view what) {
-  return ErrorStatus(status, ParseErrorBody(body), what);
-}
-
 absl::Status UpstreamError(const ResponseFrame& f, std::string_view what) {
-  return ErrorStatus(f.status, ErrorBody{f.code, f.message}, what);
+  std::string reason = f.code.empty() ? absl::StrCat("HTTP_", f.status) : f.code;
+  std::string message = absl::StrCat(Av(what), ": upstream answered ", f.status);
+  if (!f.code.empty()) absl::StrAppend(&message, " ", f.code);
+  if (!f.message.empty()) absl::StrAppend(&message, ": ", log::Redact(f.message));
+  return core::WithErrorInfo(absl::Status(CodeFor(f.code, f.status), message), reason,
+                             kErrorDomain, {{"upstream_status", absl::StrCat(f.status)}});
 }
 
 }  // namespace wsbridge::dfx

@@ -87,41 +87,23 @@ std::string CreateMeasurementBody(const CreateMeasurementParams& params);
 
 std::string Base64Encode(std::string_view bytes);
 
-// Answer bodies.
-struct ErrorBody {
-  std::string code;     // e.g. "MISALIGNED_CHUNK"; "" when the body has none
-  std::string message;  // the upstream's message; "" when none
-};
-ErrorBody ParseErrorBody(std::string_view json);
-
+// Answers, read from a parsed frame (no second parse).
 struct ChunkAnswer {
   std::string measurement_data_id;
   std::optional<int64_t> chunk_order;
 };
-absl::StatusOr<ChunkAnswer> ParseChunkAnswer(std::string_view json);
-
-// The "ID" string of a 0504 answer.
-absl::StatusOr<std::string> ParseCreatedId(std::string_view json);
+ChunkAnswer ChunkAnswerOf(const ResponseFrame& frame);
 
 // Fields of a result frame used to tell which chunk it belongs to.
 struct ResultInfo {
   std::optional<int64_t> chunk_order;
   std::string measurement_data_id;
 };
-ResultInfo ParseResultInfo(std::string_view json);
-
-// The same answers, read from a parsed frame (no second parse).
-ChunkAnswer ChunkAnswerOf(const ResponseFrame& frame);
 ResultInfo ResultInfoOf(const ResponseFrame& frame);
-absl::Status UpstreamError(const ResponseFrame& frame, std::string_view what);
-
-// Whether a body is "{}" (possibly with whitespace): a 0510 subscribe acknowledgement
-// rather than a result.
-bool IsEmptyObject(std::string_view json);
 
 // Maps a non-2xx upstream answer to a status: the gRPC-facing code chosen from the
 // upstream code (or HTTP-like status when the body names none), with ErrorInfo
-// {reason: upstream code, domain: kErrorDomain}.
-absl::Status UpstreamError(int status, std::string_view body, std::string_view what);
+// {reason: upstream code, domain: kErrorDomain}. `what` names the request.
+absl::Status UpstreamError(const ResponseFrame& frame, std::string_view what);
 
 }  // namespace wsbridge::dfx

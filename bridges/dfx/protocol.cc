@@ -100,6 +100,11 @@ core::Inbound Protocol::Decode(std::string_view payload, bool /*binary*/) {
   a->status = frame->status;
   a->body = std::string(frame->body);
   a->id = frame->id;
+  if (!ok) {
+    a->error = UpstreamError(*frame, action == kActionCreateMeasurement
+                                         ? std::string("create measurement (0504)")
+                                         : absl::StrCat("action ", Av(action)));
+  }
   in.payload = std::move(a);
   return in;
 }

@@ -24,7 +24,8 @@ namespace wsbridge::dfx {
 struct Answer final : core::Payload {
   int status = 0;
   std::string body;
-  std::string id;  // the body's "ID" (0504's measurement id), read in the same parse
+  std::string id;      // the body's "ID" (0504's measurement id), read in the same parse
+  absl::Status error;  // a non-2xx answer mapped to a status (for RPCs that fail on one)
 };
 // An accepted measurement chunk (0506 answered 2xx).
 struct ChunkAccepted final : core::Payload {

@@ -191,25 +191,20 @@ absl::Status ValidateCall(const v1::CallRequest& req) {
 // ---------------------------------------------------------------------------------
 // Call on the completion-queue API, the latency path: matched, admitted and sent on
 // its CqLoop thread; the session's strand posts the answer back to that thread.
-class AsyncCall final : public core::AsyncCallBase<AsyncCall> {
+class AsyncCall final
+    : public core::AsyncUnaryCall<AsyncCall, v1::CallRequest, v1::CallResponse> {
  public:
-  AsyncCall(DfxBridge* bridge, core::CqLoop* loop)
-      : AsyncCallBase(bridge, loop, kCallMethod), responder_(&ctx_) {}
+  AsyncCall(DfxBridge* bridge, core::CqLoop* loop) : AsyncUnaryCall(bridge, loop, kCallMethod) {}
 
   static void Request(core::BridgeBase* bridge, core::CqLoop* loop) {
     auto* dfx = static_cast<DfxBridge*>(bridge);
     auto c = std::make_shared<AsyncCall>(dfx, loop);
-    Start(c, &c->done_tag_, [&] {
-      dfx->RequestCall(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(),
-                       &c->matched_tag_);
+    Start(c, c->done_tag(), [&] {
+      dfx->RequestCall(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(), c->matched_tag());
     });
   }
 
- private:
-  friend class core::AsyncCallBase<AsyncCall>;
-
-  void OnMatched(bool ok) {
-    if (!AdmitMatched(ok)) return;
+  void OnAdmitted() {
     if (absl::Status st = ValidateCall(req_); !st.ok()) {
       FinishWith(core::ToGrpcStatus(st));
       return;
@@ -218,57 +213,21 @@ class AsyncCall final : public core::AsyncCallBase<AsyncCall> {
     if (!lease.has_value()) return;
     lease_ = std::move(*lease);
     std::string body = req_.json_body().empty() ? "{}" : std::move(*req_.mutable_json_body());
-    op_id_ = lease_->Send(
+    upstream_op_ = lease_->Send(
         ActionRequest(req_.action_id(), std::move(body), core::SteadyDeadline(ctx_)),
         [c = shared_from_this()](absl::StatusOr<core::Reply> answer) mutable {
-          core::CqLoop* loop = c->loop_;
-          loop->Post([c = std::move(c), answer = std::move(answer)]() mutable {
-            c->Answer(std::move(answer));
+          c->OnLoop([answer = std::move(answer)](AsyncCall& call) mutable {
+            if (!answer.ok()) {
+              call.FinishWith(core::ToGrpcStatus(answer.status()));
+              return;
+            }
+            const auto& a = static_cast<const Answer&>(*answer->payload);
+            call.resp_.set_status(static_cast<uint32_t>(a.status));
+            call.resp_.set_json_body(a.body);
+            call.FinishWith(grpc::Status::OK);
           });
         });
   }
-
-  void Answer(absl::StatusOr<core::Reply> answer) {
-    if (finished_) return;
-    if (!answer.ok()) {
-      FinishWith(core::ToGrpcStatus(answer.status()));
-      return;
-    }
-    const auto& a = static_cast<const dfx::Answer&>(*answer->payload);
-    resp_.set_status(static_cast<uint32_t>(a.status));
-    resp_.set_json_body(a.body);
-    FinishWith(grpc::Status::OK);
-  }
-
-  void FinishWith(const grpc::Status& status) {
-    if (!matched_ || finished_ || done_) return;
-    finished_ = true;
-    Finishing(status);
-    OpStarted();
-    if (status.ok()) {
-      responder_.Finish(resp_, status, &finish_tag_);
-    } else {
-      responder_.FinishWithError(status, &finish_tag_);
-    }
-  }
-
-  void OnFinished(bool /*ok*/) { OpReturned(); }
-
-  // Cancelled before the answer: the upstream request is dropped (a late answer is
-  // ignored).
-  void OnDone(bool /*ok*/) {
-    if (!finished_ && op_id_ != 0 && lease_) lease_->Cancel(op_id_);
-    EndCall(lease_);
-  }
-
-  v1::CallRequest req_;
-  v1::CallResponse resp_;
-  grpc::ServerAsyncResponseWriter<v1::CallResponse> responder_;
-  core::MemberTag<AsyncCall, &AsyncCall::OnMatched> matched_tag_{this};
-  core::MemberTag<AsyncCall, &AsyncCall::OnFinished> finish_tag_{this};
-  core::MemberTag<AsyncCall, &AsyncCall::OnDone> done_tag_{this};
-  Lease lease_;
-  uint64_t op_id_ = 0;
 };
 
 grpc::ServerUnaryReactor* DfxBridge::CreateMeasurement(grpc::CallbackServerContext* ctx,
@@ -297,7 +256,7 @@ grpc::ServerUnaryReactor* DfxBridge::CreateMeasurement(grpc::CallbackServerConte
         }
         const auto& a = static_cast<const Answer&>(*reply->payload);
         if (a.status / 100 != 2) {
-          s->Finish(core::ToGrpcStatus(UpstreamError(a.status, a.body, "create measurement (0504)")));
+          s->Finish(core::ToGrpcStatus(a.error));
           return;
         }
         if (a.id.empty()) {
@@ -310,71 +269,39 @@ grpc::ServerUnaryReactor* DfxBridge::CreateMeasurement(grpc::CallbackServerConte
 }
 
 // ---------------------------------------------------------------------------------
-// SubscribeResults on the completion-queue API. The session's strand hands results to
-// the stream's inbox (at most one wake-up pending per stream); gRPC's tags and the
-// inbox are drained on the stream's loop thread.
-class AsyncResultsStream final : public core::AsyncCallBase<AsyncResultsStream>,
-                                 public core::EventSink {
+// SubscribeResults on the completion-queue API: the session's strand pushes results
+// into the stream (one shared, serialized-once result per subscriber); core's
+// AsyncServerStream batches and writes them on the loop thread.
+using ResultPtr = std::shared_ptr<const v1::MeasurementResult>;
+
+class AsyncResultsStream final
+    : public core::AsyncServerStream<AsyncResultsStream, v1::SubscribeResultsRequest,
+                                     v1::SubscribeResultsResponse, ResultPtr>,
+      public core::EventSink {
  public:
   AsyncResultsStream(DfxBridge* bridge, core::CqLoop* loop)
-      : AsyncCallBase(bridge, loop, kSubscribeResultsMethod),
-        writer_(&ctx_),
-        inbox_(bridge->options().subscriber_queue) {}
+      : AsyncServerStream(bridge, loop, kSubscribeResultsMethod, bridge->options().subscriber_queue,
+                          "results", kErrorDomain) {}
 
   static void Request(core::BridgeBase* bridge, core::CqLoop* loop) {
     auto* dfx = static_cast<DfxBridge*>(bridge);
     auto s = std::make_shared<AsyncResultsStream>(dfx, loop);
-    Start(s, &s->done_tag_, [&] {
+    Start(s, s->done_tag(), [&] {
       dfx->RequestSubscribeResults(&s->ctx_, &s->req_, &s->writer_, loop->cq(), loop->cq(),
-                                   &s->matched_tag_);
+                                   s->matched_tag());
     });
   }
 
-  // core::EventSink (session strand): queue and wake the loop thread once.
-  void OnSubscribed(const core::SubscribedInfo& /*info*/) override {
-    loop_->Post([s = shared_from_this()] { s->Subscribed(); });
-  }
-  void OnEvent(const core::PayloadPtr& event, bool after_gap) override {
-    const auto& r = static_cast<const Result&>(*event);
-    std::shared_ptr<const v1::MeasurementResult> result = r.result;
-    if (after_gap) {
-      // Rare: this subscriber's copy says results may be missing before it.
-      auto copy = std::make_shared<v1::MeasurementResult>(*result);
-      copy->set_after_reconnect(true);
-      result = std::move(copy);
-    }
-    const bool last = dfx()->last_chunks().IsLast(mid_, r.info);
-    bool wake = false;
-    if (!inbox_.Push(Item{std::move(result), last}, &wake)) {
-      if (!overflowed_.exchange(true)) {
-        loop_->Post([s = shared_from_this()] {
-          s->FinishWith(core::ToGrpcStatus(
-              core::SlowConsumer(s->inbox_.limit(), "results", kErrorDomain)));
-        });
-      }
-      return;
-    }
-    if (wake) loop_->Post([s = shared_from_this()] { s->Drain(); });
-  }
-  void OnEnded(const absl::Status& status) override {
-    loop_->Post([s = shared_from_this(), status] {
-      s->subscribed_ = false;
-      s->FinishWith(core::ToGrpcStatus(status));
-    });
+  // SubscribeResultsResponse limits (documented in dfx.proto).
+  static bool Append(v1::SubscribeResultsResponse* m, const ResultPtr& r, size_t* bytes) {
+    if (m->results_size() >= kMaxResultsPerMessage) return false;
+    if (m->results_size() > 0 && *bytes + r->json_body().size() > kMaxBatchBytes) return false;
+    *bytes += r->json_body().size();
+    *m->add_results() = *r;
+    return true;
   }
 
- private:
-  friend class core::AsyncCallBase<AsyncResultsStream>;
-  struct Item {
-    std::shared_ptr<const v1::MeasurementResult> result;
-    bool last = false;
-  };
-
-  DfxBridge* dfx() const { return static_cast<DfxBridge*>(bridge_); }
-
-  // --- gRPC tags (loop thread). ---
-  void OnMatched(bool ok) {
-    if (!AdmitMatched(ok)) return;
+  void OnAdmitted() {
     if (req_.measurement_id().empty()) {
       FinishWith(core::ToGrpcStatus(
           absl::InvalidArgumentError("measurement_id is required (from CreateMeasurement)")));
@@ -384,125 +311,32 @@ class AsyncResultsStream final : public core::AsyncCallBase<AsyncResultsStream>,
     if (!lease.has_value()) return;
     lease_ = std::move(*lease);
     mid_ = req_.measurement_id();
-    sub_id_ = lease_->Subscribe(mid_, nullptr, shared_from_this());
-    subscribed_ = true;
-  }
-
-  // Initial metadata and writes: one in flight at a time.
-  void OnWritten(bool ok) {
-    writing_ = false;
-    if (!ok) {
-      FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke"));
-    } else {
-      WriteNext();
-    }
-    OpReturned();
-  }
-
-  void OnFinished(bool /*ok*/) { OpReturned(); }
-
-  void OnDone(bool /*ok*/) {
-    Unsubscribe();
-    EndCall(lease_);
-  }
-
-  // --- Loop thread. ---
-  void Subscribed() {
-    if (finished_ || sent_metadata_ || writing_) return;
-    // Initial metadata tells the caller the upstream subscription is active.
-    sent_metadata_ = true;
-    writing_ = true;
-    OpStarted();
-    writer_.SendInitialMetadata(&write_tag_);
-  }
-
-  void Drain() {
-    std::deque<Item> items;
-    inbox_.Take(&items);
-    if (finished_ || finish_after_.has_value()) return;
-    for (Item& i : items) {
-      pending_.push_back(std::move(i.result));
-      if (i.last) {
-        // The result of the measurement's LAST chunk: end cleanly once it is written.
-        finish_after_ = grpc::Status::OK;
-        Unsubscribe();
-        break;
-      }
-    }
-    sent_metadata_ = true;  // a write sends it
-    if (!writing_) WriteNext();
-  }
-
-  // Writes the queued results (up to a batch) or, with none left, a pending finish.
-  void WriteNext() {
-    if (writing_ || finish_started_) return;
-    if (pending_.empty()) {
-      if (finish_after_.has_value()) {
-        finished_ = true;
-        StartFinish(*finish_after_);
-      }
-      return;
-    }
-    batch_.Clear();
-    size_t bytes = 0;
-    while (!pending_.empty() && batch_.results_size() < kMaxResultsPerMessage &&
-           (batch_.results_size() == 0 ||
-            bytes + pending_.front()->json_body().size() <= kMaxBatchBytes)) {
-      bytes += pending_.front()->json_body().size();
-      *batch_.add_results() = *pending_.front();
-      pending_.pop_front();
-    }
-    writing_ = true;
-    OpStarted();
-    writer_.Write(batch_, &write_tag_);
-  }
-
-  // Ends the call with `status` (the first status wins; it replaces the OK a complete
-  // measurement queued), dropping unwritten results, once a write in flight is done.
-  void FinishWith(const grpc::Status& status) {
-    if (!matched_ || finished_ || done_) return;
-    finished_ = true;
-    Unsubscribe();
-    pending_.clear();
-    inbox_.Clear();
-    finish_after_ = status;
-    WriteNext();  // finishes now unless a write is in flight; OnWritten comes back here
-  }
-
-  void StartFinish(const grpc::Status& status) {
-    if (finish_started_ || done_) return;
-    finish_started_ = true;
-    Finishing(status);
-    OpStarted();
-    writer_.Finish(status, &finish_tag_);
+    sink_id_ = lease_->Subscribe(mid_, nullptr, shared_from_this());
   }
 
   // Stops routing results here: the last subscriber leaving releases the upstream one.
-  void Unsubscribe() {
-    if (subscribed_ && lease_) lease_->Unsubscribe(mid_, sub_id_);
-    subscribed_ = false;
+  void Release() {
+    if (sink_id_ != 0 && lease_) lease_->Unsubscribe(mid_, sink_id_);
   }
 
-  v1::SubscribeResultsRequest req_;
-  grpc::ServerAsyncWriter<v1::SubscribeResultsResponse> writer_;
-  core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnMatched> matched_tag_{this};
-  core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnWritten> write_tag_{this};
-  core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnFinished> finish_tag_{this};
-  core::MemberTag<AsyncResultsStream, &AsyncResultsStream::OnDone> done_tag_{this};
-  Lease lease_;
+  // core::EventSink (session strand).
+  void OnSubscribed(const core::SubscribedInfo& /*info*/) override { Activated(); }
+  void OnEvent(const core::PayloadPtr& event, bool after_gap) override {
+    const auto& r = static_cast<const Result&>(*event);
+    ResultPtr result = r.result;
+    if (after_gap) {
+      // Rare: this subscriber's copy says results may be missing before it.
+      auto copy = std::make_shared<v1::MeasurementResult>(*result);
+      copy->set_after_reconnect(true);
+      result = std::move(copy);
+    }
+    Push(std::move(result), static_cast<DfxBridge*>(bridge_)->last_chunks().IsLast(mid_, r.info));
+  }
+  void OnEnded(const absl::Status& status) override { End(status); }
+
+ private:
   std::string mid_;  // set before the subscription exists; read on the strand after
-  uint64_t sub_id_ = 0;
-  bool subscribed_ = false;
-  bool sent_metadata_ = false;
-  bool writing_ = false;
-  bool finish_started_ = false;
-  std::atomic<bool> overflowed_{false};
-  // The status to finish with once nothing is left to write: OK after the LAST chunk's
-  // result, or FinishWith's.
-  std::optional<grpc::Status> finish_after_;
-  core::StreamInbox<Item> inbox_;
-  std::deque<std::shared_ptr<const v1::MeasurementResult>> pending_;  // not yet in a message
-  v1::SubscribeResultsResponse batch_;                                // the message in flight
+  uint64_t sink_id_ = 0;
 };
 
 void DfxBridge::ServeAsync(const std::vector<core::CqLoop*>& loops) {

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "bridges/core/status.h"
 
 namespace wsbridge::dfx {
@@ -112,25 +113,6 @@ TEST(DfxCodec, Base64) {
   EXPECT_EQ(Base64Encode("foobar"), "Zm9vYmFy");
 }
 
-TEST(DfxCodec, ParsesAnswers) {
-  absl::StatusOr<ChunkAnswer> a = ParseChunkAnswer(R"({"ID":"d1","ChunkOrder":3})");
-  ASSERT_TRUE(a.ok());
-  EXPECT_EQ(a->measurement_data_id, "d1");
-  EXPECT_EQ(a->chunk_order, 3);
-  EXPECT_FALSE(ParseChunkAnswer("[]").ok());
-  EXPECT_EQ(*ParseCreatedId(R"({"ID":"m"})"), "m");
-  EXPECT_FALSE(ParseCreatedId("{}").ok());
-  ResultInfo r = ParseResultInfo(R"({"ChunkOrder":"4","MeasurementDataID":"d"})");
-  EXPECT_EQ(r.chunk_order, 4);
-  EXPECT_EQ(r.measurement_data_id, "d");
-  EXPECT_TRUE(IsEmptyObject(" { } "));
-  EXPECT_FALSE(IsEmptyObject(R"({"a":1})"));
-  ErrorBody e = ParseErrorBody(R"({"Code":"RATE_LIMIT","Message":"slow down"})");
-  EXPECT_EQ(e.code, "RATE_LIMIT");
-  EXPECT_EQ(e.message, "slow down");
-  EXPECT_EQ(ParseErrorBody("not json").code, "");
-}
-
 TEST(DfxCodec, ReadsTheFieldsOfAFrameInOneParse) {
   absl::StatusOr<ResponseFrame> chunk =
       ParseResponse(R"(0506abcdef200{"ID":"d1","ChunkOrder":"3"})");
@@ -155,6 +137,11 @@ TEST(DfxCodec, ReadsTheFieldsOfAFrameInOneParse) {
   EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(wsbridge::core::ErrorReason(st), "RATE_LIMIT");
   EXPECT_FALSE(ParseResponse("0510abcdef200[1]")->empty);
+  // A non-object body reads no fields.
+  absl::StatusOr<ResponseFrame> arr = ParseResponse(R"(0506abcdef200["ID"])");
+  ASSERT_TRUE(arr.ok());
+  EXPECT_EQ(ChunkAnswerOf(*arr).measurement_data_id, "");
+  EXPECT_EQ(ParseResponse(R"(0504abcdef200{"ID":"m"})")->id, "m");
 }
 
 TEST(DfxCodec, MapsUpstreamErrors) {
@@ -181,12 +168,16 @@ TEST(DfxCodec, MapsUpstreamErrors) {
       {500, "{}", absl::StatusCode::kInternal, "HTTP_500"},
   };
   for (const Case& c : cases) {
-    absl::Status st = UpstreamError(c.status, c.body, "test");
+    absl::StatusOr<ResponseFrame> f =
+        ParseResponse(absl::StrCat("0506abcdef", c.status, c.body));
+    ASSERT_TRUE(f.ok()) << f.status();
+    absl::Status st = UpstreamError(*f, "test");
     EXPECT_EQ(st.code(), c.code) << c.body;
     EXPECT_EQ(core::ErrorReason(st), c.reason) << c.body;
   }
-  absl::Status st = UpstreamError(400, R"({"Code":"UNPACKER_RPC_ERROR","Message":"bad magic"})",
-                                  "measurement data");
+  absl::Status st = UpstreamError(
+      *ParseResponse(R"(0506abcdef400{"Code":"UNPACKER_RPC_ERROR","Message":"bad magic"})"),
+      "measurement data");
   EXPECT_NE(st.message().find("bad magic"), absl::string_view::npos);
   EXPECT_NE(st.message().find("measurement data"), absl::string_view::npos);
 }
