@@ -391,6 +391,167 @@ class AsyncServerStream : public AsyncCallBase<Derived> {
   ResponseMsg batch_;         // the message in flight
 };
 
+// What a callback-API stream does with gRPC once its mutex is released (reactions may
+// run inline, so operations are never started under the lock).
+template <typename Resp>
+struct StreamActions {
+  const Resp* write = nullptr;
+  bool read = false;
+  std::optional<grpc::Status> finish;
+};
+
+// A callback-API bidi stream: admission, accounting, drain registration, an outbox with
+// one write in flight, finish exactly once (after what was queued, for an OK finish).
+// Derived has
+//   Req* read_buffer()                     where StartRead reads into;
+//   void OnBegun()                         after admission (start the first read);
+//   void FailLocked(const absl::Status&, StreamActions<Resp>&)   ends the stream with an
+//                                          error (e.g. adding details); the drain uses it;
+//   void ReleaseLocked()                   drops upstream work once the stream finishes.
+// Everything marked Locked runs under mu_.
+template <typename Derived, typename Req, typename Resp>
+class CallbackBidiStream : public grpc::ServerBidiReactor<Req, Resp>,
+                           public std::enable_shared_from_this<Derived> {
+ public:
+  using Actions = StreamActions<Resp>;
+
+  // Starts the call (the handler returns the reactor right after).
+  void Begin() {
+    self_ = this->shared_from_this();
+    call_id_ = bridge_->calls().Add([w = this->weak_from_this()](const grpc::Status& st) {
+      if (auto s = w.lock()) s->Fail(FromGrpcStatus(st));
+    });
+    if (call_id_ == 0) {
+      FinishWith(ToGrpcStatus(bridge_->ShuttingDown()));
+      return;
+    }
+    if (absl::Status st = bridge_->Admit(*ctx_); !st.ok()) {
+      FinishWith(ToGrpcStatus(st));
+      return;
+    }
+    Self().OnBegun();
+  }
+
+  void OnWriteDone(bool ok) override {
+    Actions a;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      if (!ok) {
+        a.finish = grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke");
+        MarkFinishedLocked();
+      } else {
+        outbox_.pop_front();
+        writing_ = false;
+        NextWriteLocked(a);
+      }
+    }
+    Run(a);
+  }
+
+  void OnCancel() override {
+    FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
+  }
+
+  void OnDone() override {
+    {
+      absl::MutexLock lock(&mu_);
+      MarkFinishedLocked();
+      lease_.Release();
+    }
+    account_.Done();
+    if (call_id_ != 0) bridge_->calls().Remove(call_id_);
+    self_.reset();
+  }
+
+ protected:
+  CallbackBidiStream(BridgeBase* bridge, grpc::CallbackServerContext* ctx, std::string_view method)
+      : bridge_(bridge), ctx_(ctx), account_(bridge, method) {}
+
+  // Ends the stream with `st` from any thread (through Derived::FailLocked).
+  void Fail(const absl::Status& st) {
+    Actions a;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      Self().FailLocked(st, a);
+    }
+    Run(a);
+  }
+
+  // Ends the stream now with `st`, dropping what is queued.
+  void FinishNowLocked(const grpc::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    a.write = nullptr;
+    a.read = false;
+    a.finish = st;
+    MarkFinishedLocked();
+  }
+  // Finishes with `st` once everything queued is written.
+  void CompleteLocked(const grpc::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    pending_finish_ = st;
+    Self().ReleaseLocked();
+    NextWriteLocked(a);
+  }
+  void PushLocked(std::shared_ptr<const Resp> msg, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    outbox_.push_back(std::move(msg));
+    NextWriteLocked(a);
+  }
+  size_t queued() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return outbox_.size(); }
+  bool finishing() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return pending_finish_.has_value(); }
+
+  void Run(const Actions& a) {
+    if (a.write != nullptr) this->StartWrite(a.write);
+    if (a.read) this->StartRead(Self().read_buffer());
+    if (a.finish.has_value()) {
+      account_.Finishing(a.finish->error_code());
+      this->Finish(*a.finish);
+    }
+  }
+
+  BridgeBase* bridge_;
+  grpc::CallbackServerContext* ctx_;
+  absl::Mutex mu_;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  Lease lease_ ABSL_GUARDED_BY(mu_);
+
+ private:
+  Derived& Self() { return static_cast<Derived&>(*this); }
+
+  void FinishWith(const grpc::Status& st) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      MarkFinishedLocked();
+    }
+    account_.Finishing(st.error_code());
+    this->Finish(st);
+  }
+  void MarkFinishedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    finished_ = true;
+    Self().ReleaseLocked();
+  }
+  // Starts the next write, or the pending finish once everything is written.
+  void NextWriteLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || a.write != nullptr) return;
+    if (!outbox_.empty()) {
+      writing_ = true;
+      a.write = outbox_.front().get();
+      return;
+    }
+    if (pending_finish_.has_value() && !finished_) {
+      a.finish = *pending_finish_;
+      MarkFinishedLocked();
+    }
+  }
+
+  CallAccount account_;
+  std::shared_ptr<Derived> self_;
+  ActiveCalls::Id call_id_ = 0;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> pending_finish_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::shared_ptr<const Resp>> outbox_ ABSL_GUARDED_BY(mu_);
+};
+
 // Finishes a callback-API unary call exactly once, from whichever thread gets there
 // first; a session's callback may outlive the reactor, so it holds this, not the reactor.
 class UnaryFinisher {

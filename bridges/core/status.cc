@@ -56,4 +56,20 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
   return out;
 }
 
+absl::StatusCode CodeForHttpStatus(int status) {
+  switch (status) {
+    case 400: case 422: return absl::StatusCode::kInvalidArgument;
+    case 401: return absl::StatusCode::kUnauthenticated;
+    case 403: return absl::StatusCode::kPermissionDenied;
+    case 404: return absl::StatusCode::kNotFound;
+    case 409: return absl::StatusCode::kAborted;
+    case 412: return absl::StatusCode::kFailedPrecondition;
+    case 429: return absl::StatusCode::kResourceExhausted;
+    case 501: return absl::StatusCode::kUnimplemented;
+    case 502: case 503: case 504: return absl::StatusCode::kUnavailable;
+    default: break;
+  }
+  return status >= 500 ? absl::StatusCode::kInternal : absl::StatusCode::kUnknown;
+}
+
 }  // namespace wsbridge::core

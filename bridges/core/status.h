@@ -31,4 +31,11 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 // clients of our own services).
 absl::Status FromGrpcStatus(const grpc::Status& status);
 
+// The gRPC code for an upstream's HTTP-like status (400 INVALID_ARGUMENT, 401
+// UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 NOT_FOUND, 409 ABORTED, 412
+// FAILED_PRECONDITION, 422 INVALID_ARGUMENT, 429 RESOURCE_EXHAUSTED, 501 UNIMPLEMENTED,
+// 502-504 UNAVAILABLE, other 5xx INTERNAL, else UNKNOWN). Bridges map their protocol's own
+// error codes first and fall back to this.
+absl::StatusCode CodeForHttpStatus(int status);
+
 }  // namespace wsbridge::core

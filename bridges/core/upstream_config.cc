@@ -33,12 +33,12 @@ absl::Status ErrnoStatus(int err, std::string message) {
   }
 }
 
-Duration ToDuration(const google::protobuf::Duration& d, Duration unset) {
+}  // namespace
+
+Duration DurationOr(const google::protobuf::Duration& d, Duration unset) {
   if (d.seconds() == 0 && d.nanos() == 0) return unset;
   return std::chrono::seconds(d.seconds()) + std::chrono::nanoseconds(d.nanos());
 }
-
-}  // namespace
 
 absl::StatusOr<std::string> ReadSmallFile(const std::string& path, size_t max_bytes,
                                           std::string_view what) {
@@ -272,23 +272,23 @@ absl::StatusOr<ConnectionOptions> ToConnectionOptions(const config::v1::Upstream
   o.tls.server_name = u.tls().server_name();
   o.tls.cert_file = u.tls().cert_file();
   o.tls.key_file = u.tls().key_file();
-  o.connect_timeout = ToDuration(u.connect_timeout(), o.connect_timeout);
-  o.handshake_timeout = ToDuration(u.handshake_timeout(), o.handshake_timeout);
-  o.close_timeout = ToDuration(u.close_timeout(), o.close_timeout);
+  o.connect_timeout = DurationOr(u.connect_timeout(), o.connect_timeout);
+  o.handshake_timeout = DurationOr(u.handshake_timeout(), o.handshake_timeout);
+  o.close_timeout = DurationOr(u.close_timeout(), o.close_timeout);
   if (u.max_message_bytes() != 0) o.max_message_bytes = u.max_message_bytes();
   if (u.send_queue_messages() != 0) o.send_queue_max_messages = u.send_queue_messages();
   if (u.send_queue_bytes() != 0) o.send_queue_max_bytes = u.send_queue_bytes();
   const config::v1::KeepaliveConfig& k = u.keepalive();
   o.keepalive.ping_interval =
-      k.disabled() ? Duration::zero() : ToDuration(k.ping_interval(), o.keepalive.ping_interval);
-  o.keepalive.pong_timeout = ToDuration(k.pong_timeout(), o.keepalive.pong_timeout);
+      k.disabled() ? Duration::zero() : DurationOr(k.ping_interval(), o.keepalive.ping_interval);
+  o.keepalive.pong_timeout = DurationOr(k.pong_timeout(), o.keepalive.pong_timeout);
   o.keepalive.heartbeat_interval =
-      ToDuration(k.heartbeat_interval(), o.keepalive.heartbeat_interval);
+      DurationOr(k.heartbeat_interval(), o.keepalive.heartbeat_interval);
   const config::v1::BackoffConfig& b = u.backoff();
-  o.backoff.initial = ToDuration(b.initial(), o.backoff.initial);
-  o.backoff.max = ToDuration(b.max(), o.backoff.max);
+  o.backoff.initial = DurationOr(b.initial(), o.backoff.initial);
+  o.backoff.max = DurationOr(b.max(), o.backoff.max);
   if (b.multiplier() != 0) o.backoff.multiplier = b.multiplier();
-  o.backoff.reset_after = ToDuration(b.reset_after(), o.backoff.reset_after);
+  o.backoff.reset_after = DurationOr(b.reset_after(), o.backoff.reset_after);
   if (o.backoff.max < o.backoff.initial) {
     return absl::InvalidArgumentError(
         absl::StrCat(o.name, ": backoff.max is shorter than backoff.initial (raise max)"));

@@ -102,6 +102,9 @@ absl::Status CheckUpstreamUrl(const config::v1::UpstreamConfig& upstream);
 absl::StatusOr<ConnectionOptions> ToConnectionOptions(const config::v1::UpstreamConfig& upstream,
                                                       std::string name);
 
+// A configured duration, or `unset` when the field is not set.
+Duration DurationOr(const google::protobuf::Duration& d, Duration unset);
+
 // The configured extra handshake headers, in a stable order.
 std::vector<std::pair<std::string, std::string>> UpstreamHeaders(
     const config::v1::UpstreamConfig& upstream);

@@ -78,20 +78,7 @@ absl::StatusCode CodeFor(std::string_view upstream_code, int status) {
   if (upstream_code == "INVALID_TOKEN" || upstream_code == "NOT_AUTHENTICATED") {
     return absl::StatusCode::kUnauthenticated;
   }
-  switch (status) {
-    case 400: case 422: return absl::StatusCode::kInvalidArgument;
-    case 401: return absl::StatusCode::kUnauthenticated;
-    case 403: return absl::StatusCode::kPermissionDenied;
-    case 404: return absl::StatusCode::kNotFound;
-    case 409: return absl::StatusCode::kAborted;
-    case 412: return absl::StatusCode::kFailedPrecondition;
-    case 429: return absl::StatusCode::kResourceExhausted;
-    case 501: return absl::StatusCode::kUnimplemented;
-    case 502: case 503: case 504: return absl::StatusCode::kUnavailable;
-    default: break;
-  }
-  if (status >= 500) return absl::StatusCode::kInternal;
-  return absl::StatusCode::kUnknown;
+  return core::CodeForHttpStatus(status);
 }
 
 }  // namespace

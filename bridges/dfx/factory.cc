@@ -4,14 +4,6 @@
 #include "bridges/core/upstream_config.h"
 
 namespace wsbridge::dfx {
-namespace {
-
-core::Duration FromProto(const google::protobuf::Duration& d, core::Duration fallback) {
-  if (d.seconds() == 0 && d.nanos() == 0) return fallback;
-  return std::chrono::seconds(d.seconds()) + std::chrono::nanoseconds(d.nanos());
-}
-
-}  // namespace
 
 absl::StatusOr<DfxBridgeOptions> OptionsFromConfig(const config::v1::DfxBridgeConfig& cfg,
                                                    std::string_view bridge_name) {
@@ -45,9 +37,9 @@ absl::StatusOr<DfxBridgeOptions> OptionsFromConfig(const config::v1::DfxBridgeCo
         "device_token: required unless allow_call_token is set (then every call must carry "
         "x-dfx-device-token metadata)");
   }
-  o.request_timeout = FromProto(cfg.request_timeout(), std::chrono::seconds(30));
-  o.idle_session_timeout = FromProto(cfg.idle_session_timeout(), std::chrono::minutes(5));
-  o.rate_limit_retry = FromProto(cfg.rate_limit_retry(), std::chrono::seconds(1));
+  o.request_timeout = core::DurationOr(cfg.request_timeout(), std::chrono::seconds(30));
+  o.idle_session_timeout = core::DurationOr(cfg.idle_session_timeout(), std::chrono::minutes(5));
+  o.rate_limit_retry = core::DurationOr(cfg.rate_limit_retry(), std::chrono::seconds(1));
   o.pacing = !cfg.disable_pacing();
   if (cfg.max_sessions() != 0) o.max_sessions = cfg.max_sessions();
   return o;

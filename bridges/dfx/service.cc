@@ -353,39 +353,18 @@ void DfxBridge::ServeAsync(const std::vector<core::CqLoop*>& loops) {
 // bounded queue of events with one write in flight and starts gRPC operations outside
 // its mutex (reactions may run inline).
 
-struct Actions {
-  const MeasurementEvent* write = nullptr;
-  bool read = false;
-  std::optional<grpc::Status> finish;
-};
-
 class MeasurementStream final
-    : public grpc::ServerBidiReactor<v1::MeasurementChunk, MeasurementEvent>,
-      public core::EventSink,
-      public std::enable_shared_from_this<MeasurementStream> {
+    : public core::CallbackBidiStream<MeasurementStream, v1::MeasurementChunk, MeasurementEvent>,
+      public core::EventSink {
  public:
   MeasurementStream(DfxBridge* bridge, grpc::CallbackServerContext* ctx)
-      : bridge_(bridge), ctx_(ctx), account_(bridge, kStreamMeasurementMethod) {}
+      : CallbackBidiStream(bridge, ctx, kStreamMeasurementMethod), dfx_(bridge) {}
 
-  void Begin() {
-    self_ = shared_from_this();
-    // The drain ends the stream like any other error: with the last acknowledged chunk.
-    call_id_ = bridge_->calls().Add([w = weak_from_this()](const grpc::Status& st) {
-      if (auto s = w.lock()) s->Fail(core::FromGrpcStatus(st));
-    });
-    if (call_id_ == 0) {
-      FinishWith(core::ToGrpcStatus(bridge_->ShuttingDown()));
-      return;
-    }
-    if (absl::Status st = bridge_->Admit(*ctx_); !st.ok()) {
-      FinishWith(core::ToGrpcStatus(st));
-      return;
-    }
-    // The session is taken once the first chunk is valid: bad streams hold none.
-    StartRead(&chunk_);
-  }
+  // core::CallbackBidiStream. The session is taken once the first chunk is valid: bad
+  // streams hold none.
+  void OnBegun() { StartRead(&chunk_); }
+  v1::MeasurementChunk* read_buffer() { return &chunk_; }
 
-  // gRPC.
   void OnReadDone(bool ok) override {
     Actions a;
     {
@@ -400,38 +379,6 @@ class MeasurementStream final
       }
     }
     Run(a);
-  }
-
-  void OnWriteDone(bool ok) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      if (!ok) {
-        a.finish = grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke");
-        MarkFinishedLocked();
-      } else {
-        outbox_.pop_front();
-        writing_ = false;
-        NextWriteLocked(a);
-      }
-    }
-    Run(a);
-  }
-
-  void OnCancel() override {
-    FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
-  }
-
-  void OnDone() override {
-    {
-      absl::MutexLock lock(&mu_);
-      MarkFinishedLocked();
-      lease_.Release();
-    }
-    account_.Done();
-    bridge_->calls().Remove(call_id_);
-    self_.reset();
   }
 
   // core::EventSink (session strand).
@@ -458,9 +405,8 @@ class MeasurementStream final
       if (finished_) return;
       if (r.info.chunk_order.has_value()) seen_orders_.insert(*r.info.chunk_order);
       if (!r.info.measurement_data_id.empty()) seen_ids_.insert(r.info.measurement_data_id);
-      if (outbox_.size() >= bridge_->options().subscriber_queue) {
-        FailLocked(core::SlowConsumer(bridge_->options().subscriber_queue, "events", kErrorDomain),
-                   a);
+      if (queued() >= dfx_->options().subscriber_queue) {
+        FailLocked(core::SlowConsumer(dfx_->options().subscriber_queue, "events", kErrorDomain), a);
       } else {
         auto ev = std::make_shared<MeasurementEvent>();
         *ev->mutable_result() = *r.result;
@@ -477,10 +423,40 @@ class MeasurementStream final
     {
       absl::MutexLock lock(&mu_);
       subscribed_ = false;
-      if (finished_ || pending_finish_.has_value()) return;
+      if (finished_ || finishing()) return;
       FailLocked(status, a);
     }
     Run(a);
+  }
+
+  // Errors end the stream at once, naming the last chunk the upstream acknowledged
+  // so the caller knows exactly where it stands.
+  void FailLocked(const absl::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::string reason = core::ErrorReason(st);
+    if (reason.empty()) reason = absl::StatusCodeToString(st.code());
+    std::map<std::string, std::string> md = {{"last_acked_chunk_order", absl::StrCat(last_acked_)},
+                                             {"measurement_id", mid_}};
+    if (!last_data_id_.empty()) md["last_acked_measurement_data_id"] = last_data_id_;
+    FinishNowLocked(
+        core::ToGrpcStatus(core::WithErrorInfo(
+            absl::Status(st.code(), absl::StrCat(st.message(), " (last chunk acknowledged upstream: ",
+                                                 last_acked_ < 0 ? std::string("none")
+                                                                 : absl::StrCat(last_acked_),
+                                                 ")")),
+            reason, kErrorDomain, md)),
+        a);
+  }
+
+  void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!lease_) return;
+    if (chunk_op_ != 0) {
+      lease_->Cancel(chunk_op_);
+      chunk_op_ = 0;
+    }
+    if (subscribed_) {
+      lease_->Unsubscribe(mid_, sub_id_);
+      subscribed_ = false;
+    }
   }
 
  private:
@@ -492,11 +468,9 @@ class MeasurementStream final
           "chunk ", next_index_, " arrived after the LAST chunk (chunk ", next_index_ - 1,
           ") and was not sent; start a new stream for a new measurement"));
     }
-    if (mid_.empty()) {
-      if (chunk_.measurement_id().empty()) {
-        return absl::InvalidArgumentError(
-            "the first message must carry measurement_id (from CreateMeasurement)");
-      }
+    if (mid_.empty() && chunk_.measurement_id().empty()) {
+      return absl::InvalidArgumentError(
+          "the first message must carry measurement_id (from CreateMeasurement)");
     }
     std::string_view stage = StageName(chunk_.stage());
     if (stage.empty()) {
@@ -507,7 +481,7 @@ class MeasurementStream final
       return absl::InvalidArgumentError(
           absl::StrCat("chunk ", next_index_, ": payload is empty (pass the SDK's chunk bytes)"));
     }
-    if (chunk_.duration_ms() == 0 && bridge_->options().pacing) {
+    if (chunk_.duration_ms() == 0 && dfx_->options().pacing) {
       return absl::InvalidArgumentError(absl::StrCat(
           "chunk ", next_index_,
           ": duration_ms is required (the real time the chunk covers; used to pace uploads)"));
@@ -524,7 +498,7 @@ class MeasurementStream final
     c.hint = std::string(kActionMeasurementData);
     c.gated = true;
     c.gate_cost = chunk_.duration_ms();
-    c.max_retries = bridge_->options().max_rate_limit_retries;
+    c.max_retries = dfx_->options().max_rate_limit_retries;
     c.deadline = core::SteadyDeadline(*ctx_);
     c.encode = [mid = mid_, stage, ignore = chunk_.ignore(),
                 payload = std::move(*chunk_.mutable_payload())](
@@ -576,14 +550,13 @@ class MeasurementStream final
         if (current_is_last_) {
           last_sent_ = true;
           last_upstream_order_ = answer.chunk_order;
-          bridge_->last_chunks().Record(mid_, answer.chunk_order, answer.measurement_data_id);
+          dfx_->last_chunks().Record(mid_, answer.chunk_order, answer.measurement_data_id);
           awaiting_final_ = subscribe_ && !current_ignore_;
-          MaybeCompleteLocked(a);
         }
         // Keep reading: after LAST a further chunk is refused (FAILED_PRECONDITION), and
         // a half-close is noticed.
-        if (!half_closed_ && !pending_finish_.has_value()) a.read = true;
-        if (half_closed_) MaybeCompleteLocked(a);
+        if (!half_closed_) a.read = true;
+        MaybeCompleteLocked(a);
       }
     }
     Run(a);
@@ -593,7 +566,7 @@ class MeasurementStream final
   // outstanding and, after LAST with results subscribed, LAST's result has come. Until
   // the half-close a chunk may still arrive; one after LAST is refused, never dropped.
   void MaybeCompleteLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (pending_finish_.has_value() || in_flight_ || held_.has_value()) return;
+    if (finishing() || in_flight_ || held_.has_value()) return;
     if (awaiting_final_) {
       bool got = (last_upstream_order_.has_value() && seen_orders_.contains(*last_upstream_order_)) ||
                  (!last_data_id_.empty() && seen_ids_.contains(last_data_id_));
@@ -601,106 +574,11 @@ class MeasurementStream final
       awaiting_final_ = false;
     }
     if (!half_closed_) return;
-    pending_finish_ = grpc::Status::OK;
-    ReleaseUpstreamLocked();
-    NextWriteLocked(a);
+    CompleteLocked(grpc::Status::OK, a);
   }
 
-  void PushLocked(std::shared_ptr<const MeasurementEvent> ev, Actions& a)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    outbox_.push_back(std::move(ev));
-    NextWriteLocked(a);
-  }
-
-  // Starts the next write, or the pending finish once everything is written.
-  void NextWriteLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || a.write != nullptr) return;
-    if (!outbox_.empty()) {
-      writing_ = true;
-      a.write = outbox_.front().get();
-      return;
-    }
-    if (pending_finish_.has_value() && !finished_) {
-      a.finish = *pending_finish_;
-      MarkFinishedLocked();
-    }
-  }
-
-  // Errors end the stream at once, naming the last chunk the upstream acknowledged
-  // so the caller knows exactly where it stands.
-  void FailLocked(const absl::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    std::string reason = core::ErrorReason(st);
-    if (reason.empty()) reason = absl::StatusCodeToString(st.code());
-    std::map<std::string, std::string> md = {{"last_acked_chunk_order", absl::StrCat(last_acked_)},
-                                             {"measurement_id", mid_}};
-    if (!last_data_id_.empty()) md["last_acked_measurement_data_id"] = last_data_id_;
-    absl::Status detailed = core::WithErrorInfo(
-        absl::Status(st.code(), absl::StrCat(st.message(), " (last chunk acknowledged upstream: ",
-                                             last_acked_ < 0 ? std::string("none")
-                                                             : absl::StrCat(last_acked_),
-                                             ")")),
-        reason, kErrorDomain, md);
-    a.write = nullptr;
-    a.read = false;
-    a.finish = core::ToGrpcStatus(detailed);
-    MarkFinishedLocked();
-  }
-
-  void Fail(const absl::Status& st) {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      FailLocked(st, a);
-    }
-    Run(a);
-  }
-
-  void FinishWith(const grpc::Status& st) {
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      MarkFinishedLocked();
-    }
-    account_.Finishing(st.error_code());
-    Finish(st);
-  }
-
-  void ReleaseUpstreamLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!lease_) return;
-    if (chunk_op_ != 0) {
-      lease_->Cancel(chunk_op_);
-      chunk_op_ = 0;
-    }
-    if (subscribed_) {
-      lease_->Unsubscribe(mid_, sub_id_);
-      subscribed_ = false;
-    }
-  }
-
-  void MarkFinishedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    finished_ = true;
-    ReleaseUpstreamLocked();
-  }
-
-  void Run(const Actions& a) {
-    if (a.write != nullptr) StartWrite(a.write);
-    if (a.read) StartRead(&chunk_);
-    if (a.finish.has_value()) {
-      account_.Finishing(a.finish->error_code());
-      Finish(*a.finish);
-    }
-  }
-
-  DfxBridge* bridge_;
-  grpc::CallbackServerContext* ctx_;
-  core::CallAccount account_;
-  std::shared_ptr<MeasurementStream> self_;
-  core::ActiveCalls::Id call_id_ = 0;
+  DfxBridge* dfx_;
   v1::MeasurementChunk chunk_;
-
-  absl::Mutex mu_;
-  Lease lease_ ABSL_GUARDED_BY(mu_);
   std::string mid_;
   bool subscribe_ = false;
   bool sub_requested_ = false;
@@ -721,10 +599,6 @@ class MeasurementStream final
   bool half_closed_ = false;
   std::set<int64_t> seen_orders_;
   std::set<std::string> seen_ids_;
-  std::optional<grpc::Status> pending_finish_;
-  bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  std::deque<std::shared_ptr<const MeasurementEvent>> outbox_ ABSL_GUARDED_BY(mu_);
 };
 
 grpc::ServerBidiReactor<v1::MeasurementChunk, MeasurementEvent>* DfxBridge::StreamMeasurement(
