@@ -115,9 +115,14 @@ TEST_F(DaemonTest, HealthAndReadinessFollowBridgeServing) {
            CheckHealth(channel, kTestService).value_or(HealthCheckResponse::UNKNOWN) ==
                HealthCheckResponse::NOT_SERVING;
   }));
-  auto readyz = HttpRequest(daemon_->admin_port(), "GET", "/readyz");
+  // The daemon's health poll publishes health first and readiness right after, on its
+  // own thread: readiness may lag the health status just seen.
+  absl::StatusOr<HttpResponse> readyz;
+  EXPECT_TRUE(WaitFor([&] {
+    readyz = HttpRequest(daemon_->admin_port(), "GET", "/readyz");
+    return readyz.ok() && readyz->status == 503;
+  })) << (readyz.ok() ? std::to_string(readyz->status) : readyz.status().ToString());
   ASSERT_TRUE(readyz.ok()) << readyz.status();
-  EXPECT_EQ(readyz->status, 503);
   EXPECT_NE(readyz->body.find("test"), std::string::npos) << readyz->body;
   // Liveness does not depend on the upstream.
   EXPECT_EQ(HttpRequest(daemon_->admin_port(), "GET", "/healthz")->status, 200);
@@ -127,7 +132,10 @@ TEST_F(DaemonTest, HealthAndReadinessFollowBridgeServing) {
     return CheckHealth(channel, "").value_or(HealthCheckResponse::UNKNOWN) ==
            HealthCheckResponse::SERVING;
   }));
-  EXPECT_EQ(HttpRequest(daemon_->admin_port(), "GET", "/readyz")->status, 200);
+  EXPECT_TRUE(WaitFor([&] {
+    auto r = HttpRequest(daemon_->admin_port(), "GET", "/readyz");
+    return r.ok() && r->status == 200;
+  }));
 }
 
 TEST_F(DaemonTest, ReflectionListsServicesAndResolvesSymbols) {
