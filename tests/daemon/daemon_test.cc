@@ -543,6 +543,8 @@ TEST_F(DaemonTest, DrainRefusesNewCallsThenEndsOpenStreams) {
   }));
   EXPECT_EQ(CheckHealth(channel, kTestService).value_or(HealthCheckResponse::UNKNOWN),
             HealthCheckResponse::NOT_SERVING);
+  // Health goes NOT_SERVING before the daemon's control thread tells the bridges to drain.
+  EXPECT_TRUE(WaitFor([&] { return bridge().draining(); }));
   EXPECT_FALSE(daemon_->ready());
   auto readyz = HttpRequest(daemon_->admin_port(), "GET", "/readyz");
   ASSERT_TRUE(readyz.ok()) << readyz.status();
@@ -550,7 +552,6 @@ TEST_F(DaemonTest, DrainRefusesNewCallsThenEndsOpenStreams) {
   EXPECT_NE(readyz->body.find("draining"), std::string::npos) << readyz->body;
   EXPECT_EQ(Echo(channel, "late").error_code(), grpc::StatusCode::UNAVAILABLE);
   // The open stream is still running: it gets the drain timeout.
-  EXPECT_TRUE(bridge().draining());
   EXPECT_FALSE(bridge().shut_down());
   EXPECT_EQ(bridge().open_calls(), 1u);
 
