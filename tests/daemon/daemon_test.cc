@@ -115,9 +115,14 @@ TEST_F(DaemonTest, HealthAndReadinessFollowBridgeServing) {
            CheckHealth(channel, kTestService).value_or(HealthCheckResponse::UNKNOWN) ==
                HealthCheckResponse::NOT_SERVING;
   }));
-  auto readyz = HttpRequest(daemon_->admin_port(), "GET", "/readyz");
+  // The daemon's health poll publishes health first and readiness right after, on its
+  // own thread: readiness may lag the health status just seen.
+  absl::StatusOr<HttpResponse> readyz;
+  EXPECT_TRUE(WaitFor([&] {
+    readyz = HttpRequest(daemon_->admin_port(), "GET", "/readyz");
+    return readyz.ok() && readyz->status == 503;
+  })) << (readyz.ok() ? std::to_string(readyz->status) : readyz.status().ToString());
   ASSERT_TRUE(readyz.ok()) << readyz.status();
-  EXPECT_EQ(readyz->status, 503);
   EXPECT_NE(readyz->body.find("test"), std::string::npos) << readyz->body;
   // Liveness does not depend on the upstream.
   EXPECT_EQ(HttpRequest(daemon_->admin_port(), "GET", "/healthz")->status, 200);
@@ -127,7 +132,10 @@ TEST_F(DaemonTest, HealthAndReadinessFollowBridgeServing) {
     return CheckHealth(channel, "").value_or(HealthCheckResponse::UNKNOWN) ==
            HealthCheckResponse::SERVING;
   }));
-  EXPECT_EQ(HttpRequest(daemon_->admin_port(), "GET", "/readyz")->status, 200);
+  EXPECT_TRUE(WaitFor([&] {
+    auto r = HttpRequest(daemon_->admin_port(), "GET", "/readyz");
+    return r.ok() && r->status == 200;
+  }));
 }
 
 TEST_F(DaemonTest, ReflectionListsServicesAndResolvesSymbols) {
@@ -535,6 +543,8 @@ TEST_F(DaemonTest, DrainRefusesNewCallsThenEndsOpenStreams) {
   }));
   EXPECT_EQ(CheckHealth(channel, kTestService).value_or(HealthCheckResponse::UNKNOWN),
             HealthCheckResponse::NOT_SERVING);
+  // Health goes NOT_SERVING before the daemon's control thread tells the bridges to drain.
+  EXPECT_TRUE(WaitFor([&] { return bridge().draining(); }));
   EXPECT_FALSE(daemon_->ready());
   auto readyz = HttpRequest(daemon_->admin_port(), "GET", "/readyz");
   ASSERT_TRUE(readyz.ok()) << readyz.status();
@@ -542,7 +552,6 @@ TEST_F(DaemonTest, DrainRefusesNewCallsThenEndsOpenStreams) {
   EXPECT_NE(readyz->body.find("draining"), std::string::npos) << readyz->body;
   EXPECT_EQ(Echo(channel, "late").error_code(), grpc::StatusCode::UNAVAILABLE);
   // The open stream is still running: it gets the drain timeout.
-  EXPECT_TRUE(bridge().draining());
   EXPECT_FALSE(bridge().shut_down());
   EXPECT_EQ(bridge().open_calls(), 1u);
 

@@ -260,8 +260,10 @@ TEST(ProcessTest, ServesAndExitsCleanlyOnSigterm) {
   ASSERT_EQ(kill(process.pid(), SIGTERM), 0);
   grpc::Status ended = stream.Finish();
   EXPECT_FALSE(ended.ok());
-  auto status = process.WaitExit(std::chrono::seconds(10));  // shutdown.deadline
-  ASSERT_TRUE(status.has_value()) << "did not exit within shutdown.deadline\n" << process.Stderr();
+  // shutdown.deadline is 10 s (the daemon _exits then); the slack covers a loaded machine
+  // and a sanitizer build's exit-time checks.
+  auto status = process.WaitExit(std::chrono::seconds(40));
+  ASSERT_TRUE(status.has_value()) << "did not exit after shutdown.deadline\n" << process.Stderr();
   ASSERT_TRUE(WIFEXITED(*status)) << process.Stderr();
   EXPECT_EQ(WEXITSTATUS(*status), 0) << process.Stderr();
   EXPECT_NE(lstat(listening->unix_socket.c_str(), &st), 0) << "socket file left behind";
@@ -299,7 +301,7 @@ TEST(ProcessTest, RaisesTheOpenFileSoftLimitToTheHardLimit) {
   EXPECT_EQ(soft, hard);
   EXPECT_NE(soft, "256");
   ASSERT_EQ(kill(process.pid(), SIGTERM), 0);
-  auto status = process.WaitExit(std::chrono::seconds(10));
+  auto status = process.WaitExit(std::chrono::seconds(40));  // deadline 10 s + slack
   ASSERT_TRUE(status.has_value()) << process.Stderr();
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << process.Stderr();
 }

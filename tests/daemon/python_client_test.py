@@ -92,7 +92,7 @@ def main():
                     except grpc.RpcError as e:
                         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
             proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=5)
+            code = proc.wait(timeout=30)  # shutdown.deadline 5s, plus slack for a loaded machine
             assert code == 0, "wsbridged exited with %d" % code
         finally:
             if proc.poll() is None:

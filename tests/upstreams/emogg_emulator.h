@@ -22,7 +22,8 @@ struct EmoggEmulatorOptions {
   bool tls = false;
   std::string cert_pem, key_pem;  // wss when tls
   // The protocol's rules (tokens, idle and auth timeouts, rate limit, subscription
-  // limits, event interval, timestamp form). id_seed is drawn at random when left 0.
+  // limits, event interval, timestamp form). id_seed 0 = drawn at random (the default
+  // fixed seed keeps tests reproducible).
   EmoggProtocolOptions protocol;
 };
 

@@ -11,8 +11,11 @@
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
+#include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket.hpp>
+#include <boost/beast/websocket/ssl.hpp>
 #include <boost/json.hpp>
 #include <gtest/gtest.h>
 
@@ -378,6 +381,56 @@ TEST_F(EmoggEmulatorTest, DropSwitchesAndCloseCodes) {
   std::vector<int> codes = emulator_->client_close_codes();
   EXPECT_EQ(std::count(codes.begin(), codes.end(), 1001), 1);
   EXPECT_EQ(std::count(codes.begin(), codes.end(), 0), 3);
+}
+
+// Starts one asynchronous operation and runs `ioc` until it completes or the deadline
+// passes (timed_out).
+template <class Start>
+beast::error_code Await(net::io_context& ioc, Start start) {
+  std::optional<beast::error_code> result;
+  start([&](beast::error_code ec, auto&&...) { result = ec; });
+  ioc.restart();
+  ioc.run_for(kDeadline);
+  if (!result) {
+    ioc.stop();
+    return net::error::timed_out;
+  }
+  return *result;
+}
+
+TEST(EmoggEmulatorTlsTest, ServesWss) {
+  wsbridge::testing::TestPki pki;
+  auto ca = pki.MakeCa("emogg emulator test ca");
+  auto leaf = pki.IssueServerCert(ca, {"localhost", "127.0.0.1"});
+  EmoggEmulatorOptions o;
+  o.tls = true;
+  o.cert_pem = leaf.cert_pem;
+  o.key_pem = leaf.key_pem;
+  o.protocol.tokens = {"tok"};
+  EmoggEmulator e(o);
+  ASSERT_TRUE(e.Start().ok());
+  EXPECT_EQ(e.url(), "wss://127.0.0.1:" + std::to_string(e.port()) + "/ws/v1");
+
+  net::io_context ioc;
+  net::ssl::context ctx(net::ssl::context::tls_client);
+  ctx.add_certificate_authority(net::buffer(ca.cert_pem));
+  ctx.set_verify_mode(net::ssl::verify_peer);
+  websocket::stream<beast::ssl_stream<tcp::socket>> ws(ioc, ctx);
+  tcp::endpoint server(net::ip::make_address("127.0.0.1"), e.port());
+  ASSERT_FALSE(Await(ioc, [&](auto h) { beast::get_lowest_layer(ws).async_connect(server, h); }));
+  ASSERT_FALSE(Await(ioc, [&](auto h) {
+    ws.next_layer().async_handshake(net::ssl::stream_base::client, h);
+  }));
+  ASSERT_FALSE(Await(ioc, [&](auto h) { ws.async_handshake("127.0.0.1", "/ws/v1", h); }));
+  ws.text(true);
+  const std::string auth = R"({"id":"a","path":"auth:token","body":{"token":"tok"}})";
+  ASSERT_FALSE(Await(ioc, [&](auto h) { ws.async_write(net::buffer(auth), h); }));
+  beast::flat_buffer buf;
+  ASSERT_FALSE(Await(ioc, [&](auto h) { ws.async_read(buf, h); }));
+  json::value v = json::parse(beast::buffers_to_string(buf.data()));
+  EXPECT_EQ(v.at("status").as_int64(), 200);
+  EXPECT_EQ(v.at("id").as_string(), "a");
+  EXPECT_EQ(e.auth_successes(), 1);
 }
 
 }  // namespace
