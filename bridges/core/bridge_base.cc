@@ -63,6 +63,11 @@ absl::Status BridgeBase::ShuttingDown() const {
 
 absl::Status BridgeBase::Admit(const grpc::ServerContextBase& ctx) const {
   if (draining_.load()) return ShuttingDown();
+  if (calls_.size() > max_open_calls_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the ", upstream_, " bridge already has ", max_open_calls_,
+        " open calls (max_open_calls); retry later or spread the load over more instances"));
+  }
   if (context_.authorize) {
     grpc::Status auth = context_.authorize(ctx);
     if (!auth.ok()) {

@@ -56,8 +56,13 @@ class BridgeBase : public Bridge {
   bool draining() const { return draining_.load(); }
   void CallStarted();
   void CallFinished(std::string_view method, grpc::StatusCode code);
-  // Admission every call passes first: the drain, then the caller's own credentials.
+  // Admission every call passes first (after registering with calls()): the drain, the
+  // bound on open calls, then the caller's own credentials.
   absl::Status Admit(const grpc::ServerContextBase& ctx) const;
+  // Open calls beyond which new ones fail RESOURCE_EXHAUSTED at once. Every open call
+  // holds at most one entry in its completion-queue loop's mailbox, so this also bounds
+  // the mailboxes.
+  void set_max_open_calls(size_t n) { max_open_calls_ = n; }
   // The session for a call that passed Admit and validation: the per-call credential
   // from metadata when present (and allowed), else the default one.
   absl::StatusOr<Lease> SessionFor(const grpc::ServerContextBase& ctx);
@@ -89,6 +94,7 @@ class BridgeBase : public Bridge {
   Histogram* rtt_ = nullptr;
   ActiveCalls calls_;
   std::atomic<bool> draining_{false};
+  size_t max_open_calls_ = 100000;
   std::unique_ptr<SessionPool> pool_;
 };
 

@@ -39,6 +39,8 @@ struct DfxBridgeOptions {
   // Requests and chunks waiting per session (not yet sent) beyond which new ones fail
   // RESOURCE_EXHAUSTED.
   size_t max_pending_requests = 4096;
+  // Open gRPC calls beyond which new ones fail RESOURCE_EXHAUSTED.
+  size_t max_open_calls = 100000;
   // Results queued per subscriber before a slow subscriber's stream is ended with
   // RESOURCE_EXHAUSTED (the other subscribers are not held back).
   size_t subscriber_queue = 256;

@@ -111,6 +111,7 @@ class DfxBridge final : public core::BridgeBase, public DfxServiceBase {
         },
         core::CredentialPolicy{std::string(kDeviceTokenMetadata), options_.allow_call_token},
         options_.default_token);
+    set_max_open_calls(options_.max_open_calls);
   }
 
   std::vector<grpc::Service*> Services() override { return {this}; }

@@ -563,6 +563,33 @@ TEST_F(DfxBridgeTest, DrainedStreamsNameTheLastAcknowledgedChunk) {
   daemon_->Wait();
 }
 
+// Open calls are bounded: past max_open_calls a new call fails RESOURCE_EXHAUSTED at
+// once, naming the limit, and the open ones are unaffected.
+TEST_F(DfxBridgeTest, OpenCallsAreBounded) {
+  Start({}, [](DfxBridgeOptions& o) { o.max_open_calls = 2; });
+  std::string mid = CreateMeasurement();
+  v1::SubscribeResultsRequest req;
+  req.set_measurement_id(mid);
+  grpc::ClientContext c1, c2;
+  auto r1 = stub_->SubscribeResults(&c1, req);
+  auto r2 = stub_->SubscribeResults(&c2, req);
+  r1->WaitForInitialMetadata();
+  r2->WaitForInitialMetadata();
+  grpc::Status st = CallAction();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
+  EXPECT_NE(st.error_message().find("max_open_calls"), std::string::npos);
+  c1.TryCancel();
+  v1::SubscribeResultsResponse res;
+  while (r1->Read(&res)) {
+  }
+  r1->Finish();
+  EXPECT_TRUE(WaitFor([&] { return CallAction().ok(); }));
+  c2.TryCancel();
+  while (r2->Read(&res)) {
+  }
+  r2->Finish();
+}
+
 TEST_F(DfxBridgeTest, SessionsAreKeyedByTokenAndCapped) {
   Start({}, [](DfxBridgeOptions& o) { o.max_sessions = 2; });
   EXPECT_TRUE(CallAction("0100", "").ok());
