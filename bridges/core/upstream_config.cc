@@ -23,7 +23,17 @@ constexpr size_t kMaxSecretFileBytes = 64 * 1024;
 
 std::string Quoted(absl::string_view s) { return absl::StrCat("\"", s, "\""); }
 
-absl::Status ErrnoStatus(int err, std::string message) {
+}  // namespace
+
+Duration DurationOr(const google::protobuf::Duration& d, Duration unset) {
+  if (d.seconds() == 0 && d.nanos() == 0) return unset;
+  return std::chrono::seconds(d.seconds()) + std::chrono::nanoseconds(d.nanos());
+}
+
+absl::Status FileError(int err, std::string_view what, const std::string& path) {
+  std::string message = absl::StrCat("cannot read ", absl::string_view(what.data(), what.size()),
+                                     what.empty() ? "" : " ", Quoted(path), ": ",
+                                     std::strerror(err), " (check the path and permissions)");
   switch (err) {
     case ENOENT:
     case ENOTDIR: return absl::NotFoundError(std::move(message));
@@ -33,21 +43,12 @@ absl::Status ErrnoStatus(int err, std::string message) {
   }
 }
 
-}  // namespace
-
-Duration DurationOr(const google::protobuf::Duration& d, Duration unset) {
-  if (d.seconds() == 0 && d.nanos() == 0) return unset;
-  return std::chrono::seconds(d.seconds()) + std::chrono::nanoseconds(d.nanos());
-}
-
 absl::StatusOr<std::string> ReadSmallFile(const std::string& path, size_t max_bytes,
                                           std::string_view what) {
   const absl::string_view w(what.data(), what.size());
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    int err = errno;
-    return ErrnoStatus(err, absl::StrCat("cannot read ", w, " ", Quoted(path), ": ",
-                                         std::strerror(err), " (check the path and permissions)"));
+    return FileError(errno, what, path);
   }
   std::string data;
   char buf[8192];
@@ -57,9 +58,7 @@ absl::StatusOr<std::string> ReadSmallFile(const std::string& path, size_t max_by
       if (errno == EINTR) continue;
       int err = errno;
       ::close(fd);
-      return ErrnoStatus(err, absl::StrCat("cannot read ", w, " ", Quoted(path), ": ",
-                                           std::strerror(err),
-                                           " (check the path and permissions)"));
+      return FileError(err, what, path);
     }
     if (n == 0) break;
     data.append(buf, static_cast<size_t>(n));

@@ -19,6 +19,11 @@
 
 namespace wsbridge::core {
 
+// The status for a failed file access: NOT_FOUND, PERMISSION_DENIED or
+// FAILED_PRECONDITION by errno, saying "cannot read <what> "<path>": <reason> (check the
+// path and permissions)".
+absl::Status FileError(int err, std::string_view what, const std::string& path);
+
 // Reads a whole (small) file with POSIX calls, so directories and oversize files give a
 // clear errno-based reason. `what` names the file's role in messages ("secret file").
 // Blocking I/O: never call it on an io or completion-queue thread.

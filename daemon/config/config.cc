@@ -38,23 +38,9 @@ core::Duration ToDuration(const pb::Duration& d) {
   return std::chrono::seconds(d.seconds()) + std::chrono::nanoseconds(d.nanos());
 }
 
-std::string ErrnoText(int err) { return std::strerror(err); }
-
-absl::Status ErrnoStatus(int err, std::string message) {
-  switch (err) {
-    case ENOENT:
-    case ENOTDIR: return absl::NotFoundError(std::move(message));
-    case EACCES:
-    case EPERM: return absl::PermissionDeniedError(std::move(message));
-    default: return absl::FailedPreconditionError(std::move(message));
-  }
-}
-
 absl::Status CheckReadable(const std::string& path) {
   if (::access(path.c_str(), R_OK) == 0) return absl::OkStatus();
-  int err = errno;
-  return ErrnoStatus(err, absl::StrCat("cannot read ", Quoted(path), ": ", ErrnoText(err),
-                                       " (check the path and permissions)"));
+  return core::FileError(errno, "", path);
 }
 
 // host:port, with IPv6 hosts in brackets. Port 0 lets the kernel pick one (tests).

@@ -54,6 +54,16 @@ class SessionPoolTest : public ::testing::Test {
     thread_.join();
   }
 
+  static SessionPoolOptions Opts(uint32_t max_sessions = 1000,
+                                 Duration idle = std::chrono::minutes(5),
+                                 Duration check = std::chrono::seconds(1)) {
+    SessionPoolOptions o;
+    o.max_sessions = max_sessions;
+    o.idle_timeout = idle;
+    o.check_interval = check;
+    return o;
+  }
+
   void MakePool(SessionPoolOptions o) {
     o.bridge = "fake";
     o.upstream = "fake";
@@ -89,7 +99,7 @@ class SessionPoolTest : public ::testing::Test {
 };
 
 TEST_F(SessionPoolTest, SessionsAreKeyedByCredentialAndCapped) {
-  MakePool({.max_sessions = 2});
+  MakePool(Opts(2));
   absl::StatusOr<Lease> a1 = pool_->Acquire(CredentialKey("tenant-a"), "tenant-a");
   absl::StatusOr<Lease> a2 = pool_->Acquire(CredentialKey("tenant-a"), "tenant-a");
   absl::StatusOr<Lease> b = pool_->Acquire(CredentialKey("tenant-b"), "tenant-b");
@@ -107,7 +117,7 @@ TEST_F(SessionPoolTest, SessionsAreKeyedByCredentialAndCapped) {
 }
 
 TEST_F(SessionPoolTest, UnusedSessionsCloseAfterTheIdleTimeout) {
-  MakePool({.idle_timeout = milliseconds(100), .check_interval = milliseconds(20)});
+  MakePool(Opts(1000, milliseconds(100), milliseconds(20)));
   pool_->Start();
   {
     absl::StatusOr<Lease> held = pool_->Acquire(CredentialKey("held"), "held");
@@ -125,7 +135,7 @@ TEST_F(SessionPoolTest, TheDefaultSessionFollowsARotatedSecretAndTheOldOneDrains
   const std::string path = dir.WriteFile("token", "first-token\n");
   config::v1::Secret secret;
   secret.set_file(path);
-  MakePool({.max_sessions = 1, .check_interval = milliseconds(20)});
+  MakePool(Opts(1, std::chrono::minutes(5), milliseconds(20)));
   pool_->SetDefault(SecretSource::Create(secret).value());
   pool_->Start();
   ASSERT_TRUE(WaitFor([&] { return pool_->DefaultReady(); }));
@@ -152,7 +162,7 @@ TEST_F(SessionPoolTest, TheDefaultSessionFollowsARotatedSecretAndTheOldOneDrains
 }
 
 TEST_F(SessionPoolTest, OperatorCloseReplacesTheDefaultAndUnknownIdsAreNotFound) {
-  MakePool({});
+  MakePool(Opts());
   pool_->SetDefault(SecretSource::Fixed("default-token"));
   pool_->Start();
   ASSERT_TRUE(WaitFor([&] { return pool_->DefaultReady(); }));
@@ -163,7 +173,7 @@ TEST_F(SessionPoolTest, OperatorCloseReplacesTheDefaultAndUnknownIdsAreNotFound)
 }
 
 TEST_F(SessionPoolTest, ShutdownClosesEverySessionAndRefusesNewOnes) {
-  MakePool({});
+  MakePool(Opts());
   ASSERT_TRUE(pool_->Acquire(CredentialKey("a"), "a-token").ok());
   std::promise<void> done;
   pool_->Shutdown([&] { done.set_value(); });
