@@ -979,6 +979,7 @@ void Link::OnHeartbeat() {
 std::shared_ptr<UpstreamSession> UpstreamSession::Create(asio::any_io_executor executor,
                                                          SessionOptions options,
                                                          std::unique_ptr<Protocol> protocol) {
+  if (options.connection.name.empty()) options.connection.name = options.id;  // for logs
   return std::make_shared<SessionImpl>(std::move(executor), std::move(options),
                                        std::move(protocol));
 }
