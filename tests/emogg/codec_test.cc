@@ -151,7 +151,9 @@ TEST(EmoggCodec, KeepsBodiesAsTheExactTextReceived) {
   // Re-encoding would turn 1.0 into 1E0 and reorder nothing but whitespace; callers get
   // the bytes Emogg sent.
   const std::string body = R"({ "a" : [1.0, -0, 2e3, "\u00e9"], "b": {"c": null} })";
-  Frame f = DecodeFrame(R"({"id":"x","path":"sessions:get","status":200,"body":)" + body + "}");
+  // A Frame views into the text it was decoded from: keep the text alive.
+  const std::string text = R"({"id":"x","path":"sessions:get","status":200,"body":)" + body + "}";
+  Frame f = DecodeFrame(text);
   ASSERT_EQ(f.kind, FrameKind::kResponse) << f.reason;
   EXPECT_EQ(f.body, body);
   // Scalars and arrays are kept too (the page only says "object").
@@ -384,8 +386,9 @@ TEST(EmoggCodec, UpstreamErrorCarriesStatusPathAndMessage) {
   EXPECT_TRUE(odd.is_error());
   EXPECT_EQ(UpstreamError(odd).code(), absl::StatusCode::kUnknown);
   // A long upstream message is cut.
-  Frame big = DecodeFrame(R"({"error":true,"path":"p","status":400,"data":{"message":")" +
-                          std::string(5000, 'm') + "\"}}");
+  const std::string big_text = R"({"error":true,"path":"p","status":400,"data":{"message":")" +
+                               std::string(5000, 'm') + "\"}}";
+  Frame big = DecodeFrame(big_text);
   EXPECT_LE(InfoOf(UpstreamError(big)).metadata().at("upstream_message").size(), 512u);
 }
 
