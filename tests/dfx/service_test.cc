@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "bridges/core/bridge.h"
+#include "bridges/core/bridge_base.h"
 #include "bridges/core/log.h"
 #include "bridges/core/metrics.h"
 #include "bridges/core/upstream_config.h"
@@ -568,6 +569,11 @@ TEST_F(DfxBridgeTest, DrainedStreamsNameTheLastAcknowledgedChunk) {
 TEST_F(DfxBridgeTest, OpenCallsAreBounded) {
   Start({}, [](DfxBridgeOptions& o) { o.max_open_calls = 2; });
   std::string mid = CreateMeasurement();
+  // A finished call leaves the count when gRPC reports it done, a moment after the
+  // caller saw its answer.
+  auto* base = dynamic_cast<core::BridgeBase*>(bridge_);
+  ASSERT_NE(base, nullptr);
+  ASSERT_TRUE(WaitFor([&] { return base->calls().size() == 0; }));
   v1::SubscribeResultsRequest req;
   req.set_measurement_id(mid);
   grpc::ClientContext c1, c2;
@@ -575,6 +581,7 @@ TEST_F(DfxBridgeTest, OpenCallsAreBounded) {
   auto r2 = stub_->SubscribeResults(&c2, req);
   r1->WaitForInitialMetadata();
   r2->WaitForInitialMetadata();
+  ASSERT_EQ(Subscribers(), 2u);
   grpc::Status st = CallAction();
   EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
   EXPECT_NE(st.error_message().find("max_open_calls"), std::string::npos);
