@@ -18,6 +18,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string_view>
 #include <utility>
@@ -499,10 +500,20 @@ class CallbackBidiStream : public grpc::ServerBidiReactor<Req, Resp>,
   size_t queued() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return outbox_.size(); }
   bool finishing() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return pending_finish_.has_value(); }
 
+  // Starts what `a` says. Decisions are taken under mu_, operations started here without
+  // it (reactions may run inline), so a session thread's StartRead could otherwise race
+  // a Finish from a gRPC thread and start an operation on a call that is already done.
+  // ops_mu_ orders them: once Finish is called no operation starts. It is recursive
+  // because an inline reaction may come back here on the same thread.
   void Run(const Actions& a) {
+    if (a.write == nullptr && !a.read && !a.finish.has_value()) return;
+    std::shared_ptr<Derived> keep = this->shared_from_this();  // OnDone may run inline
+    std::lock_guard<std::recursive_mutex> lock(ops_mu_);
+    if (finish_called_) return;
     if (a.write != nullptr) this->StartWrite(a.write);
     if (a.read) this->StartRead(Self().read_buffer());
     if (a.finish.has_value()) {
+      finish_called_ = true;
       account_.Finishing(a.finish->error_code());
       this->Finish(*a.finish);
     }
@@ -523,8 +534,9 @@ class CallbackBidiStream : public grpc::ServerBidiReactor<Req, Resp>,
       if (finished_) return;
       MarkFinishedLocked();
     }
-    account_.Finishing(st.error_code());
-    this->Finish(st);
+    Actions a;
+    a.finish = st;
+    Run(a);
   }
   void MarkFinishedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     finished_ = true;
@@ -547,6 +559,8 @@ class CallbackBidiStream : public grpc::ServerBidiReactor<Req, Resp>,
   CallAccount account_;
   std::shared_ptr<Derived> self_;
   ActiveCalls::Id call_id_ = 0;
+  std::recursive_mutex ops_mu_;
+  bool finish_called_ = false;  // guarded by ops_mu_
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<grpc::Status> pending_finish_ ABSL_GUARDED_BY(mu_);
   std::deque<std::shared_ptr<const Resp>> outbox_ ABSL_GUARDED_BY(mu_);
