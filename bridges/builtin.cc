@@ -1,10 +1,12 @@
 #include "bridges/core/bridge.h"
 #include "bridges/dfx/factory.h"
+#include "bridges/emogg/factory.h"
 
 namespace wsbridge::core {
 
 void RegisterBuiltinBridges(BridgeRegistry& registry) {
   dfx::RegisterFactory(registry);
+  emogg::RegisterFactory(registry);
 }
 
 }  // namespace wsbridge::core

@@ -327,6 +327,10 @@ class SessionImpl final : public UpstreamSession,
 
   void OnHeartbeat(uint64_t gen) {
     if (gen != generation_ || state_ != State::kReady) return;
+    if (absl::Status alive = protocol_->CheckAlive(); !alive.ok()) {
+      connection_->Reconnect(alive);
+      return;
+    }
     if (std::optional<Outbound> hb = protocol_->Heartbeat(); hb.has_value()) {
       (void)connection_->Send(std::move(hb->frame), hb->binary);
     }

@@ -141,6 +141,9 @@ class Protocol {
   virtual std::string_view UnsubscribeHint() const { return ""; }
   // The protocol's own heartbeat, sent every KeepaliveOptions::heartbeat_interval.
   virtual std::optional<Outbound> Heartbeat() { return std::nullopt; }
+  // Asked before each heartbeat: an error (e.g. the protocol's own ping went unanswered)
+  // means the upstream looks dead; the connection is dropped and reconnected.
+  virtual absl::Status CheckAlive() { return absl::OkStatus(); }
   // Protocol-specific close codes (see ConnectionHandler::Classify).
   virtual DisconnectKind Classify(const DisconnectInfo& info) {
     return ClassifyDisconnect(info.http_status, info.close_code,

@@ -780,25 +780,14 @@ Frame DecodeFrame(std::string_view text) {
 absl::StatusCode CodeForStatus(int status) {
   if (status >= 200 && status <= 299) return absl::StatusCode::kOk;
   switch (status) {
-    case 400: return absl::StatusCode::kInvalidArgument;
-    case 401: return absl::StatusCode::kUnauthenticated;
-    case 403: return absl::StatusCode::kPermissionDenied;
-    case 404: return absl::StatusCode::kNotFound;
     // The bridge builds every payload: a 405 means it sent one Emogg cannot read.
     case 405: return absl::StatusCode::kInternal;
-    case 409: return absl::StatusCode::kAborted;
-    case 429: return absl::StatusCode::kResourceExhausted;
     // "Something went wrong on Emogg's end. (These are rare.)": worth a retry.
     case 500: return absl::StatusCode::kUnavailable;
-    case 501: return absl::StatusCode::kUnimplemented;
-    case 502:
-    case 503: return absl::StatusCode::kUnavailable;
-    case 504: return absl::StatusCode::kDeadlineExceeded;
     default: break;
   }
-  if (status >= 400 && status <= 499) return absl::StatusCode::kFailedPrecondition;
-  if (status >= 500 && status <= 599) return absl::StatusCode::kUnavailable;
-  return absl::StatusCode::kUnknown;
+  // Everything else as every bridge maps HTTP-like statuses.
+  return core::CodeForHttpStatus(status);
 }
 
 std::string ReasonForStatus(int status) {

@@ -170,11 +170,11 @@ Frame DecodeFrame(std::string_view frame);
 // ---------------------------------------------------------------------------------
 // Statuses.
 
-// The gRPC code for an upstream HTTP-like status: 2xx OK; 400 INVALID_ARGUMENT,
-// 401 UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 NOT_FOUND, 405 INTERNAL, 409 ABORTED,
-// 429 RESOURCE_EXHAUSTED, 500 UNAVAILABLE, 501 UNIMPLEMENTED, 502/503 UNAVAILABLE,
-// 504 DEADLINE_EXCEEDED, other 4xx FAILED_PRECONDITION, other 5xx UNAVAILABLE,
-// anything else UNKNOWN.
+// The gRPC code for an upstream HTTP-like status: 2xx OK; Emogg's own 405 INTERNAL and
+// 500 UNAVAILABLE; every other status as core::CodeForHttpStatus maps it (400
+// INVALID_ARGUMENT, 401 UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 NOT_FOUND, 409
+// ABORTED, 412 FAILED_PRECONDITION, 422 INVALID_ARGUMENT, 429 RESOURCE_EXHAUSTED, 501
+// UNIMPLEMENTED, 502-504 UNAVAILABLE, other 5xx INTERNAL, anything else UNKNOWN).
 absl::StatusCode CodeForStatus(int status);
 
 // ErrorInfo reason: BAD_REQUEST, UNAUTHORIZED, NOT_FOUND, MALFORMED_PAYLOAD,

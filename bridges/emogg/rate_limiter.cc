@@ -36,6 +36,11 @@ bool RateLimiter::TryAcquire(Priority priority, TimePoint now) {
   return true;
 }
 
+void RateLimiter::Record(TimePoint now) {
+  Expire(now);
+  sent_.push_back(now);
+}
+
 void RateLimiter::BlockUntil(TimePoint until) { blocked_until_ = std::max(blocked_until_, until); }
 
 uint32_t RateLimiter::InWindow(TimePoint now) {

@@ -46,6 +46,10 @@ class RateLimiter {
   // otherwise records nothing and returns false.
   bool TryAcquire(Priority priority, TimePoint now);
 
+  // Records a send at `now` whatever the limit says: a session message that cannot wait
+  // (the auth message on a fresh connection). It still counts, so requests wait longer.
+  void Record(TimePoint now);
+
   // Nothing may be sent before `until` (e.g. after the upstream answered 429 and
   // closed). Later calls only extend the pause.
   void BlockUntil(TimePoint until);

@@ -326,9 +326,10 @@ TEST(EmoggCodec, MapsStatusesToCodes) {
   const std::pair<int, C> table[] = {
       {200, C::kOk}, {204, C::kOk}, {400, C::kInvalidArgument}, {401, C::kUnauthenticated},
       {403, C::kPermissionDenied}, {404, C::kNotFound}, {405, C::kInternal}, {409, C::kAborted},
-      {418, C::kFailedPrecondition}, {429, C::kResourceExhausted}, {500, C::kUnavailable},
-      {501, C::kUnimplemented}, {502, C::kUnavailable}, {503, C::kUnavailable},
-      {504, C::kDeadlineExceeded}, {599, C::kUnavailable}, {302, C::kUnknown}, {100, C::kUnknown},
+      {412, C::kFailedPrecondition}, {418, C::kUnknown}, {422, C::kInvalidArgument},
+      {429, C::kResourceExhausted}, {500, C::kUnavailable}, {501, C::kUnimplemented},
+      {502, C::kUnavailable}, {503, C::kUnavailable}, {504, C::kUnavailable},
+      {599, C::kInternal}, {302, C::kUnknown}, {100, C::kUnknown},
   };
   for (auto [status, code] : table) EXPECT_EQ(CodeForStatus(status), code) << status;
   EXPECT_EQ(ReasonForStatus(400), "BAD_REQUEST");

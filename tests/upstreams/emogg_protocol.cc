@@ -291,6 +291,16 @@ std::vector<EmoggAction> EmoggProtocol::Handle(uint64_t conn, Conn& c, const Req
     return Answer(conn, c, req, 200, req.has_body ? json::serialize(req.body) : "{}", now);
   }
   if (p == "emulator:fail") return Error(conn, c, req, 500, "Internal server error", now);
+  if (p == "emulator:status") {
+    // Any error status on demand (401/405/429 close the connection, as for real ones).
+    int64_t status = 500;
+    if (auto it = req.body.find("status"); it != req.body.end() && it->value().is_int64()) {
+      status = std::clamp<int64_t>(it->value().get_int64(), 400, 599);
+    }
+    const json::string* msg = StringMember(req.body, "message");
+    return Error(conn, c, req, static_cast<int>(status),
+                 msg != nullptr ? std::string_view(*msg) : std::string_view("Forced error"), now);
+  }
   if (p == "emulator:slow") {
     int64_t ms = 0;
     if (auto it = req.body.find("ms"); it != req.body.end() && it->value().is_int64()) {

@@ -56,7 +56,8 @@
 // - Paths served besides the documented ones, all deterministic: "sessions:get"
 //   {sessionId} -> 200 {"id","name","status":"active"}, 400 without sessionId, 404 for
 //   an unknown session; "emulator:echo" -> 200 with the request body (or {}) as body;
-//   "emulator:fail" -> 500; "emulator:slow" {"ms": N} -> 200 {} after N ms; any other
+//   "emulator:fail" -> 500; "emulator:status" {"status": 400..599, "message"} -> that
+//   error (401, 405 and 429 close the connection as usual); "emulator:slow" {"ms": N} -> 200 {} after N ms; any other
 //   path -> 404 "Path not found".
 // - Not emulated: the 90-new-connections-per-minute limit per IP (every test client is
 //   127.0.0.1), and WebSocket ping frames restarting the idle timer (the emulator's
