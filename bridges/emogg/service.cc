@@ -103,9 +103,9 @@ class EmoggBridge final : public core::BridgeBase, public EmoggServiceBase {
     // After a 429 close: at least one upstream window. After a refused token: retries
     // no more often than auth_retry_pause (the protocol also refuses earlier attempts).
     so.connection.slow_down_delay = options_.retry_after_429;
-    so.connection.auth_backoff.initial = options_.auth_retry_pause;
-    so.connection.auth_backoff.max =
-        std::max<core::Duration>(options_.auth_retry_pause * 8, std::chrono::minutes(5));
+    // A refused token is tried again once per auth_retry_pause (the jittered delay,
+    // then the protocol holds attempts until the pause since the refusal has passed).
+    so.connection.auth_backoff = {options_.auth_retry_pause, options_.auth_retry_pause, 1.0};
     so.request_timeout = options_.request_timeout;
     so.login_timeout = options_.auth_timeout;
     so.subscribe_timeout = options_.subscribe_timeout;
@@ -177,6 +177,19 @@ absl::Status Finalize(const absl::Status& st, std::string_view path, bool sent,
   return st;
 }
 
+// The session's deadline for a caller's request: a little before the caller's own, so
+// that a request the rate limiter held back is answered CLIENT_RATE_LIMITED (it was never
+// sent) while the caller still listens, rather than ending in the caller's own
+// DEADLINE_EXCEEDED that says nothing about it.
+core::Clock::time_point AnswerBy(core::Clock::time_point deadline) {
+  if (deadline == core::Clock::time_point::max()) return deadline;
+  const core::Clock::time_point now = core::Clock::now();
+  if (deadline <= now) return deadline;
+  const core::Duration margin =
+      std::min<core::Duration>(std::chrono::milliseconds(200), (deadline - now) / 10);
+  return deadline - margin;
+}
+
 absl::Status ValidateRequest(const v1::RequestRequest& req) {
   if (absl::Status st = ValidatePath(req.path()); !st.ok()) return st;
   if (IsReservedPath(req.path())) {
@@ -219,7 +232,7 @@ class AsyncRequest final
     auto sent = std::make_shared<bool>(false);  // strand only: encode and done run there
     core::Request r;
     r.what = absl::StrCat("the request to \"", req_.path(), "\"");
-    r.deadline = core::SteadyDeadline(ctx_);
+    r.deadline = AnswerBy(core::SteadyDeadline(ctx_));
     r.gated = emogg->options().rate_limit;
     r.gate_cost = 1;
     r.encode = [path = req_.path(), body = std::move(*req_.mutable_json_body()),
