@@ -188,6 +188,20 @@ TEST_F(EmoggProtocolTest, ServesDeterministicPaths) {
   EXPECT_TRUE(proto_->server_close_codes().empty());
 }
 
+TEST_F(EmoggProtocolTest, StatusPathAnswersAnyErrorAndClosesOnTheClosingOnes) {
+  Open(1);
+  Auth(1);
+  auto conflict = Frame(1, R"({"id":1,"path":"emulator:status","body":{"status":409,"message":"m"}})");
+  ASSERT_EQ(conflict.size(), 1u);  // 409 does not close
+  EXPECT_EQ(Status(conflict[0]), 409);
+  EXPECT_EQ(Json(conflict[0]).at("data").at("message").as_string(), "m");
+  auto refused = Frame(1, R"({"id":2,"path":"emulator:status","body":{"status":401}})");
+  ASSERT_EQ(refused.size(), 2u);
+  EXPECT_EQ(Status(refused[0]), 401);
+  EXPECT_EQ(refused[1].kind, Kind::kClose);
+  EXPECT_EQ(refused[1].close_code, 1008);
+}
+
 TEST_F(EmoggProtocolTest, SlowAnswersAreReleasedByAdvance) {
   Open(1);
   Auth(1);
