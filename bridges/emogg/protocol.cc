@@ -114,11 +114,21 @@ void SessionNotes::RemoveSubscriber(const std::string& key) {
 
 // --- Protocol --------------------------------------------------------------------------
 
+// Each send counts for its window plus a twentieth: Emogg sees a send when it arrives,
+// and a full window sent just after the previous one left ours would otherwise meet it
+// in Emogg's window whenever the earlier one was delayed on the way.
+namespace {
+RateLimiter::Options WithDelaySlack(RateLimiter::Options o) {
+  o.window += o.window / 20;
+  return o;
+}
+}  // namespace
+
 Protocol::Protocol(ProtocolOptions options)
     : options_(std::move(options)),
       rng_(core::Rng::FromEntropy()),
       ids_(rng_),
-      limiter_(options_.limits) {
+      limiter_(WithDelaySlack(options_.limits)) {
   if (options_.notes == nullptr) options_.notes = std::make_shared<SessionNotes>();
 }
 
