@@ -105,6 +105,10 @@ bool SessionNotes::AddSubscriber(const std::string& key, uint32_t max) {
   subscribers_.emplace(key, 1);
   return true;
 }
+bool SessionNotes::HasSubscribers(const std::string& key) const {
+  absl::MutexLock lock(&mu_);
+  return subscribers_.contains(key);
+}
 void SessionNotes::RemoveSubscriber(const std::string& key) {
   absl::MutexLock lock(&mu_);
   auto it = subscribers_.find(key);
@@ -153,6 +157,8 @@ absl::StatusOr<core::LoginPlan> Protocol::OnOpen(std::string_view /*subprotocol*
   options_.notes->SetClosing(std::nullopt);
   pending_subs_.clear();
   subs_.clear();
+  latest_route_.clear();
+  orphans_.clear();
   // The cached value: the refresher re-reads file and env secrets off this thread.
   absl::StatusOr<std::string> token = options_.token->Current();
   if (!token.ok()) {
@@ -254,7 +260,20 @@ core::Inbound Protocol::DecodeAnswer(const Frame& f) {
           "NO_SUBSCRIPTION_ID", kErrorDomain);
       return in;
     }
-    if (params != nullptr) subs_[f.subscribed_id] = std::move(params);
+    if (params != nullptr) {
+      const std::string key = SubscriptionKey(params->channel, params->key);
+      auto latest = latest_route_.find(key);
+      if (latest == latest_route_.end() || latest->second != f.id ||
+          !options_.notes->HasSubscribers(key)) {
+        // Acknowledged after its subscribers left (the session has forgotten it), or
+        // superseded by a newer subscribe: release it so it does not hold one of
+        // Emogg's per-connection slots until the connection ends.
+        orphans_.push_back(f.subscribed_id);
+        in.kind = core::Inbound::Kind::kIgnore;
+        return in;
+      }
+      subs_[f.subscribed_id] = std::move(params);
+    }
     in.event_route = f.subscribed_id;
     in.bare = true;
     return in;
@@ -308,6 +327,7 @@ absl::StatusOr<core::Outbound> Protocol::EncodeSubscribe(const std::string& key,
   // A new upstream subscription sends its own last state: nothing old is replayed.
   options_.notes->SetLastEvent(key, nullptr);
   pending_subs_[std::string(route)] = p;
+  latest_route_[key] = std::string(route);
   CountControl(Clock::now());
   return core::Outbound{emogg::EncodeSubscribe(route, p->channel, p->key), false};
 }
@@ -324,6 +344,14 @@ std::optional<core::Outbound> Protocol::EncodeUnsubscribe(const std::string& key
 std::optional<core::Outbound> Protocol::Heartbeat() {
   if (options_.heartbeat_interval <= core::Duration::zero()) return std::nullopt;
   const Clock::time_point now = Clock::now();
+  if (!orphans_.empty() &&
+      (!options_.rate_limit || limiter_.NextAllowed(RateLimiter::Priority::kControl, now) <= now)) {
+    // One per tick; its answer goes nowhere (counted as unrouted).
+    std::string orphan = std::move(orphans_.back());
+    orphans_.pop_back();
+    CountControl(now);
+    return core::Outbound{emogg::EncodeUnsubscribe(ids_.Next(), orphan), false};
+  }
   if (ping_sent_.has_value()) {
     if (last_inbound_ < *ping_sent_) return std::nullopt;  // still waiting for an answer
     ping_sent_.reset();

@@ -82,6 +82,7 @@ class SessionNotes {
   // `max` upstream subscriptions. False (nothing added) when `key` would be one too many.
   bool AddSubscriber(const std::string& key, uint32_t max);
   void RemoveSubscriber(const std::string& key);
+  bool HasSubscribers(const std::string& key) const;
 
  private:
   mutable absl::Mutex mu_;
@@ -163,6 +164,11 @@ class Protocol final : public core::Protocol, private core::SendGate {
   std::map<std::string, std::shared_ptr<const ChannelParams>, std::less<>> pending_subs_;
   // Upstream subscription id -> params.
   std::map<std::string, std::shared_ptr<const ChannelParams>, std::less<>> subs_;
+  // The route of the latest subscribe request per subscription key.
+  std::map<std::string, std::string> latest_route_;
+  // Upstream subscriptions nobody wants any more (acknowledged after their subscribers
+  // left, or superseded): unsubscribed on the next heartbeat ticks.
+  std::vector<std::string> orphans_;
 
   // --- Across connections. ---
   // No connection attempt before this (after a 401 or a 429 to the auth message), and

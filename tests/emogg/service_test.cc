@@ -213,6 +213,26 @@ TEST_F(EmoggServiceTest, CallersOfOneChannelAndKeyShareOneUpstreamSubscription) 
   other->Finish();
 }
 
+TEST_F(EmoggServiceTest, SubscriptionAcknowledgedAfterItsCallerLeftIsReleased) {
+  Start(Generous(), [](EmoggBridgeOptions& o) { o.heartbeat_interval = 200ms; });
+  ASSERT_TRUE(WaitFor([&] { return Ready(); }));
+  emulator_->SetAnswerDelay(400ms);
+  {
+    auto s = Subscribe("session_emotions_counts", "s1:1s", 100ms);
+    v1::SubscriptionUpdate u;
+    EXPECT_FALSE(s->Next(&u));
+    EXPECT_EQ(s->reader->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  // Emogg subscribed it anyway, after the caller had gone: the bridge unsubscribes it
+  // rather than let it hold one of the connection's 5 slots.
+  EXPECT_TRUE(WaitFor([&] { return emulator_->requests("channels:unsubscribe") == 1; }));
+  EXPECT_TRUE(WaitFor([&] { return emulator_->active_subscriptions() == 0; }));
+  emulator_->SetAnswerDelay(0ms);
+  auto again = Subscribe("session_emotions_counts", "s1:1s");
+  ExpectSubscribed(*again);
+  EXPECT_EQ(emulator_->subscriptions_of("session_emotions_counts", "s1:1s"), 1);
+}
+
 TEST_F(EmoggServiceTest, LateJoinerOfWorkerStateGetsTheLastStateReplayed) {
   Start();
   auto a = Subscribe("session_worker_state", "s7");
