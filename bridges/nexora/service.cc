@@ -1,0 +1,721 @@
+// NexoraBridge: the wsbridge.nexora.v1.NexoraService handlers on the bridge toolkit.
+// Sessions (one per chat and credential), pool, admission, drain and the call state
+// machines are core's; what is here is Nexora: which frame each RPC sends, how events
+// become ChatEvents, resend bookkeeping, and the HTTP endpoints (login, create chat).
+#include <algorithm>
+#include <atomic>
+#include <map>
+#include <memory>
+#include <optional>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "bridges/core/bridge_base.h"
+#include "bridges/core/cq_loop.h"
+#include "bridges/core/grpc_calls.h"
+#include "bridges/core/http_client.h"
+#include "bridges/core/log.h"
+#include "bridges/core/rng.h"
+#include "bridges/core/status.h"
+#include "bridges/nexora/codec.h"
+#include "bridges/nexora/nexora_bridge.h"
+#include "bridges/nexora/protocol.h"
+#include "wsbridge/nexora/v1/nexora.grpc.pb.h"
+
+namespace wsbridge::nexora {
+namespace {
+
+using core::Lease;
+using v1::ChatEvent;
+
+constexpr std::string_view kSendMessageMethod = "/wsbridge.nexora.v1.NexoraService/SendMessage";
+constexpr std::string_view kChatMethod = "/wsbridge.nexora.v1.NexoraService/Chat";
+constexpr std::string_view kCreateChatMethod = "/wsbridge.nexora.v1.NexoraService/CreateChat";
+constexpr size_t kMaxAgentIdSize = 128;
+// Calls requested ahead on each completion queue, per async method.
+constexpr int kOutstandingSendRequests = 8;
+constexpr int kOutstandingCreateRequests = 2;
+
+// SendMessage and CreateChat on the completion-queue API; Chat on the callback API.
+using NexoraServiceBase = v1::NexoraService::WithAsyncMethod_SendMessage<
+    v1::NexoraService::WithAsyncMethod_CreateChat<
+        v1::NexoraService::WithCallbackMethod_Chat<v1::NexoraService::Service>>>;
+
+// The chat a pool Acquire on this thread is for. The pool's session factory gets the
+// session's admin id and credential but not its key; Acquire calls the factory
+// synchronously on the calling thread, so the chat travels beside it.
+thread_local const std::string* t_acquiring_chat = nullptr;
+
+// The credential of a call: a per-call token, or the bridge's configured one.
+struct CallCredential {
+  std::string token;  // "" = the configured credential
+  std::string key;    // pool key part: a hash of the token, or "default"
+};
+
+// One message's state, shared by its request (on the session strand) and its call.
+struct MessageState {
+  std::string cmid;
+  bool generated = false;
+  std::string message_id;          // strand: Nexora's id of the answer, once known
+  int attempts = 0;                // strand: sends so far
+  std::atomic<bool> sent{false};   // the frame left at least once
+  uint64_t op = 0;                 // the session's request id
+};
+
+// Validates what both message RPCs carry; generates the client_message_id when empty.
+absl::Status ValidateMessage(const std::string& content, const std::string& cmid,
+                             uint32_t max_content_bytes) {
+  if (content.empty()) {
+    return absl::InvalidArgumentError("content is required: the message text to send to the agent");
+  }
+  if (content.size() > max_content_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("content is ", content.size(),
+                                                   " bytes; this bridge accepts at most ",
+                                                   max_content_bytes, " (max_content_bytes)"));
+  }
+  if (!cmid.empty()) {
+    if (absl::Status st = ValidateClientMessageId(cmid); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("client_message_id: ", st.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckChatId(const std::string& chat_id) {
+  if (chat_id.empty()) {
+    return absl::InvalidArgumentError("chat_id is required (from CreateChat, or Nexora's chat UUID)");
+  }
+  if (absl::Status st = ValidateChatId(chat_id); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("chat_id: ", st.message()));
+  }
+  return absl::OkStatus();
+}
+
+ChatEvent Accepted(const MessageState& m) {
+  ChatEvent e;
+  e.set_client_message_id(m.cmid);
+  e.mutable_accepted()->set_client_message_id(m.cmid);
+  e.mutable_accepted()->set_generated(m.generated);
+  return e;
+}
+
+ChatEvent Restarted(const MessageState& m, int attempt) {
+  ChatEvent e;
+  e.set_client_message_id(m.cmid);
+  e.mutable_restarted()->set_attempt(static_cast<uint32_t>(attempt));
+  return e;
+}
+
+// A server event as a ChatEvent; `m` (strand) learns the answer's message_id.
+ChatEvent ToChatEvent(const Event& ev, MessageState* m) {
+  ChatEvent e;
+  if (m != nullptr) {
+    e.set_client_message_id(m->cmid);
+    if (!ev.message_id.empty()) m->message_id = ev.message_id;
+    e.set_message_id(m->message_id);
+  } else {
+    e.set_message_id(ev.message_id);
+  }
+  switch (ev.kind) {
+    case EventKind::kChunk: e.mutable_chunk()->set_content(ev.content); break;
+    case EventKind::kToolCall:
+      e.mutable_tool_call()->set_tool(ev.tool);
+      e.mutable_tool_call()->set_input_json(ev.json);
+      break;
+    case EventKind::kToolResult:
+      e.mutable_tool_result()->set_tool(ev.tool);
+      e.mutable_tool_result()->set_result_json(ev.json);
+      break;
+    case EventKind::kSubAgentStart:
+      e.mutable_sub_agent_start()->set_task_id(ev.task_id);
+      e.mutable_sub_agent_start()->set_agent_name(ev.agent_name);
+      break;
+    case EventKind::kSubAgentComplete:
+      e.mutable_sub_agent_complete()->set_task_id(ev.task_id);
+      e.mutable_sub_agent_complete()->set_result(ev.result);
+      break;
+    case EventKind::kDone: e.mutable_done(); break;
+    case EventKind::kError:
+      e.mutable_error()->set_code(ev.code);
+      e.mutable_error()->set_message(log::Redact(ev.message));
+      e.mutable_error()->set_status_code(static_cast<int32_t>(CodeForUpstreamError(ev.code)));
+      break;
+    case EventKind::kDuplicate:
+      e.mutable_duplicate()->set_message_id(ev.message_id);
+      break;
+    case EventKind::kPong:
+    case EventKind::kUnknown:
+      e.mutable_unknown()->set_type(ev.type);
+      e.mutable_unknown()->set_json(ev.json);
+      break;
+  }
+  return e;
+}
+
+class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
+ public:
+  NexoraBridge(NexoraBridgeOptions options, core::BridgeContext context, std::string http_base)
+      : BridgeBase(std::move(context), "Nexora", {std::string(v1::NexoraService::service_full_name())}),
+        options_(std::move(options)),
+        http_base_(std::move(http_base)) {
+    core::HttpClientOptions ho;
+    ho.name = this->context().name;
+    ho.allow_plaintext = options_.connection.allow_plaintext;
+    ho.tls = options_.connection.tls;
+    ho.timeout = options_.http_timeout;
+    http_ = core::HttpClient::Create(this->context().executor, std::move(ho));
+    if (options_.api_key != nullptr) {
+      default_token_ = std::make_shared<StaticToken>(options_.api_key);
+    } else if (options_.email != nullptr && options_.password != nullptr) {
+      LoginToken::Options lo;
+      lo.login_url = absl::StrCat(http_base_, Av(kLoginPath));
+      lo.email = options_.email;
+      lo.password = options_.password;
+      lo.http = http_;
+      lo.retry_after = options_.auth_retry_after;
+      login_ = std::make_shared<LoginToken>(std::move(lo));
+      default_token_ = login_;
+      // The pool's refresher keeps file and env secrets current.
+      refresher_.Watch(options_.email);
+      refresher_.Watch(options_.password);
+    }
+    if (options_.api_key != nullptr) refresher_.Watch(options_.api_key);
+    core::SessionPoolOptions po;
+    po.max_sessions = options_.max_chats;
+    po.idle_timeout = options_.idle_chat_timeout;
+    po.check_interval = std::clamp<core::Duration>(options_.idle_chat_timeout / 4,
+                                                   std::chrono::milliseconds(20),
+                                                   std::chrono::seconds(1));
+    InitPool(
+        po,
+        [this](const std::string& id, std::shared_ptr<core::SecretSource> credential, bool pinned) {
+          return NewSession(id, std::move(credential), pinned);
+        },
+        core::CredentialPolicy{std::string(kTokenMetadata), options_.allow_call_token}, nullptr);
+    set_max_open_calls(options_.max_open_calls);
+  }
+
+  std::vector<grpc::Service*> Services() override { return {this}; }
+  bool UsesCompletionQueues() const override { return true; }
+  void ServeAsync(const std::vector<core::CqLoop*>& loops) override;
+  grpc::ServerBidiReactor<v1::ChatRequest, ChatEvent>* Chat(grpc::CallbackServerContext* ctx) override;
+  void Start() override {
+    BridgeBase::Start();
+    // Log in now, so the first call does not wait for it.
+    if (login_ != nullptr) login_->WithToken([](absl::StatusOr<Token>) {});
+  }
+
+  const NexoraBridgeOptions& options() const { return options_; }
+  core::HttpClient& http() { return *http_; }
+  const std::string& http_base() const { return http_base_; }
+
+  // The credential of a call (x-nexora-token metadata, or the configured one).
+  absl::StatusOr<CallCredential> CredentialFor(const grpc::ServerContextBase& ctx) const {
+    const auto& md = ctx.client_metadata();
+    auto it = md.find(grpc::string_ref(kTokenMetadata.data(), kTokenMetadata.size()));
+    if (it == md.end()) {
+      if (default_token_ == nullptr) {
+        return absl::UnauthenticatedError(absl::StrCat(
+            "no credential: this Nexora bridge has no configured api_key or email/password; "
+            "send a token (API key or JWT) in the \"", Av(kTokenMetadata), "\" metadata"));
+      }
+      return CallCredential{"", "default"};
+    }
+    if (!options_.allow_call_token) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "this bridge does not accept per-call tokens (\"", Av(kTokenMetadata),
+          "\" metadata); remove it, or set allow_call_token in the bridge config"));
+    }
+    std::string token(it->second.data(), it->second.size());
+    if (token.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("the \"", Av(kTokenMetadata), "\" metadata is empty"));
+    }
+    log::RegisterSecret(token);
+    std::string key = core::CredentialKey(token);
+    return CallCredential{std::move(token), std::move(key)};
+  }
+
+  // The token source of a call's credential.
+  std::shared_ptr<TokenSource> TokensFor(const CallCredential& cred) const {
+    if (cred.token.empty()) return default_token_;
+    return std::make_shared<StaticToken>(core::SecretSource::Fixed(cred.token));
+  }
+
+  // The chat's socket for this credential (created on first use).
+  absl::StatusOr<Lease> AcquireChat(const std::string& chat_id, const CallCredential& cred) {
+    t_acquiring_chat = &chat_id;
+    absl::StatusOr<Lease> lease = pool().Acquire(absl::StrCat(chat_id, "#", cred.key), cred.token);
+    t_acquiring_chat = nullptr;
+    if (!lease.ok() && lease.status().code() == absl::StatusCode::kResourceExhausted) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the Nexora bridge already holds its maximum of ", options_.max_chats,
+          " chat sockets (max_chats); retry later, or raise max_chats (idle chat sockets close "
+          "after idle_chat_timeout)"));
+    }
+    return lease;
+  }
+
+  // The upstream request of one message. `restarted` runs on the strand before a resend.
+  core::Request MessageRequest(std::shared_ptr<MessageState> m, std::string content,
+                               std::function<void(int attempt)> restarted) const {
+    core::Request r;
+    r.what = absl::StrCat("the message ", m->cmid);
+    r.gated = true;  // one in flight per chat (Protocol's gate)
+    r.gate_cost = 1;
+    r.on_drop = core::OnDrop::kResend;  // Nexora deduplicates by client_message_id
+    // No total deadline: the session bounds the wait between events
+    // (answer_idle_timeout), and a caller that leaves does not abandon an answer mid-way
+    // (its remaining events would otherwise be taken for the next message's).
+    r.encode = [m, content = std::move(content), restarted = std::move(restarted),
+                max_resends = static_cast<int>(options_.max_resends)](
+                   std::string_view) -> absl::StatusOr<core::Outbound> {
+      const int attempt = m->attempts++;
+      if (attempt > 0) {
+        if (attempt > max_resends) {
+          return core::WithErrorInfo(
+              absl::UnavailableError(absl::StrCat(
+                  "the socket to Nexora dropped ", attempt, " times before the answer to message ",
+                  m->cmid, " ended (max_resends ", max_resends,
+                  "); whether it was answered is unknown: send it again with the same "
+                  "client_message_id to get the answer or a duplicate")),
+              "OUTCOME_UNKNOWN", kErrorDomain);
+        }
+        m->message_id.clear();  // the answer starts over
+        restarted(attempt);
+      }
+      m->sent.store(true);
+      return core::Outbound{EncodeSend(content, m->cmid), false};
+    };
+    return r;
+  }
+
+  // A fresh message state (the caller's client_message_id, or a generated UUID).
+  std::shared_ptr<MessageState> NewMessage(const std::string& cmid) {
+    auto m = std::make_shared<MessageState>();
+    if (cmid.empty()) {
+      absl::MutexLock lock(&rng_mu_);
+      m->cmid = MakeClientMessageId(rng_);
+      m->generated = true;
+    } else {
+      m->cmid = cmid;
+    }
+    return m;
+  }
+
+ private:
+  std::shared_ptr<core::UpstreamSession> NewSession(const std::string& id,
+                                                    std::shared_ptr<core::SecretSource> credential,
+                                                    bool pinned) {
+    core::SessionOptions so = BaseSessionOptions(id, pinned);
+    so.error_domain = std::string(kErrorDomain);
+    so.connection = options_.connection;
+    so.connection.name = id;
+    // CheckAlive and the JSON ping run on this tick; pings only on a quiet socket.
+    so.connection.keepalive.heartbeat_interval =
+        std::max<core::Duration>(std::min(options_.ping_interval, options_.pong_timeout) / 2,
+                                 std::chrono::milliseconds(5));
+    so.request_timeout = options_.answer_idle_timeout;
+    so.login_timeout = options_.http_timeout;
+    so.max_pending = options_.max_pending_messages_per_chat;
+    ProtocolOptions po;
+    po.url = options_.url;
+    po.chat_id = t_acquiring_chat != nullptr ? *t_acquiring_chat : std::string();
+    po.headers = options_.headers;
+    absl::StatusOr<std::string> value = credential->Current();
+    po.token = value.ok() && !value->empty() ? std::make_shared<StaticToken>(std::move(credential))
+                                             : default_token_;
+    po.ping_interval = options_.ping_interval;
+    po.pong_timeout = options_.pong_timeout;
+    return core::UpstreamSession::Create(SessionExecutor(), std::move(so),
+                                         std::make_unique<Protocol>(std::move(po)));
+  }
+
+  const NexoraBridgeOptions options_;
+  const std::string http_base_;
+  std::shared_ptr<core::HttpClient> http_;
+  std::shared_ptr<LoginToken> login_;
+  std::shared_ptr<TokenSource> default_token_;
+  core::SecretRefresher refresher_;
+  absl::Mutex rng_mu_;
+  core::Rng rng_ = core::Rng::FromEntropy();
+};
+
+// ---------------------------------------------------------------------------------
+// SendMessage on the completion-queue API: the answer's events are pushed from the
+// session strand; core's AsyncServerStream writes them on the loop thread.
+class SendMessageCall final
+    : public core::AsyncServerStream<SendMessageCall, v1::SendMessageRequest, ChatEvent, ChatEvent> {
+ public:
+  SendMessageCall(NexoraBridge* bridge, core::CqLoop* loop)
+      : AsyncServerStream(bridge, loop, kSendMessageMethod, bridge->options().stream_queue, "events",
+                          kErrorDomain),
+        nexora_(bridge) {}
+
+  static void Request(core::BridgeBase* bridge, core::CqLoop* loop) {
+    auto* b = static_cast<NexoraBridge*>(bridge);
+    auto c = std::make_shared<SendMessageCall>(b, loop);
+    Start(c, c->done_tag(), [&] {
+      b->RequestSendMessage(&c->ctx_, &c->req_, &c->writer_, loop->cq(), loop->cq(), c->matched_tag());
+    });
+  }
+
+  // One event per message.
+  static bool Append(ChatEvent* m, const ChatEvent& e, size_t* bytes) {
+    if (*bytes > 0) return false;
+    *m = e;
+    *bytes = 1;
+    return true;
+  }
+
+  void OnAdmitted() {
+    absl::Status st = CheckChatId(req_.chat_id());
+    if (st.ok()) {
+      st = ValidateMessage(req_.content(), req_.client_message_id(),
+                           nexora_->options().max_content_bytes);
+    }
+    if (!st.ok()) {
+      FinishWith(core::ToGrpcStatus(st));
+      return;
+    }
+    absl::StatusOr<CallCredential> cred = nexora_->CredentialFor(ctx_);
+    if (!cred.ok()) {
+      FinishWith(core::ToGrpcStatus(cred.status()));
+      return;
+    }
+    absl::StatusOr<Lease> lease = nexora_->AcquireChat(req_.chat_id(), *cred);
+    if (!lease.ok()) {
+      FinishWith(core::ToGrpcStatus(lease.status()));
+      return;
+    }
+    lease_ = *std::move(lease);
+    msg_ = nexora_->NewMessage(req_.client_message_id());
+    Push(Accepted(*msg_));
+    std::shared_ptr<SendMessageCall> self = shared_from_this();
+    std::shared_ptr<MessageState> m = msg_;
+    // The callbacks hold the call until the answer ended, also when its caller left:
+    // the answer runs to its end so the chat's next message is not misrouted.
+    msg_->op = lease_->Send(
+        nexora_->MessageRequest(msg_, std::move(*req_.mutable_content()),
+                                [self, m](int attempt) { self->Push(Restarted(*m, attempt)); }),
+        [self, m](absl::StatusOr<core::Reply> reply) {
+          if (!reply.ok()) {
+            self->End(reply.status());
+            return;
+          }
+          const Event& ev = static_cast<const EventPayload&>(*reply->payload).event;
+          if (ev.kind == EventKind::kError) {
+            self->End(EventError(ev));  // a status, not an event (see nexora.proto)
+            return;
+          }
+          self->Push(ToChatEvent(ev, m.get()), reply->final);
+        });
+  }
+
+  // The call ended: a message not yet sent is dropped; one already sent runs to the end
+  // of its answer (see MessageRequest).
+  void Release() {
+    if (msg_ != nullptr && lease_ && !msg_->sent.load()) lease_->Cancel(msg_->op);
+  }
+
+ private:
+  NexoraBridge* nexora_;
+  std::shared_ptr<MessageState> msg_;
+};
+
+// ---------------------------------------------------------------------------------
+// CreateChat on the completion-queue API: POST /api/chats with the call's token.
+class CreateChatCall final
+    : public core::AsyncUnaryCall<CreateChatCall, v1::CreateChatRequest, v1::CreateChatResponse> {
+ public:
+  CreateChatCall(NexoraBridge* bridge, core::CqLoop* loop)
+      : AsyncUnaryCall(bridge, loop, kCreateChatMethod), nexora_(bridge) {}
+
+  static void Request(core::BridgeBase* bridge, core::CqLoop* loop) {
+    auto* b = static_cast<NexoraBridge*>(bridge);
+    auto c = std::make_shared<CreateChatCall>(b, loop);
+    Start(c, c->done_tag(), [&] {
+      b->RequestCreateChat(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(), c->matched_tag());
+    });
+  }
+
+  void OnAdmitted() {
+    const std::string& agent = req_.agent_id();
+    if (agent.empty()) {
+      FinishWith(core::ToGrpcStatus(
+          absl::InvalidArgumentError("agent_id is required: the Nexora agent (UUID) the chat talks to")));
+      return;
+    }
+    if (agent.size() > kMaxAgentIdSize ||
+        std::any_of(agent.begin(), agent.end(), [](char c) { return absl::ascii_iscntrl(c); })) {
+      FinishWith(core::ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
+          "agent_id must be 1-", kMaxAgentIdSize, " characters without control characters"))));
+      return;
+    }
+    absl::StatusOr<CallCredential> cred = nexora_->CredentialFor(ctx_);
+    if (!cred.ok()) {
+      FinishWith(core::ToGrpcStatus(cred.status()));
+      return;
+    }
+    tokens_ = nexora_->TokensFor(*cred);
+    deadline_ = core::SteadyDeadline(ctx_);
+    WithToken(false);
+  }
+
+ private:
+  void WithToken(bool retried) {
+    tokens_->WithToken([c = shared_from_this(), retried](absl::StatusOr<Token> token) {
+      if (!token.ok()) {
+        c->OnLoop([st = token.status()](CreateChatCall& call) { call.FinishWith(core::ToGrpcStatus(st)); });
+        return;
+      }
+      c->Post(*std::move(token), retried);
+    });
+  }
+
+  void Post(Token token, bool retried) {
+    core::HttpRequestSpec spec;
+    spec.url = absl::StrCat(nexora_->http_base(), Av(kChatsPath));
+    spec.body = EncodeCreateChatBody(req_.agent_id());
+    spec.headers = {{"Authorization", absl::StrCat("Bearer ", token.value)},
+                    {"Accept", "application/json"}};
+    const core::Duration left = deadline_ - core::Clock::now();
+    if (deadline_ != core::Clock::time_point::max() && left < nexora_->options().http_timeout) {
+      spec.timeout = std::max<core::Duration>(left, std::chrono::milliseconds(1));
+    }
+    nexora_->http().Send(std::move(spec), [c = shared_from_this(), generation = token.generation,
+                                           retried](absl::StatusOr<core::HttpAnswer> a) {
+      if (a.ok() && a->status == 401 && !retried && c->tokens_->Refresh(generation)) {
+        c->WithToken(true);  // an expired JWT: log in again once
+        return;
+      }
+      absl::Status st;
+      std::string chat_id;
+      if (!a.ok()) {
+        st = absl::Status(a.status().code(), absl::StrCat("create chat (POST /api/chats): ",
+                                                          a.status().message()));
+      } else if (a->status / 100 != 2) {
+        st = HttpError(a->status, a->body, "create chat (POST /api/chats)");
+      } else if (absl::StatusOr<std::string> id = DecodeCreateChatAnswer(a->body); !id.ok()) {
+        st = id.status();
+      } else {
+        chat_id = *std::move(id);
+      }
+      c->OnLoop([st, chat_id = std::move(chat_id)](CreateChatCall& call) {
+        if (!st.ok()) {
+          call.FinishWith(core::ToGrpcStatus(st));
+          return;
+        }
+        call.resp_.set_chat_id(chat_id);
+        call.FinishWith(grpc::Status::OK);
+      });
+    });
+  }
+
+  NexoraBridge* nexora_;
+  std::shared_ptr<TokenSource> tokens_;
+  core::Clock::time_point deadline_ = core::Clock::time_point::max();
+};
+
+// ---------------------------------------------------------------------------------
+// Chat (callback API, bidi): messages in, answered one after another on the chat's
+// socket; every event out; upstream errors are events. Events arriving while no message
+// is in flight come through the chat sink (client_message_id empty).
+class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatRequest, ChatEvent>,
+                         public core::EventSink {
+ public:
+  ChatStream(NexoraBridge* bridge, grpc::CallbackServerContext* ctx)
+      : CallbackBidiStream(bridge, ctx, kChatMethod), nexora_(bridge) {}
+
+  void OnBegun() { StartRead(&req_); }
+  v1::ChatRequest* read_buffer() { return &req_; }
+
+  void OnReadDone(bool ok) override {
+    Actions a;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      if (!ok) {
+        half_closed_ = true;
+        MaybeCompleteLocked(a);
+      } else if (absl::Status st = AcceptLocked(a); !st.ok()) {
+        FailLocked(st, a);
+      } else if (!finishing()) {
+        a.read = true;
+      }
+    }
+    Run(a);
+  }
+
+  // core::EventSink (session strand): events while no message is in flight.
+  void OnSubscribed(const core::SubscribedInfo&) override {}
+  void OnEvent(const core::PayloadPtr& event, bool /*after_gap*/) override {
+    const Event& ev = static_cast<const EventPayload&>(*event).event;
+    Actions a;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || finishing()) return;
+      PushEventLocked(ToChatEvent(ev, nullptr), a);
+    }
+    Run(a);
+  }
+  void OnEnded(const absl::Status& status) override {
+    Actions a;
+    {
+      absl::MutexLock lock(&mu_);
+      subscribed_ = false;
+      if (finished_ || finishing()) return;
+      FailLocked(status, a);
+    }
+    Run(a);
+  }
+
+  void FailLocked(const absl::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    FinishNowLocked(core::ToGrpcStatus(st), a);
+  }
+
+  // Drops what has not been sent and leaves the chat sink. Messages already sent run to
+  // the end of their answers (see MessageRequest).
+  void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!lease_) return;
+    for (auto& [op, m] : open_) {
+      if (!m->sent.load()) lease_->Cancel(op);
+    }
+    open_.clear();
+    if (subscribed_) {
+      lease_->Unsubscribe(std::string(kChatRoute), sink_id_);
+      subscribed_ = false;
+    }
+  }
+
+ private:
+  absl::Status AcceptLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const NexoraBridgeOptions& o = nexora_->options();
+    if (chat_.empty()) {
+      if (absl::Status st = CheckChatId(req_.chat_id()); !st.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("the first message: ", st.message()));
+      }
+    } else if (!req_.chat_id().empty() && req_.chat_id() != chat_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "message ", received_, ": chat_id \"", req_.chat_id(), "\" differs from this stream's chat \"",
+          chat_, "\" (one stream talks to one chat; open another stream)"));
+    }
+    const bool first = chat_.empty();
+    if (!(first && req_.content().empty())) {
+      if (absl::Status st = ValidateMessage(req_.content(), req_.client_message_id(), o.max_content_bytes);
+          !st.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("message ", received_, ": ", st.message()));
+      }
+    }
+    if (first) {
+      absl::StatusOr<CallCredential> cred = nexora_->CredentialFor(*ctx_);
+      if (!cred.ok()) return cred.status();
+      absl::StatusOr<Lease> lease = nexora_->AcquireChat(req_.chat_id(), *cred);
+      if (!lease.ok()) return lease.status();
+      lease_ = *std::move(lease);
+      chat_ = req_.chat_id();
+      subscribed_ = true;
+      sink_id_ = lease_->Subscribe(std::string(kChatRoute), nullptr, shared_from_this());
+    }
+    ++received_;
+    if (req_.content().empty()) return absl::OkStatus();  // opened the conversation only
+    std::shared_ptr<MessageState> m = nexora_->NewMessage(req_.client_message_id());
+    PushEventLocked(Accepted(*m), a);
+    std::weak_ptr<ChatStream> w = weak_from_this();
+    m->op = lease_->Send(
+        nexora_->MessageRequest(m, std::move(*req_.mutable_content()),
+                                [w, m](int attempt) {
+                                  if (auto s = w.lock()) s->Deliver(Restarted(*m, attempt), nullptr);
+                                }),
+        [w, m](absl::StatusOr<core::Reply> reply) {
+          auto s = w.lock();
+          if (s == nullptr) return;
+          if (!reply.ok()) {
+            s->Fail(reply.status());
+            return;
+          }
+          const Event& ev = static_cast<const EventPayload&>(*reply->payload).event;
+          s->Deliver(ToChatEvent(ev, m.get()), reply->final ? m.get() : nullptr);
+        });
+    open_[m->op] = m;
+    return absl::OkStatus();
+  }
+
+  // From the strand: one event of a message; `ended` is the message whose answer ended.
+  void Deliver(ChatEvent e, const MessageState* ended) {
+    Actions a;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      if (ended != nullptr) open_.erase(ended->op);
+      PushEventLocked(std::move(e), a);
+      MaybeCompleteLocked(a);
+    }
+    Run(a);
+  }
+
+  void PushEventLocked(ChatEvent e, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finishing()) return;
+    if (queued() >= nexora_->options().stream_queue) {
+      FailLocked(core::SlowConsumer(nexora_->options().stream_queue, "events", kErrorDomain), a);
+      return;
+    }
+    PushLocked(std::make_shared<const ChatEvent>(std::move(e)), a);
+  }
+
+  // Ends OK once the caller half-closed and every answer ended.
+  void MaybeCompleteLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finishing() || !half_closed_ || !open_.empty()) return;
+    CompleteLocked(grpc::Status::OK, a);
+  }
+
+  NexoraBridge* nexora_;
+  v1::ChatRequest req_;
+  std::string chat_ ABSL_GUARDED_BY(mu_);
+  uint32_t received_ ABSL_GUARDED_BY(mu_) = 0;
+  bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
+  bool subscribed_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t sink_id_ ABSL_GUARDED_BY(mu_) = 0;
+  // Messages whose answers have not ended, by request id.
+  std::map<uint64_t, std::shared_ptr<MessageState>> open_ ABSL_GUARDED_BY(mu_);
+};
+
+grpc::ServerBidiReactor<v1::ChatRequest, ChatEvent>* NexoraBridge::Chat(
+    grpc::CallbackServerContext* ctx) {
+  auto r = std::make_shared<ChatStream>(this, ctx);
+  r->Begin();
+  return r.get();
+}
+
+void NexoraBridge::ServeAsync(const std::vector<core::CqLoop*>& loops) {
+  for (core::CqLoop* loop : loops) {
+    for (int i = 0; i < kOutstandingSendRequests; ++i) SendMessageCall::Request(this, loop);
+    for (int i = 0; i < kOutstandingCreateRequests; ++i) CreateChatCall::Request(this, loop);
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<core::Bridge>> NewNexoraBridge(NexoraBridgeOptions options,
+                                                              const core::BridgeContext& context) {
+  if (options.url.empty()) return absl::InvalidArgumentError("nexora: upstream url is required");
+  if (options.api_key == nullptr && (options.email == nullptr || options.password == nullptr) &&
+      !options.allow_call_token) {
+    return absl::InvalidArgumentError(
+        "nexora: set api_key, or email and password, or allow_call_token so calls can bring "
+        "their own token");
+  }
+  if (!context.executor) return absl::InvalidArgumentError("nexora: no executor in the context");
+  std::string http_base = options.http_base_url;
+  if (http_base.empty()) {
+    absl::StatusOr<std::string> b = HttpBaseUrl(options.url);
+    if (!b.ok()) return absl::InvalidArgumentError(absl::StrCat("nexora: ", b.status().message()));
+    http_base = *std::move(b);
+  }
+  while (!http_base.empty() && http_base.back() == '/') http_base.pop_back();
+  return std::unique_ptr<core::Bridge>(new NexoraBridge(std::move(options), context, std::move(http_base)));
+}
+
+}  // namespace wsbridge::nexora
