@@ -7,6 +7,7 @@
 // client-side RateLimiter. Strand-only, like every core::Protocol.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <memory>
