@@ -180,8 +180,9 @@ absl::StatusOr<core::HandshakeRequest> Protocol::PrepareHandshake() {
   prepare_status_ = absl::OkStatus();
   absl::StatusOr<Token> token = options_.token->Current();
   if (!token.ok()) {
-    prepare_status_ = token.status();
-    return token.status();
+    // Without its ErrorInfo payload: the connection logs the reason as text.
+    prepare_status_ = absl::Status(token.status().code(), token.status().message());
+    return prepare_status_;
   }
   absl::StatusOr<std::string> target = SocketTarget(base_path_, options_.chat_id, token->value);
   if (!target.ok()) {
