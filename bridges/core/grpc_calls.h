@@ -266,6 +266,16 @@ class AsyncServerStream : public AsyncCallBase<Derived> {
     }
     if (wake) this->loop_->Post([s = this->shared_from_this()] { s->Drain(); });
   }
+  // Ends the stream with `status` once the items queued before it are written (an
+  // upstream error that follows the events it ends).
+  void EndAfterQueued(const absl::Status& status) {
+    bool wake = false;
+    if (!inbox_.Push(Queued{Item{}, true, ToGrpcStatus(status)}, &wake)) {
+      End(status);
+      return;
+    }
+    if (wake) this->loop_->Post([s = this->shared_from_this()] { s->Drain(); });
+  }
   // Ends the stream with `status` (an upstream error, the session closing).
   void End(const absl::Status& status) {
     this->loop_->Post([s = this->shared_from_this(), status] { s->FinishWith(ToGrpcStatus(status)); });
@@ -302,6 +312,7 @@ class AsyncServerStream : public AsyncCallBase<Derived> {
   struct Queued {
     Item item;
     bool last = false;
+    std::optional<grpc::Status> end;  // EndAfterQueued: no item, finish with this
   };
 
   void OnMatched(bool ok) {
@@ -341,9 +352,9 @@ class AsyncServerStream : public AsyncCallBase<Derived> {
     inbox_.Take(&items);
     if (this->finished_ || finish_after_.has_value()) return;
     for (Queued& q : items) {
-      pending_.push_back(std::move(q.item));
+      if (!q.end.has_value()) pending_.push_back(std::move(q.item));
       if (q.last) {
-        finish_after_ = grpc::Status::OK;
+        finish_after_ = q.end.value_or(grpc::Status::OK);
         ReleaseOnce();
         break;
       }
