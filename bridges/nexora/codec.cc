@@ -77,18 +77,10 @@ constexpr KindName kKinds[] = {
 };
 
 absl::StatusCode CodeForHttpStatus(int status) {
-  switch (status) {
-    case 400: case 422: return absl::StatusCode::kInvalidArgument;
-    case 401: return absl::StatusCode::kUnauthenticated;
-    case 403: return absl::StatusCode::kPermissionDenied;
-    case 404: return absl::StatusCode::kNotFound;
-    case 409: return absl::StatusCode::kAborted;
-    case 429: return absl::StatusCode::kResourceExhausted;
-    case 501: return absl::StatusCode::kUnimplemented;
-    default: break;
-  }
-  if (status >= 500) return absl::StatusCode::kUnavailable;
-  return absl::StatusCode::kUnknown;
+  // Nexora's HTTP endpoints (login, create chat) are worth retrying on any 5xx, so every
+  // 5xx but 501 is UNAVAILABLE; the rest is core's one HTTP-status table.
+  if (status >= 500 && status != 501) return absl::StatusCode::kUnavailable;
+  return core::CodeForHttpStatus(status);
 }
 
 // The human-readable text of an HTTP error body: FastAPI's {"detail": "..."} (or a

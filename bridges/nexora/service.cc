@@ -402,12 +402,13 @@ class SendMessageCall final
                                 [self, m](int attempt) { self->Push(Restarted(*m, attempt)); }),
         [self, m](absl::StatusOr<core::Reply> reply) {
           if (!reply.ok()) {
-            self->End(reply.status());
+            self->EndAfterQueued(reply.status());
             return;
           }
           const Event& ev = static_cast<const EventPayload&>(*reply->payload).event;
           if (ev.kind == EventKind::kError) {
-            self->End(EventError(ev));  // a status, not an event (see nexora.proto)
+            // A status, not an event (see nexora.proto), after the events before it.
+            self->EndAfterQueued(EventError(ev));
             return;
           }
           self->Push(ToChatEvent(ev, m.get()), reply->final);

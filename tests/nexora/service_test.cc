@@ -356,6 +356,7 @@ TEST_F(NexoraServiceTest, NoCredentialOrAWrongKeyIsUnauthenticatedWithoutAReconn
   Outcome bad = Send("chat-n", "hi", "", "nxr_bad_key_1");
   EXPECT_EQ(bad.status.error_code(), grpc::StatusCode::UNAUTHENTICATED) << bad.status.error_message();
   EXPECT_FALSE(absl::StrContains(bad.status.error_message(), "nxr_bad_key_1"));
+  EXPECT_EQ(ErrorDetail(bad.status).reason, "AUTH_REFUSED");
   const int refused = emulator_->refused_upgrades();
   EXPECT_GE(refused, 1);
   // Later calls with the refused key fail at once, without new upgrades.
