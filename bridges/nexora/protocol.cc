@@ -254,7 +254,7 @@ std::optional<core::Outbound> Protocol::Heartbeat() {
 absl::Status Protocol::CheckAlive() {
   if (gate_.stale()) {
     return absl::AbortedError(
-        "an answer was abandoned mid-stream (its caller's deadline or cancel); replacing the "
+        "an answer was abandoned mid-stream (silent past answer_idle_timeout); replacing the "
         "socket so its remaining events cannot be taken for the next message's");
   }
   if (ping_sent_.has_value() && options_.now() - *ping_sent_ >= options_.pong_timeout) {

@@ -420,6 +420,51 @@ TEST_F(NexoraServiceTest, TwoCallsOnOneChatShareOneSocketAndAreServedInOrder) {
   EXPECT_LE(emulator_->open_sockets("chat-shared"), 1);
 }
 
+TEST_F(NexoraServiceTest, ACallerLeavingMidAnswerDoesNotMisrouteTheNextMessage) {
+  Start();
+  emulator_->SetStepDelay(30ms);
+  {
+    grpc::ClientContext ctx;
+    v1::SendMessageRequest req;
+    req.set_chat_id("chat-leave");
+    req.set_content("left");
+    req.set_client_message_id("cmid-left");
+    auto reader = stub_->SendMessage(&ctx, req);
+    v1::ChatEvent ev;
+    while (reader->Read(&ev) && !ev.has_chunk()) {
+    }
+    ctx.TryCancel();
+    while (reader->Read(&ev)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  // The next message waits for the abandoned answer's end upstream, then gets only its own.
+  Outcome next = Send("chat-leave", "stayed", "cmid-stayed");
+  ASSERT_TRUE(next.status.ok()) << next.status.error_message();
+  EXPECT_EQ(next.Text(), "Let me check that. You asked: stayed. There are no open issues.");
+  EXPECT_EQ(next.Count(v1::ChatEvent::kToolCall), 1);
+  for (const auto& e : next.events) EXPECT_EQ(e.client_message_id(), "cmid-stayed");
+  EXPECT_EQ(emulator_->received_ids(), (std::vector<std::string>{"cmid-left", "cmid-stayed"}));
+  EXPECT_EQ(Reconnects(), 0u);
+}
+
+TEST_F(NexoraServiceTest, ASilentAnswerTimesOutAndTheChatGoesOnOnAFreshSocket) {
+  Start({}, [](NexoraBridgeOptions& o) {
+    o.answer_idle_timeout = 200ms;
+    o.ping_interval = 100ms;
+    o.pong_timeout = 1s;
+  });
+  emulator_->SetScript({{R"({"type":"chunk","content":"a"})"}, {R"({"type":"chunk","content":"late"})", 1500ms}});
+  Outcome slow = Send("chat-silent", "slow", "cmid-slow");
+  EXPECT_EQ(slow.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << slow.status.error_message();
+  EXPECT_EQ(ErrorDetail(slow.status).reason, "OUTCOME_UNKNOWN");
+  emulator_->SetScript({{R"({"type":"chunk","content":"fresh"})"}});
+  Outcome next = Send("chat-silent", "next", "cmid-next");
+  ASSERT_TRUE(next.status.ok()) << next.status.error_message();
+  EXPECT_EQ(next.Text(), "fresh");  // never the abandoned answer's "late"
+  EXPECT_GE(Reconnects(), 1u);     // the socket with the abandoned answer was replaced
+}
+
 TEST_F(NexoraServiceTest, ChatsAreIsolated) {
   Start();
   constexpr int kChats = 40;
