@@ -370,8 +370,9 @@ class AsyncSubscribeStream final
     last_timestamp_raw_ = e.update->event().timestamp_raw();
     Push(e.update);
   }
+  // Events that arrived before the end reach the caller first.
   void OnEnded(const absl::Status& status) override {
-    End(Finalize(status, "", false, *notes_));
+    EndAfterQueued(Finalize(status, "", false, *notes_));
   }
 
  private:
