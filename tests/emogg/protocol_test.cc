@@ -146,6 +146,26 @@ TEST_F(EmoggProtocolTest, After429TheSubscriptionIsRestoredWithAGap) {
   }
 }
 
+TEST_F(EmoggProtocolTest, A401EndsSubscriptionsAfterTheirQueuedEvents) {
+  Start(Generous(), [](EmoggBridgeOptions& o) { o.auth_retry_pause = 1s; });
+  auto s = Subscribe("session_emotions_counts", "s1:1s");
+  ExpectSubscribed(*s);
+  emulator_->EmitNow("session_emotions_counts", "s1:1s");
+  ASSERT_TRUE(WaitFor([&] { return emulator_->events_sent() == 1; }));
+  Outcome trigger = Call("emulator:status", R"({"status": 401})");
+  EXPECT_EQ(trigger.status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  // The event sent before the 401 still arrives; then the stream ends: the token is
+  // considered refused, so the subscription cannot be restored with it.
+  v1::Event ev;
+  ASSERT_TRUE(s->NextEvent(&ev));
+  v1::SubscriptionUpdate u;
+  EXPECT_FALSE(s->Next(&u));
+  grpc::Status st = s->reader->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAUTHENTICATED) << st.error_message();
+  EXPECT_EQ(ErrorDetail(st).reason, "TOKEN_REFUSED");
+  EXPECT_TRUE(WaitFor([&] { return emulator_->active_subscriptions() == 0; }));
+}
+
 TEST_F(EmoggProtocolTest, DroppedConnectionRestoresSubscriptionsWithAGap) {
   Start();
   auto s = Subscribe("session_worker_state", "s3");
