@@ -57,6 +57,17 @@ TEST(EmoggRateLimiter, NextAllowedIsWhenEnoughSendsLeaveTheWindow) {
   EXPECT_TRUE(rl.TryAcquire(P::kRequest, kT0 + seconds(30)));
 }
 
+TEST(EmoggRateLimiter, RecordCountsASendEvenOverTheLimit) {
+  RateLimiter rl = Make(2, seconds(10), 1);
+  rl.Record(kT0);
+  rl.Record(kT0 + milliseconds(1));
+  rl.Record(kT0 + milliseconds(2));  // the auth message on a fresh connection
+  EXPECT_EQ(rl.InWindow(kT0 + milliseconds(2)), 3u);
+  // Nothing else fits until enough of them have left the window.
+  EXPECT_EQ(rl.NextAllowed(P::kControl, kT0 + milliseconds(3)), kT0 + milliseconds(10001));
+  EXPECT_EQ(rl.NextAllowed(P::kRequest, kT0 + milliseconds(3)), kT0 + milliseconds(10002));
+}
+
 TEST(EmoggRateLimiter, BlockUntilPausesEverySend) {
   RateLimiter rl = Make(10, seconds(60), 2);
   rl.BlockUntil(kT0 + seconds(60));
