@@ -328,6 +328,34 @@ TEST_F(NexoraServiceTest, AnExpiredJwtIsReplacedThroughAnHttpsLoginAndTheCallCon
   }
 }
 
+TEST_F(NexoraServiceTest, ManyChatsRefusedForOneExpiredJwtShareOneLogin) {
+  emulator::NexoraEmulatorOptions e;
+  e.tls = true;
+  e.users = {{"bot@example.com", "pw-many"}};
+  e.jwt_lifetime = 0ms;
+  Start(std::move(e), [](NexoraBridgeOptions& o) {
+    o.api_key = nullptr;
+    o.email = core::SecretSource::Fixed("bot@example.com");
+    o.password = core::SecretSource::Fixed("pw-many");
+  });
+  ASSERT_TRUE(WaitFor([&] { return emulator_->logins() == 1; }));
+  emulator_->SetJwtLifetime(std::chrono::minutes(15));
+  constexpr int kChats = 100;
+  std::vector<Outcome> out(kChats);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kChats; ++i) {
+    threads.emplace_back([&, i] { out[i] = Send(absl::StrCat("jwt-chat-", i), "hi"); });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < kChats; ++i) {
+    ASSERT_TRUE(out[i].status.ok()) << i << ": " << out[i].status.error_message();
+    EXPECT_EQ(out[i].Count(v1::ChatEvent::kDone), 1);
+  }
+  // Every socket refused for the expired JWT waited for the same single re-login.
+  EXPECT_EQ(emulator_->logins(), 2);
+  EXPECT_GE(emulator_->refused_upgrades(), 1);
+}
+
 TEST_F(NexoraServiceTest, AWrongPasswordIsUnauthenticatedWithoutALoginStorm) {
   emulator::NexoraEmulatorOptions e;
   e.tls = true;
@@ -467,7 +495,7 @@ TEST_F(NexoraServiceTest, ASilentAnswerTimesOutAndTheChatGoesOnOnAFreshSocket) {
 
 TEST_F(NexoraServiceTest, ChatsAreIsolated) {
   Start();
-  constexpr int kChats = 40;
+  constexpr int kChats = 500;
   std::vector<Outcome> out(kChats);
   std::vector<std::thread> threads;
   for (int i = 0; i < kChats; ++i) {
