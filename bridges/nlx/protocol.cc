@@ -258,6 +258,7 @@ core::Inbound Protocol::Decode(std::string_view text, bool binary) {
     p->frame.kind = FrameKind::kUnknown;
     p->frame.raw = std::string(text);
     in.kind = core::Inbound::Kind::kEvent;
+    in.route = std::string(kConversationRoute);
     in.payload = std::move(p);
     return in;
   }
@@ -312,9 +313,11 @@ core::Inbound Protocol::Decode(std::string_view text, bool binary) {
         return in;
       }
       in.kind = core::Inbound::Kind::kEvent;  // unsolicited
+      in.route = std::string(kConversationRoute);
       break;
     case FrameKind::kUnknown:
       in.kind = core::Inbound::Kind::kEvent;
+      in.route = std::string(kConversationRoute);
       break;
   }
   auto p = std::make_shared<FramePayload>();

@@ -7,8 +7,8 @@
 //    every reconnect resumes the same conversation.
 //  - Replies in send order: one turn in flight per conversation (TurnGate), so the next
 //    response or error frame belongs to it. Responses while no turn is in flight are
-//    unsolicited pushes: events on route "" (the conversation's sinks, i.e. Converse
-//    calls). A turn abandoned on an open socket (deadline, cancel) leaves the gate shut
+//    unsolicited pushes: events on kConversationRoute (the conversation's sinks, i.e.
+//    Converse calls). A turn abandoned on an open socket (deadline, cancel) leaves the gate shut
 //    and CheckAlive replaces the socket: a late answer can never be taken for the next
 //    turn's.
 //  - The first open of a conversation either reaches the ack or fails (Conversation::
@@ -42,6 +42,11 @@ namespace wsbridge::nlx {
 struct FramePayload final : core::Payload {
   Frame frame;
 };
+
+// The subscription key (and event route) of a conversation's sinks: a local subscription,
+// nothing is sent upstream. Not "": core routes a send-order reply (route "") to a
+// subscription with that event route before the request in flight.
+inline constexpr std::string_view kConversationRoute = "conversation";
 
 // The status payload carrying an upstream error frame's JSON (TurnFailed.upstream_json).
 inline constexpr std::string_view kUpstreamJsonPayload = "type.wsbridge.dev/nlx.upstream_json";

@@ -501,7 +501,7 @@ class ConverseStream final
     if (watch_ != 0) conv_->Unwatch(watch_);
     watch_ = 0;
     if (subscribed_) {
-      lease_->Unsubscribe("", sink_id_);
+      lease_->Unsubscribe(std::string(kConversationRoute), sink_id_);
       subscribed_ = false;
     }
     nlx_->CloseIfUnused(lease_, "the Converse call ended");
@@ -538,7 +538,7 @@ class ConverseStream final
       });
       if (absl::Status open = conv_->open_error(); !open.ok()) return open;
       subscribed_ = true;
-      sink_id_ = lease_->Subscribe("", nullptr, shared_from_this());
+      sink_id_ = lease_->Subscribe(std::string(kConversationRoute), nullptr, shared_from_this());
       if (!req_.has_turn()) return absl::OkStatus();  // open or resume only
     } else {
       const std::string& id = req_.conversation_id();
