@@ -24,13 +24,10 @@ absl::StatusOr<std::shared_ptr<core::SecretSource>> Secret(const config::v1::Sec
 
 absl::StatusOr<NlxBridgeOptions> OptionsFromConfig(const config::v1::NlxBridgeConfig& cfg,
                                                    std::string_view bridge_name) {
+  // No url (the loader fills an absent upstream with its defaults): NLX's endpoint, with
+  // verified TLS.
   config::v1::UpstreamConfig upstream = cfg.upstream();
-  if (!cfg.has_upstream()) {
-    upstream.set_url(std::string(kDefaultUrl));  // NLX's endpoint, verified TLS
-  } else if (upstream.url().empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "upstream.url: required when upstream is given (NLX's is ", Av(kDefaultUrl), ")"));
-  }
+  if (upstream.url().empty()) upstream.set_url(std::string(kDefaultUrl));
   if (absl::Status st = core::CheckUpstreamUrl(upstream); !st.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("upstream.url: ", st.message()));
   }
