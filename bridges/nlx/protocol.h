@@ -64,8 +64,11 @@ std::string RefusalKey(std::string_view tenant, const KeySources& keys);
 // What the calls on a conversation share with its session's protocol. Thread-safe.
 class Conversation {
  public:
-  // `resume_id`: the id asked for ("" = a new conversation).
-  explicit Conversation(std::string resume_id) : id_(std::move(resume_id)) {}
+  // `resume_id`: the id asked for ("" = a new conversation); `pool_key`: its session's.
+  explicit Conversation(std::string resume_id, std::string pool_key = "")
+      : pool_key_(std::move(pool_key)), id_(std::move(resume_id)) {}
+
+  const std::string& pool_key() const { return pool_key_; }
 
   // The acknowledged id (or, before the first ack, the id asked for).
   std::string id() const;
@@ -82,6 +85,7 @@ class Conversation {
   void OpenFailed(absl::Status status);
 
  private:
+  const std::string pool_key_;
   mutable absl::Mutex mu_;
   std::string id_ ABSL_GUARDED_BY(mu_);
   bool acknowledged_ ABSL_GUARDED_BY(mu_) = false;

@@ -239,10 +239,14 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
 
   // Closes the conversation's socket when no other call holds it (`lease` is the last
   // call's, about to be released).
-  void CloseIfUnused(const Lease& lease, std::string_view why) {
-    if (!lease || lease->leases.load() > 1) return;
+  // Returns whether it closed it.
+  bool CloseIfUnused(const Lease& lease, const Conversation& conversation, std::string_view why) {
+    if (!lease || lease->leases.load() > 1) return false;
     lease->Close(1000, std::string(why), nullptr);
-    (void)pool().Close(lease->id());  // out of the pool: a resume opens a fresh socket
+    // Out of the pool, so a resume opens a fresh socket; unless the pool key already holds
+    // a newer session (same admin id), which must stay.
+    if (registry_->Get(conversation.pool_key()).get() == &conversation) (void)pool().Close(lease->id());
+    return true;
   }
 
   // The upstream request of one turn.
@@ -291,7 +295,7 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
     so.max_pending = std::max<uint32_t>(1, options_.max_pending_turns - 1);  // + the one in flight
     SessionSetup fallback;
     const SessionSetup& setup = t_setup != nullptr ? *t_setup : fallback;
-    auto conv = std::make_shared<Conversation>(setup.resume_id);
+    auto conv = std::make_shared<Conversation>(setup.resume_id, setup.pool_key);
     registry_->Put(setup.pool_key, conv);
     ProtocolOptions po;
     po.url = options_.url;
@@ -392,7 +396,9 @@ class SendCall final : public core::AsyncUnaryCall<SendCall, v1::SendRequest, v1
         nlx_->CallStatus(TurnStatus(st, "the turn", nlx_->options().turn_timeout), keys_, conv_.get());
     OnLoop([mapped](SendCall& call) {
       call.Done();
-      if (!call.conv_->open_error().ok()) call.nlx_->CloseIfUnused(call.lease_, "the conversation could not be opened");
+      if (!call.conv_->open_error().ok()) {
+        call.nlx_->CloseIfUnused(call.lease_, *call.conv_, "the conversation could not be opened");
+      }
       call.FinishWith(core::ToGrpcStatus(mapped));
     });
   }
@@ -493,9 +499,16 @@ class ConverseStream final
   }
 
   // Drops unsent turns, leaves the conversation's sinks, and closes its socket when no
-  // other call holds it.
+  // other call holds it. Core calls it when the stream completes and again when the call is done (another
+  // call may have let go of the socket by then). The socket is closed at most once: after
+  // that a resume may have opened a new one under the same pool key (and admin id).
   void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!lease_) return;
+    if (!lease_ || closed_) return;
+    if (released_) {
+      closed_ = nlx_->CloseIfUnused(lease_, *conv_, "the Converse call ended");
+      return;
+    }
+    released_ = true;
     for (const auto& [op, turn] : open_) lease_->Cancel(op);
     open_.clear();
     if (watch_ != 0) conv_->Unwatch(watch_);
@@ -504,7 +517,7 @@ class ConverseStream final
       lease_->Unsubscribe(std::string(kConversationRoute), sink_id_);
       subscribed_ = false;
     }
-    nlx_->CloseIfUnused(lease_, "the Converse call ended");
+    closed_ = nlx_->CloseIfUnused(lease_, *conv_, "the Converse call ended");
   }
 
  private:
@@ -650,6 +663,8 @@ class ConverseStream final
   uint64_t received_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t turns_ ABSL_GUARDED_BY(mu_) = 0;
   bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
+  bool released_ ABSL_GUARDED_BY(mu_) = false;  // turns dropped, sink left
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;    // the socket was closed
   bool read_paused_ ABSL_GUARDED_BY(mu_) = false;
   bool subscribed_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t sink_id_ ABSL_GUARDED_BY(mu_) = 0;
