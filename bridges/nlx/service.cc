@@ -395,16 +395,19 @@ class SendCall final : public core::AsyncUnaryCall<SendCall, v1::SendRequest, v1
     absl::Status mapped =
         nlx_->CallStatus(TurnStatus(st, "the turn", nlx_->options().turn_timeout), keys_, conv_.get());
     OnLoop([mapped](SendCall& call) {
-      call.Done();
       if (!call.conv_->open_error().ok()) {
         call.nlx_->CloseIfUnused(call.lease_, *call.conv_, "the conversation could not be opened");
       }
+      call.Done();
       call.FinishWith(core::ToGrpcStatus(mapped));
     });
   }
+  // The turn ended: the socket is let go before the caller hears of it, so a call the
+  // caller makes next (e.g. a Converse that then ends) sees no other holder.
   void Done() {
     if (watch_ != 0) conv_->Unwatch(watch_);
     watch_ = 0;
+    lease_.Release();
   }
 
   NlxBridge* nlx_;
