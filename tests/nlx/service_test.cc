@@ -362,6 +362,36 @@ TEST_F(NlxServiceTest, RefusedKeysAreUnauthenticatedNamingTheKeyWithoutAReconnec
   EXPECT_TRUE(WaitFor([&] { return emulator_->open_connections() <= 1; }, 5s));
 }
 
+TEST_F(NlxServiceTest, PerCallKeysAreATenantOfTheirOwn) {
+  Start();
+  emulator::NlxEmulatorOptions keys;
+  const std::map<std::string, std::string> md = {{"x-nlx-api-key", keys.api_key},
+                                                 {"x-nlx-deployment-key", keys.deployment_key},
+                                                 {"x-nlx-channel-key", keys.channel_key}};
+  SendResult a = Send("", Text("mine"), 10s, md);
+  ASSERT_TRUE(a.status.ok()) << a.status.error_message();
+  const std::string id = a.resp.conversation_id();
+  // The same id with the configured keys is another tenant's: not that socket.
+  SendResult b = Send(id, Text("yours"));
+  ASSERT_TRUE(b.status.ok()) << b.status.error_message();
+  EXPECT_EQ(b.resp.conversation_id(), id);
+  EXPECT_EQ(emulator_->handshakes(), 2);
+  // With the same keys again, the call finds its own socket.
+  SendResult c = Send(id, Text("mine again"), 10s, md);
+  ASSERT_TRUE(c.status.ok()) << c.status.error_message();
+  EXPECT_EQ(emulator_->handshakes(), 2);
+  EXPECT_EQ(c.resp.response().messages(0).text(), "Turn 3: you said \"mine again\"");
+}
+
+TEST_F(NlxServiceTest, MetadataKeysAreRefusedUnlessTheBridgeAllowsThem) {
+  Start([](NlxBridgeOptions& o) { o.allow_call_keys = false; });
+  SendResult a = Send("", Text("hi"), 10s, {{"x-nlx-api-key", "some-key"}});
+  EXPECT_EQ(a.status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(ErrorDetail(a.status).reason, "KEYS_MISSING");
+  EXPECT_TRUE(absl::StrContains(a.status.error_message(), "allow_call_keys")) << a.status.error_message();
+  EXPECT_EQ(emulator_->handshakes(), 0);
+}
+
 TEST_F(NlxServiceTest, A403AtTheUpgradeIsAnAuthFailureToo) {
   Start();
   emulator_->SetRefuseUpgrades(403);
