@@ -256,7 +256,7 @@ class AsyncServerStream : public AsyncCallBase<Derived> {
   // Queues an item; `last` ends the stream OK once it is written.
   void Push(Item item, bool last = false) {
     bool wake = false;
-    if (!inbox_.Push(Queued{std::move(item), last}, &wake)) {
+    if (!inbox_.Push(Queued{std::move(item), last, std::nullopt}, &wake)) {
       if (!overflowed_.exchange(true)) {
         this->loop_->Post([s = this->shared_from_this()] {
           s->FinishWith(ToGrpcStatus(SlowConsumer(s->inbox_.limit(), s->items_, s->domain_)));
@@ -358,6 +358,12 @@ class AsyncServerStream : public AsyncCallBase<Derived> {
         ReleaseOnce();
         break;
       }
+    }
+    // The bound covers everything not yet written, not only the inbox: a caller that
+    // stops reading stalls the write in flight, and items would pile up here instead.
+    if (pending_.size() > inbox_.limit()) {
+      FinishWith(ToGrpcStatus(SlowConsumer(inbox_.limit(), items_, domain_)));
+      return;
     }
     sent_metadata_ = true;  // a write sends it
     if (!writing_) WriteNext();

@@ -1,0 +1,197 @@
+// BridgeBase through the fake bridge (fake_bridge.h) in the real daemon, over a real
+// WebSocket fake upstream: admission (drain, open-call bound, caller auth), validation
+// before a session is taken, default and per-call credentials, health, admin, shutdown.
+#include "bridges/core/bridge_base.h"
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include "absl/strings/match.h"
+#include "tests/core/fake_bridge.h"
+#include "tests/core/fake_upstream.h"
+#include "tests/support/test_support.h"
+
+namespace wsbridge::core {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::FakeBridgeOptions;
+using testing::FakeDaemon;
+using testing::FakeUpstream;
+using wsbridge::testing::WaitFor;
+namespace v1 = wsbridge::coretest::v1;
+
+class BridgeBaseTest : public ::testing::Test {
+ protected:
+  FakeBridgeOptions Options(bool default_token = true) {
+    FakeBridgeOptions o;
+    o.url = upstream_.url();
+    o.connection.allow_plaintext = true;
+    o.connection.backoff.initial = 20ms;
+    o.connection.backoff.max = 200ms;
+    if (default_token) o.default_token = SecretSource::Fixed("default-token");
+    return o;
+  }
+
+  // Echo with optional per-call token and caller authorization.
+  grpc::Status Echo(const std::string& text, const std::string& token = "",
+                    const std::string& authorization = "", std::string* out = nullptr) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 10s);
+    if (!token.empty()) ctx.AddMetadata(std::string(testing::kFakeTokenMetadata), token);
+    if (!authorization.empty()) ctx.AddMetadata("authorization", authorization);
+    v1::EchoRequest req;
+    req.set_text(text);
+    v1::EchoResponse resp;
+    grpc::Status st = daemon_.stub().Echo(&ctx, req, &resp);
+    if (out != nullptr) *out = resp.text();
+    return st;
+  }
+
+  FakeUpstream upstream_;
+  FakeDaemon daemon_;
+};
+
+TEST_F(BridgeBaseTest, AnswersThroughTheDefaultSessionAndReportsHealth) {
+  ASSERT_TRUE(daemon_.Start(Options()).ok());
+  std::string out;
+  grpc::Status st = Echo("hello", "", "", &out);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(out, "hello");
+  EXPECT_TRUE(WaitFor([&] { return daemon_.bridge().Serving(); }, 5s));
+  EXPECT_EQ(daemon_.sessions(), 1u);
+  EXPECT_EQ(upstream_.Count("login|default-token"), 1);
+}
+
+TEST_F(BridgeBaseTest, ValidatesTheRequestBeforeTakingASession) {
+  ASSERT_TRUE(daemon_.Start(Options(/*default_token=*/false)).ok());
+  grpc::Status bad = Echo("", "tenant-a");
+  EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(bad.error_message(), "text is required")) << bad.error_message();
+  EXPECT_EQ(daemon_.sessions(), 0u);
+  EXPECT_EQ(upstream_.handshakes(), 0);
+  ASSERT_TRUE(Echo("ok", "tenant-a").ok());
+  EXPECT_EQ(daemon_.sessions(), 1u);
+}
+
+TEST_F(BridgeBaseTest, CallWithoutAnyCredentialIsUnauthenticated) {
+  ASSERT_TRUE(daemon_.Start(Options(/*default_token=*/false)).ok());
+  grpc::Status st = Echo("x");
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(absl::StrContains(st.error_message(), std::string(testing::kFakeTokenMetadata))) << st.error_message();
+  EXPECT_EQ(upstream_.handshakes(), 0);
+}
+
+TEST_F(BridgeBaseTest, PerCallCredentialsGetTheirOwnSession) {
+  ASSERT_TRUE(daemon_.Start(Options()).ok());
+  ASSERT_TRUE(Echo("a").ok());
+  ASSERT_TRUE(Echo("b", "tenant-b").ok());
+  ASSERT_TRUE(Echo("c", "tenant-b").ok());
+  EXPECT_EQ(daemon_.sessions(), 2u);
+  EXPECT_EQ(upstream_.Count("login|tenant-b"), 1);
+  // A refused credential is the caller's problem, reported as such.
+  grpc::Status refused = Echo("d", "bad-token");
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAUTHENTICATED) << refused.error_message();
+}
+
+TEST_F(BridgeBaseTest, PerCallCredentialsAreRefusedUnlessAllowed) {
+  FakeBridgeOptions o = Options();
+  o.allow_per_call = false;
+  ASSERT_TRUE(daemon_.Start(o).ok());
+  grpc::Status st = Echo("a", "tenant-b");
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_TRUE(absl::StrContains(st.error_message(), "per-call credentials")) << st.error_message();
+  EXPECT_EQ(upstream_.Count("login|tenant-b"), 0);
+}
+
+TEST_F(BridgeBaseTest, OpenCallsAreBounded) {
+  FakeBridgeOptions o = Options();
+  o.max_open_calls = 2;
+  ASSERT_TRUE(daemon_.Start(o).ok());
+  grpc::CompletionQueue cq;
+  grpc::ClientContext held[2];
+  v1::EchoRequest hold;
+  hold.set_text("hold");
+  v1::EchoResponse resp[2];
+  grpc::Status st[2];
+  std::unique_ptr<grpc::ClientAsyncResponseReader<v1::EchoResponse>> calls[2];
+  for (int i = 0; i < 2; ++i) {
+    calls[i] = daemon_.stub().AsyncEcho(&held[i], hold, &cq);
+    calls[i]->Finish(&resp[i], &st[i], reinterpret_cast<void*>(static_cast<intptr_t>(i + 1)));
+  }
+  ASSERT_TRUE(WaitFor([&] { return upstream_.Count("req|") == 2; }, 10s));
+  grpc::Status over = Echo("third");
+  EXPECT_EQ(over.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_TRUE(absl::StrContains(over.error_message(), "max_open_calls")) << over.error_message();
+  for (auto& c : held) c.TryCancel();
+  for (int i = 0; i < 2; ++i) {
+    void* tag = nullptr;
+    bool ok = false;
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+  }
+  // Once the cancelled calls have left, calls are admitted again.
+  EXPECT_TRUE(WaitFor([&] { return Echo("again").ok(); }, 10s));
+  cq.Shutdown();
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq.Next(&tag, &ok)) {
+  }
+}
+
+TEST_F(BridgeBaseTest, CallerAuthorizationIsCheckedBeforeAnythingElse) {
+  ASSERT_TRUE(daemon_
+                  .Start(Options(/*default_token=*/false),
+                         [](config::v1::DaemonConfig& cfg) {
+                           cfg.mutable_server()->mutable_auth_token()->set_value("s3cret");
+                         })
+                  .ok());
+  grpc::Status missing = Echo("x", "tenant-a");
+  EXPECT_EQ(missing.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(daemon_.sessions(), 0u);
+  EXPECT_EQ(upstream_.handshakes(), 0);
+  EXPECT_TRUE(Echo("x", "tenant-a", "Bearer s3cret").ok());
+}
+
+TEST_F(BridgeBaseTest, DrainRefusesNewCallsAndShutdownEndsOpenOnes) {
+  ASSERT_TRUE(daemon_.Start(Options()).ok());
+  grpc::ClientContext wctx;
+  v1::WatchRequest wreq;
+  wreq.set_topic("t");
+  auto watch = daemon_.stub().Watch(&wctx, wreq);
+  watch->WaitForInitialMetadata();  // the subscription is acknowledged
+
+  daemon_.bridge().BeginDrain();
+  grpc::Status refused = Echo("x");
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_TRUE(absl::StrContains(refused.error_message(), "shutting down")) << refused.error_message();
+  EXPECT_FALSE(daemon_.bridge().Serving());
+
+  daemon_.daemon().RequestShutdown();
+  v1::WatchResponse m;
+  while (watch->Read(&m)) {
+  }
+  grpc::Status ended = watch->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
+  // The upstream session is closed as the daemon stops.
+  EXPECT_TRUE(WaitFor([&] { return upstream_.open() == 0; }, 10s));
+}
+
+TEST_F(BridgeBaseTest, AdminListsAndClosesSessions) {
+  ASSERT_TRUE(daemon_.Start(Options(/*default_token=*/false)).ok());
+  ASSERT_TRUE(Echo("a", "tenant-b").ok());
+  auto sessions = daemon_.bridge().ListSessions();
+  ASSERT_EQ(sessions.size(), 1u);
+  for (const auto& s : sessions) {
+    EXPECT_EQ(s.bridge(), "fake");
+    EXPECT_FALSE(absl::StrContains(s.id(), "tenant-b")) << s.id();  // ids never carry credentials
+  }
+  EXPECT_TRUE(daemon_.bridge().CloseSession(sessions[0].id()).ok());
+  EXPECT_TRUE(WaitFor([&] { return upstream_.open() == 0; }, 10s));
+  EXPECT_EQ(daemon_.bridge().CloseSession("fake/no-such-session").code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace wsbridge::core

@@ -1,0 +1,345 @@
+#include "tests/core/fake_bridge.h"
+
+#include <algorithm>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "bridges/core/bridge_base.h"
+#include "bridges/core/grpc_calls.h"
+#include "bridges/core/status.h"
+#include "daemon/config/config.h"
+#include "wsbridge/config/v1/dfx.pb.h"
+#include "tests/core/fake_protocol.h"
+#include "fake_service.grpc.pb.h"
+
+namespace wsbridge::core::testing {
+namespace {
+
+namespace v1 = wsbridge::coretest::v1;
+
+constexpr std::string_view kEchoMethod = "/wsbridge.coretest.v1.FakeService/Echo";
+constexpr std::string_view kGetMethod = "/wsbridge.coretest.v1.FakeService/Get";
+constexpr std::string_view kWatchMethod = "/wsbridge.coretest.v1.FakeService/Watch";
+constexpr std::string_view kChatMethod = "/wsbridge.coretest.v1.FakeService/Chat";
+constexpr int kEventsPerMessage = 4;
+
+// Echo and Watch on the completion-queue API (hot paths), Get and Chat on the callback API.
+using FakeServiceBase = v1::FakeService::WithAsyncMethod_Echo<v1::FakeService::WithCallbackMethod_Get<
+    v1::FakeService::WithAsyncMethod_Watch<v1::FakeService::WithCallbackMethod_Chat<v1::FakeService::Service>>>>;
+
+absl::Status RequireText(const v1::EchoRequest& req) {
+  return req.text().empty() ? absl::InvalidArgumentError("text is required: the body to send upstream")
+                            : absl::OkStatus();
+}
+
+class FakeBridge final : public BridgeBase, public FakeServiceBase {
+ public:
+  FakeBridge(FakeBridgeOptions options, BridgeContext context)
+      : BridgeBase(std::move(context), "Fake", {std::string(v1::FakeService::service_full_name())}),
+        options_(std::move(options)) {
+    SessionPoolOptions po;
+    po.max_sessions = options_.max_sessions;
+    po.idle_timeout = options_.idle_session_timeout;
+    po.check_interval = std::clamp<Duration>(options_.idle_session_timeout / 4,
+                                             std::chrono::milliseconds(20), std::chrono::seconds(1));
+    InitPool(
+        po,
+        [this](const std::string& id, std::shared_ptr<SecretSource> token, bool pinned) {
+          SessionOptions so = BaseSessionOptions(id, pinned);
+          so.error_domain = std::string(kFakeDomain);
+          so.connection = options_.connection;
+          so.connection.name = id;
+          so.request_timeout = options_.request_timeout;
+          so.login_timeout = options_.request_timeout;
+          so.subscribe_timeout = options_.request_timeout;
+          return UpstreamSession::Create(
+              SessionExecutor(), std::move(so),
+              std::make_unique<FakeProtocol>(options_.url, std::move(token), options_.login));
+        },
+        CredentialPolicy{std::string(kFakeTokenMetadata), options_.allow_per_call},
+        options_.default_token);
+    set_max_open_calls(options_.max_open_calls);
+  }
+
+  std::vector<grpc::Service*> Services() override { return {this}; }
+  bool UsesCompletionQueues() const override { return true; }
+  void ServeAsync(const std::vector<CqLoop*>& loops) override;
+
+  const FakeBridgeOptions& options() const { return options_; }
+
+ private:
+  grpc::ServerUnaryReactor* Get(grpc::CallbackServerContext* ctx, const v1::EchoRequest* req,
+                                v1::EchoResponse* resp) override;
+  grpc::ServerBidiReactor<v1::EchoRequest, v1::EchoResponse>* Chat(
+      grpc::CallbackServerContext* ctx) override;
+
+  FakeBridgeOptions options_;
+};
+
+// --- Echo: AsyncUnaryCall --------------------------------------------------------------
+class EchoCall final : public AsyncUnaryCall<EchoCall, v1::EchoRequest, v1::EchoResponse> {
+ public:
+  EchoCall(FakeBridge* bridge, CqLoop* loop) : AsyncUnaryCall(bridge, loop, kEchoMethod) {}
+
+  static void Request(BridgeBase* bridge, CqLoop* loop) {
+    auto* fake = static_cast<FakeBridge*>(bridge);
+    auto c = std::make_shared<EchoCall>(fake, loop);
+    Start(c, c->done_tag(), [&] {
+      fake->RequestEcho(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(), c->matched_tag());
+    });
+  }
+
+  // Validate, then take a session, then send: a bad request never holds a session.
+  void OnAdmitted() {
+    if (absl::Status st = RequireText(req_); !st.ok()) {
+      FinishWith(ToGrpcStatus(st));
+      return;
+    }
+    std::optional<Lease> lease = TakeSession();
+    if (!lease.has_value()) return;
+    lease_ = std::move(*lease);
+    core::Request r = FakeRequest(req_.text());
+    r.deadline = SteadyDeadline(ctx_);
+    upstream_op_ = lease_->Send(std::move(r), [c = shared_from_this()](absl::StatusOr<Reply> reply) mutable {
+      c->OnLoop([reply = std::move(reply)](EchoCall& call) mutable {
+        if (!reply.ok()) {
+          call.FinishWith(ToGrpcStatus(reply.status()));
+          return;
+        }
+        call.parts_.push_back(BodyOf(reply->payload));
+        if (!reply->final) return;  // a streamed answer: more parts follow
+        call.resp_.set_text(absl::StrJoin(call.parts_, "+"));
+        call.FinishWith(grpc::Status::OK);
+      });
+    });
+  }
+
+ private:
+  std::vector<std::string> parts_;  // loop thread
+};
+
+// --- Get: UnaryCall (callback API) -----------------------------------------------------
+grpc::ServerUnaryReactor* FakeBridge::Get(grpc::CallbackServerContext* ctx,
+                                          const v1::EchoRequest* req, v1::EchoResponse* resp) {
+  auto* r = new UnaryCall(this, kGetMethod);
+  if (!r->Begin(ctx, [req] { return RequireText(*req); })) return r;
+  core::Request q = FakeRequest(req->text(), /*ordered=*/true);
+  q.deadline = SteadyDeadline(*ctx);
+  r->state()->op_id.store(r->session()->Send(
+      std::move(q), [s = r->state(), resp](absl::StatusOr<Reply> reply) {
+        if (!reply.ok()) {
+          s->Finish(ToGrpcStatus(reply.status()));
+          return;
+        }
+        s->Finish(grpc::Status::OK, [&] { resp->set_text(BodyOf(reply->payload)); });
+      }));
+  return r;
+}
+
+// --- Watch: AsyncServerStream + EventSink ----------------------------------------------
+class WatchCall final
+    : public AsyncServerStream<WatchCall, v1::WatchRequest, v1::WatchResponse, std::string>,
+      public EventSink {
+ public:
+  WatchCall(FakeBridge* bridge, CqLoop* loop)
+      : AsyncServerStream(bridge, loop, kWatchMethod, bridge->options().subscriber_queue, "events",
+                          kFakeDomain) {}
+
+  static void Request(BridgeBase* bridge, CqLoop* loop) {
+    auto* fake = static_cast<FakeBridge*>(bridge);
+    auto s = std::make_shared<WatchCall>(fake, loop);
+    Start(s, s->done_tag(), [&] {
+      fake->RequestWatch(&s->ctx_, &s->req_, &s->writer_, loop->cq(), loop->cq(), s->matched_tag());
+    });
+  }
+
+  static bool Append(v1::WatchResponse* m, const std::string& event, size_t* bytes) {
+    if (m->events_size() >= kEventsPerMessage) return false;
+    *bytes += event.size();
+    m->add_events(event);
+    return true;
+  }
+
+  void OnAdmitted() {
+    if (req_.topic().empty() || req_.topic().find('|') != std::string::npos) {
+      FinishWith(ToGrpcStatus(absl::InvalidArgumentError("topic is required and may not contain '|'")));
+      return;
+    }
+    std::optional<Lease> lease = TakeSession();
+    if (!lease.has_value()) return;
+    lease_ = std::move(*lease);
+    topic_ = req_.topic();
+    sink_id_ = lease_->Subscribe(topic_, nullptr, shared_from_this());
+  }
+  void Release() {
+    if (sink_id_ != 0 && lease_) lease_->Unsubscribe(topic_, sink_id_);
+  }
+
+  // EventSink (session strand).
+  void OnSubscribed(const SubscribedInfo&) override { Activated(); }
+  void OnEvent(const PayloadPtr& event, bool after_gap) override {
+    const std::string& body = BodyOf(event);
+    Push(after_gap ? absl::StrCat("gap:", body) : body, body == "end");
+  }
+  void OnEnded(const absl::Status& status) override { End(status); }
+
+ private:
+  std::string topic_;
+  uint64_t sink_id_ = 0;
+};
+
+// --- Chat: CallbackBidiStream ----------------------------------------------------------
+class ChatStream final
+    : public CallbackBidiStream<ChatStream, v1::EchoRequest, v1::EchoResponse> {
+ public:
+  ChatStream(FakeBridge* bridge, grpc::CallbackServerContext* ctx)
+      : CallbackBidiStream(bridge, ctx, kChatMethod) {}
+
+  void OnBegun() { StartRead(&in_); }
+  v1::EchoRequest* read_buffer() { return &in_; }
+
+  void OnReadDone(bool ok) override {
+    Actions a;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      if (!ok) {
+        half_closed_ = true;
+        MaybeCompleteLocked(a);
+      } else if (absl::Status st = SendLocked(); !st.ok()) {
+        FailLocked(st, a);
+      } else {
+        a.read = true;
+      }
+    }
+    Run(a);
+  }
+
+  void FailLocked(const absl::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    FinishNowLocked(ToGrpcStatus(st), a);
+  }
+  // Requests not answered yet are dropped (a late answer is ignored).
+  void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (lease_) {
+      for (uint64_t op : open_) lease_->Cancel(op);
+    }
+    open_.clear();
+  }
+
+ private:
+  // The first valid message takes the session: invalid streams hold none.
+  absl::Status SendLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (absl::Status st = RequireText(in_); !st.ok()) return st;
+    if (!lease_) {
+      absl::StatusOr<Lease> lease = bridge_->SessionFor(*ctx_);
+      if (!lease.ok()) return lease.status();
+      lease_ = std::move(*lease);
+    }
+    core::Request r = FakeRequest(in_.text(), /*ordered=*/true);
+    r.deadline = SteadyDeadline(*ctx_);
+    open_.push_back(lease_->Send(std::move(r), [w = weak_from_this()](absl::StatusOr<Reply> reply) {
+      if (auto s = w.lock()) s->OnReply(std::move(reply));
+    }));
+    return absl::OkStatus();
+  }
+
+  // Session strand: answers come in send order.
+  void OnReply(absl::StatusOr<Reply> reply) {
+    Actions a;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || open_.empty()) return;
+      if (!reply.ok()) {
+        FailLocked(reply.status(), a);
+      } else if (reply->final) {
+        open_.pop_front();
+        auto msg = std::make_shared<v1::EchoResponse>();
+        msg->set_text(BodyOf(reply->payload));
+        PushLocked(std::move(msg), a);
+        MaybeCompleteLocked(a);
+      }
+    }
+    Run(a);
+  }
+
+  void MaybeCompleteLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (half_closed_ && open_.empty() && !finishing()) CompleteLocked(grpc::Status::OK, a);
+  }
+
+  v1::EchoRequest in_;
+  bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
+  std::deque<uint64_t> open_ ABSL_GUARDED_BY(mu_);
+};
+
+grpc::ServerBidiReactor<v1::EchoRequest, v1::EchoResponse>* FakeBridge::Chat(
+    grpc::CallbackServerContext* ctx) {
+  auto s = std::make_shared<ChatStream>(this, ctx);
+  s->Begin();
+  return s.get();
+}
+
+void FakeBridge::ServeAsync(const std::vector<CqLoop*>& loops) {
+  for (CqLoop* loop : loops) {
+    for (int i = 0; i < 2; ++i) {
+      EchoCall::Request(this, loop);
+      WatchCall::Request(this, loop);
+    }
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Bridge>> NewFakeBridge(FakeBridgeOptions options,
+                                                      const BridgeContext& context) {
+  if (options.url.empty()) return absl::InvalidArgumentError("url is required");
+  return std::make_unique<FakeBridge>(std::move(options), context);
+}
+
+absl::Status FakeDaemon::Start(FakeBridgeOptions options,
+                              const std::function<void(config::v1::DaemonConfig&)>& tweak) {
+  // The daemon picks a factory by the config kind's message type; the fake bridge takes
+  // the place of the `dfx` kind (the test's options carry its real settings).
+  registry_.Register(config::v1::DfxBridgeConfig::descriptor()->full_name(),
+                     [this, options](const google::protobuf::Message&, const BridgeContext& ctx)
+                         -> absl::StatusOr<std::unique_ptr<Bridge>> {
+                       auto bridge = NewFakeBridge(options, ctx);
+                       if (bridge.ok()) bridge_ = bridge->get();
+                       return bridge;
+                     });
+  config::v1::DaemonConfig cfg;
+  cfg.mutable_server()->set_listen("127.0.0.1:0");
+  cfg.mutable_shutdown()->mutable_drain_timeout()->set_nanos(100'000'000);
+  cfg.mutable_shutdown()->mutable_deadline()->set_seconds(10);
+  auto* b = cfg.add_bridges();
+  b->set_name("fake");
+  b->mutable_dfx()->mutable_upstream()->set_url(options.url);
+  if (tweak) tweak(cfg);
+  if (absl::Status st = config::ApplyConfigDefaults(&cfg); !st.ok()) return st;
+  daemon::DaemonOptions dopts;
+  dopts.configure_logging = false;
+  daemon_ = std::make_unique<daemon::Daemon>(std::move(cfg), registry_, dopts);
+  if (absl::Status st = daemon_->Start(); !st.ok()) return st;
+  if (bridge_ == nullptr) return absl::InternalError("the fake bridge was not built");
+  channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", daemon_->grpc_port()),
+                                 grpc::InsecureChannelCredentials());
+  stub_ = coretest::v1::FakeService::NewStub(channel_);
+  return absl::OkStatus();
+}
+
+void FakeDaemon::Stop() {
+  if (daemon_ == nullptr) return;
+  stub_.reset();
+  channel_.reset();
+  daemon_->RequestShutdown();
+  daemon_->Wait();
+  daemon_.reset();
+  bridge_ = nullptr;
+}
+
+}  // namespace wsbridge::core::testing
