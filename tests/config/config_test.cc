@@ -385,10 +385,10 @@ TEST(ConfigErrors, UnknownBridgeKind) {
   listen: "127.0.0.1:1"
 bridges:
   - name: x
-    nlx: {}
+    acme: {}
 )");
-  EXPECT_THAT(e, HasSubstr("test.yaml:5:5: bridges[0].nlx: unknown key \"nlx\" (known keys: "
-                           "name, dfx)"));
+  EXPECT_THAT(e, HasSubstr("test.yaml:5:5: bridges[0].acme: unknown key \"acme\" (known keys: "
+                           "name, dfx, nlx, emogg, nexora)"));
 }
 
 TEST(ConfigErrors, BridgeWithoutKind) {
@@ -397,7 +397,7 @@ TEST(ConfigErrors, BridgeWithoutKind) {
 bridges:
   - name: x
 )");
-  EXPECT_THAT(e, HasSubstr("test.yaml:4:5: bridges[0]: no bridge kind is set (add one of: dfx)"));
+  EXPECT_THAT(e, HasSubstr("test.yaml:4:5: bridges[0]: no bridge kind is set (add one of: dfx, nlx, emogg, nexora)"));
 }
 
 TEST(ConfigErrors, EmptyBridgeKind) {
