@@ -625,7 +625,10 @@ class SessionImpl final : public UpstreamSession,
   }
 
   void OnReply(Inbound in) {
-    if (auto it = sub_routes_.find(in.route); it != sub_routes_.end()) {
+    // A send-order answer ("" route) belongs to the oldest request in flight, even when
+    // a local subscription (event route "") takes the upstream's unsolicited messages.
+    const bool ordered_answer = in.route.empty() && !ordered_.empty();
+    if (auto it = sub_routes_.find(in.route); it != sub_routes_.end() && !ordered_answer) {
       const std::string key = it->second;  // a copy: acknowledging remaps the routes
       OnSubscriptionReply(key, std::move(in));
       return;

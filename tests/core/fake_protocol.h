@@ -97,7 +97,7 @@ class FakeProtocol final : public Protocol {
 
   absl::StatusOr<Outbound> EncodeSubscribe(const std::string& topic, const PayloadPtr&,
                                            std::string_view route) override {
-    if (topic == "local") return Outbound{};
+    if (topic == "local" || topic.empty()) return Outbound{};  // local subscriptions
     return Outbound{absl::StrCat("sub|", std::string(route), "|", topic), false};
   }
   std::optional<Outbound> EncodeUnsubscribe(const std::string&, std::string_view event_route,

@@ -182,6 +182,22 @@ TEST_F(UpstreamSessionTest, SendOrderRepliesGoToTheOldestRequest) {
   EXPECT_EQ(BodyOf(b.at(0)->payload), "two");
 }
 
+// A send-order protocol that also pushes on its own (NLX): its local subscription gets
+// the pushes (route ""), never the answer of a request in flight.
+TEST_F(UpstreamSessionTest, SendOrderRepliesGoToTheRequestAndPushesToTheLocalSubscription) {
+  auto s = Make();
+  auto sink = std::make_shared<Sink>();
+  s->Subscribe("", nullptr, sink);
+  ASSERT_TRUE(WaitFor([&] { return sink->subscriptions() == 1; }));
+  Replies& a = R();
+  s->Send(FakeRequest("turn", /*ordered=*/true), a.callback());
+  ASSERT_TRUE(a.WaitFinal());
+  EXPECT_EQ(BodyOf(a.at(0)->payload), "turn");
+  EXPECT_EQ(sink->event_count(), 0);
+  upstream_.Push("ord|1|200|pushed");  // nothing in flight: an unsolicited message
+  ASSERT_TRUE(WaitFor([&] { return sink->event_count() == 1; }));
+}
+
 TEST_F(UpstreamSessionTest, ADropFailsInFlightRequestsOutcomeUnknownAndResendsIdempotentOnes) {
   auto s = Make();
   Replies& warm = R();
