@@ -183,7 +183,7 @@ const char* SessionStateLabel(wsbridge::admin::v1::SessionState state) {
 struct Daemon::Impl {
   Impl(DaemonConfig c, core::BridgeRegistry& r, DaemonOptions o)
       : config(std::move(c)), registry(r), options(o), control(asio::make_strand(io)),
-        health_timer(control), drain_timer(control), trim_timer(control), signals(control) {}
+        health_timer(control), trim_timer(control), drain_timer(control), signals(control) {}
 
   absl::Status Start();
   absl::Status BuildBridges();

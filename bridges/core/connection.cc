@@ -848,6 +848,7 @@ class ConnectionImpl final : public Connection {
         info.retry_after = RetryAfterOf(a->response);
         std::string body = a->response.body().substr(0, 200);
         absl::StripAsciiWhitespace(&body);
+        info.http_body = log::Redact(body);
         const std::string retry_after =
             info.retry_after > Duration::zero() ? absl::StrCat(" (Retry-After ", Fmt(info.retry_after), ")") : "";
         info.reason = StatusFromHttp(

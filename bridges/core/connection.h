@@ -54,6 +54,7 @@ struct DisconnectInfo {
   absl::Status reason;  // readable, credentials redacted
   DisconnectKind kind = DisconnectKind::kError;
   int http_status = 0;       // status of a refused WebSocket upgrade (e.g. 401); 0 otherwise
+  std::string http_body;     // its body: first 200 bytes, trimmed, credentials redacted
   uint16_t close_code = 0;   // code of the upstream's close frame; 0 when none came (a close
                              // frame without a code reports 1005, as RFC 6455 7.1.5 says)
   std::string close_reason;  // the upstream's close reason text (credentials redacted)

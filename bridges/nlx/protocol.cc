@@ -17,18 +17,6 @@ std::string AliasOf(std::string_view tenant, std::string_view id) {
   return absl::StrCat(Av(tenant), "#", Av(id));
 }
 
-// The body of a refused upgrade, out of the connection's reason ("WebSocket upgrade
-// refused by HOST with HTTP 401[ (Retry-After ..)]: BODY"): DisconnectInfo carries the
-// status, and the body only in this text.
-std::string RefusedBody(const core::DisconnectInfo& info) {
-  const std::string_view msg = Sv(info.reason.message());
-  const std::string marker = absl::StrCat("HTTP ", info.http_status);
-  size_t at = msg.find(marker);
-  if (at == std::string_view::npos) return "";
-  at = msg.find(": ", at + marker.size());
-  return at == std::string_view::npos ? "" : std::string(msg.substr(at + 2));
-}
-
 // Keeps the code and text only (the connection logs a PrepareHandshake error as text).
 absl::Status Plain(const absl::Status& st) { return absl::Status(st.code(), st.message()); }
 
@@ -337,7 +325,7 @@ absl::Status Protocol::CheckAlive() {
 
 core::DisconnectKind Protocol::Classify(const core::DisconnectInfo& info) {
   if (info.http_status != 0) {
-    absl::Status st = UpgradeRefusedStatus(info.http_status, RefusedBody(info));
+    absl::Status st = UpgradeRefusedStatus(info.http_status, info.http_body);
     last_failure_ = st;
     if (info.http_status == 401 || info.http_status == 403) {
       // Every session with these keys fails at once for auth_retry_after.

@@ -1038,6 +1038,7 @@ TEST_F(ConnectionTest, Upgrade429WithRetryAfterIsSlowDownAndHonoursItUpToTheCap)
   const auto d = handler_->disconnects()[0];
   EXPECT_EQ(d.info.kind, DisconnectKind::kSlowDown) << ToString(d.info.kind) << " " << d.status;
   EXPECT_EQ(d.info.http_status, 429);
+  EXPECT_TRUE(Contains(d.info.http_body, "rate limited")) << d.info.http_body;
   EXPECT_EQ(d.info.retry_after, seconds(3600));
   EXPECT_EQ(d.status.code(), absl::StatusCode::kResourceExhausted) << d.status;
   EXPECT_TRUE(Contains(d.status.message(), "Retry-After")) << d.status;

@@ -164,6 +164,7 @@ TEST_F(NlxProtocolTest, ARefusedUpgradeIsRememberedForTheKeysAndFailsTheFirstOpe
   info.http_status = 401;
   info.reason = absl::UnauthenticatedError(
       R"(WebSocket upgrade refused by h with HTTP 401: {"message":"Unauthorized: apiKey is not valid"})");
+  info.http_body = R"({"message":"Unauthorized: apiKey is not valid"})";
   EXPECT_EQ(p->Classify(info), core::DisconnectKind::kAuthRefused);
   EXPECT_EQ(seen.code(), absl::StatusCode::kUnauthenticated);
   EXPECT_EQ(core::ErrorReason(seen), "KEYS_REFUSED");
