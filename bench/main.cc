@@ -3,7 +3,7 @@
 // one run on one machine, all on loopback. See docs/performance.md.
 //
 //   wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
-//                  [--sections rt,fanout,dfx,sessions,alloc] [--no-plain] [--max-sessions N]
+//                  [--sections rt,fanout,dfx,sessions,alloc,nlx] [--no-plain] [--max-sessions N]
 //
 // Internal modes (the bench spawns itself): --upstream ..., --grpc-echo.
 #include <signal.h>
@@ -31,6 +31,7 @@
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
 #include "bench/grpc_echo.h"
+#include "bench/nlx_section.h"
 #include "bench/upstream.h"
 #include "bench/ws_client.h"
 #include "bench_echo.grpc.pb.h"
@@ -53,7 +54,7 @@ struct Options {
   std::string json_out = "bench-results.json";
   std::string wsbridged;
   std::string alloc_lib;
-  std::set<std::string> sections = {"rt", "fanout", "dfx", "sessions", "alloc"};
+  std::set<std::string> sections = {"rt", "fanout", "dfx", "sessions", "alloc", "nlx"};
   bool plain_run = true;
   bool direct_only = false;    // no wsbridged: the direct legs alone
   std::string keep_logs;       // wsbridged's stderr goes here ("" = a temp file)
@@ -991,6 +992,7 @@ void PrintTable(const json::object& result) {
                   static_cast<int>(Num(s->at("establish_sessions"))), Num(s->at("establish_seconds")),
                   Num(s->at("reestablish_seconds")), static_cast<int>(Num(s->at("reestablished_sessions"))));
     }
+    if (auto* n = Find(run, {"nlx"})) PrintNlxTable(*n);
     if (auto* a = Find(run, {"allocations"})) {
       std::printf("\n5. Heap allocations in wsbridged (LD_PRELOAD counter)\n");
       for (auto [key, label] : std::vector<std::pair<const char*, const char*>>{
@@ -1054,6 +1056,15 @@ int RunBench(const Options& o) {
       std::cerr << "  DFX pipeline\n";
       run["dfx"] = DfxSection(e);
     }
+    if (tls && want("nlx")) {  // its own emulator and wsbridged (bench/nlx_section.cc)
+      std::cerr << "  NLX\n";
+      run["nlx"] = NlxSection({.quick = o.quick, .runs = o.runs, .samples = std::max(50, o.rt_samples / 5),
+                               .warmup = o.warmup / 3, .wsbridged = o.wsbridged, .io_threads = o.io_threads,
+                               .work_dir = dir.path(), .log_file = o.keep_logs, .tls = true,
+                               .ca_file = pki.ca.cert_file, .cert_file = pki.server.cert_file,
+                               .key_file = pki.server.key_file, .echo = echo->stub.get(),
+                               .conversations = o.quick ? 20 : 1000});
+    }
     run["wsbridged_rss_kib_after"] = d->RssKiB();
     d->child.Stop();
     if (want("sessions")) {
@@ -1079,7 +1090,7 @@ int RunBench(const Options& o) {
 
 constexpr const char* kUsage =
     R"(Usage: wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
-                      [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc]
+                      [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc,nlx]
                       [--no-plain] [--max-sessions N] [--io-threads N] [--direct-only]
                       [--daemon-log FILE]
 
