@@ -3,7 +3,7 @@
 // one run on one machine, all on loopback. See docs/performance.md.
 //
 //   wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
-//                  [--sections rt,fanout,dfx,sessions,alloc,nlx] [--no-plain] [--max-sessions N]
+//                  [--sections rt,fanout,dfx,sessions,alloc,nlx,nexora] [--no-plain] [--max-sessions N]
 //
 // Internal modes (the bench spawns itself): --upstream ..., --grpc-echo.
 #include <signal.h>
@@ -31,6 +31,7 @@
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
 #include "bench/grpc_echo.h"
+#include "bench/nexora_section.h"
 #include "bench/nlx_section.h"
 #include "bench/upstream.h"
 #include "bench/ws_client.h"
@@ -54,7 +55,7 @@ struct Options {
   std::string json_out = "bench-results.json";
   std::string wsbridged;
   std::string alloc_lib;
-  std::set<std::string> sections = {"rt", "fanout", "dfx", "sessions", "alloc", "nlx"};
+  std::set<std::string> sections = {"rt", "fanout", "dfx", "sessions", "alloc", "nlx", "nexora"};
   bool plain_run = true;
   bool direct_only = false;    // no wsbridged: the direct legs alone
   std::string keep_logs;       // wsbridged's stderr goes here ("" = a temp file)
@@ -993,6 +994,7 @@ void PrintTable(const json::object& result) {
                   Num(s->at("reestablish_seconds")), static_cast<int>(Num(s->at("reestablished_sessions"))));
     }
     if (auto* n = Find(run, {"nlx"})) PrintNlxTable(*n);
+    if (auto* nx = Find(run, {"nexora"})) PrintNexoraTable(*nx);
     if (auto* a = Find(run, {"allocations"})) {
       std::printf("\n5. Heap allocations in wsbridged (LD_PRELOAD counter)\n");
       for (auto [key, label] : std::vector<std::pair<const char*, const char*>>{
@@ -1065,6 +1067,13 @@ int RunBench(const Options& o) {
                                .key_file = pki.server.key_file, .echo = echo->stub.get(),
                                .conversations = o.quick ? 20 : 1000});
     }
+    if (tls && want("nexora")) {  // its own emulator and wsbridged (bench/nexora_section.cc)
+      std::cerr << "  Nexora\n";
+      run["nexora"] = NexoraSection({.quick = o.quick, .runs = o.runs, .wsbridged = o.wsbridged, .tls = true,
+                                     .ca_file = pki.ca.cert_file, .cert_file = pki.server.cert_file,
+                                     .key_file = pki.server.key_file, .work_dir = dir.path(),
+                                     .keep_logs = o.keep_logs, .io_threads = o.io_threads});
+    }
     run["wsbridged_rss_kib_after"] = d->RssKiB();
     d->child.Stop();
     if (want("sessions")) {
@@ -1090,7 +1099,7 @@ int RunBench(const Options& o) {
 
 constexpr const char* kUsage =
     R"(Usage: wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
-                      [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc,nlx]
+                      [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc,nlx,nexora]
                       [--no-plain] [--max-sessions N] [--io-threads N] [--direct-only]
                       [--daemon-log FILE]
 
@@ -1109,6 +1118,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && args[0] == "--upstream") return RunUpstream(args);
   if (!args.empty() && args[0] == "--grpc-echo") return RunGrpcEcho(args);
+  if (!args.empty() && args[0] == "--nexora-upstream") return RunNexoraUpstream(args);
   Options o;
   std::string exe_dir = Dir(SelfExe());
 #ifdef WSBRIDGE_BENCH_WSBRIDGED
