@@ -1,5 +1,7 @@
 // End-to-end: the NLX bridge inside the real daemon (real gRPC server and client), real
 // sockets to the in-process NLX emulator on 127.0.0.1.
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <atomic>
 #include <map>
@@ -488,41 +490,68 @@ TEST_F(NlxServiceTest, PushesUnknownFramesAndUpstreamErrorsReachConverse) {
   EXPECT_TRUE(c->stream->Finish().ok());
 }
 
+// The figure: 1,000 conversations open at once (one upstream socket each), each
+// answered in its own words, on its own id, and every socket closed when its call ends.
+// One thread drives all the calls (write to all, then read all) so the conversations are
+// open together; the in-process emulator and daemon need ~3 fds per conversation.
 TEST_F(NlxServiceTest, ConcurrentConversationsStayIsolatedAndTheirSocketsClose) {
-  Start([](NlxBridgeOptions& o) { o.idle_conversation_timeout = 200ms; });
-  constexpr int kConversations = 40;
-  std::vector<std::thread> threads;
-  std::atomic<int> ok{0};
+  constexpr int kConversations = 1000;
+  rlimit fds{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &fds), 0);
+  fds.rlim_cur = fds.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &fds);
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &fds), 0);
+  if (fds.rlim_cur < 4 * kConversations) {
+    GTEST_SKIP() << "needs " << 4 * kConversations << " file descriptors, the hard limit is "
+                 << fds.rlim_max << " (raise it with ulimit -Hn)";
+  }
+  Start([](NlxBridgeOptions& o) {
+    o.idle_conversation_timeout = 200ms;
+    o.max_conversations = kConversations;
+  });
+  std::vector<std::unique_ptr<Call>> calls;
+  for (int i = 0; i < kConversations; ++i) {
+    auto c = std::make_unique<Call>();
+    c->ctx.set_deadline(std::chrono::system_clock::now() + 60s);  // a hung test fails
+    c->stream = stub_->Converse(&c->ctx);
+    calls.push_back(std::move(c));
+  }
+  for (int i = 0; i < kConversations; ++i) {
+    ASSERT_TRUE(calls[i]->stream->Write(Msg(absl::StrCat("from ", i)))) << i;
+  }
   std::vector<std::string> ids(kConversations);
   for (int i = 0; i < kConversations; ++i) {
-    threads.emplace_back([&, i] {
-      auto c = Converse();
-      if (!c->stream->Write(Msg(absl::StrCat("from ", i)))) return;
-      v1::ConverseEvent e = c->Next();
-      if (!e.has_opened()) return;
-      ids[i] = e.opened().conversation_id();
-      e = c->Next();
-      if (!e.has_response() || e.response().conversation_id() != ids[i] ||
-          e.response().messages(0).text() != absl::StrCat("Turn 1: you said \"from ", i, "\"")) {
-        return;
-      }
-      if (!c->stream->Write(Msg(absl::StrCat("again ", i)))) return;
-      e = c->Next();
-      if (!e.has_response() ||
-          e.response().messages(0).text() != absl::StrCat("Turn 2: you said \"again ", i, "\"")) {
-        return;
-      }
-      c->stream->WritesDone();
-      if (c->stream->Finish().ok()) ok.fetch_add(1);
-    });
+    v1::ConverseEvent e = calls[i]->Next();
+    ASSERT_TRUE(e.has_opened()) << i << ": " << e.ShortDebugString();
+    ids[i] = e.opened().conversation_id();
+    e = calls[i]->Next();
+    ASSERT_TRUE(e.has_response()) << i << ": " << e.ShortDebugString();
+    EXPECT_EQ(e.response().conversation_id(), ids[i]);
+    ASSERT_GT(e.response().messages_size(), 0) << i;
+    EXPECT_EQ(e.response().messages(0).text(), absl::StrCat("Turn 1: you said \"from ", i, "\""));
   }
-  for (auto& t : threads) t.join();
-  EXPECT_EQ(ok.load(), kConversations);
+  // All open together: one upstream socket per conversation.
+  EXPECT_EQ(emulator_->open_connections(), kConversations);
+  for (int i = 0; i < kConversations; ++i) {
+    ASSERT_TRUE(calls[i]->stream->Write(Msg(absl::StrCat("again ", i)))) << i;
+  }
+  for (int i = 0; i < kConversations; ++i) {
+    v1::ConverseEvent e = calls[i]->Next();
+    ASSERT_TRUE(e.has_response()) << i << ": " << e.ShortDebugString();
+    EXPECT_EQ(e.response().conversation_id(), ids[i]);
+    ASSERT_GT(e.response().messages_size(), 0) << i;
+    EXPECT_EQ(e.response().messages(0).text(), absl::StrCat("Turn 2: you said \"again ", i, "\""));
+    EXPECT_EQ(emulator_->turns_received(ids[i]), 2) << i;
+  }
+  for (auto& c : calls) c->stream->WritesDone();
+  int ok = 0;
+  for (auto& c : calls) ok += c->stream->Finish().ok() ? 1 : 0;
+  EXPECT_EQ(ok, kConversations);
   EXPECT_EQ(emulator_->conversations(), kConversations);
   std::sort(ids.begin(), ids.end());
   EXPECT_EQ(std::unique(ids.begin(), ids.end()), ids.end());
-  EXPECT_TRUE(WaitFor([&] { return emulator_->open_connections() == 0; }, 5s));
-  EXPECT_TRUE(WaitFor([&] { return bridge_->ListSessions().empty(); }, 5s));
+  EXPECT_TRUE(WaitFor([&] { return emulator_->open_connections() == 0; }, 10s));
+  EXPECT_TRUE(WaitFor([&] { return bridge_->ListSessions().empty(); }, 10s));
 }
 
 TEST_F(NlxServiceTest, CancelClosesTheSocketAtOnce) {
