@@ -34,7 +34,7 @@ constexpr char kBridgeToken[] = "bench-emogg-bridge";
 constexpr char kDirectToken[] = "bench-emogg-direct";
 // The emulator's limit is far above anything the section sends; the bridge's limiter
 // stays on, below it (it must never learn the limit from a 429).
-constexpr int kEmulatorMaxMessages = 1000000000;
+constexpr int kEmulatorMaxMessages = 100000000;  // the flag takes at most 9 digits
 constexpr int kBridgeMaxMessages = 10000000;
 // Fan-out channel: the emulator emits on it every kEventIntervalMs (its least
 // interval), whatever the key's frequency says.

@@ -8,7 +8,7 @@
 //   upstream subscription); deliveries/s and publish->receive p99.
 //
 // Emogg allows 80 messages per 60 s, which would throttle a round-trip benchmark: the
-// emulator runs with --emogg-max-messages 1000000000 and the bridge's client-side
+// emulator runs with --emogg-max-messages 100000000 and the bridge's client-side
 // limiter with rate_limit.max_messages 10000000 per 60 s (on, so its gate is measured;
 // below the emulator's limit, so no 429). The output says so.
 #pragma once

@@ -3,7 +3,7 @@
 // one run on one machine, all on loopback. See docs/performance.md.
 //
 //   wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
-//                  [--sections rt,fanout,dfx,sessions,alloc,nlx,nexora] [--no-plain] [--max-sessions N]
+//                  [--sections rt,fanout,dfx,sessions,alloc,emogg,nlx,nexora] [--no-plain] [--max-sessions N]
 //
 // Internal modes (the bench spawns itself): --upstream ..., --grpc-echo.
 #include <signal.h>
@@ -30,6 +30,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
+#include "bench/emogg_section.h"
 #include "bench/grpc_echo.h"
 #include "bench/nexora_section.h"
 #include "bench/nlx_section.h"
@@ -55,7 +56,7 @@ struct Options {
   std::string json_out = "bench-results.json";
   std::string wsbridged;
   std::string alloc_lib;
-  std::set<std::string> sections = {"rt", "fanout", "dfx", "sessions", "alloc", "nlx", "nexora"};
+  std::set<std::string> sections = {"rt", "fanout", "dfx", "sessions", "alloc", "emogg", "nlx", "nexora"};
   bool plain_run = true;
   bool direct_only = false;    // no wsbridged: the direct legs alone
   std::string keep_logs;       // wsbridged's stderr goes here ("" = a temp file)
@@ -993,6 +994,7 @@ void PrintTable(const json::object& result) {
                   static_cast<int>(Num(s->at("establish_sessions"))), Num(s->at("establish_seconds")),
                   Num(s->at("reestablish_seconds")), static_cast<int>(Num(s->at("reestablished_sessions"))));
     }
+    if (auto* em = Find(run, {"emogg"})) PrintEmoggTable(*em);
     if (auto* n = Find(run, {"nlx"})) PrintNlxTable(*n);
     if (auto* nx = Find(run, {"nexora"})) PrintNexoraTable(*nx);
     if (auto* a = Find(run, {"allocations"})) {
@@ -1058,6 +1060,15 @@ int RunBench(const Options& o) {
       std::cerr << "  DFX pipeline\n";
       run["dfx"] = DfxSection(e);
     }
+    if (tls && want("emogg")) {  // its own emulator and wsbridged (bench/emogg_section.cc)
+      std::cerr << "  Emogg\n";
+      run["emogg"] = EmoggSection({.quick = o.quick, .runs = o.runs, .rt_samples = o.rt_samples,
+                                   .warmup = o.warmup, .io_threads = o.io_threads, .wsbridged = o.wsbridged,
+                                   .emulator = WSBRIDGE_BENCH_EMULATOR, .cert_file = pki.server.cert_file,
+                                   .key_file = pki.server.key_file, .ca_file = pki.ca.cert_file,
+                                   .daemon_log = o.keep_logs},
+                                  *echo->stub);
+    }
     if (tls && want("nlx")) {  // its own emulator and wsbridged (bench/nlx_section.cc)
       std::cerr << "  NLX\n";
       run["nlx"] = NlxSection({.quick = o.quick, .runs = o.runs, .samples = std::max(50, o.rt_samples / 5),
@@ -1099,7 +1110,7 @@ int RunBench(const Options& o) {
 
 constexpr const char* kUsage =
     R"(Usage: wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
-                      [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc,nlx,nexora]
+                      [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc,emogg,nlx,nexora]
                       [--no-plain] [--max-sessions N] [--io-threads N] [--direct-only]
                       [--daemon-log FILE]
 
