@@ -3,13 +3,9 @@
 #include "bridges/core/grpc_calls.h"
 
 #include "absl/strings/str_cat.h"
+#include "bridges/core/strings.h"
 
 namespace wsbridge::core {
-namespace {
-
-inline absl::string_view Av(std::string_view s) { return absl::string_view(s.data(), s.size()); }
-
-}  // namespace
 
 BridgeBase::BridgeBase(BridgeContext context, std::string upstream,
                        std::vector<std::string> service_names)

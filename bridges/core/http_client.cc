@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "bridges/core/log.h"
+#include "bridges/core/strings.h"
 
 namespace wsbridge::core {
 namespace {
@@ -37,7 +38,6 @@ using Clock = std::chrono::steady_clock;
 constexpr std::string_view kLog = "http";
 constexpr uint32_t kMaxHeaderBytes = 16 << 10;
 
-inline absl::string_view Av(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
 struct Url {
   bool tls = false;

@@ -7,14 +7,13 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "bridges/core/log.h"
+#include "bridges/core/strings.h"
 
 namespace wsbridge::core {
 namespace {
 
 namespace asio = boost::asio;
 constexpr std::string_view kLog = "pool";
-
-inline absl::string_view Av(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
 int64_t NowNs() { return Clock::now().time_since_epoch().count(); }
 

@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "bridges/core/log.h"
 #include "bridges/core/status.h"
+#include "bridges/core/strings.h"
 
 namespace wsbridge::core {
 namespace {
@@ -22,8 +23,6 @@ using Strand = Connection::Strand;
 
 constexpr std::string_view kLog = "session";
 
-inline absl::string_view Av(std::string_view s) { return absl::string_view(s.data(), s.size()); }
-inline std::string_view Sv(absl::string_view s) { return std::string_view(s.data(), s.size()); }
 
 class SessionImpl;
 

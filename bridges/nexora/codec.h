@@ -20,12 +20,13 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "bridges/core/rng.h"
+#include "bridges/core/strings.h"
 
 namespace wsbridge::nexora {
 
 // Debian's Abseil has its own string_view type; these cross the boundary explicitly.
-inline absl::string_view Av(std::string_view s) { return absl::string_view(s.data(), s.size()); }
-inline std::string_view Sv(absl::string_view s) { return std::string_view(s.data(), s.size()); }
+using core::Av;
+using core::Sv;
 
 inline constexpr std::string_view kErrorDomain = "nexora.wsbridge.dev";
 inline constexpr std::string_view kLoginPath = "/api/auth/login";
