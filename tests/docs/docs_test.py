@@ -379,7 +379,7 @@ def check_config(args):
         if n == 0:
             errors.append("docs/config.md: no complete example config (a ```yaml block "
                           "starting with `server:`)")
-        print("config: %d messages, %d fields checked; %d example config(s) passed --check"
+        print("config: %d messages, %d fields checked; %d example config(s) run through --check"
               % (len(messages), sum(len(m.fields) for m in messages), n))
     return errors
 
