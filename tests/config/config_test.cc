@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -129,18 +130,40 @@ TEST(ConfigLoad, DemoConfigLoadsWithNoEnvironment) {
   EXPECT_EQ(c->server().unix_socket(), "/tmp/wsbridge/wsbridged.sock");
   EXPECT_EQ(c->server().unix_socket_mode(), "0660");
   EXPECT_EQ(c->admin().listen(), "127.0.0.1:9090");
-  ASSERT_EQ(c->bridges_size(), 1);
-  const v1::BridgeConfig& b = c->bridges(0);
-  EXPECT_EQ(b.name(), "dfx");
-  EXPECT_EQ(b.dfx().upstream().url(), "ws://127.0.0.1:18081");
-  EXPECT_TRUE(b.dfx().upstream().allow_plaintext());
-  EXPECT_TRUE(b.dfx().allow_call_token());
-  absl::StatusOr<std::string> token = ResolveSecret(b.dfx().device_token());
-  ASSERT_TRUE(token.ok()) << token.status();
-  EXPECT_EQ(*token, "demo-device-token");
-  absl::StatusOr<core::ConnectionOptions> o = ToConnectionOptions(b.dfx().upstream(), "dfx/dfx");
-  ASSERT_TRUE(o.ok()) << o.status();
-  EXPECT_TRUE(o->allow_plaintext);
+  // All four bridges, each in front of wsbridge-emulator on its fixed loopback port with
+  // the emulator's demo credentials inline (scripts/run.sh starts the emulator so).
+  ASSERT_EQ(c->bridges_size(), 4);
+  auto secret = [](const v1::Secret& s) {
+    absl::StatusOr<std::string> v = ResolveSecret(s);
+    return v.ok() ? *v : "<" + v.status().ToString() + ">";
+  };
+  const v1::BridgeConfig& dfx = c->bridges(0);
+  EXPECT_EQ(dfx.name(), "dfx");
+  EXPECT_EQ(dfx.dfx().upstream().url(), "ws://127.0.0.1:18081");
+  EXPECT_TRUE(dfx.dfx().allow_call_token());
+  EXPECT_EQ(secret(dfx.dfx().device_token()), "demo-device-token");
+  const v1::BridgeConfig& nlx = c->bridges(1);
+  EXPECT_EQ(nlx.name(), "nlx");
+  EXPECT_EQ(nlx.nlx().upstream().url(), "ws://127.0.0.1:18082");
+  EXPECT_EQ(secret(nlx.nlx().api_key()), "nlx-emulator-api-key");
+  EXPECT_EQ(secret(nlx.nlx().deployment_key()), "nlx-emulator-deployment");
+  EXPECT_EQ(secret(nlx.nlx().channel_key()), "nlx-emulator-channel");
+  EXPECT_EQ(nlx.nlx().language(), "en-US");
+  const v1::BridgeConfig& emogg = c->bridges(2);
+  EXPECT_EQ(emogg.name(), "emogg");
+  EXPECT_EQ(emogg.emogg().upstream().url(), "ws://127.0.0.1:18083/ws/v1");
+  EXPECT_EQ(secret(emogg.emogg().token()), "demo-emogg-token");
+  const v1::BridgeConfig& nexora = c->bridges(3);
+  EXPECT_EQ(nexora.name(), "nexora");
+  EXPECT_EQ(nexora.nexora().upstream().url(), "ws://127.0.0.1:18084");
+  EXPECT_EQ(secret(nexora.nexora().api_key()), "nxr_demo_key");
+  for (const v1::UpstreamConfig* u :
+       {&dfx.dfx().upstream(), &nlx.nlx().upstream(), &emogg.emogg().upstream(),
+        &nexora.nexora().upstream()}) {
+    absl::StatusOr<core::ConnectionOptions> o = ToConnectionOptions(*u, "demo");
+    ASSERT_TRUE(o.ok()) << u->url() << ": " << o.status();
+    EXPECT_TRUE(o->allow_plaintext) << u->url();
+  }
 }
 
 TEST(ConfigLoad, ProductionExampleLoadsWithSecretsFromEnvAndFiles) {
@@ -169,9 +192,25 @@ TEST(ConfigLoad, ProductionExampleLoadsWithSecretsFromEnvAndFiles) {
   }
 
   dir.Write("secrets/dfx-device-token", "prod-device-token\n");
+  dir.Write("secrets/emogg-token", "prod-emogg-token\n");
   ScopedEnv env("WSBRIDGE_AUTH_TOKEN", "prod-auth-token");
+  ScopedEnv nlx_api("NLX_API_KEY", "prod-nlx-api");
+  ScopedEnv nlx_deployment("NLX_DEPLOYMENT_KEY", "prod-nlx-deployment");
+  ScopedEnv nlx_channel("NLX_CHANNEL_KEY", "prod-nlx-channel");
+  ScopedEnv nexora_key("NEXORA_API_KEY", "nxr_prod");
   absl::StatusOr<v1::DaemonConfig> c = LoadConfigFile(config_path);
   ASSERT_TRUE(c.ok()) << c.status();
+  // The demo's four bridges, over verified wss://.
+  ASSERT_EQ(c->bridges_size(), 4);
+  EXPECT_EQ(c->bridges(1).nlx().upstream().url(), "wss://us-east-1-ws.apps.nlx.ai");
+  EXPECT_EQ(c->bridges(2).emogg().upstream().url(), "wss://api.emogg.com:443/ws/v1");
+  EXPECT_EQ(c->bridges(3).nexora().upstream().url(), "wss://nexora.example.com");
+  std::vector<std::string> names;
+  for (const v1::BridgeConfig& b : c->bridges()) names.push_back(b.name());
+  EXPECT_THAT(names, ::testing::ElementsAre("dfx", "nlx", "emogg", "nexora"));
+  absl::StatusOr<std::string> emogg_token = ResolveSecret(c->bridges(2).emogg().token());
+  ASSERT_TRUE(emogg_token.ok()) << emogg_token.status();
+  EXPECT_EQ(*emogg_token, "prod-emogg-token");
   EXPECT_EQ(c->server().tls().client_ca_file(), dir.path() + "/etc/tls/clients-ca.pem");
   EXPECT_TRUE(c->server().tls().require_client_cert());
   EXPECT_EQ(c->log().format(), "json");
