@@ -18,6 +18,7 @@
 #include <google/protobuf/descriptor.h>
 #include <google/protobuf/util/json_util.h>
 #include <google/protobuf/util/time_util.h>
+#include <grpc/support/log.h>
 #include <grpcpp/client_context.h>
 
 #include "absl/strings/ascii.h"
@@ -63,6 +64,8 @@ constexpr std::string_view kGlobalHelp =
     "  --tls              TLS to the daemon (system roots unless --ca)\n"
     "  --ca FILE          PEM roots that verify the daemon (implies --tls)\n"
     "  --cert FILE --key FILE  client certificate and key for mTLS (imply --tls)\n"
+    "  --server-name NAME the name the daemon's certificate must carry (default: the\n"
+    "                     target's host; implies --tls)\n"
     "  --timeout SECONDS  per-call deadline (default 10; streams: none unless given)\n"
     "  -H KEY=VALUE       extra request metadata, repeatable\n"
     "                     (e.g. -H x-dfx-device-token=...)\n"
@@ -236,6 +239,11 @@ std::optional<std::string> Parse(int argc, char** argv, CommandLine& line) {
       auto v = value();
       if (!v || v->empty()) return needs(absl::StrCat(name, " FILE"));
       (name == "--ca" ? o.ca_file : name == "--cert" ? o.cert_file : o.key_file) = *v;
+      o.tls = true;
+    } else if (name == "--server-name") {
+      auto v = value();
+      if (!v || v->empty()) return needs("--server-name NAME");
+      o.server_name = *v;
       o.tls = true;
     } else if (name == "--timeout") {
       auto v = value();
@@ -477,6 +485,10 @@ int Main(int argc, char** argv) {
     return kExitUsage;
   }
   if (line.command == "help") {
+    if (line.help && line.args.empty()) {
+      std::cout << CommandHelp().at("help");
+      return kExitOk;
+    }
     if (line.args.empty()) {
       std::cout << kGlobalHelp;
       return kExitOk;
@@ -496,6 +508,9 @@ int Main(int argc, char** argv) {
     std::cout << help->second;
     return kExitOk;
   }
+  // gRPC's own log lines (handshake failures and the like) repeat what the status
+  // printed at the end says; -v keeps them.
+  if (!line.options.verbose) gpr_set_log_function([](gpr_log_func_args*) {});
   auto channel = MakeChannel(line.options);
   if (!channel.ok()) return UsageError(std::string(channel.status().message()));
   const std::string& c = line.command;

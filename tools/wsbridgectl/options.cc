@@ -47,6 +47,10 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const GlobalOptions& 
     credentials = grpc::SslCredentials(ssl);
   }
   grpc::ChannelArguments args;
+  // For a daemon reached by an address its certificate does not name (a pod IP).
+  if (options.tls && !options.server_name.empty()) {
+    args.SetSslTargetNameOverride(options.server_name);
+  }
   // Responses as large as the daemon may send (its max_message_bytes is at most 256 MiB).
   args.SetMaxReceiveMessageSize(-1);
   return grpc::CreateCustomChannel(options.target, credentials, args);

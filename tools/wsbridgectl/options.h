@@ -23,6 +23,7 @@ struct GlobalOptions {
   std::string token;   // sent as `authorization: Bearer <token>` when non-empty
   bool tls = false;
   std::string ca_file, cert_file, key_file;
+  std::string server_name;  // TLS: the name the daemon's certificate must carry
   std::optional<double> timeout_seconds;  // --timeout, when given
   std::vector<std::pair<std::string, std::string>> headers;  // -H KEY=VALUE
   bool verbose = false;        // -v: response headers and trailers on stderr
