@@ -149,11 +149,15 @@ def check_full_run(summary, nlx_texts, nexora_message):
     responses = nlx["responses"]
     check([r["turn"] for r in responses] == list(range(1, len(nlx_texts) + 2)),
           "NLX: each text turn and the choice turn should have one response, in order", summary)
-    for i, text in enumerate(nlx_texts):
-        # The emulator answers `Turn <n>: you said "<text>"` (and offers choices to "choices").
-        check(any(text in t for t in responses[i]["texts"]),
-              "NLX: turn %d's response does not quote %r" % (i + 1, text), summary)
-    chosen = responses[len(nlx_texts) - 1]["choices"][0]
+    # The emulator answers `Turn <n>: you said "<text>"`, offers choices to a turn whose
+    # first word is "choices", and answers a chosen choice with "You chose <id>."
+    check(responses[0]["texts"] == ['Turn 1: you said "%s"' % nlx_texts[0]],
+          "NLX: the first turn's response does not quote it", summary)
+    check(responses[1]["choices"] == ["choice-economy", "choice-business"],
+          "NLX: the 'choices' turn's response does not offer the emulator's choices", summary)
+    chosen = responses[1]["choices"][0]
+    check(summary["bridges"]["nlx"]["turns"][2].startswith("choose %s" % chosen),
+          "NLX: the client did not choose the first choice", summary)
     check(any("You chose %s" % chosen in t for t in responses[-1]["texts"]),
           "NLX: the choice turn was not answered with the choice", summary)
     emogg = b["emogg"]
