@@ -15,7 +15,7 @@
 #   WSBRIDGE_EMULATOR_PORTS  "fixed" (default: the ports in demo.yaml, 18081-18084) or
 #                            "0" (free ports, written into a copy of demo.yaml)
 #   WSBRIDGE_READY_TIMEOUT   seconds to wait for every bridge to serve (default 60)
-# With any of these set, wsbridged runs a copy of demo.yaml with the addresses replaced.
+# When an address differs from demo.yaml's, wsbridged runs a copy of it with the address replaced.
 #
 # Exit status: 0 after Ctrl-C (SIGINT) or SIGTERM once both processes stopped cleanly;
 # 1 when either fails to start, dies early, or does not stop cleanly; 2 for bad usage.
@@ -89,7 +89,6 @@ daemon_pid=""
 stop_signal=""
 
 alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
-
 
 # Waits for the process to exit and sets `exit_status`. A second Ctrl-C while
 # wsbridged drains is passed on to it (it then exits at once).
@@ -219,6 +218,7 @@ emulator_hint="Ports in use? Another demo may be running: set WSBRIDGE_EMULATOR_
 daemon_hint="Ports in use? Set WSBRIDGE_GRPC_LISTEN and WSBRIDGE_ADMIN_LISTEN (port 0 = a free one) and WSBRIDGE_UNIX_SOCKET."
 # setsid: its own session, so a terminal's Ctrl-C reaches only this script, which then
 # stops the two processes in order.
+: >"$rundir/emulator.out"
 setsid "$emulator" "${emulator_args[@]}" >"$rundir/emulator.out" &
 emulator_pid=$!
 last_reason=""
@@ -232,7 +232,7 @@ replace() {  # replace OLD NEW: exactly one occurrence of OLD in demo.yaml
   local old=$1 new=$2 rest=${config_text//"$1"/}
   (((${#config_text} - ${#rest}) / ${#old} == 1)) ||
     fail "$demo_config does not contain \"$old\" exactly once: update scripts/run.sh to match it"
-  config_text=${config_text/"$old"/"$new"}
+  [[ $old == "$new" ]] || config_text=${config_text/"$old"/"$new"}
 }
 for api in "${apis[@]}"; do
   url=$(grep -o "\"api\":\"$api\",\"url\":\"[^\"]*\"" "$rundir/emulator.out" | sed 's/.*"url":"//; s/"$//')
@@ -240,7 +240,11 @@ for api in "${apis[@]}"; do
   replace "url: ${demo_url[$api]}" "url: $url"
 done
 replace "listen: \"$default_grpc\"" "listen: \"$grpc_listen\""
-replace "unix_socket: $default_unix" "unix_socket: \"$unix_socket\""
+if [[ $unix_socket == "$default_unix" ]]; then
+  replace "unix_socket: $default_unix" "unix_socket: $default_unix"
+else
+  replace "unix_socket: $default_unix" "unix_socket: \"$unix_socket\""
+fi
 replace "listen: \"$default_admin\"" "listen: \"$admin_listen\""
 config=$demo_config
 if [[ $config_text != "$(<"$demo_config")" ]]; then
@@ -250,6 +254,7 @@ fi
 
 mkdir -p "$(dirname "$unix_socket")"
 say "starting wsbridged --config $config"
+: >"$rundir/wsbridged.out"
 setsid "$wsbridged" --config "$config" >"$rundir/wsbridged.out" &
 daemon_pid=$!
 daemon_listening() { grep -q '"event":"listening"' "$rundir/wsbridged.out"; }

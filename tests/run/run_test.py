@@ -187,8 +187,11 @@ def run_demo(args):
                    WSBRIDGE_EMULATOR_PORTS="0",
                    TMPDIR=run_tmp,
                    WSBRIDGE_RUN_TEST_MARKER=marker)
+        # SIGINT at its default in run.sh, as in a terminal: a shell cannot trap a signal
+        # that was ignored when it started (as it is under a backgrounded ctest).
         proc = subprocess.Popen(["bash", args.run_sh], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         out = Output(proc)
         try:
             out.wait_for(r"^Ctrl-C stops", 120, "the ready banner")
