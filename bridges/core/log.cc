@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <ctime>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/strings/ascii.h"
@@ -26,6 +27,28 @@ std::vector<std::string>& Secrets() ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_secrets_mu) 
 
 // Writes go through one mutex so concurrent lines never interleave.
 absl::Mutex g_write_mu;
+
+// Repeat summarising (SetRepeatLimit). Keyed by level, component and message.
+struct Repeat {
+  Level level;
+  std::string component;
+  std::string message;
+  std::chrono::steady_clock::time_point window_start;
+  size_t written = 0;
+  size_t suppressed = 0;
+};
+// Distinct messages tracked at once; past this, new ones are written unlimited (log
+// messages are constant strings, so the real number is in the hundreds).
+constexpr size_t kMaxRepeatKeys = 4096;
+constexpr std::chrono::seconds kRepeatSweepInterval{1};
+absl::Mutex g_repeat_mu;
+size_t g_repeat_burst ABSL_GUARDED_BY(g_repeat_mu) = 0;
+std::chrono::steady_clock::duration g_repeat_window ABSL_GUARDED_BY(g_repeat_mu){};
+std::chrono::steady_clock::time_point g_next_sweep ABSL_GUARDED_BY(g_repeat_mu){};
+std::unordered_map<std::string, Repeat>& Repeats() ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_repeat_mu) {
+  static auto* repeats = new std::unordered_map<std::string, Repeat>();
+  return *repeats;
+}
 
 constexpr std::string_view kRedacted = "[redacted]";
 
@@ -86,15 +109,125 @@ std::string Timestamp() {
   return buf;
 }
 
-bool LooksSecret(std::string_view name) {
+// Query parameter names whose values are shown in logs and errors; every other value is
+// redacted. Kept short on purpose: a name is only added when it can never hold a
+// credential.
+bool KnownHarmless(std::string_view name) {
   std::string lower = absl::AsciiStrToLower(absl::string_view(name.data(), name.size()));
-  for (std::string_view word : {"token", "key", "secret", "password", "auth", "signature", "credential"}) {
-    if (lower.find(word) != std::string::npos) return true;
+  for (std::string_view harmless : {"v", "version", "format", "encoding", "lang", "language",
+                                    "languagecode", "locale", "conversationid"}) {
+    if (lower == harmless) return true;
   }
   return false;
 }
 
+std::string FormatLine(Level level, std::string_view component, std::string_view message,
+                       std::initializer_list<Field> fields) {
+  std::string line;
+  line.reserve(128);
+  if (g_json.load(std::memory_order_relaxed)) {
+    line += "{\"ts\":";
+    AppendJsonString(line, Timestamp());
+    line += ",\"level\":";
+    AppendJsonString(line, LevelName(level));
+    line += ",\"component\":";
+    AppendJsonString(line, component);
+    line += ",\"msg\":";
+    AppendJsonString(line, message);
+    for (const auto& f : fields) {
+      line.push_back(',');
+      AppendJsonString(line, f.key);
+      line.push_back(':');
+      AppendJsonString(line, f.value);
+    }
+    line += "}";
+  } else {
+    line += Timestamp();
+    line.push_back(' ');
+    std::string_view name = LevelName(level);
+    line += absl::AsciiStrToUpper(absl::string_view(name.data(), name.size()));
+    line.push_back(' ');
+    line.append(component);
+    line += ": ";
+    line.append(message);
+    for (const auto& f : fields) {
+      line.push_back(' ');
+      line.append(f.key);
+      line.push_back('=');
+      AppendPlainValue(line, f.value);
+    }
+  }
+  line = Redact(line);
+  line.push_back('\n');
+  return line;
+}
+
+std::string SummaryLine(const Repeat& r) {
+  return FormatLine(r.level, r.component,
+                    std::string("suppressed ") + std::to_string(r.suppressed) +
+                        " similar lines: " + r.message,
+                    {{"suppressed", std::to_string(r.suppressed)}});
+}
+
+// Whether this line is written; appends summaries of windows that have ended to
+// `summaries` (written before the line).
+bool AdmitRepeat(Level level, std::string_view component, std::string_view message,
+                 std::vector<std::string>& summaries) {
+  absl::MutexLock lock(&g_repeat_mu);
+  if (g_repeat_burst == 0) return true;
+  const auto now = std::chrono::steady_clock::now();
+  auto& repeats = Repeats();
+  if (now >= g_next_sweep) {
+    g_next_sweep = now + kRepeatSweepInterval;
+    for (auto it = repeats.begin(); it != repeats.end();) {
+      if (now - it->second.window_start < g_repeat_window) {
+        ++it;
+        continue;
+      }
+      if (it->second.suppressed > 0) summaries.push_back(SummaryLine(it->second));
+      it = repeats.erase(it);
+    }
+  }
+  std::string key;
+  key.reserve(component.size() + message.size() + 3);
+  key.push_back(static_cast<char>('0' + static_cast<int>(level)));
+  key.append(component);
+  key.push_back('\0');
+  key.append(message);
+  auto it = repeats.find(key);
+  if (it == repeats.end()) {
+    if (repeats.size() < kMaxRepeatKeys) {
+      repeats.emplace(std::move(key), Repeat{level, std::string(component), std::string(message),
+                                             now, 1, 0});
+    }
+    return true;
+  }
+  Repeat& r = it->second;
+  if (now - r.window_start >= g_repeat_window) {
+    if (r.suppressed > 0) summaries.push_back(SummaryLine(r));
+    r.window_start = now;
+    r.written = 1;
+    r.suppressed = 0;
+    return true;
+  }
+  if (r.written < g_repeat_burst) {
+    ++r.written;
+    return true;
+  }
+  ++r.suppressed;
+  return false;
+}
+
 }  // namespace
+
+void SetRepeatLimit(size_t burst, double window_seconds) {
+  absl::MutexLock lock(&g_repeat_mu);
+  g_repeat_burst = burst;
+  g_repeat_window = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(window_seconds));
+  g_next_sweep = std::chrono::steady_clock::now() + kRepeatSweepInterval;
+  Repeats().clear();
+}
 
 void Configure(Level level, bool json) {
   g_level.store(static_cast<int>(level));
@@ -138,9 +271,11 @@ std::string RedactUrl(std::string_view url) {
     if (!first) out.push_back('&');
     first = false;
     size_t eq = pair.find('=');
-    if (eq != std::string_view::npos && LooksSecret(pair.substr(0, eq))) {
+    if (eq != std::string_view::npos && !KnownHarmless(pair.substr(0, eq))) {
       out.append(pair.substr(0, eq + 1));
       out.append(kRedacted);
+    } else if (eq == std::string_view::npos && !pair.empty() && !KnownHarmless(pair)) {
+      out.append(kRedacted);  // a bare value ("?<token>") may be the credential itself
     } else {
       out.append(pair);
     }
@@ -154,44 +289,14 @@ std::string RedactUrl(std::string_view url) {
 void Write(Level level, std::string_view component, std::string_view message,
            std::initializer_list<Field> fields) {
   if (!Enabled(level)) return;
-  std::string line;
-  line.reserve(128);
-  if (g_json.load(std::memory_order_relaxed)) {
-    line += "{\"ts\":";
-    AppendJsonString(line, Timestamp());
-    line += ",\"level\":";
-    AppendJsonString(line, LevelName(level));
-    line += ",\"component\":";
-    AppendJsonString(line, component);
-    line += ",\"msg\":";
-    AppendJsonString(line, message);
-    for (const auto& f : fields) {
-      line.push_back(',');
-      AppendJsonString(line, f.key);
-      line.push_back(':');
-      AppendJsonString(line, f.value);
-    }
-    line += "}";
-  } else {
-    line += Timestamp();
-    line.push_back(' ');
-    std::string_view name = LevelName(level);
-    line += absl::AsciiStrToUpper(absl::string_view(name.data(), name.size()));
-    line.push_back(' ');
-    line.append(component);
-    line += ": ";
-    line.append(message);
-    for (const auto& f : fields) {
-      line.push_back(' ');
-      line.append(f.key);
-      line.push_back('=');
-      AppendPlainValue(line, f.value);
-    }
-  }
-  line = Redact(line);
-  line.push_back('\n');
+  std::vector<std::string> summaries;
+  const bool admitted = AdmitRepeat(level, component, message, summaries);
+  if (!admitted && summaries.empty()) return;
+  std::string out;
+  for (auto& summary : summaries) out += summary;
+  if (admitted) out += FormatLine(level, component, message, fields);
   absl::MutexLock lock(&g_write_mu);
-  std::fwrite(line.data(), 1, line.size(), stderr);
+  std::fwrite(out.data(), 1, out.size(), stderr);
 }
 
 }  // namespace wsbridge::log

@@ -1,6 +1,7 @@
 // Structured logging: plain text or JSON lines, with secrets redacted.
 #pragma once
 
+#include <cstddef>
 #include <initializer_list>
 #include <string>
 #include <string_view>
@@ -18,13 +19,24 @@ struct Field {
 void Configure(Level level, bool json);
 bool Enabled(Level level);
 
+// Summarises repeats: of the lines with the same level, component and message, the
+// first `burst` in each `window_seconds` are written; the rest are counted and, once
+// the window is over, written as one line "suppressed N similar lines: <message>"
+// (when the next line of any kind is written, or at the latest with that message's
+// next line). Fields (session ids, errors) do not make lines different, so 1,000
+// sessions reconnecting in a storm log `burst` lines and a count. burst 0 (the
+// library's default) turns it off; wsbridged turns it on at start-up.
+void SetRepeatLimit(size_t burst, double window_seconds);
+
 // Registers a credential value so that every later log line containing it shows
 // "[redacted]" instead. Secrets are resolved through the config loader, which calls it.
 void RegisterSecret(std::string_view secret);
 // Applies the registered-secret redaction to `text` (used for error messages too).
 std::string Redact(std::string_view text);
-// `url` with the values of its query parameters replaced by "[redacted]" when their
-// names look like credentials (token, key, secret, password, auth, signature).
+// `url` with the value of every query parameter replaced by "[redacted]", except for a
+// short list of names known to carry no credential (v, version, format, encoding, lang,
+// language, languageCode, locale, conversationId; any case). Signed URLs put
+// credentials under any name (sig, X-Amz-Signature, st, ...), so nothing else is shown.
 std::string RedactUrl(std::string_view url);
 
 // One log line: `component` says who logs ("dfx", "server", ...).

@@ -29,18 +29,48 @@ std::string ErrorReason(const absl::Status& status) {
   return info.reason();
 }
 
+std::string CutText(std::string_view text, size_t limit) {
+  if (text.size() <= limit) return std::string(text);
+  size_t end = limit;
+  // Back off continuation bytes (10xxxxxx) so a multi-byte character is never split:
+  // proto3 strings must stay valid UTF-8.
+  while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
+  std::string out(text.substr(0, end));
+  out += " ...[cut: ";
+  out += std::to_string(text.size());
+  out += " bytes in all]";
+  return out;
+}
+
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
   auto code = static_cast<grpc::StatusCode>(status.code());
-  std::string message(status.message());
+  // Upstream text (ids, error descriptions) may be any length: cut here, at the edge.
+  std::string message = CutText(
+      std::string_view(status.message().data(), status.message().size()), kMaxGrpcMessageBytes);
   auto payload = status.GetPayload(kTypeUrl);
   if (!payload) return grpc::Status(code, message);
+  google::rpc::ErrorInfo info;
+  if (!info.ParseFromString(std::string(*payload))) {
+    return grpc::Status(code, message);
+  }
+  google::rpc::ErrorInfo sent;
+  sent.set_reason(CutText(info.reason(), kMaxErrorInfoValueBytes));
+  sent.set_domain(CutText(info.domain(), kMaxErrorInfoValueBytes));
+  // Map order is unspecified; sort the keys so the same entries are kept every time.
+  std::map<std::string, std::string> sorted(info.metadata().begin(), info.metadata().end());
+  size_t kept = 0;
+  for (const auto& [key, value] : sorted) {
+    if (kept++ == kMaxErrorInfoEntries) break;
+    (*sent.mutable_metadata())[CutText(key, kMaxErrorInfoValueBytes)] =
+        CutText(value, kMaxErrorInfoValueBytes);
+  }
   google::rpc::Status details;
   details.set_code(static_cast<int>(code));
   details.set_message(message);
   auto* any = details.add_details();
   any->set_type_url(std::string(kErrorInfoTypeUrl));
-  any->set_value(std::string(*payload));
+  any->set_value(sent.SerializeAsString());
   return grpc::Status(code, message, details.SerializeAsString());
 }
 

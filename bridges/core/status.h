@@ -3,6 +3,7 @@
 // up in the grpc-status-details-bin trailer, so clients can branch on `reason`.
 #pragma once
 
+#include <cstddef>
 #include <map>
 #include <string>
 #include <string_view>
@@ -24,7 +25,21 @@ absl::Status WithErrorInfo(absl::Status status, std::string_view reason,
 // The ErrorInfo reason attached to `status`, or "" when none.
 std::string ErrorReason(const absl::Status& status);
 
+// Longest error message, and longest ErrorInfo metadata value, sent to a caller. Both
+// travel in the trailers (the message twice: grpc-message and the details), and a
+// trailer block above the caller's limit (8 KiB by default) would replace the real
+// code with RESOURCE_EXHAUSTED; longer texts are cut and say so.
+inline constexpr size_t kMaxGrpcMessageBytes = 1024;
+inline constexpr size_t kMaxErrorInfoValueBytes = 128;
+// At most this many ErrorInfo metadata entries are sent (in key order).
+inline constexpr size_t kMaxErrorInfoEntries = 8;
+
+// `text` if it is at most `limit` bytes, else its first bytes (cut on a UTF-8
+// character boundary) followed by " ...[cut: N bytes in all]".
+std::string CutText(std::string_view text, size_t limit);
+
 // absl -> grpc, with ErrorInfo (if any) serialized into google.rpc.Status details.
+// The message and the ErrorInfo metadata values are cut to the limits above.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
 // grpc -> absl, ErrorInfo payload restored from the details (used by tests and

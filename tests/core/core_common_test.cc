@@ -1,6 +1,14 @@
 // Tests of the small shared pieces: metrics exposition, log redaction, status mapping,
 // the bridge registry and the open-call tracker.
+#include <unistd.h>
+
 #include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -43,10 +51,125 @@ TEST(Log, RedactsRegisteredSecretsAndCredentialQueryValues) {
   log::RegisterSecret("s3cr3t-token-value");
   EXPECT_EQ(log::Redact("login with s3cr3t-token-value failed"), "login with [redacted] failed");
   EXPECT_EQ(log::RedactUrl("wss://h/ws?deploymentKey=dep&apiKey=abc&channelKey=c-en-US&x=1"),
-            "wss://h/ws?deploymentKey=[redacted]&apiKey=[redacted]&channelKey=[redacted]&x=1");
+            "wss://h/ws?deploymentKey=[redacted]&apiKey=[redacted]&channelKey=[redacted]&x=[redacted]");
   EXPECT_EQ(log::RedactUrl("wss://h/api/ws/chat1?token=eyJabc"), "wss://h/api/ws/chat1?token=[redacted]");
   EXPECT_EQ(log::RedactUrl("wss://h/path"), "wss://h/path");
   EXPECT_EQ(log::RedactUrl("ws://h/?conversationId=42"), "ws://h/?conversationId=42");
+}
+
+// Captures what is written to stderr (fd 2) while it lives.
+class StderrCapture {
+ public:
+  StderrCapture() {
+    std::fflush(stderr);
+    std::snprintf(path_, sizeof path_, "/tmp/wsb-log-XXXXXX");
+    fd_ = mkstemp(path_);
+    saved_ = dup(2);
+    dup2(fd_, 2);
+  }
+  ~StderrCapture() {
+    std::fflush(stderr);
+    dup2(saved_, 2);
+    close(saved_);
+    close(fd_);
+    unlink(path_);
+  }
+  std::string Text() {
+    std::fflush(stderr);
+    std::ifstream in(path_);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+
+ private:
+  char path_[64];
+  int fd_ = -1;
+  int saved_ = -1;
+};
+
+size_t Count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+// Issue #14, item 9: every reconnect attempt of every session was logged.
+TEST(Log, RepeatsBeyondTheBurstAreSummarisedOncePerWindow) {
+  StderrCapture capture;
+  log::SetRepeatLimit(3, 0.2);
+  for (int i = 0; i < 50; ++i) {
+    log::Warn("test", "upstream reconnecting", {{"session", std::to_string(i)}});
+  }
+  log::Warn("test", "a different message");
+  std::string text = capture.Text();
+  EXPECT_EQ(Count(text, "upstream reconnecting"), 3u) << text;
+  EXPECT_NE(text.find("session=2"), std::string::npos);
+  EXPECT_EQ(text.find("session=3"), std::string::npos);
+  EXPECT_EQ(Count(text, "a different message"), 1u);
+
+  // Once the window is over, the next line written brings the count.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (text.find("suppressed 47 similar lines: upstream reconnecting") == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline) {
+    log::Info("test", "tick");
+    text = capture.Text();
+  }
+  EXPECT_EQ(Count(text, "suppressed 47 similar lines: upstream reconnecting"), 1u) << text;
+  EXPECT_NE(text.find("suppressed=47"), std::string::npos);
+  // A new window starts with a fresh burst.
+  log::Warn("test", "upstream reconnecting", {{"session", "again"}});
+  text = capture.Text();
+  EXPECT_NE(text.find("session=again"), std::string::npos);
+  log::SetRepeatLimit(0, 0);
+  for (int i = 0; i < 10; ++i) log::Warn("test", "unlimited");
+  EXPECT_EQ(Count(capture.Text(), "unlimited"), 10u);
+}
+
+// Issue #14, item 8: credentials under names that do not look like one (signed URLs).
+TEST(Log, RedactsEveryQueryValueButAShortAllowList) {
+  EXPECT_EQ(log::RedactUrl("wss://h/ws?sig=c2lnbmF0dXJl&se=2026-01-01&st=abc&sv=2021&sp=rw"),
+            "wss://h/ws?sig=[redacted]&se=[redacted]&st=[redacted]&sv=[redacted]&sp=[redacted]");
+  EXPECT_EQ(log::RedactUrl("wss://b.s3.test/o?X-Amz-Credential=AKIA1&X-Amz-Signature=f00d#frag"),
+            "wss://b.s3.test/o?X-Amz-Credential=[redacted]&X-Amz-Signature=[redacted]#frag");
+  EXPECT_EQ(log::RedactUrl("wss://h/ws?v=2&format=json&languageCode=en-US&Version=3"),
+            "wss://h/ws?v=2&format=json&languageCode=en-US&Version=3");
+  // A bare value may be the credential itself.
+  EXPECT_EQ(log::RedactUrl("wss://h/ws?eyJhbGciOi&lang=en"), "wss://h/ws?[redacted]&lang=en");
+  EXPECT_EQ(log::RedactUrl("wss://h/ws?"), "wss://h/ws?");
+}
+
+TEST(Status, CutTextKeepsShortTextAndCutsLongTextOnACharacterBoundary) {
+  EXPECT_EQ(CutText("short", 10), "short");
+  EXPECT_EQ(CutText("0123456789", 10), "0123456789");
+  EXPECT_EQ(CutText("0123456789abc", 10), "0123456789 ...[cut: 13 bytes in all]");
+  // "é" is two bytes (C3 A9): a cut through it backs off to before it.
+  EXPECT_EQ(CutText("abcdefghi\xC3\xA9xyz", 10), "abcdefghi ...[cut: 14 bytes in all]");
+}
+
+TEST(Status, ToGrpcStatusCutsTheMessageAndErrorInfoValues) {
+  const std::string big(10'000, 'z');
+  std::map<std::string, std::string> metadata;
+  for (int i = 0; i < 40; ++i) metadata[absl::StrCat("k", 100 + i)] = big;
+  grpc::Status edge = ToGrpcStatus(
+      WithErrorInfo(absl::NotFoundError(big), std::string(1000, 'R'), "d.test", metadata));
+  EXPECT_EQ(edge.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(edge.error_message(),
+            absl::StrCat(std::string(kMaxGrpcMessageBytes, 'z'), " ...[cut: 10000 bytes in all]"));
+  google::rpc::Status details;
+  ASSERT_TRUE(details.ParseFromString(edge.error_details()));
+  EXPECT_EQ(details.message(), edge.error_message());
+  google::rpc::ErrorInfo info;
+  ASSERT_TRUE(info.ParseFromString(details.details(0).value()));
+  EXPECT_EQ(info.reason().substr(0, kMaxErrorInfoValueBytes),
+            std::string(kMaxErrorInfoValueBytes, 'R'));
+  EXPECT_LT(info.reason().size(), 300u);
+  EXPECT_EQ(info.metadata_size(), static_cast<int>(kMaxErrorInfoEntries));
+  EXPECT_TRUE(info.metadata().contains("k100"));  // the first keys in order are kept
+  EXPECT_FALSE(info.metadata().contains("k139"));
+  for (const auto& [k, v] : info.metadata()) EXPECT_LT(v.size(), 300u) << k;
+  // Everything together stays far below a caller's 8 KiB trailer limit.
+  EXPECT_LT(edge.error_message().size() * 3 + edge.error_details().size() * 4 / 3, 8000u);
 }
 
 TEST(Status, ErrorInfoTravelsFromAbslToGrpcDetailsAndBack) {
