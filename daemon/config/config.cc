@@ -32,7 +32,14 @@ constexpr size_t kMaxConfigFileBytes = 4 * 1024 * 1024;
 // sockaddr_un::sun_path holds 108 bytes including the terminating NUL.
 constexpr size_t kMaxUnixSocketPath = 107;
 
-std::string Quoted(absl::string_view s) { return absl::StrCat("\"", s, "\""); }
+// Values echoed in errors are cut: a bad value may be megabytes long (a file pasted into
+// the wrong key).
+constexpr size_t kMaxEchoBytes = 60;
+
+std::string Quoted(absl::string_view s) {
+  if (s.size() <= kMaxEchoBytes) return absl::StrCat("\"", s, "\"");
+  return absl::StrCat("\"", s.substr(0, kMaxEchoBytes), "...\" (", s.size(), " bytes)");
+}
 
 core::Duration ToDuration(const pb::Duration& d) {
   return std::chrono::seconds(d.seconds()) + std::chrono::nanoseconds(d.nanos());

@@ -24,6 +24,7 @@ namespace pb = google::protobuf;
 using FD = pb::FieldDescriptor;
 
 constexpr size_t kMaxEchoChars = 60;
+constexpr size_t kMaxMessageChars = 1000;
 constexpr int64_t kNanosPerSecond = 1'000'000'000;
 // Longer than any limit in the schema; keeps duration arithmetic far from overflow.
 constexpr int64_t kMaxDurationSeconds = 10LL * 365 * 24 * 3600;
@@ -575,7 +576,14 @@ void Diagnostics::Add(const std::optional<YAML::Mark>& mark, absl::string_view p
   if (mark && !mark->is_null()) absl::StrAppend(&line, ":", mark->line + 1, ":", mark->column + 1);
   absl::StrAppend(&line, ": ");
   if (!path.empty()) absl::StrAppend(&line, path, ": ");
-  absl::StrAppend(&line, message);
+  // Backstop for messages built elsewhere (URL checks, file errors) that quote a value:
+  // no line of a config error grows past this, however long the bad value.
+  if (message.size() > kMaxMessageChars) {
+    absl::StrAppend(&line, message.substr(0, kMaxMessageChars), "... (message cut: ",
+                    message.size(), " bytes in all)");
+  } else {
+    absl::StrAppend(&line, message);
+  }
   lines_.push_back(std::move(line));
 }
 

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 #include <yaml-cpp/yaml.h>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "tests/config/test_util.h"
@@ -120,6 +121,60 @@ runtime: {io_threads: 8, grpc_cq_threads: 3, memory_trim_interval: 0s}
   EXPECT_EQ(c->runtime().grpc_cq_threads(), 3u);
   EXPECT_TRUE(c->runtime().has_memory_trim_interval());  // 0s: trimming off
   EXPECT_EQ(c->runtime().memory_trim_interval().seconds(), 0);
+}
+
+TEST(ConfigLoad, CallerConnectionLimitsHaveDefaultsAndCanBeSet) {
+  absl::StatusOr<v1::DaemonConfig> c = LoadConfigString(kValid, "test.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->server().max_metadata_bytes(), 16u * 1024);
+  EXPECT_FALSE(c->server().reflection_without_token());
+  const v1::ServerConnectionConfig& conn = c->server().connections();
+  EXPECT_EQ(conn.keepalive_time().seconds(), 60);
+  EXPECT_EQ(conn.keepalive_timeout().seconds(), 20);
+  EXPECT_EQ(conn.max_idle().seconds(), 300);
+  EXPECT_FALSE(conn.has_max_age());  // no limit unless set
+  EXPECT_EQ(conn.max_age_grace().seconds(), 30);
+  EXPECT_EQ(conn.min_ping_interval().seconds(), 10);
+
+  c = LoadConfigString(R"(server:
+  listen: "127.0.0.1:50051"
+  max_metadata_bytes: 4096
+  reflection_without_token: true
+  connections: {keepalive_time: 5s, max_idle: 0s, max_age: 1h, max_age_grace: 2s}
+)",
+                       "test.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->server().max_metadata_bytes(), 4096u);
+  EXPECT_TRUE(c->server().reflection_without_token());
+  EXPECT_EQ(c->server().connections().keepalive_time().seconds(), 5);
+  EXPECT_TRUE(c->server().connections().has_max_idle());  // 0s: idle connections stay
+  EXPECT_EQ(c->server().connections().max_idle().seconds(), 0);
+  EXPECT_EQ(c->server().connections().max_age().seconds(), 3600);
+  EXPECT_EQ(c->server().connections().max_age_grace().seconds(), 2);
+
+  EXPECT_THAT(ErrorOf("server: {listen: \"127.0.0.1:1\", max_metadata_bytes: 100}\n"),
+              HasSubstr("server.max_metadata_bytes: 100 is below the minimum 1024"));
+}
+
+TEST(ConfigErrors, HugeBadValuesAreCutInTheMessage) {
+  // A 3 MB value in the wrong place must not come back in full in the error.
+  const std::string huge(3 * 1024 * 1024, 'x');
+  std::string e = ErrorOf(absl::StrCat("server:\n  listen: \"", huge, "\"\n"));
+  EXPECT_LT(e.size(), 1000u);
+  EXPECT_THAT(e, HasSubstr("server.listen: \"xxxx"));
+  EXPECT_THAT(e, HasSubstr("(3145728 bytes) is not host:port"));
+
+  e = ErrorOf(absl::StrCat("server:\n  listen: \"127.0.0.1:1\"\n  unix_socket_mode: \"", huge,
+                           "\"\n"));
+  EXPECT_LT(e.size(), 1000u);
+  EXPECT_THAT(e, HasSubstr("server.unix_socket_mode"));
+
+  // A message built outside the loader (the upstream URL check) is cut as well.
+  e = ErrorOf(absl::StrReplaceAll(kValid, {{"wss://api.example.test/ws",
+                                            absl::StrCat("ftp://", huge)}}));
+  EXPECT_LT(e.size(), 2000u);
+  EXPECT_THAT(e, HasSubstr("bridges[0].dfx.upstream.url: "));
+  EXPECT_THAT(e, HasSubstr("message cut: "));
 }
 
 TEST(ConfigLoad, DemoConfigLoadsWithNoEnvironment) {
