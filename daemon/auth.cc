@@ -4,8 +4,10 @@
 #include <openssl/sha.h>
 
 #include <memory>
+#include <utility>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
 
 namespace wsbridge::daemon {
@@ -18,6 +20,22 @@ bool ConstantTimeEquals(std::string_view a, std::string_view b) {
   SHA256(reinterpret_cast<const unsigned char*>(a.data()), a.size(), da);
   SHA256(reinterpret_cast<const unsigned char*>(b.data()), b.size(), db);
   return CRYPTO_memcmp(da, db, sizeof(da)) == 0;
+}
+
+Authorizer WithMetadataLimit(Authorizer inner, size_t max_bytes) {
+  return [inner = std::move(inner), max_bytes](const grpc::ServerContextBase& context) {
+    size_t total = 0;
+    for (const auto& [key, value] : context.client_metadata()) {
+      total += key.size() + value.size() + 32;
+    }
+    if (total > max_bytes) {
+      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          absl::StrCat("the call's metadata is ", total,
+                                       " bytes, above this server's limit of ", max_bytes,
+                                       " (server.max_metadata_bytes); send smaller headers"));
+    }
+    return inner(context);
+  };
 }
 
 Authorizer MakeBearerAuthorizer(std::string token) {

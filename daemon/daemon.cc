@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <climits>
 #include <csignal>
 #include <chrono>
 #include <cstring>
@@ -28,7 +29,6 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/json.hpp>
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server.h>
@@ -47,6 +47,7 @@
 #include "daemon/admin_service.h"
 #include "daemon/auth.h"
 #include "daemon/config/config.h"
+#include "daemon/reflection_service.h"
 #include "daemon/rpc_metrics.h"
 
 namespace wsbridge::daemon {
@@ -57,7 +58,18 @@ using wsbridge::config::v1::DaemonConfig;
 
 constexpr uint32_t kDefaultMaxMessageBytes = 4 * 1024 * 1024;
 constexpr uint32_t kDefaultMaxConcurrentStreams = 1000;
+constexpr uint32_t kDefaultMaxMetadataBytes = 16 * 1024;
+constexpr size_t kTransportMetadataFactor = 4;
+constexpr size_t kMinTransportMetadataBytes = 64 * 1024;
+// Caller connections (server.connections); the schema documents the same defaults.
+constexpr absl::Duration kDefaultKeepaliveTime = absl::Seconds(60);
+constexpr absl::Duration kDefaultKeepaliveTimeout = absl::Seconds(20);
+constexpr absl::Duration kDefaultMaxIdle = absl::Minutes(5);
+constexpr absl::Duration kDefaultMaxAgeGrace = absl::Seconds(30);
+constexpr absl::Duration kDefaultMinPingInterval = absl::Seconds(10);
 constexpr uint32_t kDefaultIoThreads = 2;
+constexpr size_t kLogRepeatBurst = 20;
+constexpr double kLogRepeatWindowSeconds = 10;
 constexpr absl::Duration kDefaultDrainTimeout = absl::Seconds(10);
 constexpr absl::Duration kDefaultDeadline = absl::Seconds(15);
 // Health is re-published on every BridgeContext::health_changed and at least this often.
@@ -91,9 +103,47 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, const char* field)
   return text.str();
 }
 
+// The mode of a directory created for the socket: whoever may read or write the socket
+// may enter the directory (0660 -> 0770, 0600 -> 0700), nobody else.
+mode_t DirectoryModeFor(mode_t socket_mode) {
+  const mode_t rw = socket_mode & 0666;
+  return rw | ((rw & 0444) >> 2) | ((rw & 0222) >> 1);
+}
+
+// mkdir -p with `mode` given to mkdir itself, so no directory is ever wider than that,
+// not even for a moment (std::filesystem::create_directories uses 0777 & ~umask).
+// Directories that exist are left as they are.
+absl::Status CreateDirectories(const std::filesystem::path& dir, mode_t mode) {
+  std::filesystem::path prefix;
+  for (const auto& part : dir) {
+    prefix /= part;
+    if (part == "/" || part.empty()) continue;
+    if (mkdir(prefix.c_str(), mode) != 0 && errno != EEXIST) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "server.unix_socket: cannot create \"", prefix.string(), "\": ", std::strerror(errno)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Sets the process umask for its lifetime, so that a file bound in the meantime (the
+// Unix socket: bind() takes 0777 & ~umask) is created with its final mode instead of
+// being widened until a later chmod. The umask is process-wide: threads creating files
+// during the few microseconds of the bind get the narrower mask, never a wider one.
+class ScopedUmask {
+ public:
+  explicit ScopedUmask(mode_t mask) : previous_(umask(mask)) {}
+  ~ScopedUmask() { umask(previous_); }
+  ScopedUmask(const ScopedUmask&) = delete;
+  ScopedUmask& operator=(const ScopedUmask&) = delete;
+
+ private:
+  mode_t previous_;
+};
+
 // Removes a socket file left behind by a process that is gone; refuses to touch a
 // path that is not a socket or that a live process still listens on.
-absl::Status PrepareUnixSocketPath(const std::string& path) {
+absl::Status PrepareUnixSocketPath(const std::string& path, mode_t socket_mode) {
   sockaddr_un addr{};
   if (path.size() >= sizeof(addr.sun_path)) {
     return absl::InvalidArgumentError(absl::StrCat("server.unix_socket: path is longer than ",
@@ -103,14 +153,9 @@ absl::Status PrepareUnixSocketPath(const std::string& path) {
   if (lstat(path.c_str(), &st) != 0) {
     if (errno == ENOENT) {
       // Create the directory (e.g. /run/wsbridge) so a fresh host or tmpfs works.
-      std::error_code ec;
       const auto parent = std::filesystem::path(path).parent_path();
-      if (!parent.empty()) std::filesystem::create_directories(parent, ec);
-      if (ec) {
-        return absl::FailedPreconditionError(absl::StrCat("server.unix_socket: cannot create \"",
-                                                          parent.string(), "\": ", ec.message()));
-      }
-      return absl::OkStatus();
+      if (parent.empty()) return absl::OkStatus();
+      return CreateDirectories(parent, DirectoryModeFor(socket_mode));
     }
     return absl::FailedPreconditionError(
         absl::StrCat("server.unix_socket: cannot stat \"", path, "\": ", std::strerror(errno)));
@@ -157,6 +202,53 @@ absl::StatusOr<mode_t> ParseMode(const std::string& text) {
         absl::StrCat("server.unix_socket_mode: \"", text, "\" is out of range"));
   }
   return static_cast<mode_t>(mode);
+}
+
+size_t MaxMetadataBytes(const DaemonConfig& config) {
+  return config.server().max_metadata_bytes() != 0 ? config.server().max_metadata_bytes()
+                                                   : kDefaultMaxMetadataBytes;
+}
+
+// The header block size past which gRPC itself refuses a connection's input.
+size_t TransportMetadataLimit(size_t per_call) {
+  return std::max<size_t>(per_call * kTransportMetadataFactor, kMinTransportMetadataBytes);
+}
+
+int Millis(absl::Duration d) {
+  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), INT32_MAX));
+}
+
+// Keepalive and lifetime of caller connections (server.connections). Unset fields take
+// the defaults above; an explicit 0 turns max_idle / max_age off.
+void AddConnectionArguments(const wsbridge::config::v1::ServerConnectionConfig& c,
+                            grpc::ServerBuilder& builder) {
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                             Millis(ToDuration(c.keepalive_time(), kDefaultKeepaliveTime)));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                             Millis(ToDuration(c.keepalive_timeout(), kDefaultKeepaliveTimeout)));
+  // Ping connections without calls too: an idle caller that vanished is found as well.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // Keep pinging a stream that carries no data (a quiet subscription): gRPC stops after
+  // two pings without data otherwise, and a caller that vanished would go unnoticed.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  builder.AddChannelArgument(
+      GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+      Millis(c.has_min_ping_interval() ? ToDuration(c.min_ping_interval(), absl::ZeroDuration())
+                                       : kDefaultMinPingInterval));
+  const absl::Duration idle = c.has_max_idle()
+                                  ? ToDuration(c.max_idle(), absl::ZeroDuration())
+                                  : kDefaultMaxIdle;
+  if (idle > absl::ZeroDuration()) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, Millis(idle));
+  }
+  const absl::Duration age = ToDuration(c.max_age(), absl::ZeroDuration());
+  if (age > absl::ZeroDuration()) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, Millis(age));
+    builder.AddChannelArgument(
+        GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+        Millis(c.has_max_age_grace() ? ToDuration(c.max_age_grace(), absl::ZeroDuration())
+                                     : kDefaultMaxAgeGrace));
+  }
 }
 
 // "host:PORT" with the port actually bound.
@@ -235,6 +327,7 @@ struct Daemon::Impl {
   } bridge_calls;
   std::vector<std::unique_ptr<core::Bridge>> bridges;
   std::unique_ptr<AdminServiceImpl> admin_service;
+  std::unique_ptr<ReflectionService> reflection_service;
   // The completion queues of bridges serving on the async API, each with its thread;
   // shut down after the server and before the bridges whose calls they hold.
   std::vector<std::unique_ptr<core::CqLoop>> cq_loops;
@@ -394,7 +487,6 @@ absl::Status Daemon::Impl::StartServer() {
         "server: set `listen` (host:port) and/or `unix_socket` (path); neither is set");
   }
   grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
 
   if (!server_config.listen().empty()) {
@@ -429,7 +521,7 @@ absl::Status Daemon::Impl::StartServer() {
     auto mode = ParseMode(server_config.unix_socket_mode());
     if (!mode.ok()) return mode.status();
     socket_mode = *mode;
-    if (absl::Status s = PrepareUnixSocketPath(unix_path); !s.ok()) return s;
+    if (absl::Status s = PrepareUnixSocketPath(unix_path, socket_mode); !s.ok()) return s;
     builder.AddListeningPort("unix:" + unix_path, grpc::InsecureServerCredentials());
   }
 
@@ -442,6 +534,15 @@ absl::Status Daemon::Impl::StartServer() {
                              static_cast<int>(server_config.max_concurrent_streams() != 0
                                                   ? server_config.max_concurrent_streams()
                                                   : kDefaultMaxConcurrentStreams));
+  // gRPC 1.51 treats a header block above its transport limit as a connection error
+  // that ends every call on the connection (its default, 8 KiB, made one 9 KB call do
+  // that). So the transport limit is set well above server.max_metadata_bytes, which
+  // the authorizer checks per call (WithMetadataLimit): an oversize call fails alone.
+  // The transport limit is announced in SETTINGS_MAX_HEADER_LIST_SIZE; clients that
+  // honour it (Go, Java) fail a call above it themselves.
+  builder.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE,
+                             static_cast<int>(TransportMetadataLimit(MaxMetadataBytes(config))));
+  AddConnectionArguments(server_config.connections(), builder);
 
   // Every service a bridge serves, checked for clashes (gRPC would refuse to start).
   std::set<std::string, std::less<>> known_services = {
@@ -464,6 +565,12 @@ absl::Status Daemon::Impl::StartServer() {
   for (const auto& bridge : bridges) bridge_ptrs.push_back(bridge.get());
   admin_service = std::make_unique<AdminServiceImpl>(bridge_ptrs, authorize);
   builder.RegisterService(admin_service.get());
+  reflection_service = std::make_unique<ReflectionService>(
+      std::vector<std::string>(known_services.begin(), known_services.end()),
+      server_config.reflection_without_token()
+          ? WithMetadataLimit(MakeBearerAuthorizer(""), MaxMetadataBytes(config))
+          : authorize);
+  builder.RegisterService(reflection_service.get());
 
   std::set<std::string, std::less<>> self_observed;
   for (const auto& bridge : bridges) {
@@ -484,7 +591,12 @@ absl::Status Daemon::Impl::StartServer() {
     for (uint32_t i = 0; i < n; ++i) cqs.push_back(builder.AddCompletionQueue());
   }
 
-  server = builder.BuildAndStart();
+  {
+    // The Unix socket is bound here: give it its final mode from the start.
+    std::optional<ScopedUmask> mask;
+    if (!unix_path.empty()) mask.emplace(static_cast<mode_t>(~socket_mode & 0777));
+    server = builder.BuildAndStart();
+  }
   unix_bound = server != nullptr && !unix_path.empty();
   if (server == nullptr || (!server_config.listen().empty() && grpc_port == 0)) {
     if (server != nullptr) server->Shutdown(std::chrono::system_clock::now());
@@ -523,6 +635,9 @@ absl::Status Daemon::Impl::Start() {
     if (lc.level() == "warn") level = log::Level::kWarn;
     if (lc.level() == "error") level = log::Level::kError;
     log::Configure(level, lc.format() == "json");
+    // A reconnect storm (1,000 sessions retrying) would otherwise write ~3 MB a minute
+    // of near-identical lines: the first 20 of each message per 10 s, then a count.
+    log::SetRepeatLimit(kLogRepeatBurst, kLogRepeatWindowSeconds);
   }
   std::string token;
   if (config.server().has_auth_token()) {
@@ -537,7 +652,7 @@ absl::Status Daemon::Impl::Start() {
     }
     log::RegisterSecret(token);
   }
-  authorize = MakeBearerAuthorizer(std::move(token));
+  authorize = WithMetadataLimit(MakeBearerAuthorizer(std::move(token)), MaxMetadataBytes(config));
 
   {
     absl::MutexLock lock(&mu);

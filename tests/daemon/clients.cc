@@ -73,14 +73,16 @@ absl::StatusOr<HttpResponse> HttpRequest(int port, const std::string& method,
 namespace {
 
 absl::StatusOr<refl::ServerReflectionResponse> ReflectionCall(
-    const std::shared_ptr<grpc::Channel>& channel, const refl::ServerReflectionRequest& request) {
-  // The generated stub would do the same; the real message classes are private to
-  // grpc++_reflection, so the wire-compatible copies are sent to the real path.
+    const std::shared_ptr<grpc::Channel>& channel, const refl::ServerReflectionRequest& request,
+    const std::string& authorization = "") {
+  // The generated stub would do the same; the copies keep these clients independent of
+  // the daemon's own reflection classes, as any outside client is.
   const grpc::internal::RpcMethod method(
       "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
       grpc::internal::RpcMethod::BIDI_STREAMING, channel);
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  if (!authorization.empty()) context.AddMetadata("authorization", authorization);
   std::unique_ptr<grpc::ClientReaderWriter<refl::ServerReflectionRequest,
                                            refl::ServerReflectionResponse>>
       stream(grpc::internal::ClientReaderWriterFactory<
@@ -100,10 +102,10 @@ absl::StatusOr<refl::ServerReflectionResponse> ReflectionCall(
 }  // namespace
 
 absl::StatusOr<std::vector<std::string>> ReflectionListServices(
-    const std::shared_ptr<grpc::Channel>& channel) {
+    const std::shared_ptr<grpc::Channel>& channel, const std::string& authorization) {
   refl::ServerReflectionRequest request;
   request.set_list_services("*");
-  auto response = ReflectionCall(channel, request);
+  auto response = ReflectionCall(channel, request, authorization);
   if (!response.ok()) return response.status();
   if (!response->has_list_services_response()) {
     return absl::DataLossError(absl::StrCat("unexpected answer: ", response->DebugString()));

@@ -24,9 +24,10 @@ struct HttpResponse {
 absl::StatusOr<HttpResponse> HttpRequest(int port, const std::string& method,
                                          const std::string& target);
 
-// Names from a list_services reflection request.
+// Names from a list_services reflection request; `authorization` (e.g. "Bearer x") is
+// sent as metadata when not empty.
 absl::StatusOr<std::vector<std::string>> ReflectionListServices(
-    const std::shared_ptr<grpc::Channel>& channel);
+    const std::shared_ptr<grpc::Channel>& channel, const std::string& authorization = "");
 // file_containing_symbol: the serialized FileDescriptorProtos, or the server's error
 // (NOT_FOUND etc.) as a status.
 absl::StatusOr<std::vector<std::string>> ReflectionFileContainingSymbol(

@@ -7,6 +7,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <thread>
 
@@ -15,7 +16,10 @@
 #include <grpcpp/security/credentials.h>
 #include <gtest/gtest.h>
 
+#include "bridges/core/status.h"
 #include "clients.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
 #include "daemon/auth.h"
 #include "daemon/rpc_metrics.h"
 #include "daemon_test.grpc.pb.h"
@@ -571,6 +575,210 @@ TEST_F(DaemonTest, ShutdownWithoutOpenCallsEndsAndIsIdempotent) {
   EXPECT_TRUE(bridge().shut_down());
   EXPECT_FALSE(daemon_->ready());
   daemon_->Wait();  // returns at once once finished
+}
+
+
+// Issue #14, item 3: metadata above the limit fails that call alone; before the limit was
+// announced, a 9 KB header block was a connection error that ended every call on it.
+TEST_F(DaemonTest, OversizeMetadataFailsThatCallAloneAndTheConnectionGoesOn) {
+  DaemonConfig config = BaseConfig();
+  config.mutable_shutdown()->mutable_drain_timeout()->set_seconds(0);
+  config.mutable_shutdown()->mutable_drain_timeout()->set_nanos(200'000'000);
+  StartOrDie(config);
+  auto channel = Channel();
+  auto stub = v1::TestService::NewStub(channel);
+  grpc::ClientContext watch_context;
+  auto watch = stub->Watch(&watch_context, v1::WatchRequest());
+  v1::Event event;
+  ASSERT_TRUE(watch->Read(&event));
+
+  auto echo_with_metadata = [&](size_t bytes) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    context.AddMetadata("x-padding", std::string(bytes, 'p'));
+    v1::EchoRequest request;
+    request.set_text("padded");
+    v1::EchoResponse response;
+    return stub->Echo(&context, request, &response);
+  };
+  // Within the default limit (16 KiB).
+  grpc::Status nine_kb = echo_with_metadata(9 * 1024);
+  EXPECT_TRUE(nine_kb.ok()) << nine_kb.error_code() << " " << nine_kb.error_message();
+  grpc::Status oversize = echo_with_metadata(40 * 1024);
+  EXPECT_EQ(oversize.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << oversize.error_message();
+  EXPECT_NE(oversize.error_message().find("server.max_metadata_bytes"), std::string::npos)
+      << oversize.error_message();
+  EXPECT_TRUE(Echo(channel, "after").ok());
+
+  // The stream opened first was never touched: it ends only when the daemon ends it.
+  daemon_->RequestShutdown();
+  EXPECT_FALSE(watch->Read(&event));
+  grpc::Status ended = watch->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(ended.error_message(), "server shutting down");
+}
+
+TEST_F(DaemonTest, ConfiguredMetadataLimitIsEnforcedPerCall) {
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->set_max_metadata_bytes(4096);
+  StartOrDie(config);
+  auto channel = Channel();
+  auto stub = v1::TestService::NewStub(channel);
+  auto echo_with_metadata = [&](size_t bytes) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    context.AddMetadata("x-padding", std::string(bytes, 'p'));
+    v1::EchoResponse response;
+    return stub->Echo(&context, v1::EchoRequest(), &response);
+  };
+  EXPECT_TRUE(echo_with_metadata(2 * 1024).ok());
+  EXPECT_EQ(echo_with_metadata(6 * 1024).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_TRUE(echo_with_metadata(2 * 1024).ok());
+}
+
+// Issue #14, item 4: reflection answered without the token.
+TEST_F(DaemonTest, ReflectionNeedsTheBearerTokenUnlessOpenedInTheConfig) {
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->mutable_auth_token()->set_value("s3cret-token");
+  StartOrDie(config);
+  auto channel = Channel();
+  auto refused = ReflectionListServices(channel);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated) << refused.status();
+  EXPECT_EQ(ReflectionListServices(channel, "Bearer wrong-token").status().code(),
+            absl::StatusCode::kUnauthenticated);
+  auto allowed = ReflectionListServices(channel, "Bearer s3cret-token");
+  ASSERT_TRUE(allowed.ok()) << allowed.status();
+  EXPECT_NE(std::find(allowed->begin(), allowed->end(), kTestService), allowed->end());
+
+  daemon_.reset();
+  bridges_.clear();
+  config.mutable_server()->set_reflection_without_token(true);
+  StartOrDie(config);
+  channel = Channel();
+  auto open = ReflectionListServices(channel);
+  ASSERT_TRUE(open.ok()) << open.status();
+  EXPECT_NE(std::find(open->begin(), open->end(), kTestService), open->end());
+  // Only reflection is opened.
+  EXPECT_EQ(Echo(channel, "x").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+}
+
+// Issue #14, item 6: a 6,000-char id echoed into the error made the trailers too large
+// for the caller, who saw RESOURCE_EXHAUSTED instead of NOT_FOUND.
+TEST_F(DaemonTest, LongUpstreamErrorTextIsCutAndTheCodeSurvives) {
+  StartOrDie();
+  auto channel = Channel();
+  std::string reply;
+  grpc::Status shortish = Echo(channel, "missing:m-1", "", &reply);
+  EXPECT_EQ(shortish.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(shortish.error_message(), "no measurement \"m-1\" on the upstream");
+
+  const std::string id(6000, 'i');
+  grpc::Status status = Echo(channel, "missing:" + id);
+  ASSERT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << status.error_message().size()
+                                                              << " " << status.error_message();
+  EXPECT_LE(status.error_message().size(), core::kMaxGrpcMessageBytes + 40);
+  EXPECT_NE(status.error_message().find("no measurement \"iiii"), std::string::npos);
+  const size_t full = absl::StrCat("no measurement \"", id, "\" on the upstream").size();
+  EXPECT_NE(status.error_message().find(absl::StrCat("...[cut: ", full, " bytes in all]")),
+            std::string::npos)
+      << status.error_message().substr(status.error_message().size() - 60);
+  absl::Status back = core::FromGrpcStatus(status);
+  EXPECT_EQ(core::ErrorReason(back), "MEASUREMENT_NOT_FOUND");
+  google::rpc::Status details;
+  ASSERT_TRUE(details.ParseFromString(status.error_details()));
+  ASSERT_EQ(details.details_size(), 1);
+  google::rpc::ErrorInfo info;
+  ASSERT_TRUE(info.ParseFromString(details.details(0).value()));
+  const std::string& shown_id = info.metadata().at("measurement_id");
+  EXPECT_LE(shown_id.size(), core::kMaxErrorInfoValueBytes + 40);
+  EXPECT_EQ(shown_id.substr(0, 10), std::string(10, 'i'));
+  EXPECT_NE(shown_id.find("[cut: 6000 bytes in all]"), std::string::npos) << shown_id;
+}
+
+// Issue #14, item 7: under umask 000 the socket was 0777 until the chmod and its new
+// parent directory stayed 0777.
+TEST_F(DaemonTest, UnixSocketAndItsNewDirectoriesHaveTheirFinalModeUnderUmaskZero) {
+  TempDir dir;
+  const std::string parent = dir.path() + "/run/wsbridge";
+  const std::string path = parent + "/wsbridged.sock";
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->set_unix_socket(path);
+  config.mutable_server()->set_unix_socket_mode("0660");
+
+  const mode_t previous = umask(0);
+  // Watches the path while the daemon starts: every mode bit the socket ever showed.
+  std::atomic<bool> stop{false};
+  std::atomic<unsigned> seen_bits{0};
+  std::atomic<int> sightings{0};
+  std::thread watcher([&] {
+    while (!stop.load()) {
+      struct stat st {};
+      if (lstat(path.c_str(), &st) == 0) {
+        seen_bits.fetch_or(st.st_mode & 07777);
+        sightings.fetch_add(1);
+      }
+    }
+  });
+  absl::Status started = Start(config);
+  // Keep watching until the socket has been seen, so the loop ran over the start-up.
+  WaitFor([&] { return sightings.load() > 0; });
+  stop = true;
+  watcher.join();
+  umask(previous);
+  ASSERT_TRUE(started.ok()) << started;
+
+  struct stat st {};
+  ASSERT_EQ(stat(path.c_str(), &st), 0) << std::strerror(errno);
+  EXPECT_EQ(st.st_mode & 07777, 0660u);
+  EXPECT_EQ(seen_bits.load() & ~0660u, 0u) << "socket was seen with mode bits " << std::oct
+                                           << seen_bits.load();
+  for (const std::string& d : {dir.path() + "/run", parent}) {
+    ASSERT_EQ(stat(d.c_str(), &st), 0) << d;
+    EXPECT_EQ(st.st_mode & 07777, 0770u) << d << " has mode " << std::oct << (st.st_mode & 07777);
+  }
+  auto channel = grpc::CreateChannel("unix:" + path, grpc::InsecureChannelCredentials());
+  EXPECT_EQ(CheckHealth(channel, "").value(), HealthCheckResponse::SERVING);
+}
+
+// Issue #14, item 10: idle caller connections were never closed.
+TEST_F(DaemonTest, IdleConnectionIsClosedAfterMaxIdle) {
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->mutable_connections()->mutable_max_idle()->set_nanos(300'000'000);
+  StartOrDie(config);
+  auto channel = Channel();
+  ASSERT_TRUE(Echo(channel, "hi").ok());
+  // The server's GOAWAY after max_idle without calls takes the client channel to IDLE.
+  EXPECT_TRUE(WaitFor([&] { return channel->GetState(false) == GRPC_CHANNEL_IDLE; },
+                      std::chrono::seconds(20)))
+      << "channel state " << channel->GetState(false);
+  // A gRPC client just reconnects on its next call.
+  EXPECT_TRUE(Echo(channel, "again").ok());
+}
+
+TEST_F(DaemonTest, ConnectionWithAnOpenStreamIsNotIdle) {
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->mutable_connections()->mutable_max_idle()->set_nanos(200'000'000);
+  StartOrDie(config);
+  auto channel = Channel();
+  auto stub = v1::TestService::NewStub(channel);
+  grpc::ClientContext watch_context;
+  auto watch = stub->Watch(&watch_context, v1::WatchRequest());
+  v1::Event event;
+  ASSERT_TRUE(watch->Read(&event));
+  // A second, idle connection (its own channel arguments keep it apart) is closed...
+  grpc::ChannelArguments args;
+  args.SetInt("wsbridge.test.separate_connection", 1);
+  auto idle = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", daemon_->grpc_port()),
+                                        grpc::InsecureChannelCredentials(), args);
+  ASSERT_TRUE(Echo(idle, "hi").ok());
+  EXPECT_TRUE(WaitFor([&] { return idle->GetState(false) == GRPC_CHANNEL_IDLE; },
+                      std::chrono::seconds(20)));
+  // ... while the one holding a stream still is READY and its stream open.
+  EXPECT_EQ(channel->GetState(false), GRPC_CHANNEL_READY);
+  EXPECT_EQ(bridge().open_calls(), 1u);
+  watch_context.TryCancel();
+  watch->Finish();
 }
 
 }  // namespace

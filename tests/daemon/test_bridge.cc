@@ -5,6 +5,7 @@
 #include <boost/asio/post.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "bridges/core/status.h"
 
 namespace wsbridge::daemontest {
 
@@ -81,7 +82,17 @@ class TestBridge::Service final : public v1::TestService::CallbackService {
                                  v1::EchoResponse* response) override {
     auto* reactor = context->DefaultReactor();
     grpc::Status status = Admit(*context);
-    if (status.ok()) response->set_text(request->text());
+    constexpr std::string_view kMissing = "missing:";
+    if (status.ok() && request->text().starts_with(kMissing)) {
+      // An upstream-style NOT_FOUND that quotes the caller's id, through the edge
+      // conversion every bridge uses.
+      const std::string id = request->text().substr(kMissing.size());
+      status = core::ToGrpcStatus(core::WithErrorInfo(
+          absl::NotFoundError(absl::StrCat("no measurement \"", id, "\" on the upstream")),
+          "MEASUREMENT_NOT_FOUND", "test.wsbridge.dev", {{"measurement_id", id}}));
+    } else if (status.ok()) {
+      response->set_text(request->text());
+    }
     reactor->Finish(status);
     return reactor;
   }
