@@ -203,7 +203,7 @@ def main():
         install = subprocess.run([args.npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund",
                                   "--loglevel=error"], cwd=args.work_dir)
         if install.returncode != 0:
-            sys.exit("FAIL - npm ci of the pinned @grpc/grpc-js and @grpc/proto-loader failed "
+            sys.exit("FAIL - npm ci of the pinned @grpc/grpc-js, @grpc/proto-loader and protobufjs failed "
                      "(is the npm registry reachable?)")
         client = [args.node, os.path.join(args.work_dir, "client.mjs"), "--proto-dir", args.proto_dir]
 
