@@ -417,41 +417,42 @@ TEST_F(WsbridgectlTest, SessionsListsAndClosesUpstreamSessions) {
   EXPECT_THAT(no_bridge.err, StartsWith("NOT_FOUND: no session \"nobridge/x\""));
 }
 
+// Reflection lookups carry the token too (a daemon may require it for reflection).
 TEST_F(WsbridgectlTest, ListAndDescribeThroughReflection) {
-  Result services = Run({"list"});
+  Result services = RunAuthed({"list"});
   ASSERT_EQ(services.exit_code, 0) << services.err;
   EXPECT_THAT(services.out, HasSubstr("wsbridge.dfx.v1.DfxService\n"));
   EXPECT_THAT(services.out, HasSubstr("wsbridge.admin.v1.AdminService\n"));
   EXPECT_THAT(services.out, HasSubstr("grpc.health.v1.Health\n"));
 
-  Result methods = Run({"list", "wsbridge.admin.v1.AdminService"});
+  Result methods = RunAuthed({"list", "wsbridge.admin.v1.AdminService"});
   ASSERT_EQ(methods.exit_code, 0) << methods.err;
   EXPECT_EQ(methods.out,
             "wsbridge.admin.v1.AdminService/ListSessions\n"
             "wsbridge.admin.v1.AdminService/CloseSession\n");
 
-  Result service = Run({"describe", "wsbridge.dfx.v1.DfxService"});
+  Result service = RunAuthed({"describe", "wsbridge.dfx.v1.DfxService"});
   ASSERT_EQ(service.exit_code, 0) << service.err;
   EXPECT_THAT(service.out, HasSubstr("service DfxService {"));
   EXPECT_THAT(service.out,
               HasSubstr("rpc SubscribeResults(.wsbridge.dfx.v1.SubscribeResultsRequest) returns "
                         "(stream .wsbridge.dfx.v1.SubscribeResultsResponse);"));
 
-  Result method = Run({"describe", "wsbridge.dfx.v1.DfxService/CreateMeasurement"});
+  Result method = RunAuthed({"describe", "wsbridge.dfx.v1.DfxService/CreateMeasurement"});
   ASSERT_EQ(method.exit_code, 0) << method.err;
   EXPECT_THAT(method.out, HasSubstr("message CreateMeasurementRequest {"));
   EXPECT_THAT(method.out, HasSubstr("string study_id = 1;"));
   EXPECT_THAT(method.out, HasSubstr("message CreateMeasurementResponse {"));
 
   // A message whose field types live in another file (google/protobuf/timestamp.proto).
-  Result message = Run({"describe", "wsbridge.admin.v1.Session"});
+  Result message = RunAuthed({"describe", "wsbridge.admin.v1.Session"});
   ASSERT_EQ(message.exit_code, 0) << message.err;
   EXPECT_THAT(message.out, HasSubstr(".google.protobuf.Timestamp connected_since = 5;"));
-  Result enum_type = Run({"describe", "wsbridge.dfx.v1.Stage"});
+  Result enum_type = RunAuthed({"describe", "wsbridge.dfx.v1.Stage"});
   ASSERT_EQ(enum_type.exit_code, 0) << enum_type.err;
   EXPECT_THAT(enum_type.out, HasSubstr("STAGE_LAST = 3;"));
 
-  Result missing = Run({"describe", "wsbridge.dfx.v1.NoSuchThing"});
+  Result missing = RunAuthed({"describe", "wsbridge.dfx.v1.NoSuchThing"});
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_THAT(missing.err, StartsWith("NOT_FOUND: "));
   EXPECT_THAT(missing.err, HasSubstr("wsbridge.dfx.v1.DfxService"));  // what there is
@@ -628,9 +629,9 @@ TEST_F(WsbridgectlTest, UnixSocketTarget) {
   EXPECT_EQ(ParseObject(call.out).at("status").as_int64(), 200);
 
   // WSBRIDGE_TARGET is the default target.
-  auto p = std::make_unique<Process>(WSBRIDGECTL_PATH, std::vector<std::string>{"list"},
-                                     dir_->path() + "/env-target.stderr",
-                                     std::map<std::string, std::string>{{"WSBRIDGE_TARGET", target}});
+  auto p = std::make_unique<Process>(
+      WSBRIDGECTL_PATH, std::vector<std::string>{"list"}, dir_->path() + "/env-target.stderr",
+      std::map<std::string, std::string>{{"WSBRIDGE_TARGET", target}, {"WSBRIDGE_TOKEN", kToken}});
   p->CloseStdin();
   const std::string out = p->ReadAll(kProcessTimeout);
   EXPECT_EQ(p->WaitExit(kProcessTimeout).value_or(-98), 0) << p->Stderr();
@@ -675,7 +676,9 @@ TEST_F(WsbridgectlTest, UsageErrorsExit2AndHelpIsEverywhere) {
            {{"call", "wsbridge.dfx.v1.DfxService", "{}"}, "is a service; name a method"},
            {{"help", "nope"}, "no command \"nope\""},
        }) {
-    Result r = Run(c.args);
+    std::vector<std::string> args = c.args;
+    args.insert(args.begin(), {"--token", kToken});
+    Result r = Run(args);
     EXPECT_EQ(r.exit_code, 2) << c.args.front() << ": " << r.err;
     EXPECT_THAT(r.err, HasSubstr(c.says));
   }
