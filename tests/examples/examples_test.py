@@ -226,7 +226,7 @@ def main():
             def run_client(extra, name):
                 summary_path = os.path.join(tmp, name + ".json")
                 cmd = client + ["--target", target, "--timeout", "20", "--summary", summary_path] + extra
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
                 print("$ %s\n%s%s" % (" ".join(cmd), done.stdout, done.stderr), flush=True)
                 summary = None
                 if os.path.exists(summary_path):
