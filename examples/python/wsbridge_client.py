@@ -301,6 +301,9 @@ def run_nlx(s, channel, args):
             send(s.nlx.Turn(structured=s.nlx.StructuredRequest(choice_id=choices[0].choice_id)),
                  "choose %s (%s)" % (choices[0].choice_id, choices[0].choice_text))
             answer_of(turn)
+    except BaseException:
+        call.cancel()  # closes the conversation's socket at once
+        raise
     finally:
         outgoing.put(None)
     answer_of(-1)  # read on until the stream ends: unsolicited pushes, then OK or an error
