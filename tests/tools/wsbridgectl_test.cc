@@ -236,7 +236,8 @@ class WsbridgectlTest : public ::testing::Test {
                      "      upstream:\n"
                      "        url: ", url, "\n"
                      "        allow_plaintext: true\n"
-                     "      device_token: {value: ctl-test-device}\n"));
+                     "      device_token: {value: ctl-test-device}\n"
+                     "      allow_call_token: true\n"));
     daemon_ = new Process(WSBRIDGED_PATH, {"--config", config}, dir_->path() + "/wsbridged.stderr");
     ASSERT_TRUE(daemon_->spawned());
     grpc_ = new std::string();
@@ -588,6 +589,32 @@ TEST_F(WsbridgectlTest, ErrorStatusPrintsCodeMessageAndErrorInfo) {
   EXPECT_THAT(r.err, HasSubstr("\n  domain: dfx.wsbridge.dev\n"));
   EXPECT_THAT(r.err, HasSubstr("\n  metadata: last_acked_chunk_order=-1\n"));
   EXPECT_THAT(r.err, HasSubstr("\n  metadata: measurement_id=" + measurement + "\n"));
+}
+
+TEST_F(WsbridgectlTest, ServerEndingABidiStreamEndsTheCallWithStdinStillOpen) {
+  const std::string measurement = CreateMeasurement();
+  auto p = Start({"--token", kToken, "call", "wsbridge.dfx.v1.DfxService/StreamMeasurement"});
+  ASSERT_TRUE(p->WriteStdin(ChunkLine(measurement, "STAGE_CHUNK", 1)));
+  // stdin stays open: the server's error alone must end wsbridgectl.
+  EXPECT_EQ(p->WaitExit(kProcessTimeout).value_or(-98), 1) << p->Stderr();
+  EXPECT_THAT(p->Stderr(), StartsWith("FAILED_PRECONDITION: "));
+  EXPECT_THAT(p->Stderr(), HasSubstr("\n  reason: MISALIGNED_CHUNK\n"));
+}
+
+TEST_F(WsbridgectlTest, HeaderFlagSendsMetadata) {
+  // The DFX bridge takes a per-call device token from metadata; the emulator refuses
+  // tokens starting "bad", so the answer shows the header arrived.
+  Result refused = RunAuthed({"-H", "X-DFX-Device-Token=bad-ctl-token", "call",
+                              "wsbridge.dfx.v1.DfxService/CreateMeasurement",
+                              R"({"study_id":"ctl-test"})"});
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_THAT(refused.err, StartsWith("UNAUTHENTICATED: "));
+  EXPECT_THAT(refused.err, HasSubstr("\n  reason: INVALID_TOKEN\n"));
+  Result accepted = RunAuthed({"-H", "x-dfx-device-token=ctl-other-device", "call",
+                               "wsbridge.dfx.v1.DfxService/CreateMeasurement",
+                               R"({"study_id":"ctl-test"})"});
+  EXPECT_EQ(accepted.exit_code, 0) << accepted.err;
+  EXPECT_THAT(accepted.out, HasSubstr("measurement_id"));
 }
 
 TEST_F(WsbridgectlTest, TimeoutEndsAStreamWithDeadlineExceeded) {
