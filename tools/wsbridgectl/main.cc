@@ -470,6 +470,8 @@ int RunCallCommand(const CommandLine& line, const std::shared_ptr<grpc::Channel>
   }
   std::optional<std::string> json;
   if (line.args.size() == 2) json = line.args[1];
+  // Everything the call needs is in the pool now (a file is built with all it imports).
+  db.Close();
   return RunCall(line.options, channel, *symbol.method, json);
 }
 

@@ -20,14 +20,14 @@ ReflectionDatabase::ReflectionDatabase(std::shared_ptr<grpc::Channel> channel,
                                        const GlobalOptions& options)
     : channel_(std::move(channel)), options_(options) {}
 
-ReflectionDatabase::~ReflectionDatabase() {
+ReflectionDatabase::~ReflectionDatabase() { Close(); }
+
+void ReflectionDatabase::Close() {
   if (stream_ == nullptr) return;
-  if (transport_error_.ok()) {
-    stream_->WritesDone();
-  } else {
-    context_->TryCancel();
-  }
+  stream_->WritesDone();
   stream_->Finish();
+  stream_.reset();
+  context_.reset();
 }
 
 std::optional<ReflectionDatabase::Response> ReflectionDatabase::Ask(const Request& request) {

@@ -30,6 +30,10 @@ class ReflectionDatabase : public google::protobuf::DescriptorDatabase {
   ReflectionDatabase(std::shared_ptr<grpc::Channel> channel, const GlobalOptions& options);
   ~ReflectionDatabase() override;
 
+  // Ends the reflection stream (a later question opens a new one), so that it neither
+  // outlives its deadline nor holds the daemon's drain open during a long call.
+  void Close();
+
   // Service names the server lists (sorted).
   absl::StatusOr<std::vector<std::string>> ListServices();
 
