@@ -290,7 +290,7 @@ wsbridge demo is ready: bridges dfx, nlx, emogg and nexora are serving, in front
   admin HTTP:   http://$admin_address  (/metrics, /healthz, /readyz)
   config:       $config
   processes:    wsbridged pid $daemon_pid, wsbridge-emulator pid $emulator_pid
-Try from another shell (more in README.md):
+Try from another shell (with grpcurl; README.md has a tour with wsbridgectl):
   grpcurl -plaintext $grpcurl_target list
   grpcurl -plaintext -d '{"turn":{"text":"hello"}}' $grpcurl_target wsbridge.nlx.v1.NlxService/Send
 Ctrl-C stops wsbridged (graceful drain), then the emulator.
