@@ -8,6 +8,8 @@
                     real wsbridged with all four bridges, plus the names registered in the
                     sources) has a row in docs/operations.md with its type and labels; no row
                     names a metric that does not exist.
+  --check links     every relative link of README.md and docs/ names a file that exists, and
+                    a heading of it for #anchors.
   --check commands  every command of the ```sh blocks of README.md and docs/**/*.md is run
                     against a real wsbridged + wsbridge-emulator (all four bridges, named dfx,
                     nlx, emogg, nexora, as in the demo) started here on port 0.
@@ -492,6 +494,57 @@ def check_metrics(args):
 
 
 # ----------------------------------------------------------------------------------------
+# --check links
+
+def anchor(heading):
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors_of(path):
+    with open(path) as f:
+        text = f.read()
+    out = set()
+    in_fence = False
+    for line in text.split("\n"):
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence:
+            m = re.match(r"^#{1,6} +(.*)$", line)
+            if m:
+                out.add(anchor(m.group(1)))
+    return out
+
+
+def check_links(args):
+    """Every relative link of README.md and docs/ names a file that exists (and a heading
+    of it, for #anchors)."""
+    errors, n = [], 0
+    for path in doc_files(args.source):
+        with open(path) as f:
+            text = f.read()
+        text = re.sub(r"```.*?```", "", text, flags=re.S)  # code is not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", target):
+                continue  # http:, https:, mailto:
+            n += 1
+            file_part, _, frag = target.partition("#")
+            dest = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part \
+                else path
+            where = os.path.relpath(path, args.source)
+            if not os.path.exists(dest):
+                errors.append("%s: the link (%s) names %s, which does not exist"
+                              % (where, target, os.path.relpath(dest, args.source)))
+            elif frag and dest.endswith(".md") and frag not in anchors_of(dest):
+                errors.append("%s: the link (%s): %s has no heading with the anchor #%s"
+                              % (where, target, os.path.relpath(dest, args.source), frag))
+    print("links: %d relative links checked" % n)
+    return errors
+
+
+# ----------------------------------------------------------------------------------------
 # --check commands
 
 def normalise(command):
@@ -667,16 +720,17 @@ def shquote(s):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", required=True, choices=["config", "metrics", "commands"])
+    parser.add_argument("--check", required=True,
+                        choices=["config", "metrics", "commands", "links"])
     parser.add_argument("--source", required=True, help="the repository root")
-    parser.add_argument("--wsbridged", required=True)
+    parser.add_argument("--wsbridged", help="wsbridged (config, metrics, commands)")
     parser.add_argument("--emulator", help="wsbridge-emulator (metrics, commands)")
     parser.add_argument("--wsbridgectl", default="", help="wsbridgectl (commands); empty = not built")
     parser.add_argument("--protoc", help="protoc (config)")
     args = parser.parse_args()
     try:
         errors = {"config": check_config, "metrics": check_metrics,
-                  "commands": check_commands}[args.check](args)
+                  "commands": check_commands, "links": check_links}[args.check](args)
     except Failure as e:
         errors = [str(e)]
     if errors:
