@@ -11,8 +11,9 @@
   --check links     every relative link of README.md and docs/ names a file that exists, and
                     a heading of it for #anchors.
   --check commands  every command of the ```sh blocks of README.md and docs/**/*.md is run
-                    against a real wsbridged + wsbridge-emulator (all four bridges, named dfx,
-                    nlx, emogg, nexora, as in the demo) started here on port 0.
+                    against a real wsbridged running the demo config (deploy/config/demo.yaml:
+                    bridges dfx, nlx, emogg, nexora) in front of a real wsbridge-emulator,
+                    both started here on free ports.
 
 Conventions of the ```sh blocks (docs/operations.md, "Commands in the docs"):
   - A block runs as one bash script from the repository root, command after command, so a
@@ -198,54 +199,42 @@ class Env:
         self.stop()
 
     def start(self):
-        emu = subprocess.Popen(
-            # As scripts/run.sh starts it for the demo (deploy/config/demo.yaml), on port 0.
-            [self.args.emulator, "--dfx", "127.0.0.1:0", "--dfx-token", "demo-device-token",
-             "--nlx", "127.0.0.1:0", "--emogg", "127.0.0.1:0", "--emogg-token",
-             "demo-emogg-token", "--emogg-event-interval", "1000", "--nexora", "127.0.0.1:0",
-             "--nexora-api-key", "nxr_demo_key"],
-            stdout=subprocess.PIPE, stderr=open(os.path.join(self.tmp, "emulator.log"), "w"))
+        # The demo itself (deploy/config/demo.yaml, as scripts/run.sh runs it) with only its
+        # addresses changed: the emulator's URLs and the daemon's listeners on free ports.
+        import yaml
+        with open(os.path.join(self.args.source, "deploy", "config", "demo.yaml")) as f:
+            config = yaml.safe_load(f)
+        bridges = [([k for k in b if k != "name"][0], b) for b in config.get("bridges", [])]
+        kinds = {kind: b[kind] for kind, b in bridges}
+        secret = lambda kind, field: (kinds.get(kind, {}).get(field) or {}).get("value")
+        # The emulator accepts exactly the demo's credentials, as run.sh starts it.
+        cmd = [self.args.emulator, "--dfx", "127.0.0.1:0", "--nlx", "127.0.0.1:0",
+               "--emogg", "127.0.0.1:0", "--emogg-event-interval", "1000",
+               "--nexora", "127.0.0.1:0"]
+        for flag, kind, field in (("--dfx-token", "dfx", "device_token"),
+                                  ("--emogg-token", "emogg", "token"),
+                                  ("--nexora-api-key", "nexora", "api_key")):
+            if secret(kind, field):
+                cmd += [flag, secret(kind, field)]
+        emu = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                               stderr=open(os.path.join(self.tmp, "emulator.log"), "w"))
         self.procs.append(emu)
         events = read_json_lines(emu, lambda ev: len({e.get("api") for e in ev}) >= 4,
                                  "wsbridge-emulator")
         urls = {e["api"]: e["url"] for e in events}
+        for kind, b in bridges:
+            if kind not in urls:
+                raise Failure("deploy/config/demo.yaml has a %s bridge the emulator does not serve"
+                              % kind)
+            b[kind].setdefault("upstream", {}).update(url=urls[kind], allow_plaintext=True)
         self.socket = os.path.join(self.tmp, "wsbridged.sock")
-        # The demo's bridges (deploy/config/demo.yaml: names, kinds, the emulator's demo
-        # credentials), on free ports.
-        config = os.path.join(self.tmp, "wsbridged.yaml")
-        with open(config, "w") as f:
-            f.write("""server:
-  listen: "127.0.0.1:0"
-  unix_socket: %(socket)s
-admin:
-  listen: "127.0.0.1:0"
-shutdown:
-  drain_timeout: 1s
-  deadline: 5s
-bridges:
-  - name: dfx
-    dfx:
-      upstream: {url: "%(dfx)s", allow_plaintext: true}
-      device_token: {value: demo-device-token}
-      allow_call_token: true
-  - name: nlx
-    nlx:
-      upstream: {url: "%(nlx)s", allow_plaintext: true}
-      api_key: {value: nlx-emulator-api-key}
-      deployment_key: {value: nlx-emulator-deployment}
-      channel_key: {value: nlx-emulator-channel}
-      language: en-US
-  - name: emogg
-    emogg:
-      upstream: {url: "%(emogg)s", allow_plaintext: true}
-      token: {value: demo-emogg-token}
-  - name: nexora
-    nexora:
-      upstream: {url: "%(nexora)s", allow_plaintext: true}
-      api_key: {value: nxr_demo_key}
-""" % dict(socket=self.socket, **urls))
+        config.setdefault("server", {}).update(listen="127.0.0.1:0", unix_socket=self.socket)
+        config["admin"] = {"listen": "127.0.0.1:0"}
+        path = os.path.join(self.tmp, "wsbridged.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f)
         self.log_path = os.path.join(self.tmp, "wsbridged.log")
-        d = subprocess.Popen([self.args.wsbridged, "--config", config], stdout=subprocess.PIPE,
+        d = subprocess.Popen([self.args.wsbridged, "--config", path], stdout=subprocess.PIPE,
                              stderr=open(self.log_path, "w"))
         self.procs.append(d)
         listening = read_json_lines(
