@@ -756,6 +756,40 @@ TEST_F(DaemonTest, IdleConnectionIsClosedAfterMaxIdle) {
   EXPECT_TRUE(Echo(channel, "again").ok());
 }
 
+// The cap on one connection: streams beyond max_concurrent_streams wait in the caller's
+// client until one ends; the server never holds more.
+TEST_F(DaemonTest, StreamsBeyondTheCapWaitForAFreeOne) {
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->set_max_concurrent_streams(2);
+  StartOrDie(config);
+  auto channel = Channel();
+  auto stub = v1::TestService::NewStub(channel);
+  grpc::ClientContext first_context;
+  grpc::ClientContext second_context;
+  auto first = stub->Watch(&first_context, v1::WatchRequest());
+  auto second = stub->Watch(&second_context, v1::WatchRequest());
+  v1::Event event;
+  ASSERT_TRUE(first->Read(&event));
+  ASSERT_TRUE(second->Read(&event));
+  EXPECT_EQ(bridge().open_calls(), 2u);
+
+  // A third call on the same connection is not started while both streams are open.
+  grpc::ClientContext waiting;
+  waiting.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+  v1::EchoRequest request;
+  request.set_text("third");
+  v1::EchoResponse response;
+  EXPECT_EQ(stub->Echo(&waiting, request, &response).error_code(),
+            grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_EQ(bridge().open_calls(), 2u);
+
+  first_context.TryCancel();
+  first->Finish();
+  EXPECT_TRUE(Echo(channel, "third").ok());
+  second_context.TryCancel();
+  second->Finish();
+}
+
 TEST_F(DaemonTest, ConnectionWithAnOpenStreamIsNotIdle) {
   DaemonConfig config = BaseConfig();
   config.mutable_server()->mutable_connections()->mutable_max_idle()->set_nanos(200'000'000);
