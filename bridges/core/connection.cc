@@ -35,6 +35,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "bridges/core/log.h"
+#include "bridges/core/url.h"
 
 namespace wsbridge::core {
 
@@ -122,81 +123,6 @@ bool IsIpLiteral(const std::string& host) {
   return !ec;
 }
 
-// ---------------------------------------------------------------------------------------
-// URL parsing.
-
-struct ParsedUrl {
-  bool tls = false;
-  std::string host;  // without IPv6 brackets
-  std::string port;
-  std::string host_header;
-  std::string target;  // path?query, never empty
-};
-
-absl::StatusOr<ParsedUrl> ParseUrl(std::string_view url) {
-  ParsedUrl out;
-  std::string_view rest;
-  const auto lower_prefix = [&](std::string_view p) {
-    return url.size() >= p.size() && absl::EqualsIgnoreCase(AV(url.substr(0, p.size())), AV(p));
-  };
-  if (lower_prefix("wss://")) {
-    out.tls = true;
-    rest = url.substr(6);
-  } else if (lower_prefix("ws://")) {
-    rest = url.substr(5);
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("upstream URL \"", log::RedactUrl(url), "\" must start with wss:// or ws://"));
-  }
-  const size_t end = rest.find_first_of("/?#");
-  std::string_view authority = rest.substr(0, end);
-  std::string_view tail = end == std::string_view::npos ? std::string_view() : rest.substr(end);
-  if (const size_t hash = tail.find('#'); hash != std::string_view::npos) tail = tail.substr(0, hash);
-  if (authority.find('@') != std::string_view::npos) {
-    return absl::InvalidArgumentError("upstream URL must not carry user:password@; use headers");
-  }
-  std::string_view port;
-  if (!authority.empty() && authority.front() == '[') {
-    const size_t close = authority.find(']');
-    if (close == std::string_view::npos) return absl::InvalidArgumentError("upstream URL has a bad IPv6 host");
-    out.host = std::string(authority.substr(1, close - 1));
-    std::string_view after = authority.substr(close + 1);
-    if (!after.empty()) {
-      if (after.front() != ':') return absl::InvalidArgumentError("upstream URL has a bad IPv6 host");
-      port = after.substr(1);
-    }
-  } else {
-    const size_t colon = authority.rfind(':');
-    out.host = std::string(authority.substr(0, colon));
-    if (colon != std::string_view::npos) port = authority.substr(colon + 1);
-  }
-  if (out.host.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("upstream URL \"", log::RedactUrl(url), "\" has no host"));
-  }
-  const std::string_view default_port = out.tls ? "443" : "80";
-  if (port.empty()) {
-    out.port = std::string(default_port);
-  } else {
-    int p = 0;
-    if (!absl::SimpleAtoi(AV(port), &p) || p <= 0 || p > 65535) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("upstream URL \"", log::RedactUrl(url), "\" has a bad port"));
-    }
-    out.port = std::string(port);
-  }
-  const bool v6 = out.host.find(':') != std::string::npos;
-  out.host_header = v6 ? absl::StrCat("[", out.host, "]") : out.host;
-  if (out.port != default_port) absl::StrAppend(&out.host_header, ":", out.port);
-  if (tail.empty()) {
-    out.target.assign(1, '/');  // (a literal here trips a GCC 12 -Wrestrict false positive)
-  } else if (tail.front() == '?') {
-    out.target = absl::StrCat("/", AV(tail));
-  } else {
-    out.target = std::string(tail);
-  }
-  return out;
-}
 
 // ---------------------------------------------------------------------------------------
 // TLS client contexts, shared by every connection with the same settings: building one
@@ -679,7 +605,7 @@ class ConnectionImpl final : public Connection {
     if (!Notify([&](ConnectionHandler& h) { request = h.PrepareHandshake(); })) return;
     if (closing_ || state_.load() != ConnectionState::kConnecting) return;
     if (!request.ok()) return FailAttempt(request.status());
-    absl::StatusOr<ParsedUrl> url = ParseUrl(request->url);
+    absl::StatusOr<ParsedUrl> url = ParseUrl(request->url, "wss", "ws", "upstream URL");
     if (!url.ok()) return FailAttempt(url.status());
     {
       absl::MutexLock lock(&mu_);

@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "bridges/core/log.h"
+#include "bridges/core/url.h"
 #include "bridges/core/strings.h"
 
 namespace wsbridge::core {
@@ -39,76 +40,6 @@ constexpr std::string_view kLog = "http";
 constexpr uint32_t kMaxHeaderBytes = 16 << 10;
 
 
-struct Url {
-  bool tls = false;
-  std::string host;  // without IPv6 brackets
-  std::string port;
-  std::string host_header;
-  std::string target;  // path?query, never empty
-};
-
-absl::StatusOr<Url> ParseHttpUrl(std::string_view url) {
-  Url out;
-  std::string_view rest;
-  const auto prefix = [&](std::string_view p) {
-    return url.size() >= p.size() && absl::EqualsIgnoreCase(Av(url.substr(0, p.size())), Av(p));
-  };
-  if (prefix("https://")) {
-    out.tls = true;
-    rest = url.substr(8);
-  } else if (prefix("http://")) {
-    rest = url.substr(7);
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("URL \"", log::RedactUrl(url), "\" must start with https:// or http://"));
-  }
-  const size_t end = rest.find_first_of("/?#");
-  std::string_view authority = rest.substr(0, end);
-  std::string_view tail = end == std::string_view::npos ? std::string_view() : rest.substr(end);
-  if (const size_t hash = tail.find('#'); hash != std::string_view::npos) tail = tail.substr(0, hash);
-  if (authority.find('@') != std::string_view::npos) {
-    return absl::InvalidArgumentError("the URL must not carry user:password@");
-  }
-  std::string_view port;
-  if (!authority.empty() && authority.front() == '[') {
-    const size_t close = authority.find(']');
-    if (close == std::string_view::npos) return absl::InvalidArgumentError("the URL has a bad IPv6 host");
-    out.host = std::string(authority.substr(1, close - 1));
-    std::string_view after = authority.substr(close + 1);
-    if (!after.empty()) {
-      if (after.front() != ':') return absl::InvalidArgumentError("the URL has a bad IPv6 host");
-      port = after.substr(1);
-    }
-  } else {
-    const size_t colon = authority.rfind(':');
-    out.host = std::string(authority.substr(0, colon));
-    if (colon != std::string_view::npos) port = authority.substr(colon + 1);
-  }
-  if (out.host.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("URL \"", log::RedactUrl(url), "\" has no host"));
-  }
-  const std::string_view default_port = out.tls ? "443" : "80";
-  if (port.empty()) {
-    out.port = std::string(default_port);
-  } else {
-    int p = 0;
-    if (!absl::SimpleAtoi(Av(port), &p) || p <= 0 || p > 65535) {
-      return absl::InvalidArgumentError(absl::StrCat("URL \"", log::RedactUrl(url), "\" has a bad port"));
-    }
-    out.port = std::string(port);
-  }
-  const bool v6 = out.host.find(':') != std::string::npos;
-  out.host_header = v6 ? absl::StrCat("[", out.host, "]") : out.host;
-  if (out.port != default_port) absl::StrAppend(&out.host_header, ":", out.port);
-  if (tail.empty()) {
-    out.target.assign(1, '/');
-  } else if (tail.front() == '?') {
-    out.target = absl::StrCat("/", Av(tail));
-  } else {
-    out.target = std::string(tail);
-  }
-  return out;
-}
 
 bool IsIpLiteral(const std::string& host) {
   error_code ec;
@@ -124,7 +55,7 @@ class Exchange : public std::enable_shared_from_this<Exchange<Stream>> {
   using Strand = asio::strand<asio::any_io_executor>;
 
   template <typename... Args>
-  Exchange(Strand strand, Url url, std::string what, http::request<http::string_body> req,
+  Exchange(Strand strand, ParsedUrl url, std::string what, http::request<http::string_body> req,
            size_t max_body, Clock::time_point deadline, HttpClient::Callback done, Args&&... args)
       : strand_(strand),
         stream_(strand, std::forward<Args>(args)...),
@@ -258,7 +189,7 @@ class Exchange : public std::enable_shared_from_this<Exchange<Stream>> {
   Stream stream_;
   tcp::resolver resolver_;
   asio::steady_timer timer_;
-  Url url_;
+  ParsedUrl url_;
   std::string what_;
   http::request<http::string_body> req_;
   Clock::time_point deadline_;
@@ -344,7 +275,7 @@ void HttpClient::Send(HttpRequestSpec spec, Callback done) {
     asio::post(executor_, [done = std::move(done), st = std::move(st)] { done(st); });
   };
   const std::string what = absl::StrCat(spec.method, " ", log::RedactUrl(spec.url));
-  absl::StatusOr<Url> url = ParseHttpUrl(spec.url);
+  absl::StatusOr<ParsedUrl> url = ParseUrl(spec.url, "https", "http", "URL");
   if (!url.ok()) return fail(url.status());
   if (!url->tls && !options_.allow_plaintext) {
     return fail(absl::FailedPreconditionError(absl::StrCat(

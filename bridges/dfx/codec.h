@@ -55,9 +55,6 @@ struct ResponseFrame {
 // OK when `action_id` is exactly four ASCII digits; INVALID_ARGUMENT saying why otherwise.
 absl::Status ValidateActionId(std::string_view action_id);
 
-// OK when `json` is one JSON object; INVALID_ARGUMENT with the parser's complaint otherwise.
-absl::Status ValidateJsonObject(std::string_view json);
-
 // `action` + 6 letters drawn from `rng`.
 std::string MakeRequestId(std::string_view action, core::Rng& rng);
 
@@ -85,8 +82,6 @@ struct CreateMeasurementParams {
   std::string partner_id;
 };
 std::string CreateMeasurementBody(const CreateMeasurementParams& params);
-
-std::string Base64Encode(std::string_view bytes);
 
 // Answers, read from a parsed frame (no second parse).
 struct ChunkAnswer {

@@ -8,6 +8,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "bridges/core/json.h"
 #include "bridges/core/log.h"
 #include "bridges/core/status.h"
 
@@ -21,23 +22,15 @@ bool IsUnreserved(char c) {
          c == '.' || c == '~';
 }
 
-json::string_view Jv(std::string_view s) { return json::string_view(s.data(), s.size()); }
-std::string Str(json::string_view s) { return std::string(s.data(), s.size()); }
+using core::Jv;
+using core::JsonStr;
 
 // Tool inputs are arbitrary JSON; Boost's default depth limit (32) would call a deeply
 // nested but valid input malformed.
 constexpr std::size_t kMaxDepth = 64;
 
 std::optional<json::value> Parse(std::string_view text, std::string* why = nullptr) {
-  boost::system::error_code ec;
-  json::parse_options opt;
-  opt.max_depth = kMaxDepth;
-  json::value v = json::parse(Jv(text), ec, {}, opt);
-  if (ec) {
-    if (why != nullptr) *why = ec.message();
-    return std::nullopt;
-  }
-  return v;
+  return core::ParseJson(text, why, kMaxDepth);
 }
 
 // Reads an optional string field: absent or null -> "" (OK); another JSON type ->
@@ -50,7 +43,7 @@ absl::Status ReadString(const json::object& o, std::string_view type, std::strin
     return absl::InvalidArgumentError(absl::StrCat("\"", Av(type), "\" event has a non-string \"",
                                                    Av(key), "\""));
   }
-  *out = Str(v->get_string());
+  *out = JsonStr(v->get_string());
   return absl::OkStatus();
 }
 
@@ -93,7 +86,7 @@ std::string ErrorText(std::string_view body) {
     for (std::string_view key : {"detail", "message", "error"}) {
       const json::value* f = o.if_contains(Jv(key));
       if (f == nullptr || f->is_null()) continue;
-      return f->is_string() ? Str(f->get_string()) : json::serialize(*f);
+      return f->is_string() ? JsonStr(f->get_string()) : json::serialize(*f);
     }
     return "";
   }
@@ -242,7 +235,7 @@ absl::StatusOr<Event> DecodeEvent(std::string_view frame) {
     return absl::InvalidArgumentError("frame has no string \"type\"");
   }
   Event e;
-  e.type = Str(type->get_string());
+  e.type = JsonStr(type->get_string());
   e.kind = EventKind::kUnknown;
   for (const KindName& k : kKinds) {
     if (k.name == e.type) e.kind = k.kind;
@@ -277,7 +270,7 @@ absl::StatusOr<Event> DecodeEvent(std::string_view frame) {
       st = ReadString(o, e.type, "task_id", &e.task_id);
       const json::value* r = o.if_contains("result");
       if (r != nullptr && r->is_string()) {
-        e.result = Str(r->get_string());
+        e.result = JsonStr(r->get_string());
       } else if (r != nullptr && !r->is_null()) {
         e.result = json::serialize(*r);
       }
@@ -361,9 +354,9 @@ absl::StatusOr<LoginAnswer> DecodeLoginAnswer(std::string_view body) {
   if (token == nullptr || !token->is_string() || token->get_string().empty()) {
     return absl::InternalError("Nexora login answer has no string \"access_token\"");
   }
-  out.access_token = Str(token->get_string());
+  out.access_token = JsonStr(token->get_string());
   if (const json::value* t = o.if_contains("token_type"); t != nullptr && t->is_string()) {
-    out.token_type = Str(t->get_string());
+    out.token_type = JsonStr(t->get_string());
   }
   if (const json::value* e = o.if_contains("expires_in"); e != nullptr) {
     if (e->is_int64() && e->get_int64() >= 0) {
@@ -391,7 +384,7 @@ absl::StatusOr<std::string> DecodeCreateChatAnswer(std::string_view body) {
   const json::value* id = v->get_object().if_contains("id");
   std::string out;
   if (id != nullptr && id->is_string()) {
-    out = Str(id->get_string());
+    out = JsonStr(id->get_string());
   } else if (id != nullptr && (id->is_int64() || id->is_uint64())) {
     out = json::serialize(*id);
   } else {

@@ -12,6 +12,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "bridges/core/json.h"
 #include "bridges/core/log.h"
 #include "bridges/core/status.h"
 
@@ -20,7 +21,7 @@ namespace {
 
 namespace json = boost::json;
 
-json::string_view Jv(std::string_view s) { return json::string_view(s.data(), s.size()); }
+using core::Jv;
 std::string_view Sv(json::string_view s) { return std::string_view(s.data(), s.size()); }
 
 // 1..max bytes of 0x21..0x7e: what fits a query value and a log line unescaped.

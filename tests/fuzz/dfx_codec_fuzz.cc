@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <string_view>
 
+#include "bridges/core/json.h"
 #include "bridges/dfx/codec.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -17,7 +18,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     (void)wsbridge::dfx::ResultInfoOf(*f);
     (void)wsbridge::dfx::UpstreamError(*f, "fuzz");
   }
-  (void)wsbridge::dfx::ValidateJsonObject(in);
+  (void)wsbridge::core::ValidateJsonObject(in);
   (void)wsbridge::dfx::ValidateActionId(in);
   return 0;
 }
