@@ -108,6 +108,32 @@ class BridgeRegistry {
   std::map<std::string, BridgeFactory, std::less<>> factories_ ABSL_GUARDED_BY(mu_);
 };
 
+// Registers the factory of the bridges configured by `Config` (one bridge kind, e.g.
+// "dfx"): `to_options(const Config&, std::string_view bridge_name)` checks the config and
+// returns the bridge's options (StatusOr), `make(Options, const BridgeContext&)` builds
+// the bridge. Errors name the kind and the bridge: dfx bridge "main": upstream.url: ...
+template <typename Config, typename ToOptions, typename Make>
+void RegisterConfigFactory(BridgeRegistry& registry, std::string_view kind, ToOptions to_options,
+                           Make make) {
+  registry.Register(
+      Config::descriptor()->full_name(),
+      [kind = std::string(kind), to_options, make](
+          const google::protobuf::Message& message,
+          const BridgeContext& context) -> absl::StatusOr<std::unique_ptr<Bridge>> {
+        const std::string prefix = kind + " bridge \"" + context.name + "\": ";
+        const auto* cfg = dynamic_cast<const Config*>(&message);
+        if (cfg == nullptr) {
+          return absl::InvalidArgumentError(prefix + "expected " + Config::descriptor()->full_name() +
+                                            ", got " + message.GetDescriptor()->full_name());
+        }
+        auto options = to_options(*cfg, context.name);
+        if (!options.ok()) {
+          return absl::InvalidArgumentError(prefix + std::string(options.status().message()));
+        }
+        return make(*std::move(options), context);
+      });
+}
+
 // Registers every bridge built into this binary. Explicit (not static
 // self-registration), because the linker drops unreferenced registration objects.
 void RegisterBuiltinBridges(BridgeRegistry& registry);

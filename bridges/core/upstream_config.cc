@@ -14,6 +14,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "bridges/core/log.h"
+#include "bridges/core/strings.h"
 
 namespace wsbridge::core {
 namespace {
@@ -299,6 +300,34 @@ std::vector<std::pair<std::string, std::string>> UpstreamHeaders(
     const config::v1::UpstreamConfig& upstream) {
   std::map<std::string, std::string> sorted(upstream.headers().begin(), upstream.headers().end());
   return {sorted.begin(), sorted.end()};
+}
+
+}  // namespace wsbridge::core
+
+namespace wsbridge::core {
+
+absl::StatusOr<UpstreamEndpoint> ToEndpoint(const config::v1::UpstreamConfig& upstream,
+                                            std::string name) {
+  if (absl::Status st = CheckUpstreamUrl(upstream); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("upstream.url: ", st.message()));
+  }
+  absl::StatusOr<ConnectionOptions> conn = ToConnectionOptions(upstream, std::move(name));
+  if (!conn.ok()) return conn.status();
+  UpstreamEndpoint e;
+  e.url = upstream.url();
+  e.headers = UpstreamHeaders(upstream);
+  e.connection = *std::move(conn);
+  e.connection.reconnect = true;
+  return e;
+}
+
+absl::StatusOr<std::shared_ptr<SecretSource>> LoadSecret(const config::v1::Secret& secret,
+                                                         std::string_view field) {
+  absl::StatusOr<std::shared_ptr<SecretSource>> s = SecretSource::Create(secret);
+  if (!s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(Av(field), ": ", s.status().message()));
+  }
+  return s;
 }
 
 }  // namespace wsbridge::core

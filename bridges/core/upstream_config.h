@@ -100,6 +100,23 @@ class SecretRefresher {
 // callers prefix theirs.
 absl::Status CheckUpstreamUrl(const config::v1::UpstreamConfig& upstream);
 
+// Where and how a bridge reaches its upstream: what every bridge's options start with.
+struct UpstreamEndpoint {
+  std::string url;
+  std::vector<std::pair<std::string, std::string>> headers;  // extra handshake headers
+  ConnectionOptions connection;
+};
+
+// A configured upstream checked and converted: the URL (errors say "upstream.url: ..."),
+// reconnecting connection options named `name` in logs, and the headers.
+absl::StatusOr<UpstreamEndpoint> ToEndpoint(const config::v1::UpstreamConfig& upstream,
+                                            std::string name);
+
+// A configured secret, read once now (a missing variable or file is a start-up error)
+// and then kept current off the io threads. Errors are prefixed with `field`.
+absl::StatusOr<std::shared_ptr<SecretSource>> LoadSecret(const config::v1::Secret& secret,
+                                                         std::string_view field);
+
 // Connection options for one upstream. A field left unset takes the ConnectionOptions
 // default (which is the documented default in common.proto). `name` is used in logs,
 // e.g. "dfx/default". Headers are not part of ConnectionOptions: the bridge adds

@@ -17,10 +17,7 @@ namespace wsbridge::dfx {
 
 inline constexpr std::string_view kDeviceTokenMetadata = "x-dfx-device-token";
 
-struct DfxBridgeOptions {
-  std::string url;
-  std::vector<std::pair<std::string, std::string>> headers;
-  core::ConnectionOptions connection;
+struct DfxBridgeOptions : core::UpstreamEndpoint {
   // Device token of calls that carry none; null = every call must carry one. Kept
   // current by the pool's refresher (file and env secrets are re-read every second).
   std::shared_ptr<core::SecretSource> default_token;

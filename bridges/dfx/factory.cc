@@ -1,6 +1,5 @@
 #include "bridges/dfx/factory.h"
 
-#include "absl/strings/str_cat.h"
 #include "bridges/core/upstream_config.h"
 
 namespace wsbridge::dfx {
@@ -10,25 +9,15 @@ absl::StatusOr<DfxBridgeOptions> OptionsFromConfig(const config::v1::DfxBridgeCo
   if (!cfg.has_upstream()) {
     return absl::InvalidArgumentError("upstream: required (the DFX WebSocket URL)");
   }
-  if (absl::Status st = core::CheckUpstreamUrl(cfg.upstream()); !st.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("upstream.url: ", st.message()));
-  }
-  absl::StatusOr<core::ConnectionOptions> conn =
-      core::ToConnectionOptions(cfg.upstream(), std::string(bridge_name));
-  if (!conn.ok()) return conn.status();
+  absl::StatusOr<core::UpstreamEndpoint> endpoint =
+      core::ToEndpoint(cfg.upstream(), std::string(bridge_name));
+  if (!endpoint.ok()) return endpoint.status();
   DfxBridgeOptions o;
-  o.url = cfg.upstream().url();
-  o.headers = core::UpstreamHeaders(cfg.upstream());
-  o.connection = *std::move(conn);
-  o.connection.reconnect = true;
+  static_cast<core::UpstreamEndpoint&>(o) = *std::move(endpoint);
   if (cfg.has_device_token()) {
-    // Read now so a missing variable or file is a start-up error; then kept current off
-    // the io threads, so rotated tokens take effect.
     absl::StatusOr<std::shared_ptr<core::SecretSource>> t =
-        core::SecretSource::Create(cfg.device_token());
-    if (!t.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("device_token: ", t.status().message()));
-    }
+        core::LoadSecret(cfg.device_token(), "device_token");
+    if (!t.ok()) return t.status();
     o.default_token = *std::move(t);
   }
   o.allow_call_token = cfg.allow_call_token();
@@ -46,23 +35,8 @@ absl::StatusOr<DfxBridgeOptions> OptionsFromConfig(const config::v1::DfxBridgeCo
 }
 
 void RegisterFactory(core::BridgeRegistry& registry) {
-  registry.Register(
-      config::v1::DfxBridgeConfig::descriptor()->full_name(),
-      [](const google::protobuf::Message& message,
-         const core::BridgeContext& context) -> absl::StatusOr<std::unique_ptr<core::Bridge>> {
-        const auto* cfg = dynamic_cast<const config::v1::DfxBridgeConfig*>(&message);
-        if (cfg == nullptr) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "dfx bridge \"", context.name, "\": expected a DfxBridgeConfig, got ",
-              message.GetDescriptor()->full_name()));
-        }
-        absl::StatusOr<DfxBridgeOptions> options = OptionsFromConfig(*cfg, context.name);
-        if (!options.ok()) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("dfx bridge \"", context.name, "\": ", options.status().message()));
-        }
-        return NewDfxBridge(*std::move(options), context);
-      });
+  core::RegisterConfigFactory<config::v1::DfxBridgeConfig>(registry, "dfx", OptionsFromConfig,
+                                                           NewDfxBridge);
 }
 
 }  // namespace wsbridge::dfx

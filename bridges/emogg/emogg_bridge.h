@@ -17,10 +17,7 @@
 
 namespace wsbridge::emogg {
 
-struct EmoggBridgeOptions {
-  std::string url;
-  std::vector<std::pair<std::string, std::string>> headers;
-  core::ConnectionOptions connection;
+struct EmoggBridgeOptions : core::UpstreamEndpoint {
   // Token of calls that carry none; null = every call must carry one (x-emogg-token).
   std::shared_ptr<core::SecretSource> default_token;
   bool allow_call_token = false;

@@ -15,23 +15,14 @@ absl::StatusOr<EmoggBridgeOptions> OptionsFromConfig(const config::v1::EmoggBrid
     return absl::InvalidArgumentError(absl::StrCat(
         "upstream.url: required when upstream is given (Emogg's is ", Av(kDefaultUrl), ")"));
   }
-  if (absl::Status st = core::CheckUpstreamUrl(upstream); !st.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("upstream.url: ", st.message()));
-  }
-  absl::StatusOr<core::ConnectionOptions> conn =
-      core::ToConnectionOptions(upstream, std::string(bridge_name));
-  if (!conn.ok()) return conn.status();
-
+  absl::StatusOr<core::UpstreamEndpoint> endpoint =
+      core::ToEndpoint(upstream, std::string(bridge_name));
+  if (!endpoint.ok()) return endpoint.status();
   EmoggBridgeOptions o;
-  o.url = upstream.url();
-  o.headers = core::UpstreamHeaders(upstream);
-  o.connection = *std::move(conn);
-  o.connection.reconnect = true;
+  static_cast<core::UpstreamEndpoint&>(o) = *std::move(endpoint);
   if (cfg.has_token()) {
-    // Read now so a missing variable or file is a start-up error; then kept current off
-    // the io threads, so a rotated token takes effect on the next (re)connect.
-    absl::StatusOr<std::shared_ptr<core::SecretSource>> t = core::SecretSource::Create(cfg.token());
-    if (!t.ok()) return absl::InvalidArgumentError(absl::StrCat("token: ", t.status().message()));
+    absl::StatusOr<std::shared_ptr<core::SecretSource>> t = core::LoadSecret(cfg.token(), "token");
+    if (!t.ok()) return t.status();
     o.default_token = *std::move(t);
   }
   o.allow_call_token = cfg.allow_call_token();
@@ -76,23 +67,8 @@ absl::StatusOr<EmoggBridgeOptions> OptionsFromConfig(const config::v1::EmoggBrid
 }
 
 void RegisterFactory(core::BridgeRegistry& registry) {
-  registry.Register(
-      config::v1::EmoggBridgeConfig::descriptor()->full_name(),
-      [](const google::protobuf::Message& message,
-         const core::BridgeContext& context) -> absl::StatusOr<std::unique_ptr<core::Bridge>> {
-        const auto* cfg = dynamic_cast<const config::v1::EmoggBridgeConfig*>(&message);
-        if (cfg == nullptr) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "emogg bridge \"", context.name, "\": expected an EmoggBridgeConfig, got ",
-              message.GetDescriptor()->full_name()));
-        }
-        absl::StatusOr<EmoggBridgeOptions> options = OptionsFromConfig(*cfg, context.name);
-        if (!options.ok()) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("emogg bridge \"", context.name, "\": ", options.status().message()));
-        }
-        return NewEmoggBridge(*std::move(options), context);
-      });
+  core::RegisterConfigFactory<config::v1::EmoggBridgeConfig>(registry, "emogg", OptionsFromConfig,
+      NewEmoggBridge);
 }
 
 }  // namespace wsbridge::emogg

@@ -6,39 +6,22 @@
 #include "bridges/nexora/codec.h"
 
 namespace wsbridge::nexora {
-namespace {
-
-absl::StatusOr<std::shared_ptr<core::SecretSource>> Secret(const config::v1::Secret& s,
-                                                           std::string_view field) {
-  absl::StatusOr<std::shared_ptr<core::SecretSource>> src = core::SecretSource::Create(s);
-  if (!src.ok()) return absl::InvalidArgumentError(absl::StrCat(Av(field), ": ", src.status().message()));
-  return src;
-}
-
-}  // namespace
-
 absl::StatusOr<NexoraBridgeOptions> OptionsFromConfig(const config::v1::NexoraBridgeConfig& cfg,
                                                       std::string_view bridge_name) {
   if (!cfg.has_upstream()) {
     return absl::InvalidArgumentError(
         "upstream: required (the Nexora instance's WebSocket root, e.g. wss://nexora.example.com)");
   }
-  if (absl::Status st = core::CheckUpstreamUrl(cfg.upstream()); !st.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("upstream.url: ", st.message()));
-  }
   if (absl::StrContains(cfg.upstream().url(), "?")) {
     return absl::InvalidArgumentError(
         "upstream.url: must not carry a query (the bridge adds /api/ws/{chat_id}?token=...)");
   }
-  absl::StatusOr<core::ConnectionOptions> conn =
-      core::ToConnectionOptions(cfg.upstream(), std::string(bridge_name));
-  if (!conn.ok()) return conn.status();
+  absl::StatusOr<core::UpstreamEndpoint> endpoint =
+      core::ToEndpoint(cfg.upstream(), std::string(bridge_name));
+  if (!endpoint.ok()) return endpoint.status();
   NexoraBridgeOptions o;
-  o.url = cfg.upstream().url();
+  static_cast<core::UpstreamEndpoint&>(o) = *std::move(endpoint);
   while (!o.url.empty() && o.url.back() == '/') o.url.pop_back();
-  o.headers = core::UpstreamHeaders(cfg.upstream());
-  o.connection = *std::move(conn);
-  o.connection.reconnect = true;
 
   // The HTTP endpoints: the configured base, or the socket URL's scheme swapped.
   if (!cfg.http_base_url().empty()) {
@@ -73,14 +56,14 @@ absl::StatusOr<NexoraBridgeOptions> OptionsFromConfig(const config::v1::NexoraBr
         " (the bridge logs in with both through POST /api/auth/login)"));
   }
   if (cfg.has_api_key()) {
-    absl::StatusOr<std::shared_ptr<core::SecretSource>> k = Secret(cfg.api_key(), "api_key");
+    absl::StatusOr<std::shared_ptr<core::SecretSource>> k = core::LoadSecret(cfg.api_key(), "api_key");
     if (!k.ok()) return k.status();
     o.api_key = *std::move(k);
   }
   if (cfg.has_email()) {
-    absl::StatusOr<std::shared_ptr<core::SecretSource>> e = Secret(cfg.email(), "email");
+    absl::StatusOr<std::shared_ptr<core::SecretSource>> e = core::LoadSecret(cfg.email(), "email");
     if (!e.ok()) return e.status();
-    absl::StatusOr<std::shared_ptr<core::SecretSource>> p = Secret(cfg.password(), "password");
+    absl::StatusOr<std::shared_ptr<core::SecretSource>> p = core::LoadSecret(cfg.password(), "password");
     if (!p.ok()) return p.status();
     o.email = *std::move(e);
     o.password = *std::move(p);
@@ -112,23 +95,8 @@ absl::StatusOr<NexoraBridgeOptions> OptionsFromConfig(const config::v1::NexoraBr
 }
 
 void RegisterFactory(core::BridgeRegistry& registry) {
-  registry.Register(
-      config::v1::NexoraBridgeConfig::descriptor()->full_name(),
-      [](const google::protobuf::Message& message,
-         const core::BridgeContext& context) -> absl::StatusOr<std::unique_ptr<core::Bridge>> {
-        const auto* cfg = dynamic_cast<const config::v1::NexoraBridgeConfig*>(&message);
-        if (cfg == nullptr) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "nexora bridge \"", context.name, "\": expected a NexoraBridgeConfig, got ",
-              message.GetDescriptor()->full_name()));
-        }
-        absl::StatusOr<NexoraBridgeOptions> options = OptionsFromConfig(*cfg, context.name);
-        if (!options.ok()) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("nexora bridge \"", context.name, "\": ", options.status().message()));
-        }
-        return NewNexoraBridge(*std::move(options), context);
-      });
+  core::RegisterConfigFactory<config::v1::NexoraBridgeConfig>(registry, "nexora", OptionsFromConfig,
+      NewNexoraBridge);
 }
 
 }  // namespace wsbridge::nexora

@@ -18,11 +18,9 @@ namespace wsbridge::nexora {
 
 inline constexpr std::string_view kTokenMetadata = "x-nexora-token";
 
-struct NexoraBridgeOptions {
-  std::string url;            // ws(s)://host[:port][/prefix]
+// url: ws(s)://host[:port][/prefix].
+struct NexoraBridgeOptions : core::UpstreamEndpoint {
   std::string http_base_url;  // "" = url with wss:// -> https:// (ws:// -> http://)
-  std::vector<std::pair<std::string, std::string>> headers;
-  core::ConnectionOptions connection;
   // The configured credential: an API key, or email + password (a JWT through the login
   // endpoint), or none (then every call carries x-nexora-token). Kept current by a
   // refresher (file and env secrets are re-read every second).

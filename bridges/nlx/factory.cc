@@ -9,28 +9,12 @@
 #include "bridges/nlx/codec.h"
 
 namespace wsbridge::nlx {
-namespace {
-
-absl::StatusOr<std::shared_ptr<core::SecretSource>> Secret(const config::v1::Secret& s,
-                                                           std::string_view field) {
-  absl::StatusOr<std::shared_ptr<core::SecretSource>> src = core::SecretSource::Create(s);
-  if (!src.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(Av(field), ": ", src.status().message()));
-  }
-  return src;
-}
-
-}  // namespace
-
 absl::StatusOr<NlxBridgeOptions> OptionsFromConfig(const config::v1::NlxBridgeConfig& cfg,
                                                    std::string_view bridge_name) {
   // No url (the loader fills an absent upstream with its defaults): NLX's endpoint, with
   // verified TLS.
   config::v1::UpstreamConfig upstream = cfg.upstream();
   if (upstream.url().empty()) upstream.set_url(std::string(kDefaultUrl));
-  if (absl::Status st = core::CheckUpstreamUrl(upstream); !st.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("upstream.url: ", st.message()));
-  }
   if (absl::StrContains(upstream.url(), "#")) {
     return absl::InvalidArgumentError("upstream.url: must not carry a fragment (#...)");
   }
@@ -42,14 +26,10 @@ absl::StatusOr<NlxBridgeOptions> OptionsFromConfig(const config::v1::NlxBridgeCo
           "conversation per call)"));
     }
   }
-  absl::StatusOr<core::ConnectionOptions> conn =
-      core::ToConnectionOptions(upstream, std::string(bridge_name));
-  if (!conn.ok()) return conn.status();
+  absl::StatusOr<core::UpstreamEndpoint> endpoint = core::ToEndpoint(upstream, std::string(bridge_name));
+  if (!endpoint.ok()) return endpoint.status();
   NlxBridgeOptions o;
-  o.url = upstream.url();
-  o.headers = core::UpstreamHeaders(upstream);
-  o.connection = *std::move(conn);
-  o.connection.reconnect = true;
+  static_cast<core::UpstreamEndpoint&>(o) = *std::move(endpoint);
 
   struct Part {
     bool set;
@@ -69,7 +49,7 @@ absl::StatusOr<NlxBridgeOptions> OptionsFromConfig(const config::v1::NlxBridgeCo
       }
       continue;
     }
-    absl::StatusOr<std::shared_ptr<core::SecretSource>> s = Secret(*p.secret, p.field);
+    absl::StatusOr<std::shared_ptr<core::SecretSource>> s = core::LoadSecret(*p.secret, p.field);
     if (!s.ok()) return s.status();
     *p.out = *std::move(s);
   }
@@ -97,23 +77,8 @@ absl::StatusOr<NlxBridgeOptions> OptionsFromConfig(const config::v1::NlxBridgeCo
 }
 
 void RegisterFactory(core::BridgeRegistry& registry) {
-  registry.Register(
-      config::v1::NlxBridgeConfig::descriptor()->full_name(),
-      [](const google::protobuf::Message& message,
-         const core::BridgeContext& context) -> absl::StatusOr<std::unique_ptr<core::Bridge>> {
-        const auto* cfg = dynamic_cast<const config::v1::NlxBridgeConfig*>(&message);
-        if (cfg == nullptr) {
-          return absl::InvalidArgumentError(absl::StrCat("nlx bridge \"", context.name,
-                                                         "\": expected an NlxBridgeConfig, got ",
-                                                         message.GetDescriptor()->full_name()));
-        }
-        absl::StatusOr<NlxBridgeOptions> options = OptionsFromConfig(*cfg, context.name);
-        if (!options.ok()) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("nlx bridge \"", context.name, "\": ", options.status().message()));
-        }
-        return NewNlxBridge(*std::move(options), context);
-      });
+  core::RegisterConfigFactory<config::v1::NlxBridgeConfig>(registry, "nlx", OptionsFromConfig,
+      NewNlxBridge);
 }
 
 }  // namespace wsbridge::nlx

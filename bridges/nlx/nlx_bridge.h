@@ -17,10 +17,9 @@
 
 namespace wsbridge::nlx {
 
-struct NlxBridgeOptions {
-  std::string url = std::string(kDefaultUrl);  // ws(s)://host[:port][/path][?query]
-  std::vector<std::pair<std::string, std::string>> headers;
-  core::ConnectionOptions connection;
+// url: ws(s)://host[:port][/path][?query], NLX's own by default.
+struct NlxBridgeOptions : core::UpstreamEndpoint {
+  NlxBridgeOptions() { url = std::string(kDefaultUrl); }
   // The configured keys (null = none: calls must carry that key in metadata). Kept
   // current by a refresher (file and env secrets are re-read every second) and read on
   // every connection attempt.
