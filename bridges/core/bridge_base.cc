@@ -64,6 +64,10 @@ absl::Status BridgeBase::Admit(const grpc::ServerContextBase& ctx) const {
         "the ", upstream_, " bridge already has ", max_open_calls_,
         " open calls (max_open_calls); retry later or spread the load over more instances"));
   }
+  if (ctx.deadline() <= std::chrono::system_clock::now()) {
+    return absl::DeadlineExceededError(
+        "the call's deadline had passed when it arrived; nothing was sent upstream");
+  }
   if (context_.authorize) {
     grpc::Status auth = context_.authorize(ctx);
     if (!auth.ok()) {
@@ -97,10 +101,15 @@ absl::StatusOr<Lease> BridgeBase::SessionFor(const grpc::ServerContextBase& ctx)
   return pool_->Acquire(CredentialKey(value), value);
 }
 
-SessionOptions BridgeBase::BaseSessionOptions(const std::string& id, bool pinned) {
+SessionOptions BridgeBase::BaseSessionOptions(const std::string& id, bool pinned,
+                                              const ConnectionOptions& connection,
+                                              std::string_view error_domain) {
   SessionOptions so;
   so.bridge = context_.name;
   so.id = id;
+  so.error_domain = std::string(error_domain);
+  so.connection = connection;
+  so.connection.name = id;
   so.upstream = upstream_;
   so.malformed_frames = malformed_;
   so.unrouted_frames = unrouted_;

@@ -72,8 +72,11 @@ class BridgeBase : public Bridge {
   boost::asio::any_io_executor SessionExecutor() const {
     return context_.session_executor ? context_.session_executor() : context_.executor;
   }
-  // Session options every session of this bridge shares (metrics, names, health).
-  SessionOptions BaseSessionOptions(const std::string& id, bool pinned);
+  // Session options every session of this bridge shares (metrics, names, health), with
+  // `connection` named `id` and the bridge's ErrorInfo domain.
+  SessionOptions BaseSessionOptions(const std::string& id, bool pinned,
+                                    const ConnectionOptions& connection,
+                                    std::string_view error_domain);
 
  protected:
   // Called once by the derived constructor.

@@ -418,14 +418,21 @@ struct StreamActions {
   std::optional<grpc::Status> finish;
 };
 
-// A callback-API bidi stream: admission, accounting, drain registration, an outbox with
-// one write in flight, finish exactly once (after what was queued, for an OK finish).
-// Derived has
-//   Req* read_buffer()                     where StartRead reads into;
-//   void OnBegun()                         after admission (start the first read);
-//   void FailLocked(const absl::Status&, StreamActions<Resp>&)   ends the stream with an
-//                                          error (e.g. adding details); the drain uses it;
-//   void ReleaseLocked()                   drops upstream work once the stream finishes.
+// A callback-API bidi stream: admission, accounting, drain registration, the read loop,
+// an outbox with one write in flight, finish exactly once (after what was queued, for an
+// OK finish). The first read starts once the call is admitted. Derived has
+//   absl::Status AcceptLocked(Actions&)    takes the message just read (in read_, which it
+//                                          may move from); an error ends the stream
+//                                          through FailLocked;
+//   void MaybeCompleteLocked(Actions&)     after the caller's half-close (half_closed_ is
+//                                          set) and whenever Derived's work may be done:
+//                                          CompleteLocked once nothing is left;
+//   void FailLocked(const absl::Status&, Actions&)   ends the stream with an error (e.g.
+//                                          adding details); the drain uses it;
+//   void ReleaseLocked()                   drops upstream work once the stream finishes;
+// and may hide
+//   void ReadMoreLocked(Actions&)          after an accepted message: reads the next one
+//                                          (default), or not yet (flow control).
 // Everything marked Locked runs under mu_.
 template <typename Derived, typename Req, typename Resp>
 class CallbackBidiStream : public grpc::ServerBidiReactor<Req, Resp>,
@@ -447,7 +454,25 @@ class CallbackBidiStream : public grpc::ServerBidiReactor<Req, Resp>,
       FinishWith(ToGrpcStatus(st));
       return;
     }
-    Self().OnBegun();
+    std::lock_guard<std::recursive_mutex> lock(ops_mu_);
+    if (!finish_called_) this->StartRead(&read_);
+  }
+
+  void OnReadDone(bool ok) override {
+    Actions a;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      if (!ok) {
+        half_closed_ = true;
+        Self().MaybeCompleteLocked(a);
+      } else if (absl::Status st = Self().AcceptLocked(a); !st.ok()) {
+        Self().FailLocked(st, a);
+      } else if (!finishing()) {
+        Self().ReadMoreLocked(a);
+      }
+    }
+    Run(a);
   }
 
   void OnWriteDone(bool ok) override {
@@ -514,6 +539,7 @@ class CallbackBidiStream : public grpc::ServerBidiReactor<Req, Resp>,
     outbox_.push_back(std::move(msg));
     NextWriteLocked(a);
   }
+  void ReadMoreLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { a.read = true; }
   size_t queued() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return outbox_.size(); }
   bool finishing() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return pending_finish_.has_value(); }
 
@@ -528,7 +554,7 @@ class CallbackBidiStream : public grpc::ServerBidiReactor<Req, Resp>,
     std::lock_guard<std::recursive_mutex> lock(ops_mu_);
     if (finish_called_) return;
     if (a.write != nullptr) this->StartWrite(a.write);
-    if (a.read) this->StartRead(Self().read_buffer());
+    if (a.read) this->StartRead(&read_);
     if (a.finish.has_value()) {
       finish_called_ = true;
       account_.Finishing(a.finish->error_code());
@@ -541,6 +567,8 @@ class CallbackBidiStream : public grpc::ServerBidiReactor<Req, Resp>,
   absl::Mutex mu_;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   Lease lease_ ABSL_GUARDED_BY(mu_);
+  Req read_;  // the message just read (one read in flight at a time)
+  bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
 
  private:
   Derived& Self() { return static_cast<Derived&>(*this); }

@@ -1,5 +1,7 @@
 #include "bridges/core/session_pool.h"
 
+#include <algorithm>
+
 #include <openssl/sha.h>
 
 #include <boost/asio/post.hpp>
@@ -32,9 +34,22 @@ std::string CredentialKey(std::string_view credential) {
       absl::string_view(reinterpret_cast<const char*>(digest), sizeof(digest)));
 }
 
+namespace {
+
+// An unset check interval: a quarter of the idle timeout, within [20 ms, 1 s].
+SessionPoolOptions WithCheckInterval(SessionPoolOptions o) {
+  if (o.check_interval <= Duration::zero()) {
+    o.check_interval = std::clamp<Duration>(o.idle_timeout / 4, std::chrono::milliseconds(20),
+                                            std::chrono::seconds(1));
+  }
+  return o;
+}
+
+}  // namespace
+
 SessionPool::SessionPool(SessionPoolOptions options, asio::any_io_executor executor,
                          SessionFactory factory, std::function<void()> health_changed)
-    : options_(std::move(options)),
+    : options_(WithCheckInterval(std::move(options))),
       factory_(std::move(factory)),
       health_changed_(std::move(health_changed)),
       strand_(asio::make_strand(executor)),

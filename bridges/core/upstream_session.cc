@@ -415,6 +415,10 @@ class SessionImpl final : public UpstreamSession,
     }
     if (op->req.what.empty()) op->req.what = "the request";
     const Clock::time_point now = Clock::now();
+    if (op->req.deadline <= now) {
+      op->done(NotSentInTime(op->req.what));
+      return;
+    }
     op->queued_at = now;
     Arm(*op, std::min(op->req.deadline, now + options_.request_timeout));
     uint64_t id = op->id;
@@ -586,7 +590,17 @@ class SessionImpl final : public UpstreamSession,
     }
   }
 
+  // A request whose caller's deadline has passed is never sent: nobody waits for it.
+  static absl::Status NotSentInTime(std::string_view what) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "the call's deadline passed before ", Av(what), " was sent upstream; nothing was sent"));
+  }
+
   void SendOp(Op& op, Clock::time_point now) {
+    if (op.req.deadline <= now) {
+      Finish(op.id, NotSentInTime(op.req.what));
+      return;
+    }
     std::string route = FreshRoute(op.req.hint);
     absl::StatusOr<Outbound> out = op.req.encode(route);
     if (!out.ok()) {

@@ -14,6 +14,7 @@
 #include "bridges/core/bridge_base.h"
 #include "bridges/core/cq_loop.h"
 #include "bridges/core/grpc_calls.h"
+#include "bridges/core/json.h"
 #include "bridges/core/log.h"
 #include "bridges/core/status.h"
 #include "bridges/dfx/codec.h"
@@ -98,14 +99,8 @@ class DfxBridge final : public core::BridgeBase, public DfxServiceBase {
   DfxBridge(DfxBridgeOptions options, core::BridgeContext context)
       : BridgeBase(std::move(context), "DFX", {std::string(v1::DfxService::service_full_name())}),
         options_(std::move(options)) {
-    core::SessionPoolOptions po;
-    po.max_sessions = options_.max_sessions;
-    po.idle_timeout = options_.idle_session_timeout;
-    po.check_interval = std::clamp<core::Duration>(options_.idle_session_timeout / 4,
-                                                   std::chrono::milliseconds(50),
-                                                   std::chrono::seconds(1));
     InitPool(
-        po,
+        {.max_sessions = options_.max_sessions, .idle_timeout = options_.idle_session_timeout},
         [this](const std::string& id, std::shared_ptr<core::SecretSource> token, bool pinned) {
           return NewSession(id, std::move(token), pinned);
         },
@@ -125,10 +120,8 @@ class DfxBridge final : public core::BridgeBase, public DfxServiceBase {
   std::shared_ptr<core::UpstreamSession> NewSession(const std::string& id,
                                                     std::shared_ptr<core::SecretSource> token,
                                                     bool pinned) {
-    core::SessionOptions so = BaseSessionOptions(id, pinned);
-    so.error_domain = std::string(kErrorDomain);
-    so.connection = options_.connection;
-    so.connection.name = id;
+    core::SessionOptions so =
+        BaseSessionOptions(id, pinned, options_.connection, kErrorDomain);
     so.request_timeout = options_.request_timeout;
     so.login_timeout = options_.request_timeout;
     so.subscribe_timeout = options_.subscribe_timeout;
@@ -185,7 +178,7 @@ absl::Status ValidateCall(const v1::CallRequest& req) {
     return absl::InvalidArgumentError(
         "action 0506 (measurement data) must be ordered and paced: use StreamMeasurement");
   }
-  if (!req.json_body().empty()) return ValidateJsonObject(req.json_body());
+  if (!req.json_body().empty()) return core::ValidateJsonObject(req.json_body());
   return absl::OkStatus();
 }
 
@@ -358,29 +351,13 @@ class MeasurementStream final
     : public core::CallbackBidiStream<MeasurementStream, v1::MeasurementChunk, MeasurementEvent>,
       public core::EventSink {
  public:
+  friend CallbackBidiStream;  // calls the Locked hooks
   MeasurementStream(DfxBridge* bridge, grpc::CallbackServerContext* ctx)
       : CallbackBidiStream(bridge, ctx, kStreamMeasurementMethod), dfx_(bridge) {}
 
-  // core::CallbackBidiStream. The session is taken once the first chunk is valid: bad
-  // streams hold none.
-  void OnBegun() { StartRead(&chunk_); }
-  v1::MeasurementChunk* read_buffer() { return &chunk_; }
-
-  void OnReadDone(bool ok) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      if (!ok) {
-        half_closed_ = true;
-        MaybeCompleteLocked(a);
-      } else {
-        absl::Status st = AcceptChunkLocked();
-        if (!st.ok()) FailLocked(st, a);
-      }
-    }
-    Run(a);
-  }
+  // core::CallbackBidiStream. One chunk in flight: the next is read once this one is
+  // answered (OnChunkAnswer).
+  void ReadMoreLocked(Actions& /*a*/) {}
 
   // core::EventSink (session strand).
   void OnSubscribed(const core::SubscribedInfo& /*info*/) override {
@@ -461,28 +438,29 @@ class MeasurementStream final
   }
 
  private:
-  // Validates the chunk just read and sends it (or holds it until subscribed).
-  absl::Status AcceptChunkLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Validates the chunk just read and sends it (or holds it until subscribed). The
+  // session is taken once the first chunk is valid: bad streams hold none.
+  absl::Status AcceptLocked(Actions& /*a*/) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (last_sent_) {
       // Nothing after LAST is sent upstream; the caller must learn it was not.
       return absl::FailedPreconditionError(absl::StrCat(
           "chunk ", next_index_, " arrived after the LAST chunk (chunk ", next_index_ - 1,
           ") and was not sent; start a new stream for a new measurement"));
     }
-    if (mid_.empty() && chunk_.measurement_id().empty()) {
+    if (mid_.empty() && read_.measurement_id().empty()) {
       return absl::InvalidArgumentError(
           "the first message must carry measurement_id (from CreateMeasurement)");
     }
-    std::string_view stage = StageName(chunk_.stage());
+    std::string_view stage = StageName(read_.stage());
     if (stage.empty()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "chunk ", next_index_, ": stage must be STAGE_FIRST, STAGE_CHUNK or STAGE_LAST"));
     }
-    if (chunk_.payload().empty()) {
+    if (read_.payload().empty()) {
       return absl::InvalidArgumentError(
           absl::StrCat("chunk ", next_index_, ": payload is empty (pass the SDK's chunk bytes)"));
     }
-    if (chunk_.duration_ms() == 0 && dfx_->options().pacing) {
+    if (read_.duration_ms() == 0 && dfx_->options().pacing) {
       return absl::InvalidArgumentError(absl::StrCat(
           "chunk ", next_index_,
           ": duration_ms is required (the real time the chunk covers; used to pace uploads)"));
@@ -491,25 +469,25 @@ class MeasurementStream final
       absl::StatusOr<Lease> lease = bridge_->SessionFor(*ctx_);
       if (!lease.ok()) return lease.status();
       lease_ = std::move(*lease);
-      mid_ = chunk_.measurement_id();
-      subscribe_ = chunk_.subscribe_results();
+      mid_ = read_.measurement_id();
+      subscribe_ = read_.subscribe_results();
     }
     core::Request c;
     c.what = absl::StrCat("measurement chunk ", next_index_);
     c.hint = std::string(kActionMeasurementData);
     c.gated = true;
-    c.gate_cost = chunk_.duration_ms();
+    c.gate_cost = read_.duration_ms();
     c.max_retries = dfx_->options().max_rate_limit_retries;
     c.deadline = core::SteadyDeadline(*ctx_);
-    c.encode = [mid = mid_, stage, ignore = chunk_.ignore(),
-                payload = std::move(*chunk_.mutable_payload())](
+    c.encode = [mid = mid_, stage, ignore = read_.ignore(),
+                payload = std::move(*read_.mutable_payload())](
                    std::string_view rid) -> absl::StatusOr<core::Outbound> {
       return core::Outbound{
           EncodeRequest(kActionMeasurementData, rid, MeasurementDataBody(mid, stage, ignore, payload)),
           true};
     };
-    current_is_last_ = chunk_.stage() == v1::STAGE_LAST;
-    current_ignore_ = chunk_.ignore();
+    current_is_last_ = read_.stage() == v1::STAGE_LAST;
+    current_ignore_ = read_.ignore();
     if (subscribe_ && !subscribed_ && !sub_requested_) {
       sub_requested_ = true;
       subscribed_ = true;
@@ -579,7 +557,6 @@ class MeasurementStream final
   }
 
   DfxBridge* dfx_;
-  v1::MeasurementChunk chunk_;
   std::string mid_;
   bool subscribe_ = false;
   bool sub_requested_ = false;
@@ -597,7 +574,6 @@ class MeasurementStream final
   std::optional<int64_t> last_upstream_order_;
   bool last_sent_ = false;
   bool awaiting_final_ = false;
-  bool half_closed_ = false;
   std::set<int64_t> seen_orders_;
   std::set<std::string> seen_ids_;
 };

@@ -56,14 +56,8 @@ class EmoggBridge final : public core::BridgeBase, public EmoggServiceBase {
   EmoggBridge(EmoggBridgeOptions options, core::BridgeContext context)
       : BridgeBase(std::move(context), "Emogg", {std::string(v1::EmoggService::service_full_name())}),
         options_(std::move(options)) {
-    core::SessionPoolOptions po;
-    po.max_sessions = options_.max_sessions;
-    po.idle_timeout = options_.idle_session_timeout;
-    po.check_interval = std::clamp<core::Duration>(options_.idle_session_timeout / 4,
-                                                   std::chrono::milliseconds(50),
-                                                   std::chrono::seconds(1));
     InitPool(
-        po,
+        {.max_sessions = options_.max_sessions, .idle_timeout = options_.idle_session_timeout},
         [this](const std::string& id, std::shared_ptr<core::SecretSource> token, bool pinned) {
           return NewSession(id, std::move(token), pinned);
         },
@@ -92,10 +86,8 @@ class EmoggBridge final : public core::BridgeBase, public EmoggServiceBase {
   std::shared_ptr<core::UpstreamSession> NewSession(const std::string& id,
                                                     std::shared_ptr<core::SecretSource> token,
                                                     bool pinned) {
-    core::SessionOptions so = BaseSessionOptions(id, pinned);
-    so.error_domain = std::string(kErrorDomain);
-    so.connection = options_.connection;
-    so.connection.name = id;
+    core::SessionOptions so =
+        BaseSessionOptions(id, pinned, options_.connection, kErrorDomain);
     // The protocol's heartbeat check runs on this tick (ping after silence, answer
     // deadline); WebSocket pings from upstream.keepalive run as well.
     so.connection.keepalive.heartbeat_interval =

@@ -183,14 +183,8 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
       refresher_.Watch(options_.password);
     }
     if (options_.api_key != nullptr) refresher_.Watch(options_.api_key);
-    core::SessionPoolOptions po;
-    po.max_sessions = options_.max_chats;
-    po.idle_timeout = options_.idle_chat_timeout;
-    po.check_interval = std::clamp<core::Duration>(options_.idle_chat_timeout / 4,
-                                                   std::chrono::milliseconds(20),
-                                                   std::chrono::seconds(1));
     InitPool(
-        po,
+        {.max_sessions = options_.max_chats, .idle_timeout = options_.idle_chat_timeout},
         [this](const std::string& id, std::shared_ptr<core::SecretSource> credential, bool pinned) {
           return NewSession(id, std::move(credential), pinned);
         },
@@ -309,10 +303,8 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
   std::shared_ptr<core::UpstreamSession> NewSession(const std::string& id,
                                                     std::shared_ptr<core::SecretSource> credential,
                                                     bool pinned) {
-    core::SessionOptions so = BaseSessionOptions(id, pinned);
-    so.error_domain = std::string(kErrorDomain);
-    so.connection = options_.connection;
-    so.connection.name = id;
+    core::SessionOptions so =
+        BaseSessionOptions(id, pinned, options_.connection, kErrorDomain);
     // CheckAlive and the JSON ping run on this tick; pings only on a quiet socket.
     so.connection.keepalive.heartbeat_interval =
         std::max<core::Duration>(std::min(options_.ping_interval, options_.pong_timeout) / 2,
@@ -527,28 +519,9 @@ class CreateChatCall final
 class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatRequest, ChatEvent>,
                          public core::EventSink {
  public:
+  friend CallbackBidiStream;  // calls the Locked hooks
   ChatStream(NexoraBridge* bridge, grpc::CallbackServerContext* ctx)
       : CallbackBidiStream(bridge, ctx, kChatMethod), nexora_(bridge) {}
-
-  void OnBegun() { StartRead(&req_); }
-  v1::ChatRequest* read_buffer() { return &req_; }
-
-  void OnReadDone(bool ok) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      if (!ok) {
-        half_closed_ = true;
-        MaybeCompleteLocked(a);
-      } else if (absl::Status st = AcceptLocked(a); !st.ok()) {
-        FailLocked(st, a);
-      } else if (!finishing()) {
-        a.read = true;
-      }
-    }
-    Run(a);
-  }
 
   // core::EventSink (session strand): events while no message is in flight.
   void OnSubscribed(const core::SubscribedInfo&) override {}
@@ -595,17 +568,17 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
   absl::Status AcceptLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const NexoraBridgeOptions& o = nexora_->options();
     if (chat_.empty()) {
-      if (absl::Status st = CheckChatId(req_.chat_id()); !st.ok()) {
+      if (absl::Status st = CheckChatId(read_.chat_id()); !st.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("the first message: ", st.message()));
       }
-    } else if (!req_.chat_id().empty() && req_.chat_id() != chat_) {
+    } else if (!read_.chat_id().empty() && read_.chat_id() != chat_) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "message ", received_, ": chat_id \"", req_.chat_id(), "\" differs from this stream's chat \"",
+          "message ", received_, ": chat_id \"", read_.chat_id(), "\" differs from this stream's chat \"",
           chat_, "\" (one stream talks to one chat; open another stream)"));
     }
     const bool first = chat_.empty();
-    if (!(first && req_.content().empty())) {
-      if (absl::Status st = ValidateMessage(req_.content(), req_.client_message_id(), o.max_content_bytes);
+    if (!(first && read_.content().empty())) {
+      if (absl::Status st = ValidateMessage(read_.content(), read_.client_message_id(), o.max_content_bytes);
           !st.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("message ", received_, ": ", st.message()));
       }
@@ -613,20 +586,20 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
     if (first) {
       absl::StatusOr<CallCredential> cred = nexora_->CredentialFor(*ctx_);
       if (!cred.ok()) return cred.status();
-      absl::StatusOr<Lease> lease = nexora_->AcquireChat(req_.chat_id(), *cred);
+      absl::StatusOr<Lease> lease = nexora_->AcquireChat(read_.chat_id(), *cred);
       if (!lease.ok()) return lease.status();
       lease_ = *std::move(lease);
-      chat_ = req_.chat_id();
+      chat_ = read_.chat_id();
       subscribed_ = true;
       sink_id_ = lease_->Subscribe(std::string(kChatRoute), nullptr, shared_from_this());
     }
     ++received_;
-    if (req_.content().empty()) return absl::OkStatus();  // opened the conversation only
-    std::shared_ptr<MessageState> m = nexora_->NewMessage(req_.client_message_id());
+    if (read_.content().empty()) return absl::OkStatus();  // opened the conversation only
+    std::shared_ptr<MessageState> m = nexora_->NewMessage(read_.client_message_id());
     PushEventLocked(Accepted(*m), a);
     std::weak_ptr<ChatStream> w = weak_from_this();
     m->op = lease_->Send(
-        nexora_->MessageRequest(m, std::move(*req_.mutable_content()),
+        nexora_->MessageRequest(m, std::move(*read_.mutable_content()),
                                 [w, m](int attempt) {
                                   if (auto s = w.lock()) s->Deliver(Restarted(*m, attempt), nullptr);
                                 }),
@@ -673,10 +646,8 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
   }
 
   NexoraBridge* nexora_;
-  v1::ChatRequest req_;
   std::string chat_ ABSL_GUARDED_BY(mu_);
   uint32_t received_ ABSL_GUARDED_BY(mu_) = 0;
-  bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
   bool subscribed_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t sink_id_ ABSL_GUARDED_BY(mu_) = 0;
   // Messages whose answers have not ended, by request id.

@@ -93,13 +93,9 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
     for (const auto& k : {options_.api_key, options_.deployment_key, options_.channel_key}) {
       if (k != nullptr) refresher_.Watch(k);
     }
-    core::SessionPoolOptions po;
-    po.max_sessions = options_.max_conversations;
-    po.idle_timeout = options_.idle_conversation_timeout;
-    po.check_interval = std::clamp<core::Duration>(options_.idle_conversation_timeout / 4,
-                                                   std::chrono::milliseconds(20), std::chrono::seconds(1));
     InitPool(
-        po,
+        {.max_sessions = options_.max_conversations,
+         .idle_timeout = options_.idle_conversation_timeout},
         [this](const std::string& id, std::shared_ptr<core::SecretSource>, bool pinned) {
           return NewSession(id, pinned);
         },
@@ -285,10 +281,8 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
 
  private:
   std::shared_ptr<core::UpstreamSession> NewSession(const std::string& id, bool pinned) {
-    core::SessionOptions so = BaseSessionOptions(id, pinned);
-    so.error_domain = std::string(kErrorDomain);
-    so.connection = options_.connection;
-    so.connection.name = id;
+    core::SessionOptions so =
+        BaseSessionOptions(id, pinned, options_.connection, kErrorDomain);
     so.connection.keepalive.heartbeat_interval = options_.check_interval;
     so.request_timeout = options_.turn_timeout;
     so.login_timeout = options_.ack_timeout;
@@ -423,28 +417,9 @@ class ConverseStream final
     : public core::CallbackBidiStream<ConverseStream, v1::ConverseRequest, ConverseEvent>,
       public core::EventSink {
  public:
+  friend CallbackBidiStream;  // calls the Locked hooks
   ConverseStream(NlxBridge* bridge, grpc::CallbackServerContext* ctx)
       : CallbackBidiStream(bridge, ctx, kConverseMethod), nlx_(bridge) {}
-
-  void OnBegun() { StartRead(&req_); }
-  v1::ConverseRequest* read_buffer() { return &req_; }
-
-  void OnReadDone(bool ok) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      if (!ok) {
-        half_closed_ = true;
-        MaybeCompleteLocked(a);
-      } else if (absl::Status st = AcceptLocked(a); !st.ok()) {
-        FailLocked(st, a);
-      } else if (!finishing()) {
-        ReadMoreLocked(a);
-      }
-    }
-    Run(a);
-  }
 
   // core::EventSink (session strand).
   void OnSubscribed(const core::SubscribedInfo& info) override {
@@ -528,13 +503,13 @@ class ConverseStream final
     const bool first = conv_ == nullptr;
     ++received_;
     if (first) {
-      if (!req_.conversation_id().empty()) {
-        if (absl::Status st = ValidateConversationId(req_.conversation_id()); !st.ok()) {
+      if (!read_.conversation_id().empty()) {
+        if (absl::Status st = ValidateConversationId(read_.conversation_id()); !st.ok()) {
           return absl::Status(st.code(), absl::StrCat("the first message: ", st.message()));
         }
       }
-      if (req_.has_turn()) {
-        if (absl::Status st = nlx_->CheckTurn(req_.turn()); !st.ok()) {
+      if (read_.has_turn()) {
+        if (absl::Status st = nlx_->CheckTurn(read_.turn()); !st.ok()) {
           return absl::Status(st.code(), absl::StrCat("the first message's turn: ", st.message()));
         }
       }
@@ -542,12 +517,12 @@ class ConverseStream final
       if (!keys.ok()) return keys.status();
       keys_ = *std::move(keys);
       std::shared_ptr<Conversation> conv;
-      absl::StatusOr<Lease> lease = nlx_->AcquireConversation(req_.conversation_id(), keys_, &conv);
+      absl::StatusOr<Lease> lease = nlx_->AcquireConversation(read_.conversation_id(), keys_, &conv);
       if (!lease.ok()) return lease.status();
       lease_ = *std::move(lease);
       conv_ = std::move(conv);
-      resumed_ = !req_.conversation_id().empty();
-      asked_ = req_.conversation_id();
+      resumed_ = !read_.conversation_id().empty();
+      asked_ = read_.conversation_id();
       std::weak_ptr<ConverseStream> w = weak_from_this();
       watch_ = conv_->WatchOpen([w](const absl::Status& st) {
         if (auto s = w.lock()) s->OpenFailed(st);
@@ -555,9 +530,9 @@ class ConverseStream final
       if (absl::Status open = conv_->open_error(); !open.ok()) return open;
       subscribed_ = true;
       sink_id_ = lease_->Subscribe(std::string(kConversationRoute), nullptr, shared_from_this());
-      if (!req_.has_turn()) return absl::OkStatus();  // open or resume only
+      if (!read_.has_turn()) return absl::OkStatus();  // open or resume only
     } else {
-      const std::string& id = req_.conversation_id();
+      const std::string& id = read_.conversation_id();
       if (!id.empty() && id != asked_ && id != conv_->id()) {
         return core::WithErrorInfo(
             absl::InvalidArgumentError(absl::StrCat(
@@ -567,8 +542,8 @@ class ConverseStream final
       }
     }
     const uint64_t n = ++turns_;
-    absl::Status st = req_.has_turn()
-                          ? nlx_->CheckTurn(req_.turn())
+    absl::Status st = read_.has_turn()
+                          ? nlx_->CheckTurn(read_.turn())
                           : core::WithErrorInfo(absl::InvalidArgumentError(absl::StrCat(
                                                     "message ", received_,
                                                     ": turn is required on every message after the first")),
@@ -577,7 +552,7 @@ class ConverseStream final
       PushEventLocked(TurnFailedEvent(n, st), a);  // the bridge refused it; the stream goes on
       return absl::OkStatus();
     }
-    auto turn = std::make_shared<v1::Turn>(std::move(*req_.mutable_turn()));
+    auto turn = std::make_shared<v1::Turn>(std::move(*read_.mutable_turn()));
     std::weak_ptr<ConverseStream> w = weak_from_this();
     // Converse turns always use turn_timeout (a stream's deadline bounds the whole call).
     const uint64_t op = lease_->Send(
@@ -656,7 +631,6 @@ class ConverseStream final
   }
 
   NlxBridge* nlx_;
-  v1::ConverseRequest req_;
   CallKeys keys_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<Conversation> conv_ ABSL_GUARDED_BY(mu_);
   std::string asked_ ABSL_GUARDED_BY(mu_);
@@ -665,7 +639,6 @@ class ConverseStream final
   uint32_t reconnects_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t received_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t turns_ ABSL_GUARDED_BY(mu_) = 0;
-  bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
   bool released_ ABSL_GUARDED_BY(mu_) = false;  // turns dropped, sink left
   bool closed_ ABSL_GUARDED_BY(mu_) = false;    // the socket was closed
   bool read_paused_ ABSL_GUARDED_BY(mu_) = false;

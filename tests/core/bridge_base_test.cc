@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
@@ -83,6 +84,40 @@ TEST_F(BridgeBaseTest, CallWithoutAnyCredentialIsUnauthenticated) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_TRUE(absl::StrContains(st.error_message(), std::string(testing::kFakeTokenMetadata))) << st.error_message();
   EXPECT_EQ(upstream_.handshakes(), 0);
+}
+
+// The server knows a call's deadline as its arrival plus the caller's timeout (gRPC
+// sends a duration): calls that wait longer than that to be handled (a saturated
+// daemon, held here) must not be sent upstream when they finally are.
+TEST_F(BridgeBaseTest, ACallWhoseDeadlineHasPassedIsNotForwarded) {
+  ASSERT_TRUE(daemon_.Start(Options()).ok());
+  ASSERT_TRUE(Echo("warm").ok());  // the session is ready: a call would go out at once
+  auto release = std::make_shared<absl::Notification>();
+  daemon_.HoldLoops(release);
+  grpc::CompletionQueue cq;
+  constexpr int kCalls = 200;
+  std::vector<std::unique_ptr<grpc::ClientContext>> ctx;
+  std::vector<v1::EchoResponse> resp(kCalls);
+  std::vector<grpc::Status> st(kCalls);
+  std::vector<std::unique_ptr<grpc::ClientAsyncResponseReader<v1::EchoResponse>>> calls;
+  v1::EchoRequest req;
+  req.set_text("expired");
+  for (int i = 0; i < kCalls; ++i) {
+    ctx.push_back(std::make_unique<grpc::ClientContext>());
+    ctx.back()->set_deadline(std::chrono::system_clock::now() + 20ms);
+    calls.push_back(daemon_.stub().AsyncEcho(ctx.back().get(), req, &cq));
+    calls.back()->Finish(&resp[i], &st[i], reinterpret_cast<void*>(static_cast<intptr_t>(i)));
+  }
+  for (int i = 0; i < kCalls; ++i) {  // every deadline passes while the loops are held
+    void* tag;
+    bool ok;
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+  }
+  for (const grpc::Status& s : st) EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  release->Notify();
+  ASSERT_TRUE(Echo("after").ok());
+  // The held calls are matched before "after" (the server matches calls in arrival order).
+  EXPECT_EQ(upstream_.Count("req|"), 2) << "a call whose deadline had passed went upstream";
 }
 
 TEST_F(BridgeBaseTest, PerCallCredentialsGetTheirOwnSession) {

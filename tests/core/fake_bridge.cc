@@ -43,18 +43,11 @@ class FakeBridge final : public BridgeBase, public FakeServiceBase {
   FakeBridge(FakeBridgeOptions options, BridgeContext context)
       : BridgeBase(std::move(context), "Fake", {std::string(v1::FakeService::service_full_name())}),
         options_(std::move(options)) {
-    SessionPoolOptions po;
-    po.max_sessions = options_.max_sessions;
-    po.idle_timeout = options_.idle_session_timeout;
-    po.check_interval = std::clamp<Duration>(options_.idle_session_timeout / 4,
-                                             std::chrono::milliseconds(20), std::chrono::seconds(1));
     InitPool(
-        po,
+        {.max_sessions = options_.max_sessions, .idle_timeout = options_.idle_session_timeout},
         [this](const std::string& id, std::shared_ptr<SecretSource> token, bool pinned) {
-          SessionOptions so = BaseSessionOptions(id, pinned);
-          so.error_domain = std::string(kFakeDomain);
-          so.connection = options_.connection;
-          so.connection.name = id;
+          SessionOptions so =
+              BaseSessionOptions(id, pinned, options_.connection, kFakeDomain);
           so.request_timeout = options_.request_timeout;
           so.login_timeout = options_.request_timeout;
           so.subscribe_timeout = options_.request_timeout;
@@ -72,6 +65,7 @@ class FakeBridge final : public BridgeBase, public FakeServiceBase {
   void ServeAsync(const std::vector<CqLoop*>& loops) override;
 
   const FakeBridgeOptions& options() const { return options_; }
+  const std::vector<CqLoop*>& loops() const { return loops_; }
 
  private:
   grpc::ServerUnaryReactor* Get(grpc::CallbackServerContext* ctx, const v1::EchoRequest* req,
@@ -80,6 +74,7 @@ class FakeBridge final : public BridgeBase, public FakeServiceBase {
       grpc::CallbackServerContext* ctx) override;
 
   FakeBridgeOptions options_;
+  std::vector<CqLoop*> loops_;
 };
 
 // --- Echo: AsyncUnaryCall --------------------------------------------------------------
@@ -198,28 +193,9 @@ class WatchCall final
 class ChatStream final
     : public CallbackBidiStream<ChatStream, v1::EchoRequest, v1::EchoResponse> {
  public:
+  friend CallbackBidiStream;  // calls the Locked hooks
   ChatStream(FakeBridge* bridge, grpc::CallbackServerContext* ctx)
       : CallbackBidiStream(bridge, ctx, kChatMethod) {}
-
-  void OnBegun() { StartRead(&in_); }
-  v1::EchoRequest* read_buffer() { return &in_; }
-
-  void OnReadDone(bool ok) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      if (!ok) {
-        half_closed_ = true;
-        MaybeCompleteLocked(a);
-      } else if (absl::Status st = SendLocked(); !st.ok()) {
-        FailLocked(st, a);
-      } else {
-        a.read = true;
-      }
-    }
-    Run(a);
-  }
 
   void FailLocked(const absl::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     FinishNowLocked(ToGrpcStatus(st), a);
@@ -234,14 +210,14 @@ class ChatStream final
 
  private:
   // The first valid message takes the session: invalid streams hold none.
-  absl::Status SendLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (absl::Status st = RequireText(in_); !st.ok()) return st;
+  absl::Status AcceptLocked(Actions& /*a*/) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (absl::Status st = RequireText(read_); !st.ok()) return st;
     if (!lease_) {
       absl::StatusOr<Lease> lease = bridge_->SessionFor(*ctx_);
       if (!lease.ok()) return lease.status();
       lease_ = std::move(*lease);
     }
-    core::Request r = FakeRequest(in_.text(), /*ordered=*/true);
+    core::Request r = FakeRequest(read_.text(), /*ordered=*/true);
     r.deadline = SteadyDeadline(*ctx_);
     open_.push_back(lease_->Send(std::move(r), [w = weak_from_this()](absl::StatusOr<Reply> reply) {
       if (auto s = w.lock()) s->OnReply(std::move(reply));
@@ -272,8 +248,6 @@ class ChatStream final
     if (half_closed_ && open_.empty() && !finishing()) CompleteLocked(grpc::Status::OK, a);
   }
 
-  v1::EchoRequest in_;
-  bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
   std::deque<uint64_t> open_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -285,6 +259,7 @@ grpc::ServerBidiReactor<v1::EchoRequest, v1::EchoResponse>* FakeBridge::Chat(
 }
 
 void FakeBridge::ServeAsync(const std::vector<CqLoop*>& loops) {
+  loops_ = loops;
   for (CqLoop* loop : loops) {
     for (int i = 0; i < 2; ++i) {
       EchoCall::Request(this, loop);
@@ -299,6 +274,12 @@ absl::StatusOr<std::unique_ptr<Bridge>> NewFakeBridge(FakeBridgeOptions options,
                                                       const BridgeContext& context) {
   if (options.url.empty()) return absl::InvalidArgumentError("url is required");
   return std::make_unique<FakeBridge>(std::move(options), context);
+}
+
+void FakeDaemon::HoldLoops(std::shared_ptr<absl::Notification> release) {
+  for (CqLoop* loop : static_cast<FakeBridge*>(bridge_)->loops()) {
+    loop->Post([release] { release->WaitForNotification(); });
+  }
 }
 
 absl::Status FakeDaemon::Start(FakeBridgeOptions options,

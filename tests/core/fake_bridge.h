@@ -13,6 +13,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/notification.h"
 #include "bridges/core/bridge.h"
 #include "bridges/core/connection.h"
 #include "bridges/core/upstream_config.h"
@@ -59,6 +60,9 @@ class FakeDaemon {
   daemon::Daemon& daemon() { return *daemon_; }
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
   coretest::v1::FakeService::Stub& stub() { return *stub_; }
+  // Blocks every completion-queue loop of the bridge until `release` is notified: calls
+  // arriving meanwhile wait to be matched, as on a saturated daemon.
+  void HoldLoops(std::shared_ptr<absl::Notification> release);
   // Upstream sessions the bridge holds (admin view).
   size_t sessions() const { return bridge_->ListSessions().size(); }
 

@@ -25,6 +25,7 @@ namespace wsbridge::core {
 namespace {
 
 namespace net = boost::asio;
+using std::chrono::microseconds;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 using testing::BodyOf;
@@ -252,6 +253,31 @@ TEST_F(UpstreamSessionTest, AQueuedRequestFailsAtItsDeadlineWithoutBeingSent) {
   s->Send(FakeRequest("next"), next.callback());
   ASSERT_TRUE(next.WaitFinal());
   EXPECT_EQ(upstream_.Count("req|"), 1);  // "late" never went out
+}
+
+TEST_F(UpstreamSessionTest, ARequestWhoseDeadlineHasPassedIsNeverSent) {
+  auto s = Make();
+  Replies& ready = R();
+  s->Send(FakeRequest("first"), ready.callback());
+  ASSERT_TRUE(ready.WaitFinal());  // the session is ready: a request would go out at once
+  std::vector<Replies*> late;
+  for (int i = 0; i < 50; ++i) {
+    Replies& r = R();
+    Request req = FakeRequest("late");
+    req.deadline = Clock::now() - microseconds(1);
+    s->Send(std::move(req), r.callback());
+    late.push_back(&r);
+  }
+  Replies& next = R();
+  s->Send(FakeRequest("next"), next.callback());
+  ASSERT_TRUE(next.WaitFinal());
+  for (Replies* r : late) {
+    ASSERT_TRUE(r->WaitFinal());
+    EXPECT_EQ(r->at(0).status().code(), absl::StatusCode::kDeadlineExceeded);
+    EXPECT_TRUE(absl::StrContains(r->at(0).status().message(), "nothing was sent"))
+        << r->at(0).status();
+  }
+  EXPECT_EQ(upstream_.Count("req|"), 2);  // "first" and "next" only
 }
 
 TEST_F(UpstreamSessionTest, AnswersTheUpstreamAsksToRetryAreResentAfterThePause) {
