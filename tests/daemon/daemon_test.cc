@@ -790,6 +790,28 @@ TEST_F(DaemonTest, StreamsBeyondTheCapWaitForAFreeOne) {
   second->Finish();
 }
 
+TEST_F(DaemonTest, ConnectionIsClosedAfterMaxAgeAndGraceEvenWithAnOpenStream) {
+  DaemonConfig config = BaseConfig();
+  auto* connections = config.mutable_server()->mutable_connections();
+  connections->mutable_max_age()->set_nanos(300'000'000);
+  connections->mutable_max_age_grace()->set_nanos(200'000'000);
+  StartOrDie(config);
+  auto channel = Channel();
+  auto stub = v1::TestService::NewStub(channel);
+  grpc::ClientContext watch_context;
+  // Only a bound for the test: the server ends the stream long before.
+  watch_context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  auto watch = stub->Watch(&watch_context, v1::WatchRequest());
+  v1::Event event;
+  ASSERT_TRUE(watch->Read(&event));
+  EXPECT_FALSE(watch->Read(&event));
+  grpc::Status ended = watch->Finish();
+  EXPECT_NE(ended.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << ended.error_message();
+  EXPECT_NE(ended.error_code(), grpc::StatusCode::OK);
+  // The caller reconnects for its next call.
+  EXPECT_TRUE(Echo(channel, "again").ok());
+}
+
 TEST_F(DaemonTest, ConnectionWithAnOpenStreamIsNotIdle) {
   DaemonConfig config = BaseConfig();
   config.mutable_server()->mutable_connections()->mutable_max_idle()->set_nanos(200'000'000);
