@@ -72,12 +72,12 @@ else
   if [[ -x $build/daemon/wsbridged && -x $build/tests/upstreams/wsbridge-emulator ]]; then
     say "checking that wsbridged and wsbridge-emulator in $build are up to date"
   else
-    say "building wsbridged and wsbridge-emulator (Release) in $build."
+    say "building wsbridged, wsbridge-emulator and wsbridgectl (Release) in $build."
     say "The first build takes several minutes (C++ with gRPC); later runs only rebuild what changed."
   fi
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DWSBRIDGE_BUILD_TESTS=OFF -DWSBRIDGE_BUILD_BENCH=OFF >/dev/null
-  ninja -C "$build" wsbridged wsbridge-emulator
+  ninja -C "$build" wsbridged wsbridge-emulator wsbridgectl
 fi
 wsbridged=$build/daemon/wsbridged
 emulator=$build/tests/upstreams/wsbridge-emulator
@@ -281,7 +281,9 @@ daemon_ready() {
 }
 wait_until daemon_ready "$ready_timeout" "every bridge serving (admin /readyz)"
 
-grpcurl_target=${grpc_address:-"unix:$unix_address"}
+ctl_target=${grpc_address:-"unix:$unix_address"}
+ctl=$build/tools/wsbridgectl/wsbridgectl
+[[ -x $ctl ]] || ctl="wsbridgectl"  # a WSBRIDGE_BUILD_DIR without it: build it there
 cat <<EOF
 
 wsbridge demo is ready: bridges dfx, nlx, emogg and nexora are serving, in front of wsbridge-emulator.
@@ -290,9 +292,9 @@ wsbridge demo is ready: bridges dfx, nlx, emogg and nexora are serving, in front
   admin HTTP:   http://$admin_address  (/metrics, /healthz, /readyz)
   config:       $config
   processes:    wsbridged pid $daemon_pid, wsbridge-emulator pid $emulator_pid
-Try from another shell (with grpcurl; README.md has a tour with wsbridgectl):
-  grpcurl -plaintext $grpcurl_target list
-  grpcurl -plaintext -d '{"turn":{"text":"hello"}}' $grpcurl_target wsbridge.nlx.v1.NlxService/Send
+Try from another shell (README.md has a tour of all four bridges):
+  $ctl --target $ctl_target health
+  $ctl --target $ctl_target call wsbridge.nlx.v1.NlxService/Send '{"turn":{"text":"hello"}}'
 Ctrl-C stops wsbridged (graceful drain), then the emulator.
 
 EOF

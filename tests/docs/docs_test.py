@@ -52,9 +52,6 @@ NOT_RUN = {
     "scripts/test.sh": (
         "is the whole test suite (it runs this test)",
         ".ci/run"),
-    "ninja -C build/run wsbridgectl": (
-        "builds in the demo's build directory; this test runs the wsbridgectl of its own build",
-        "wsbridgectl_test (tests/tools/), and this test runs every wsbridgectl command"),
     'export PATH="$PWD/build/run/tools/wsbridgectl:$PATH"': (
         "would put the demo's build on PATH; this test puts its own build there",
         "this test (every later command runs the wsbridgectl of its build)"),
