@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <regex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -82,6 +83,10 @@ struct Hooks {
   std::function<void(uint32_t order)> after_ack;
   // After a stream failed, before the client waits for the bridge and resumes.
   std::function<void(const grpc::Status&)> on_failure;
+  // Where the client resumes after a failed stream (`next`: the first unacknowledged
+  // chunk). A client learns from the upstream's MISALIGNED_CHUNK answer that a chunk
+  // whose outcome was unknown did arrive.
+  std::function<uint32_t(uint32_t next)> resume_at;
 };
 
 struct Measured {
@@ -217,6 +222,7 @@ class DfxFaultTest : public ::testing::Test {
       out.failures.push_back(st);
       out.failed_at.push_back(Clock::now());
       if (hooks.on_failure) hooks.on_failure(st);
+      if (hooks.resume_at) next = hooks.resume_at(next);
     }
     return out;
   }
@@ -250,7 +256,9 @@ class DfxFaultTest : public ::testing::Test {
   }
 
   // No acknowledged chunk lost or duplicated; the emulator holds exactly 0..count-1.
-  void ExpectExactlyOnce(const std::string& mid, const Measured& m, uint32_t count) {
+  // `unacked`: chunks whose acknowledgement was lost to the fault (recorded, never acked).
+  void ExpectExactlyOnce(const std::string& mid, const Measured& m, uint32_t count,
+                         const std::set<int>& unacked = {}) {
     EXPECT_TRUE(m.complete);
     std::map<int, int> recorded;
     for (const auto& c : emulator_->chunks()) {
@@ -264,7 +272,12 @@ class DfxFaultTest : public ::testing::Test {
       EXPECT_EQ(recorded[order], 1) << "acknowledged chunk " << order << " recorded "
                                     << recorded[order] << " times upstream";
     }
-    EXPECT_EQ(acked.size(), count);
+    for (int order : unacked) {
+      EXPECT_EQ(acked.count(order), 0u) << order;
+      EXPECT_EQ(recorded[order], 1) << "chunk " << order << " of unknown outcome recorded "
+                                    << recorded[order] << " times upstream";
+    }
+    EXPECT_EQ(acked.size() + unacked.size(), count);
     EXPECT_EQ(recorded.size(), count);
   }
 
@@ -316,8 +329,9 @@ class DfxFaultTest : public ::testing::Test {
 
 constexpr uint32_t kChunks = 8;
 
-// The upstream connection is reset (RST towards the bridge) between two chunks.
-TEST_F(DfxFaultTest, ResetMidStream) {
+class DfxResetTest : public DfxFaultTest, public ::testing::WithParamInterface<Direction> {};
+
+TEST_P(DfxResetTest, ResetMidStream) {
   Start();
   std::string mid = CreateMeasurement();
   ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
@@ -327,7 +341,7 @@ TEST_F(DfxFaultTest, ResetMidStream) {
   Hooks hooks;
   hooks.after_ack = [&](uint32_t order) {
     if (order != kFaultAfter) return;
-    proxy_->SetMode(Direction::kUpstreamToClient, Mode::kReset);
+    proxy_->SetMode(GetParam(), Mode::kReset);
     ASSERT_TRUE(WaitFor([&] { return proxy_->counters().connections_open == 0; }));
     proxy_->Heal();
   };
@@ -340,6 +354,57 @@ TEST_F(DfxFaultTest, ResetMidStream) {
   }
   ExpectGapsTold(Finish(*sub), kFaultAfter, kChunks);
   EXPECT_TRUE(CallAction().ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(BothDirections, DfxResetTest,
+                         ::testing::Values(Direction::kUpstreamToClient,
+                                           Direction::kClientToUpstream),
+                         [](const ::testing::TestParamInfo<Direction>& info) {
+                           return info.param == Direction::kUpstreamToClient ? "TowardsTheBridge"
+                                                                             : "TowardsTheUpstream";
+                         });
+
+// Reset while a chunk is in flight: the upstream recorded it, its answer never came
+// back. The stream ends UNAVAILABLE / OUTCOME_UNKNOWN, the bridge never resends the
+// chunk, and the upstream holds it exactly once; its result is a gap the subscriber is
+// told about.
+TEST_F(DfxFaultTest, ResetWithAChunkInFlightNeverResendsIt) {
+  Start();
+  std::string mid = CreateMeasurement();
+  ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+  auto sub = Subscribe(mid);
+  constexpr uint32_t kInFlight = 4;
+  std::thread injector;
+  Hooks hooks;
+  hooks.after_ack = [&](uint32_t order) {
+    if (order + 1 != kInFlight) return;
+    // Answers (and results) to the next chunk are held long enough for the reset to
+    // come first.
+    emulator_->SetAnswerDelay(5s);
+    injector = std::thread([&] {
+      ASSERT_TRUE(WaitFor([&] { return emulator_->chunks().size() == kInFlight + 1; }));
+      emulator_->SetAnswerDelay(0ms);
+      proxy_->SetMode(Direction::kUpstreamToClient, Mode::kReset);
+      ASSERT_TRUE(WaitFor([&] { return proxy_->counters().connections_open == 0; }));
+      proxy_->Heal();
+    });
+  };
+  int resumed = 0;
+  hooks.resume_at = [&](uint32_t next) {
+    ++resumed;
+    EXPECT_EQ(next, kInFlight);
+    return next + 1;
+  };
+  Measured m = Measure(mid, kChunks, hooks);
+  if (injector.joinable()) injector.join();
+  ASSERT_EQ(resumed, 1);
+  ASSERT_EQ(m.failures.size(), 1u);
+  EXPECT_EQ(m.failures[0].error_code(), grpc::StatusCode::UNAVAILABLE) << m.failures[0].error_message();
+  EXPECT_EQ(Reason(m.failures[0]), "OUTCOME_UNKNOWN") << m.failures[0].error_message();
+  ExpectExactlyOnce(mid, m, kChunks, {static_cast<int>(kInFlight)});
+  // One frame per chunk the client wrote: nothing was resent behind its back.
+  EXPECT_EQ(emulator_->frames_received("0506"), static_cast<int>(kChunks));
+  ExpectGapsTold(Finish(*sub), kInFlight - 1, kChunks);
 }
 
 // Both directions black-holed mid-stream: the sockets stay open and nothing passes, so
