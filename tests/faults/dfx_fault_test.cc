@@ -329,6 +329,8 @@ class DfxFaultTest : public ::testing::Test {
 
 constexpr uint32_t kChunks = 8;
 
+// The upstream connection is reset between two chunks: RST towards the bridge, or
+// towards the upstream (the bridge then sees the proxy's FIN without a close frame).
 class DfxResetTest : public DfxFaultTest, public ::testing::WithParamInterface<Direction> {};
 
 TEST_P(DfxResetTest, ResetMidStream) {
