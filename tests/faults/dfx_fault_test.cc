@@ -301,7 +301,9 @@ class DfxFaultTest : public ::testing::Test {
         EXPECT_TRUE(after_reconnect) << "first result after the fault (chunk " << order << ")";
         first_after_fault = false;
       }
-      if (fault_after >= 0 && order <= fault_after) EXPECT_FALSE(after_reconnect) << order;
+      if (fault_after >= 0 && order <= fault_after) {
+        EXPECT_FALSE(after_reconnect) << order;
+      }
       prev = order;
     }
     EXPECT_EQ(log.results.back().first, static_cast<int>(count) - 1);
