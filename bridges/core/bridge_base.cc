@@ -78,6 +78,28 @@ absl::Status BridgeBase::Admit(const grpc::ServerContextBase& ctx) const {
 }
 
 absl::StatusOr<Lease> BridgeBase::SessionFor(const grpc::ServerContextBase& ctx) {
+  absl::StatusOr<Lease> lease = CredentialSession(ctx);
+  if (!lease.ok() || !*lease) return lease;
+  absl::Status down = (*lease)->Unreachable();
+  if (down.ok()) return lease;
+  // The upstream is down: fail fast unless the caller asked to wait, and bound those.
+  const auto& md = ctx.client_metadata();
+  auto w = md.find(grpc::string_ref(kWaitForReadyMetadata.data(), kWaitForReadyMetadata.size()));
+  if (w == md.end() || std::string_view(w->second.data(), w->second.size()) != "true") {
+    return down;
+  }
+  if (waiting_calls_->fetch_add(1) >= max_waiting_calls_) {
+    waiting_calls_->fetch_sub(1);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the ", upstream_, " bridge already has ", max_waiting_calls_,
+        " calls waiting for its unreachable upstream (max_waiting_calls); ", down.message()));
+  }
+  std::shared_ptr<std::atomic<size_t>> count = waiting_calls_;
+  lease->Hold(std::shared_ptr<void>(nullptr, [count](void*) { count->fetch_sub(1); }));
+  return lease;
+}
+
+absl::StatusOr<Lease> BridgeBase::CredentialSession(const grpc::ServerContextBase& ctx) {
   const std::string& key = credentials_.metadata_key;
   const auto& md = ctx.client_metadata();
   auto it = key.empty() ? md.end() : md.find(grpc::string_ref(key.data(), key.size()));

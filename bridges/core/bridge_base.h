@@ -19,6 +19,12 @@
 
 namespace wsbridge::core {
 
+// Metadata by which a caller opts into waiting for an unreachable upstream. The C++
+// server cannot see the client's wait_for_ready flag (it is not sent on the wire), so
+// callers say it in metadata: "true" waits (bounded by max_waiting_calls and the
+// session's request_timeout); anything else fails fast with UNAVAILABLE.
+inline constexpr std::string_view kWaitForReadyMetadata = "x-wsbridge-wait-for-ready";
+
 // Where a call's upstream credential comes from.
 struct CredentialPolicy {
   // Metadata key of a per-call credential (e.g. "x-dfx-device-token"); "" = none.
@@ -63,6 +69,9 @@ class BridgeBase : public Bridge {
   // holds at most one entry in its completion-queue loop's mailbox, so this also bounds
   // the mailboxes.
   void set_max_open_calls(size_t n) { max_open_calls_ = n; }
+  // Calls that asked to wait for an unreachable upstream ("x-wsbridge-wait-for-ready:
+  // true" metadata) beyond which new ones fail RESOURCE_EXHAUSTED; the rest fail fast.
+  void set_max_waiting_calls(size_t n) { max_waiting_calls_ = n; }
   // The session for a call that passed Admit and validation: the per-call credential
   // from metadata when present (and allowed), else the default one.
   absl::StatusOr<Lease> SessionFor(const grpc::ServerContextBase& ctx);
@@ -84,6 +93,8 @@ class BridgeBase : public Bridge {
                 CredentialPolicy credentials, std::shared_ptr<SecretSource> default_credential);
 
  private:
+  // SessionFor without the reachability check.
+  absl::StatusOr<Lease> CredentialSession(const grpc::ServerContextBase& ctx);
   void HealthChanged() {
     if (context_.health_changed) context_.health_changed();
   }
@@ -98,6 +109,8 @@ class BridgeBase : public Bridge {
   ActiveCalls calls_;
   std::atomic<bool> draining_{false};
   size_t max_open_calls_ = 100000;
+  size_t max_waiting_calls_ = 1000;
+  std::shared_ptr<std::atomic<size_t>> waiting_calls_ = std::make_shared<std::atomic<size_t>>(0);
   std::unique_ptr<SessionPool> pool_;
 };
 

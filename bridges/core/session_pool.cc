@@ -22,6 +22,7 @@ int64_t NowNs() { return Clock::now().time_since_epoch().count(); }
 }  // namespace
 
 void Lease::Release() {
+  hold_.reset();
   if (session_ == nullptr) return;
   if (session_->leases.fetch_sub(1) == 1) session_->idle_since_ns.store(NowNs());
   session_.reset();
@@ -129,9 +130,54 @@ absl::StatusOr<Lease> SessionPool::AcquireDefault() {
 }
 
 absl::StatusOr<Lease> SessionPool::Acquire(const std::string& key, std::string_view credential) {
-  absl::MutexLock lock(&mu_);
-  return AcquireLocked(
-      key, [credential] { return SecretSource::Fixed(std::string(credential)); }, false, nullptr);
+  std::vector<std::shared_ptr<UpstreamSession>> refused;
+  absl::StatusOr<Lease> lease;
+  {
+    absl::MutexLock lock(&mu_);
+    const Clock::time_point now = Clock::now();
+    refused = SweepRefusedLocked(now);
+    if (auto it = refused_.find(key); it != refused_.end()) {
+      const auto left = std::chrono::ceil<std::chrono::seconds>(it->second - now);
+      lease = absl::UnauthenticatedError(absl::StrCat(
+          "the ", options_.upstream,
+          " upstream refused this credential; it is not tried again for another ", left.count(),
+          " s. Check the credential"));
+    } else {
+      lease = AcquireLocked(
+          key, [credential] { return SecretSource::Fixed(std::string(credential)); }, false,
+          nullptr);
+    }
+  }
+  CloseRefused(std::move(refused));
+  return lease;
+}
+
+std::vector<std::shared_ptr<UpstreamSession>> SessionPool::SweepRefusedLocked(
+    Clock::time_point now) {
+  for (auto it = refused_.begin(); it != refused_.end();) {
+    it = it->second <= now ? refused_.erase(it) : std::next(it);
+  }
+  std::vector<std::shared_ptr<UpstreamSession>> out;
+  for (auto it = sessions_.begin(); it != sessions_.end();) {
+    // The default credential's session stays: it drives health and retries on its own.
+    if (it->second.pinned || !it->second.session->auth_refused()) {
+      ++it;
+      continue;
+    }
+    // Bounded: at most max_sessions refusals are remembered (the oldest expire first).
+    if (refused_.size() < options_.max_sessions) refused_[it->first] = now + options_.refusal_memory;
+    out.push_back(it->second.session);
+    it = sessions_.erase(it);
+  }
+  return out;
+}
+
+void SessionPool::CloseRefused(std::vector<std::shared_ptr<UpstreamSession>> refused) {
+  for (auto& s : refused) {
+    log::Info(kLog, "closing an upstream session whose credential was refused",
+              {{"session", s->id()}});
+    s->Close(1000, "credential refused", nullptr);
+  }
 }
 
 absl::StatusOr<Lease> SessionPool::AcquireLocked(
@@ -277,6 +323,14 @@ void SessionPool::Check() {
                                      !sessions_.contains(default_key_));
     }
     if (need_default) (void)AcquireDefault();
+  }
+  {
+    std::vector<std::shared_ptr<UpstreamSession>> refused;
+    {
+      absl::MutexLock lock(&mu_);
+      refused = SweepRefusedLocked(Clock::now());
+    }
+    CloseRefused(std::move(refused));
   }
   std::vector<std::shared_ptr<UpstreamSession>> idle;
   const int64_t now = NowNs();

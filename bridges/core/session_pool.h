@@ -35,11 +35,12 @@ class Lease {
  public:
   Lease() = default;
   explicit Lease(std::shared_ptr<UpstreamSession> s) : session_(std::move(s)) {}
-  Lease(Lease&& o) noexcept : session_(std::move(o.session_)) {}
+  Lease(Lease&& o) noexcept : session_(std::move(o.session_)), hold_(std::move(o.hold_)) {}
   Lease& operator=(Lease&& o) noexcept {
     if (this != &o) {
       Release();
       session_ = std::move(o.session_);
+      hold_ = std::move(o.hold_);
     }
     return *this;
   }
@@ -51,9 +52,12 @@ class Lease {
   UpstreamSession* get() const { return session_.get(); }
   explicit operator bool() const { return session_ != nullptr; }
   void Release();
+  // Something released with the lease (e.g. a slot of a bounded count of waiting calls).
+  void Hold(std::shared_ptr<void> hold) { hold_ = std::move(hold); }
 
  private:
   std::shared_ptr<UpstreamSession> session_;
+  std::shared_ptr<void> hold_;
 };
 
 // The SHA-256 of a credential as hex: the session key for per-credential pools (never
@@ -68,6 +72,10 @@ struct SessionPoolOptions {
   // How often the pool checks the default credential and idle sessions on its own;
   // zero = a quarter of idle_timeout, within [20 ms, 1 s].
   Duration check_interval = Duration::zero();
+  // A per-call credential the upstream refused: its session is closed and its slot freed
+  // at once, and calls with it fail UNAUTHENTICATED for this long without reconnecting
+  // (a bogus token hammering the bridge does not cost an upstream attempt per call).
+  Duration refusal_memory = std::chrono::seconds(10);
 };
 
 class SessionPool {
@@ -125,6 +133,11 @@ class SessionPool {
   // The default session's key for the secret's current value (re-hashed only when its
   // version changed); moves the pin when it changed.
   absl::StatusOr<std::string> DefaultKey();
+  // Closes per-call sessions whose credential the upstream refused and remembers the
+  // refusal for refusal_memory; forgets expired refusals.
+  std::vector<std::shared_ptr<UpstreamSession>> SweepRefusedLocked(Clock::time_point now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CloseRefused(std::vector<std::shared_ptr<UpstreamSession>> refused);
   void ScheduleCheck();
   void Check();
 
@@ -138,6 +151,7 @@ class SessionPool {
 
   mutable absl::Mutex mu_;
   std::map<std::string, Entry> sessions_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, Clock::time_point> refused_ ABSL_GUARDED_BY(mu_);  // key -> until
   std::string default_key_ ABSL_GUARDED_BY(mu_);
   uint64_t default_version_ ABSL_GUARDED_BY(mu_) = 0;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;

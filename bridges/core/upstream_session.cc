@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "bridges/core/log.h"
 #include "bridges/core/status.h"
 #include "bridges/core/strings.h"
@@ -127,6 +128,25 @@ class SessionImpl final : public UpstreamSession,
   const std::string& id() const override { return options_.id; }
   bool ready() const override { return ready_.load(); }
   bool auth_refused() const override { return auth_refused_flag_.load(); }
+
+  absl::Status Unreachable() const override {
+    if (!unreachable_.load()) return absl::OkStatus();
+    const int64_t since_ms = down_since_ms_.load();
+    std::string error;
+    {
+      absl::MutexLock lock(&mu_);
+      error = last_error_;
+    }
+    const auto since = std::chrono::system_clock::time_point(std::chrono::milliseconds(since_ms));
+    const int64_t secs = std::max<int64_t>(
+        0, std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now() - since)
+               .count());
+    return absl::UnavailableError(absl::StrCat(
+        "the ", options_.upstream, " upstream has been unreachable since ",
+        absl::FormatTime("%H:%M:%SZ", absl::FromChrono(since), absl::UTCTimeZone()), " (", secs,
+        " s): ", Av(std::string_view(error).substr(0, 300)),
+        "; retry later, or send \"x-wsbridge-wait-for-ready: true\" metadata to wait for it"));
+  }
 
   admin::v1::Session Describe() const override {
     admin::v1::Session out;
@@ -258,7 +278,16 @@ class SessionImpl final : public UpstreamSession,
     if (gen != generation_) return;
     login_timer_.cancel();
     SetLastError(info.reason.ToString());
+    const bool was_ready = ready_.load();
     SetReady(false);
+    // Down since the first loss; "unreachable" (calls fail fast) once an attempt that
+    // never became ready fails: a single drop gets one reconnect attempt of grace.
+    int64_t zero = 0;
+    down_since_ms_.compare_exchange_strong(
+        zero, std::chrono::duration_cast<std::chrono::milliseconds>(
+                  std::chrono::system_clock::now().time_since_epoch())
+                  .count());
+    if (!was_ready && info.kind != DisconnectKind::kAuthRefused) unreachable_.store(true);
     const Clock::time_point now = Clock::now();
     const bool refused = info.kind == DisconnectKind::kAuthRefused;
     if (refused) RefuseAuth(info.reason);
@@ -344,6 +373,10 @@ class SessionImpl final : public UpstreamSession,
   }
 
   void SetReady(bool ready) {
+    if (ready) {
+      unreachable_.store(false);
+      down_since_ms_.store(0);
+    }
     if (ready_.exchange(ready) != ready && options_.health_changed) options_.health_changed();
   }
   void SetLastError(std::string e) {
@@ -943,6 +976,8 @@ class SessionImpl final : public UpstreamSession,
   std::atomic<bool> ready_{false};
   std::atomic<bool> closed_flag_{false};
   std::atomic<bool> auth_refused_flag_{false};
+  std::atomic<bool> unreachable_{false};
+  std::atomic<int64_t> down_since_ms_{0};  // wall clock; 0 = not down
   std::atomic<int> op_count_{0};
   std::atomic<int> sink_count_{0};
 

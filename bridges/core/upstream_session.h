@@ -251,6 +251,12 @@ class UpstreamSession {
   virtual bool ready() const = 0;
   // The upstream refused the credential and has not accepted it since.
   virtual bool auth_refused() const = 0;
+  // UNAVAILABLE ("the X upstream has been unreachable since <UTC> (<n> s): <last error>")
+  // once a connection attempt has failed and none has succeeded since; OK otherwise.
+  // A session's very first connect, and the one reconnect right after a ready connection
+  // dropped, are not "unreachable": calls arriving then wait (bounded by max_pending and
+  // request_timeout). Callers use it to fail fast instead of queueing during an outage.
+  virtual absl::Status Unreachable() const = 0;
   virtual admin::v1::Session Describe() const = 0;
 
   // Held by SessionPool: calls holding the session, and when the last one left.

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "tests/core/fake_bridge.h"
 #include "tests/core/fake_upstream.h"
 #include "tests/support/test_support.h"
@@ -226,6 +227,75 @@ TEST_F(BridgeBaseTest, AdminListsAndClosesSessions) {
   EXPECT_TRUE(daemon_.bridge().CloseSession(sessions[0].id()).ok());
   EXPECT_TRUE(WaitFor([&] { return upstream_.open() == 0; }, 10s));
   EXPECT_EQ(daemon_.bridge().CloseSession("fake/no-such-session").code(), absl::StatusCode::kNotFound);
+}
+
+// While the upstream cannot be reached, calls fail at once saying so (nothing queues up
+// in memory), unless they ask to wait in metadata; those are bounded per bridge and go
+// through once the upstream is back.
+TEST_F(BridgeBaseTest, AnUnreachableUpstreamFailsCallsFastUnlessTheyAskToWait) {
+  upstream_.Refuse(absl::UnavailableError("down for maintenance"));
+  FakeBridgeOptions o = Options();
+  o.max_waiting_calls = 2;
+  ASSERT_TRUE(daemon_.Start(o).ok());
+  // A second handshake: the first attempt failed and the session knows it.
+  ASSERT_TRUE(WaitFor([&] { return upstream_.handshakes() >= 2; }, 10s));
+  grpc::Status st = Echo("x");
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  EXPECT_TRUE(absl::StrContains(st.error_message(), "Fake upstream has been unreachable since"))
+      << st.error_message();
+  EXPECT_TRUE(absl::StrContains(st.error_message(), "x-wsbridge-wait-for-ready"))
+      << st.error_message();
+
+  grpc::CompletionQueue cq;
+  constexpr int kCalls = 3;
+  grpc::ClientContext ctx[kCalls];
+  v1::EchoResponse resp[kCalls];
+  grpc::Status status[kCalls];
+  std::unique_ptr<grpc::ClientAsyncResponseReader<v1::EchoResponse>> calls[kCalls];
+  v1::EchoRequest req;
+  req.set_text("waited");
+  for (int i = 0; i < kCalls; ++i) {
+    ctx[i].set_deadline(std::chrono::system_clock::now() + 20s);
+    ctx[i].AddMetadata(std::string(kWaitForReadyMetadata), "true");
+    calls[i] = daemon_.stub().AsyncEcho(&ctx[i], req, &cq);
+    calls[i]->Finish(&resp[i], &status[i], reinterpret_cast<void*>(static_cast<intptr_t>(i)));
+  }
+  // Only the one beyond the bound ends while the upstream is still down.
+  void* tag = nullptr;
+  bool ok = false;
+  ASSERT_TRUE(cq.Next(&tag, &ok));
+  const grpc::Status& over = status[reinterpret_cast<intptr_t>(tag)];
+  EXPECT_EQ(over.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << over.error_message();
+  EXPECT_TRUE(absl::StrContains(over.error_message(), "max_waiting_calls")) << over.error_message();
+  EXPECT_EQ(upstream_.Count("req|"), 0);
+  upstream_.Refuse(absl::OkStatus());
+  for (int i = 0; i < kCalls - 1; ++i) ASSERT_TRUE(cq.Next(&tag, &ok));
+  int answered = 0;
+  for (int i = 0; i < kCalls; ++i) answered += status[i].ok() && resp[i].text() == "waited" ? 1 : 0;
+  EXPECT_EQ(answered, kCalls - 1);
+  // Back up: calls without the metadata go through again.
+  EXPECT_TRUE(Echo("after").ok());
+}
+
+// A per-call credential the upstream refuses gives its pool slot back at once, and is
+// remembered for a while so that repeating it costs no upstream attempt.
+TEST_F(BridgeBaseTest, ARefusedPerCallCredentialFreesItsSlotAndIsRemembered) {
+  FakeBridgeOptions o = Options();
+  o.max_sessions = 2;  // the default session and one more
+  ASSERT_TRUE(daemon_.Start(o).ok());
+  ASSERT_TRUE(Echo("a").ok());
+  for (int i = 0; i < 5; ++i) {
+    grpc::Status bogus = Echo("x", absl::StrCat("bad-", i));
+    EXPECT_EQ(bogus.error_code(), grpc::StatusCode::UNAUTHENTICATED) << bogus.error_message();
+  }
+  grpc::Status tenant = Echo("b", "tenant-b");
+  EXPECT_TRUE(tenant.ok()) << tenant.error_message();
+  EXPECT_EQ(daemon_.sessions(), 2u);
+  const int logins = upstream_.Count("login|bad-0");
+  grpc::Status again = Echo("x", "bad-0");
+  EXPECT_EQ(again.error_code(), grpc::StatusCode::UNAUTHENTICATED) << again.error_message();
+  EXPECT_TRUE(absl::StrContains(again.error_message(), "not tried again")) << again.error_message();
+  EXPECT_EQ(upstream_.Count("login|bad-0"), logins);
 }
 
 }  // namespace

@@ -44,7 +44,9 @@ class FakeBridge final : public BridgeBase, public FakeServiceBase {
       : BridgeBase(std::move(context), "Fake", {std::string(v1::FakeService::service_full_name())}),
         options_(std::move(options)) {
     InitPool(
-        {.max_sessions = options_.max_sessions, .idle_timeout = options_.idle_session_timeout},
+        {.max_sessions = options_.max_sessions,
+         .idle_timeout = options_.idle_session_timeout,
+         .refusal_memory = options_.refusal_memory},
         [this](const std::string& id, std::shared_ptr<SecretSource> token, bool pinned) {
           SessionOptions so =
               BaseSessionOptions(id, pinned, options_.connection, kFakeDomain);
@@ -58,6 +60,7 @@ class FakeBridge final : public BridgeBase, public FakeServiceBase {
         CredentialPolicy{std::string(kFakeTokenMetadata), options_.allow_per_call},
         options_.default_token);
     set_max_open_calls(options_.max_open_calls);
+    set_max_waiting_calls(options_.max_waiting_calls);
   }
 
   std::vector<grpc::Service*> Services() override { return {this}; }
