@@ -26,8 +26,9 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BRIDGES = ['dfx', 'nlx', 'emogg', 'nexora'];
 
 const USAGE = `usage: node client.mjs [options]
-  --target ADDR            wsbridged's gRPC address (default 127.0.0.1:50051, the demo's;
-                           unix:/tmp/wsbridge/wsbridged.sock works too)
+  --target ADDR            wsbridged's gRPC address (default $WSBRIDGE_TARGET, else
+                           127.0.0.1:50051, the demo's; unix:/tmp/wsbridge/wsbridged.sock
+                           works too)
   --bridges LIST           comma-separated bridges to drive (default dfx,nlx,emogg,nexora)
   --timeout S              deadline of each call in seconds (default 30)
   --summary FILE           also write what was received as JSON to FILE ('-' = stdout)
@@ -56,7 +57,7 @@ function parseOptions() {
     ({ values } = parseArgs({
       options: {
         help: { type: 'boolean', short: 'h' },
-        target: str('127.0.0.1:50051'),
+        target: str(process.env.WSBRIDGE_TARGET || '127.0.0.1:50051'),
         bridges: str(BRIDGES.join(',')),
         timeout: str('30'),
         summary: { type: 'string' },

@@ -47,9 +47,9 @@ class Failure(Exception):
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description="Drive the DFX, NLX, Emogg and Nexora bridges of a running wsbridged.")
-    p.add_argument("--target", default="127.0.0.1:50051",
-                   help="wsbridged's gRPC address (default: the demo's 127.0.0.1:50051; "
-                        "unix:/tmp/wsbridge/wsbridged.sock works too)")
+    p.add_argument("--target", default=os.environ.get("WSBRIDGE_TARGET") or "127.0.0.1:50051",
+                   help="wsbridged's gRPC address (default: $WSBRIDGE_TARGET, else the demo's "
+                        "127.0.0.1:50051; unix:/tmp/wsbridge/wsbridged.sock works too)")
     p.add_argument("--bridges", default=",".join(BRIDGES),
                    help="comma-separated bridges to drive, in order (default: all four)")
     p.add_argument("--timeout", type=float, default=30.0,

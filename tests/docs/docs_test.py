@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""The docs cannot rot: checks README.md and docs/ against the code and runs their commands.
+"""The docs cannot rot: checks README.md, examples/README.md and docs/ against the code and runs their commands.
 
   --check config    every field of every config message (proto/wsbridge/config/v1) has a row in
                     docs/config.md, with the default the loader applies; no row names a field
@@ -74,6 +74,20 @@ NOT_RUN = {
         "needs a Kubernetes cluster", "deploy_k8s_manifests, deploy_k8s_live"),
     "kubectl apply -k deploy/k8s/overlays/pool-mtls": (
         "needs a Kubernetes cluster", "deploy_k8s_manifests, deploy_k8s_live"),
+    # The Node example needs `npm ci` in examples/node (node_modules in the source tree);
+    # its test installs the same lockfile into the build tree and runs the same client.
+    "cd examples/node": (
+        "would install node_modules into the source tree",
+        "examples_node_client (tests/examples/): npm ci into the build tree, then the client"),
+    "npm ci": (
+        "would install node_modules into the source tree",
+        "examples_node_client (tests/examples/): npm ci into the build tree, then the client"),
+    "node client.mjs": (
+        "needs examples/node/node_modules", "examples_node_client (all four bridges)"),
+    "node client.mjs --bridges emogg --emogg-events 5": (
+        "needs examples/node/node_modules", "examples_node_client (all four bridges)"),
+    "node client.mjs --bridges dfx --dfx-chunks 8 --summary -": (
+        "needs examples/node/node_modules", "examples_node_client (all four bridges)"),
 }
 
 # Command -> text its output shows once it is up (it runs until SIGTERM).
@@ -138,7 +152,7 @@ def table_rows(text):
 
 
 def doc_files(source):
-    files = [os.path.join(source, "README.md")]
+    files = [os.path.join(source, "README.md"), os.path.join(source, "examples", "README.md")]
     files += sorted(glob.glob(os.path.join(source, "docs", "**", "*.md"), recursive=True))
     return files
 
