@@ -17,6 +17,8 @@
 #include "bridges/core/log.h"
 #include "bridges/core/metrics.h"
 #include "bridges/core/status.h"
+#include "absl/strings/str_cat.h"
+#include "wsbridge/config/v1/common.pb.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
 
@@ -211,6 +213,48 @@ TEST(BridgeRegistry, FindsFactoriesByConfigType) {
                         -> absl::StatusOr<std::unique_ptr<Bridge>> { return absl::UnimplementedError("x"); });
   ASSERT_NE(registry.Find("wsbridge.config.v1.DfxBridgeConfig"), nullptr);
   EXPECT_EQ(registry.Types(), std::vector<std::string>{"wsbridge.config.v1.DfxBridgeConfig"});
+}
+
+// What a bridge's factory registers with RegisterConfigFactory: the config type it is
+// found by, its options checked first, errors naming the bridge's kind and name.
+struct TestOptions {
+  std::string url;
+};
+
+TEST(BridgeRegistry, RegisterConfigFactoryChecksTheTypeAndPrefixesErrors) {
+  BridgeRegistry registry;
+  int made = 0;
+  RegisterConfigFactory<config::v1::UpstreamConfig>(
+      registry, "test",
+      [](const config::v1::UpstreamConfig& c, std::string_view) -> absl::StatusOr<TestOptions> {
+        if (c.url().empty()) return absl::InvalidArgumentError("upstream.url: required");
+        return TestOptions{c.url()};
+      },
+      [&made](TestOptions o, const BridgeContext&) -> absl::StatusOr<std::unique_ptr<Bridge>> {
+        ++made;
+        return absl::UnimplementedError(absl::StrCat("made for ", o.url));
+      });
+  const BridgeFactory* f = registry.Find("wsbridge.config.v1.UpstreamConfig");
+  ASSERT_NE(f, nullptr);
+  BridgeContext ctx;
+  ctx.name = "main";
+  config::v1::UpstreamConfig empty;
+  absl::StatusOr<std::unique_ptr<Bridge>> r = (*f)(empty, ctx);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(r.status().message(), "test bridge \"main\": upstream.url: required");
+  EXPECT_EQ(made, 0);
+  config::v1::Secret other;
+  r = (*f)(other, ctx);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("expected wsbridge.config.v1.UpstreamConfig, got "
+                                      "wsbridge.config.v1.Secret"),
+            std::string_view::npos)
+      << r.status();
+  config::v1::UpstreamConfig good;
+  good.set_url("wss://h");
+  r = (*f)(good, ctx);
+  EXPECT_EQ(r.status().message(), "made for wss://h");
+  EXPECT_EQ(made, 1);
 }
 
 TEST(ActiveCalls, AbortAllEndsOpenCallsAndRefusesNewOnes) {

@@ -75,6 +75,34 @@ TEST(UpstreamConfigTest, PlaintextNeedsTheSwitchAndBadUrlsAreNamed) {
   EXPECT_FALSE(CheckUpstreamUrl(Url("wss://h:70000")).ok());
 }
 
+TEST(UpstreamConfigTest, ToEndpointChecksTheUrlAndReconnects) {
+  config::v1::UpstreamConfig u = Url("wss://api.example.com/v1");
+  (*u.mutable_headers())["X-Client"] = "wsbridge";
+  absl::StatusOr<UpstreamEndpoint> e = ToEndpoint(u, "dfx/default");
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ(e->url, "wss://api.example.com/v1");
+  EXPECT_EQ(e->headers, (std::vector<std::pair<std::string, std::string>>{{"X-Client", "wsbridge"}}));
+  EXPECT_EQ(e->connection.name, "dfx/default");
+  EXPECT_TRUE(e->connection.reconnect);
+  absl::StatusOr<UpstreamEndpoint> bad = ToEndpoint(Url("https://h"), "n");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(bad.status().message().rfind("upstream.url: ", 0), 0u) << bad.status();
+}
+
+TEST(UpstreamConfigTest, LoadSecretNamesTheFieldNeverTheValue) {
+  config::v1::Secret s;
+  s.set_env("WSBRIDGE_TEST_SURELY_UNSET_VARIABLE");
+  absl::StatusOr<std::shared_ptr<SecretSource>> missing = LoadSecret(s, "device_token");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(missing.status().message().rfind("device_token: ", 0), 0u) << missing.status();
+  s.set_value("inline-secret-value");
+  absl::StatusOr<std::shared_ptr<SecretSource>> ok = LoadSecret(s, "device_token");
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(*(*ok)->Current(), "inline-secret-value");
+}
+
 TEST(SecretSourceTest, FileRotationIsPickedUpByTheRefresherNotByReaders) {
   testing::TempDir dir;
   std::string path = dir.WriteFile("token", "first-token\n");
