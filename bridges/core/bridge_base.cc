@@ -2,6 +2,7 @@
 
 #include "bridges/core/grpc_calls.h"
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "bridges/core/strings.h"
 
@@ -120,7 +121,7 @@ absl::StatusOr<Lease> BridgeBase::CredentialSession(const grpc::ServerContextBas
   if (value.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("the \"", Av(key), "\" metadata is empty"));
   }
-  return pool_->Acquire(CredentialKey(value), value);
+  return pool_->Acquire(CredentialKey(value), value, CallerIdentity(ctx));
 }
 
 SessionOptions BridgeBase::BaseSessionOptions(const std::string& id, bool pinned,
@@ -138,6 +139,17 @@ SessionOptions BridgeBase::BaseSessionOptions(const std::string& id, bool pinned
   so.rtt = rtt_;
   if (pinned) so.health_changed = [this] { HealthChanged(); };
   return so;
+}
+
+std::string CallerIdentity(const grpc::ServerContextBase& ctx) {
+  // "ipv4:10.1.2.3:45678" -> "ipv4:10.1.2.3"; "unix:/run/x.sock" stays (one identity).
+  std::string peer = ctx.peer();
+  if (absl::StartsWith(peer, "ipv4:") || absl::StartsWith(peer, "ipv6:")) {
+    if (size_t colon = peer.rfind(':'); colon != std::string::npos && colon > 4) {
+      peer.resize(colon);
+    }
+  }
+  return peer;
 }
 
 Clock::time_point SteadyDeadline(const grpc::ServerContextBase& ctx) {

@@ -137,6 +137,10 @@ class CallAccount {
   std::atomic<int> code_{-1};
 };
 
+// Who a call comes from, for per-caller limits: its peer address without the port
+// ("ipv4:10.1.2.3"); every caller over one Unix socket shares one identity.
+std::string CallerIdentity(const grpc::ServerContextBase& ctx);
+
 // The gRPC deadline of a call on the steady clock (max when none).
 Clock::time_point SteadyDeadline(const grpc::ServerContextBase& ctx);
 

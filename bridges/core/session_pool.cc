@@ -129,7 +129,8 @@ absl::StatusOr<Lease> SessionPool::AcquireDefault() {
   return lease;
 }
 
-absl::StatusOr<Lease> SessionPool::Acquire(const std::string& key, std::string_view credential) {
+absl::StatusOr<Lease> SessionPool::Acquire(const std::string& key, std::string_view credential,
+                                           std::string_view caller) {
   std::vector<std::shared_ptr<UpstreamSession>> refused;
   absl::StatusOr<Lease> lease;
   {
@@ -137,15 +138,22 @@ absl::StatusOr<Lease> SessionPool::Acquire(const std::string& key, std::string_v
     const Clock::time_point now = Clock::now();
     refused = SweepRefusedLocked(now);
     if (auto it = refused_.find(key); it != refused_.end()) {
-      const auto left = std::chrono::ceil<std::chrono::seconds>(it->second - now);
-      lease = absl::UnauthenticatedError(absl::StrCat(
-          "the ", options_.upstream,
-          " upstream refused this credential; it is not tried again for another ", left.count(),
-          " s. Check the credential"));
+      // The upstream's own refusal (code, ErrorInfo), saying it was remembered.
+      const auto left = std::chrono::ceil<std::chrono::seconds>(it->second.until - now);
+      const absl::Status& was = it->second.status;
+      absl::Status st(was.ok() ? absl::StatusCode::kUnauthenticated : was.code(),
+                      absl::StrCat(was.ok() ? absl::StrCat("the ", options_.upstream,
+                                                           " upstream refused this credential")
+                                            : std::string(was.message()),
+                                   " [remembered: not tried again for another ", left.count(),
+                                   " s]"));
+      was.ForEachPayload(
+          [&st](absl::string_view url, const absl::Cord& payload) { st.SetPayload(url, payload); });
+      lease = std::move(st);
     } else {
       lease = AcquireLocked(
           key, [credential] { return SecretSource::Fixed(std::string(credential)); }, false,
-          nullptr);
+          nullptr, caller);
     }
   }
   CloseRefused(std::move(refused));
@@ -155,7 +163,7 @@ absl::StatusOr<Lease> SessionPool::Acquire(const std::string& key, std::string_v
 std::vector<std::shared_ptr<UpstreamSession>> SessionPool::SweepRefusedLocked(
     Clock::time_point now) {
   for (auto it = refused_.begin(); it != refused_.end();) {
-    it = it->second <= now ? refused_.erase(it) : std::next(it);
+    it = it->second.until <= now ? refused_.erase(it) : std::next(it);
   }
   std::vector<std::shared_ptr<UpstreamSession>> out;
   for (auto it = sessions_.begin(); it != sessions_.end();) {
@@ -165,7 +173,9 @@ std::vector<std::shared_ptr<UpstreamSession>> SessionPool::SweepRefusedLocked(
       continue;
     }
     // Bounded: at most max_sessions refusals are remembered (the oldest expire first).
-    if (refused_.size() < options_.max_sessions) refused_[it->first] = now + options_.refusal_memory;
+    if (refused_.size() < options_.max_sessions) {
+      refused_[it->first] = {now + options_.refusal_memory, it->second.session->AuthRefusal()};
+    }
     out.push_back(it->second.session);
     it = sessions_.erase(it);
   }
@@ -183,7 +193,8 @@ void SessionPool::CloseRefused(std::vector<std::shared_ptr<UpstreamSession>> ref
 absl::StatusOr<Lease> SessionPool::AcquireLocked(
     const std::string& key, const std::function<std::shared_ptr<SecretSource>()>& credential,
                                                  bool pinned,
-                                                 std::shared_ptr<UpstreamSession>* started) {
+                                                 std::shared_ptr<UpstreamSession>* started,
+                                                 std::string_view caller) {
   if (shut_down_) {
     return absl::UnavailableError(absl::StrCat("the ", options_.upstream,
                                                " bridge is shutting down; retry on another "
@@ -200,8 +211,20 @@ absl::StatusOr<Lease> SessionPool::AcquireLocked(
           options_.max_sessions,
           " upstream sessions (one per credential); retry later or raise max_sessions"));
     }
+    if (!caller.empty() && options_.max_sessions_per_caller > 0) {
+      size_t mine = 0;
+      for (const auto& [k, e] : sessions_) mine += !e.draining && e.caller == caller ? 1 : 0;
+      if (mine >= options_.max_sessions_per_caller) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "this caller (", Av(caller), ") already holds its maximum of ",
+            options_.max_sessions_per_caller, " ", options_.upstream,
+            " upstream sessions (max_sessions_per_caller, one per credential); reuse a "
+            "credential, wait for idle sessions to close, or raise max_sessions_per_caller"));
+      }
+    }
     std::string id = absl::StrCat(options_.bridge, "/", key.substr(0, 8));
     Entry e;
+    e.caller = std::string(caller);
     e.session = factory_(id, credential(), pinned);
     e.pinned = pinned;
     e.session->idle_since_ns.store(NowNs());

@@ -76,6 +76,9 @@ struct SessionPoolOptions {
   // at once, and calls with it fail UNAUTHENTICATED for this long without reconnecting
   // (a bogus token hammering the bridge does not cost an upstream attempt per call).
   Duration refusal_memory = std::chrono::seconds(10);
+  // Sessions one caller (Acquire's `caller`) may hold, so that one caller cannot take
+  // every slot; 0 = only max_sessions applies.
+  uint32_t max_sessions_per_caller = 0;
 };
 
 class SessionPool {
@@ -104,7 +107,10 @@ class SessionPool {
   absl::StatusOr<Lease> AcquireDefault();
   // The session for `key` (created when absent, logging in with `credential`, which is
   // then registered for log redaction). RESOURCE_EXHAUSTED at max_sessions.
-  absl::StatusOr<Lease> Acquire(const std::string& key, std::string_view credential);
+  // `caller` ("" = none) identifies who asked, for max_sessions_per_caller: the session
+  // counts against the caller that created it.
+  absl::StatusOr<Lease> Acquire(const std::string& key, std::string_view credential,
+                                std::string_view caller = "");
 
   // Whether the default session is logged in (true when there is no default).
   bool DefaultReady() const;
@@ -123,12 +129,14 @@ class SessionPool {
     std::shared_ptr<UpstreamSession> session;
     bool pinned = false;
     bool draining = false;  // a former default: closes once no call holds it
+    std::string caller;     // who created it ("" = nobody in particular)
   };
 
   // `credential` makes the session's credential when it is created.
   absl::StatusOr<Lease> AcquireLocked(const std::string& key,
                                       const std::function<std::shared_ptr<SecretSource>()>& credential,
-                                      bool pinned, std::shared_ptr<UpstreamSession>* started)
+                                      bool pinned, std::shared_ptr<UpstreamSession>* started,
+                                      std::string_view caller = "")
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The default session's key for the secret's current value (re-hashed only when its
   // version changed); moves the pin when it changed.
@@ -151,7 +159,11 @@ class SessionPool {
 
   mutable absl::Mutex mu_;
   std::map<std::string, Entry> sessions_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, Clock::time_point> refused_ ABSL_GUARDED_BY(mu_);  // key -> until
+  struct Refusal {
+    Clock::time_point until;
+    absl::Status status;  // what the upstream's refusal told callers
+  };
+  std::map<std::string, Refusal> refused_ ABSL_GUARDED_BY(mu_);
   std::string default_key_ ABSL_GUARDED_BY(mu_);
   uint64_t default_version_ ABSL_GUARDED_BY(mu_) = 0;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;

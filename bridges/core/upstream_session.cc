@@ -128,6 +128,10 @@ class SessionImpl final : public UpstreamSession,
   const std::string& id() const override { return options_.id; }
   bool ready() const override { return ready_.load(); }
   bool auth_refused() const override { return auth_refused_flag_.load(); }
+  absl::Status AuthRefusal() const override {
+    absl::MutexLock lock(&mu_);
+    return auth_refusal_;
+  }
 
   absl::Status Unreachable() const override {
     if (!unreachable_.load()) return absl::OkStatus();
@@ -407,6 +411,10 @@ class SessionImpl final : public UpstreamSession,
             log::Redact(Sv(why.message())),
             " (fix the secret; the bridge retries on its own and picks up a rotated one)")),
         reason.empty() ? "AUTH_REFUSED" : reason, options_.error_domain);
+    {
+      absl::MutexLock lock(&mu_);
+      auth_refusal_ = auth_status_;
+    }
     auth_refused_flag_.store(true);
     SetLastError(std::string(auth_status_.message()));
     log::Warn(kLog, "the upstream refused the credential", {{"session", options_.id}});
@@ -984,6 +992,7 @@ class SessionImpl final : public UpstreamSession,
   mutable absl::Mutex mu_;
   std::shared_ptr<Connection> connection_snapshot_ ABSL_GUARDED_BY(mu_);
   std::string last_error_ ABSL_GUARDED_BY(mu_);
+  absl::Status auth_refusal_ ABSL_GUARDED_BY(mu_);
 
   // Strand only.
   State state_ = State::kIdle;

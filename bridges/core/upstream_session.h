@@ -251,6 +251,8 @@ class UpstreamSession {
   virtual bool ready() const = 0;
   // The upstream refused the credential and has not accepted it since.
   virtual bool auth_refused() const = 0;
+  // What callers were told when the upstream refused the credential (OK when it was not).
+  virtual absl::Status AuthRefusal() const = 0;
   // UNAVAILABLE ("the X upstream has been unreachable since <UTC> (<n> s): <last error>")
   // once a connection attempt has failed and none has succeeded since; OK otherwise.
   // A session's very first connect, and the one reconnect right after a ready connection

@@ -294,8 +294,29 @@ TEST_F(BridgeBaseTest, ARefusedPerCallCredentialFreesItsSlotAndIsRemembered) {
   const int logins = upstream_.Count("login|bad-0");
   grpc::Status again = Echo("x", "bad-0");
   EXPECT_EQ(again.error_code(), grpc::StatusCode::UNAUTHENTICATED) << again.error_message();
-  EXPECT_TRUE(absl::StrContains(again.error_message(), "not tried again")) << again.error_message();
+  EXPECT_TRUE(absl::StrContains(again.error_message(), "refused the credential")) << again.error_message();
+  EXPECT_TRUE(absl::StrContains(again.error_message(), "remembered: not tried again"))
+      << again.error_message();
   EXPECT_EQ(upstream_.Count("login|bad-0"), logins);
+}
+
+// One caller cannot take every session slot with per-call credentials.
+TEST_F(BridgeBaseTest, SessionsPerCallerAreBounded) {
+  FakeBridgeOptions o = Options(/*default_token=*/false);
+  o.max_sessions = 10;
+  o.max_sessions_per_caller = 2;
+  ASSERT_TRUE(daemon_.Start(o).ok());
+  ASSERT_TRUE(Echo("a", "tenant-a").ok());
+  ASSERT_TRUE(Echo("b", "tenant-b").ok());
+  grpc::Status third = Echo("c", "tenant-c");
+  EXPECT_EQ(third.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << third.error_message();
+  EXPECT_TRUE(absl::StrContains(third.error_message(), "max_sessions_per_caller"))
+      << third.error_message();
+  EXPECT_TRUE(absl::StrContains(third.error_message(), "ipv4:127.0.0.1)")) << third.error_message();
+  EXPECT_EQ(upstream_.Count("login|tenant-c"), 0);
+  // Its existing sessions stay usable.
+  EXPECT_TRUE(Echo("a2", "tenant-a").ok());
+  EXPECT_EQ(daemon_.sessions(), 2u);
 }
 
 }  // namespace

@@ -46,7 +46,8 @@ class FakeBridge final : public BridgeBase, public FakeServiceBase {
     InitPool(
         {.max_sessions = options_.max_sessions,
          .idle_timeout = options_.idle_session_timeout,
-         .refusal_memory = options_.refusal_memory},
+         .refusal_memory = options_.refusal_memory,
+         .max_sessions_per_caller = options_.max_sessions_per_caller},
         [this](const std::string& id, std::shared_ptr<SecretSource> token, bool pinned) {
           SessionOptions so =
               BaseSessionOptions(id, pinned, options_.connection, kFakeDomain);
