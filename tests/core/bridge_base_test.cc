@@ -319,5 +319,24 @@ TEST_F(BridgeBaseTest, SessionsPerCallerAreBounded) {
   EXPECT_EQ(daemon_.sessions(), 2u);
 }
 
+// Once the refusal memory is over, the credential gets one fresh upstream attempt (a
+// token that was fixed upstream starts working without a restart).
+TEST_F(BridgeBaseTest, ARememberedRefusalExpiresIntoAFreshAttempt) {
+  FakeBridgeOptions o = Options();
+  o.refusal_memory = 200ms;
+  ASSERT_TRUE(daemon_.Start(o).ok());
+  ASSERT_EQ(Echo("x", "bad-token").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  ASSERT_TRUE(WaitFor([&] { return daemon_.sessions() == 1; }, 10s));  // only the default
+  const int logins = upstream_.Count("login|bad-token");
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        grpc::Status st = Echo("x", "bad-token");
+        return st.error_code() == grpc::StatusCode::UNAUTHENTICATED &&
+               !absl::StrContains(st.error_message(), "remembered");
+      },
+      10s));
+  EXPECT_EQ(upstream_.Count("login|bad-token"), logins + 1);
+}
+
 }  // namespace
 }  // namespace wsbridge::core
