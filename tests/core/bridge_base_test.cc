@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
@@ -103,9 +104,11 @@ TEST_F(BridgeBaseTest, ACallWhoseDeadlineHasPassedIsNotForwarded) {
   std::vector<std::unique_ptr<grpc::ClientAsyncResponseReader<v1::EchoResponse>>> calls;
   v1::EchoRequest req;
   req.set_text("expired");
+  std::chrono::system_clock::time_point last_deadline;
   for (int i = 0; i < kCalls; ++i) {
     ctx.push_back(std::make_unique<grpc::ClientContext>());
-    ctx.back()->set_deadline(std::chrono::system_clock::now() + 20ms);
+    last_deadline = std::chrono::system_clock::now() + 20ms;
+    ctx.back()->set_deadline(last_deadline);
     calls.push_back(daemon_.stub().AsyncEcho(ctx.back().get(), req, &cq));
     calls.back()->Finish(&resp[i], &st[i], reinterpret_cast<void*>(static_cast<intptr_t>(i)));
   }
@@ -115,6 +118,10 @@ TEST_F(BridgeBaseTest, ACallWhoseDeadlineHasPassedIsNotForwarded) {
     ASSERT_TRUE(cq.Next(&tag, &ok));
   }
   for (const grpc::Status& s : st) EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  // The server's deadline of a call is its arrival plus the timeout left when it was
+  // sent, so it trails the client's by the transit time: let a generous margin of time
+  // pass as well (this waits for time itself, not for an event).
+  std::this_thread::sleep_until(last_deadline + 500ms);
   release->Notify();
   ASSERT_TRUE(Echo("after").ok());
   // The held calls are matched before "after" (the server matches calls in arrival order).
