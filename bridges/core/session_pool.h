@@ -65,8 +65,10 @@ class Lease {
 std::string CredentialKey(std::string_view credential);
 
 struct SessionPoolOptions {
-  std::string bridge;    // instance name, for ids and messages
-  std::string upstream;  // "DFX", for messages
+  // Filled in by BridgeBase::InitPool; bridges set the limits below (designated
+  // initializers, so these carry initializers too).
+  std::string bridge{};    // instance name, for ids and messages
+  std::string upstream{};  // "DFX", for messages
   uint32_t max_sessions = 1000;
   Duration idle_timeout = std::chrono::minutes(5);
   // How often the pool checks the default credential and idle sessions on its own;
