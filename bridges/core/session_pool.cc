@@ -94,10 +94,11 @@ absl::StatusOr<std::string> SessionPool::DefaultKey() {
     // Rotated: the old default session stops being pinned, drains and closes.
     if (auto it = sessions_.find(default_key_); it != sessions_.end()) {
       it->second.pinned = false;
+      if (!it->second.draining) ++draining_;
       it->second.draining = true;
       if (it->second.session->leases.load() == 0) {
         retired = it->second.session;
-        sessions_.erase(it);
+        EraseLocked(it);
       }
     }
     default_key_ = key;
@@ -136,7 +137,21 @@ absl::StatusOr<Lease> SessionPool::Acquire(const std::string& key, std::string_v
   {
     absl::MutexLock lock(&mu_);
     const Clock::time_point now = Clock::now();
-    refused = SweepRefusedLocked(now);
+    // This credential's own session, if the upstream refused it: O(log n) per call. The
+    // whole pool is swept only when it is full (below) and on the pool's check.
+    if (auto s = sessions_.find(key); s != sessions_.end() && !s->second.pinned &&
+                                      s->second.session->auth_refused()) {
+      RememberRefusalLocked(s->first, *s->second.session, now);
+      refused.push_back(s->second.session);
+      EraseLocked(s);
+    }
+    if (sessions_.find(key) == sessions_.end() && LiveLocked() >= options_.max_sessions) {
+      std::vector<std::shared_ptr<UpstreamSession>> more = SweepRefusedLocked(now);
+      refused.insert(refused.end(), more.begin(), more.end());
+    }
+    if (auto it = refused_.find(key); it != refused_.end() && it->second.until <= now) {
+      refused_.erase(it);  // expired: one fresh attempt
+    }
     if (auto it = refused_.find(key); it != refused_.end()) {
       // The upstream's own refusal (code, ErrorInfo), saying it was remembered.
       const auto left = std::chrono::ceil<std::chrono::seconds>(it->second.until - now);
@@ -160,6 +175,19 @@ absl::StatusOr<Lease> SessionPool::Acquire(const std::string& key, std::string_v
   return lease;
 }
 
+void SessionPool::RememberRefusalLocked(const std::string& key, const UpstreamSession& session,
+                                        Clock::time_point now) {
+  // Bounded: at most max_sessions refusals are remembered (the oldest expire first).
+  if (refused_.size() < options_.max_sessions) {
+    refused_[key] = {now + options_.refusal_memory, session.AuthRefusal()};
+  }
+}
+
+SessionPool::Sessions::iterator SessionPool::EraseLocked(Sessions::iterator it) {
+  if (it->second.draining) --draining_;
+  return sessions_.erase(it);
+}
+
 std::vector<std::shared_ptr<UpstreamSession>> SessionPool::SweepRefusedLocked(
     Clock::time_point now) {
   for (auto it = refused_.begin(); it != refused_.end();) {
@@ -172,12 +200,9 @@ std::vector<std::shared_ptr<UpstreamSession>> SessionPool::SweepRefusedLocked(
       ++it;
       continue;
     }
-    // Bounded: at most max_sessions refusals are remembered (the oldest expire first).
-    if (refused_.size() < options_.max_sessions) {
-      refused_[it->first] = {now + options_.refusal_memory, it->second.session->AuthRefusal()};
-    }
+    RememberRefusalLocked(it->first, *it->second.session, now);
     out.push_back(it->second.session);
-    it = sessions_.erase(it);
+    it = EraseLocked(it);
   }
   return out;
 }
@@ -203,9 +228,7 @@ absl::StatusOr<Lease> SessionPool::AcquireLocked(
   auto it = sessions_.find(key);
   if (it == sessions_.end()) {
     // Former defaults still draining their calls do not hold a slot.
-    size_t live = 0;
-    for (const auto& [k, e] : sessions_) live += e.draining ? 0 : 1;
-    if (live >= options_.max_sessions) {
+    if (LiveLocked() >= options_.max_sessions) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "the ", options_.upstream, " bridge already holds its maximum of ",
           options_.max_sessions,
@@ -232,6 +255,7 @@ absl::StatusOr<Lease> SessionPool::AcquireLocked(
     if (pinned && started != nullptr) *started = it->second.session;
   } else if (pinned) {
     it->second.pinned = true;
+    if (it->second.draining) --draining_;
     it->second.draining = false;
   }
   it->second.session->leases.fetch_add(1);
@@ -266,7 +290,7 @@ absl::Status SessionPool::Close(std::string_view session_id) {
       if (it->second.session->id() == session_id) {
         victim = it->second.session;
         was_default = it->first == default_key_;
-        sessions_.erase(it);
+        EraseLocked(it);
         break;
       }
     }
@@ -296,6 +320,7 @@ void SessionPool::Shutdown(std::function<void()> done) {
     shut_down_ = true;
     sessions = std::move(sessions_);
     sessions_.clear();
+    draining_ = 0;
   }
   asio::post(strand_, [this] { timer_.cancel(); });
   auto remaining = std::make_shared<std::atomic<size_t>>(sessions.size() + 1);
@@ -366,7 +391,7 @@ void SessionPool::Check() {
       if (!e.pinned && unused &&
           (e.draining || now - e.session->idle_since_ns.load() >= limit)) {
         idle.push_back(e.session);
-        it = sessions_.erase(it);
+        it = EraseLocked(it);
       } else {
         ++it;
       }

@@ -134,6 +134,14 @@ class SessionPool {
     std::string caller;     // who created it ("" = nobody in particular)
   };
 
+  using Sessions = std::map<std::string, Entry>;
+  // Sessions holding a slot (former defaults still draining do not): O(1).
+  size_t LiveLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return sessions_.size() - draining_;
+  }
+  Sessions::iterator EraseLocked(Sessions::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RememberRefusalLocked(const std::string& key, const UpstreamSession& session,
+                             Clock::time_point now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // `credential` makes the session's credential when it is created.
   absl::StatusOr<Lease> AcquireLocked(const std::string& key,
                                       const std::function<std::shared_ptr<SecretSource>()>& credential,
@@ -160,7 +168,8 @@ class SessionPool {
   boost::asio::steady_timer timer_;
 
   mutable absl::Mutex mu_;
-  std::map<std::string, Entry> sessions_ ABSL_GUARDED_BY(mu_);
+  Sessions sessions_ ABSL_GUARDED_BY(mu_);
+  size_t draining_ ABSL_GUARDED_BY(mu_) = 0;  // entries of sessions_ with draining set
   struct Refusal {
     Clock::time_point until;
     absl::Status status;  // what the upstream's refusal told callers
