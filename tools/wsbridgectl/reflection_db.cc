@@ -3,18 +3,11 @@
 #include <algorithm>
 #include <optional>
 
-#include <grpcpp/impl/codegen/rpc_method.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 
 namespace wsbridge::ctl {
-namespace {
-
-constexpr char kReflectionMethod[] =
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
-
-}  // namespace
 
 ReflectionDatabase::ReflectionDatabase(std::shared_ptr<grpc::Channel> channel,
                                        const GlobalOptions& options)
@@ -36,12 +29,9 @@ std::optional<ReflectionDatabase::Response> ReflectionDatabase::Ask(const Reques
     context_ = std::make_unique<grpc::ClientContext>();
     // The whole conversation is one call: it gets the unary deadline (--timeout or 10 s).
     PrepareContext(options_, /*streaming=*/false, *context_);
-    // The wire-compatible messages go to the real path; the generated stub of the real
-    // reflection.proto would do the same (its classes are private to grpc++_reflection).
-    const grpc::internal::RpcMethod method(
-        kReflectionMethod, grpc::internal::RpcMethod::BIDI_STREAMING, channel_);
-    stream_.reset(grpc::internal::ClientReaderWriterFactory<Request, Response>::Create(
-        channel_.get(), method, context_.get()));
+    // The daemon's own reflection.proto (daemon/proto), the one it serves.
+    stream_ = ::grpc::reflection::v1alpha::ServerReflection::NewStub(channel_)
+                  ->ServerReflectionInfo(context_.get());
   }
   Response response;
   if (!stream_->Write(request) || !stream_->Read(&response)) {

@@ -14,13 +14,12 @@
 #include <google/protobuf/descriptor_database.h>
 #include <grpcpp/channel.h>
 #include <grpcpp/client_context.h>
-#include <grpcpp/impl/codegen/proto_utils.h>
 #include <grpcpp/support/sync_stream.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "tools/wsbridgectl/options.h"
-#include "wsbridgectl_reflection.pb.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 
 namespace wsbridge::ctl {
 
@@ -49,8 +48,8 @@ class ReflectionDatabase : public google::protobuf::DescriptorDatabase {
                                    google::protobuf::FileDescriptorProto* output) override;
 
  private:
-  using Request = reflection::ServerReflectionRequest;
-  using Response = reflection::ServerReflectionResponse;
+  using Request = ::grpc::reflection::v1alpha::ServerReflectionRequest;
+  using Response = ::grpc::reflection::v1alpha::ServerReflectionResponse;
 
   // Sends one request on the stream and reads its answer; nullopt after a transport
   // error (kept in transport_error_).
