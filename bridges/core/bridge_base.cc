@@ -81,8 +81,13 @@ absl::Status BridgeBase::Admit(const grpc::ServerContextBase& ctx) const {
 absl::StatusOr<Lease> BridgeBase::SessionFor(const grpc::ServerContextBase& ctx) {
   absl::StatusOr<Lease> lease = CredentialSession(ctx);
   if (!lease.ok() || !*lease) return lease;
-  absl::Status down = (*lease)->Unreachable();
-  if (down.ok()) return lease;
+  if (absl::Status st = WaitOrFailFast(ctx, *lease); !st.ok()) return st;
+  return lease;
+}
+
+absl::Status BridgeBase::WaitOrFailFast(const grpc::ServerContextBase& ctx, Lease& lease) {
+  absl::Status down = lease->Unreachable();
+  if (down.ok()) return down;
   // The upstream is down: fail fast unless the caller asked to wait, and bound those.
   const auto& md = ctx.client_metadata();
   auto w = md.find(grpc::string_ref(kWaitForReadyMetadata.data(), kWaitForReadyMetadata.size()));
@@ -96,8 +101,8 @@ absl::StatusOr<Lease> BridgeBase::SessionFor(const grpc::ServerContextBase& ctx)
         " calls waiting for its unreachable upstream (max_waiting_calls); ", down.message()));
   }
   std::shared_ptr<std::atomic<size_t>> count = waiting_calls_;
-  lease->Hold(std::shared_ptr<void>(nullptr, [count](void*) { count->fetch_sub(1); }));
-  return lease;
+  lease.Hold(std::shared_ptr<void>(nullptr, [count](void*) { count->fetch_sub(1); }));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Lease> BridgeBase::CredentialSession(const grpc::ServerContextBase& ctx) {

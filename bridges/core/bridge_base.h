@@ -75,6 +75,11 @@ class BridgeBase : public Bridge {
   // The session for a call that passed Admit and validation: the per-call credential
   // from metadata when present (and allowed), else the default one.
   absl::StatusOr<Lease> SessionFor(const grpc::ServerContextBase& ctx);
+  // The reachability check SessionFor applies, for bridges that acquire sessions
+  // themselves: OK while `lease`'s upstream is reachable, or when the caller asked to wait
+  // (`lease` then holds one of max_waiting_calls until released); else UNAVAILABLE saying
+  // since when the upstream is down (RESOURCE_EXHAUSTED beyond max_waiting_calls).
+  absl::Status WaitOrFailFast(const grpc::ServerContextBase& ctx, Lease& lease);
   // UNAVAILABLE "shutting down; retry on another instance".
   absl::Status ShuttingDown() const;
   // The executor for a new upstream session (the io threads in turn).
