@@ -172,6 +172,19 @@ void EmoggEmulator::DropAll() {
   impl_->Perform(impl_->proto.DropAll());
 }
 
+void EmoggEmulator::CloseAll(uint16_t code, std::string reason) {
+  absl::MutexLock lock(&impl_->mu);
+  impl_->Perform(impl_->proto.CloseAll(code, reason));
+}
+void EmoggEmulator::RevokeToken(std::string token) {
+  absl::MutexLock lock(&impl_->mu);
+  impl_->Perform(impl_->proto.RevokeToken(token, Now()));
+}
+void EmoggEmulator::SetCloseAfterAuth(uint16_t code, std::string reason) {
+  absl::MutexLock lock(&impl_->mu);
+  impl_->proto.SetCloseAfterAuth(code, std::move(reason));
+}
+
 void EmoggEmulator::SetDropAfterFrames(int n) {
   absl::MutexLock lock(&impl_->mu);
   impl_->proto.SetDropAfterFrames(n);

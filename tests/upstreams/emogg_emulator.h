@@ -50,10 +50,17 @@ class EmoggEmulator {
   void SendRaw(std::string text);
   // Drops every connection (no close frame).
   void DropAll();
+  // Closes every open connection with a close frame of `code` (1001, 1008, 1011...).
+  void CloseAll(uint16_t code, std::string reason);
+  // The token stops being accepted; connections authenticated with it are answered 401
+  // and closed 1008 "Unauthorized" at once.
+  void RevokeToken(std::string token);
 
   // --- Fault switches (take effect for new frames). ---
   void SetDropAfterFrames(int n);  // drop on a connection's n-th frame; -1 = off
   void SetRefuseAuth(bool refuse);  // every auth:token answered 401 (and closed)
+  // Every successful auth is answered, then the connection closed with `code` (0 = off).
+  void SetCloseAfterAuth(uint16_t code, std::string reason);
   // Silent: the sockets stop reading and writing (WebSocket pings go unanswered) and the
   // protocol answers and emits nothing, like a hung server; false resumes.
   void SetSilent(bool silent);

@@ -113,6 +113,7 @@ void EmoggProtocol::SetEventInterval(std::optional<milliseconds> interval) {
 
 bool EmoggProtocol::TokenAccepted(std::string_view token) const {
   if (token.empty()) return false;
+  if (std::find(revoked_.begin(), revoked_.end(), token) != revoked_.end()) return false;
   if (options_.tokens.empty()) return !token.starts_with("bad");
   return std::find(options_.tokens.begin(), options_.tokens.end(), token) != options_.tokens.end();
 }
@@ -273,7 +274,11 @@ std::vector<EmoggAction> EmoggProtocol::Auth(uint64_t conn, Conn& c, const Reque
   c.authed = true;
   c.token = std::move(t);
   ++auth_successes_;
-  return Answer(conn, c, req, 200, "", now);
+  std::vector<EmoggAction> out = Answer(conn, c, req, 200, "", now);
+  if (close_after_auth_code_ != 0) {
+    out.push_back(Close(conn, c, close_after_auth_code_, close_after_auth_reason_));
+  }
+  return out;
 }
 
 std::vector<EmoggAction> EmoggProtocol::Handle(uint64_t conn, Conn& c, const Request& req,
@@ -571,6 +576,27 @@ std::vector<EmoggAction> EmoggProtocol::DropAll() {
   std::vector<EmoggAction> out;
   for (auto& [id, c] : conns_) {
     if (!c.closing) out.push_back(Drop(id, c));
+  }
+  return out;
+}
+
+std::vector<EmoggAction> EmoggProtocol::CloseAll(uint16_t code, std::string_view reason) {
+  std::vector<EmoggAction> out;
+  for (auto& [id, c] : conns_) {
+    if (!c.closing) out.push_back(Close(id, c, code, std::string(reason)));
+  }
+  return out;
+}
+
+std::vector<EmoggAction> EmoggProtocol::RevokeToken(std::string_view token, EmoggTime now) {
+  revoked_.emplace_back(token);
+  std::vector<EmoggAction> out;
+  Request auth;
+  auth.path = "auth:token";  // the answer names the authentication that no longer holds
+  for (auto& [id, c] : conns_) {
+    if (c.closing || !c.authed || c.token != token) continue;
+    c.authed = false;
+    for (EmoggAction& a : Error(id, c, auth, 401, "Token revoked", now)) out.push_back(std::move(a));
   }
   return out;
 }

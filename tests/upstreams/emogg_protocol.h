@@ -63,6 +63,14 @@
 //   127.0.0.1), and WebSocket ping frames restarting the idle timer (the emulator's
 //   WebSocket server answers pings but does not report them, so only answers and events
 //   keep an emulated connection alive; the bridge's ping requests do).
+// - A revoked token (RevokeToken: a token that expired or was withdrawn while in use) is
+//   refused from then on, and every connection authenticated with it is told at once:
+//   401 {"id": null, "path": "auth:token", ..., "data": {"message": "Token revoked"}}
+//   (the page's 401: "the authentication details provided are not valid", which closes
+//   the connection) and closed with 1008 "Unauthorized", like any other 401.
+// - Close codes on demand (CloseAll, SetCloseAfterAuth) for the close-code scenarios:
+//   1001 going away (a server restarting), 1008 policy violation, 1011 internal error;
+//   the pages name no close codes, so a client must cope with any of them.
 #ifndef WSBRIDGE_TESTS_UPSTREAMS_EMOGG_PROTOCOL_H_
 #define WSBRIDGE_TESTS_UPSTREAMS_EMOGG_PROTOCOL_H_
 
@@ -146,12 +154,23 @@ class EmoggProtocol {
   std::vector<EmoggAction> SendRaw(std::string_view text, EmoggTime now);
   // Drops every connection (no close frame).
   std::vector<EmoggAction> DropAll();
+  // Closes every open connection with a close frame of `code` and `reason`.
+  std::vector<EmoggAction> CloseAll(uint16_t code, std::string_view reason);
+  // `token` is refused from now on; the connections authenticated with it get a 401
+  // answer and close 1008 "Unauthorized" now.
+  std::vector<EmoggAction> RevokeToken(std::string_view token, EmoggTime now);
 
   // Fault switches; they apply to frames received from now on.
   // Drop the connection when its n-th frame arrives, unanswered; -1 = off.
   void SetDropAfterFrames(int n) { drop_after_frames_ = n; }
   // Answer every auth:token with 401 (and close).
   void SetRefuseAuth(bool refuse) { refuse_auth_ = refuse; }
+  // Every successful auth:token is answered 200, then the connection is closed with
+  // `code` and `reason` (a server that keeps closing sessions); 0 = off.
+  void SetCloseAfterAuth(uint16_t code, std::string reason) {
+    close_after_auth_code_ = code;
+    close_after_auth_reason_ = std::move(reason);
+  }
   // Silent: nothing is answered or emitted (the connection stays open), and no timers
   // fire. The emulator also stops its sockets reading (so WebSocket pings go
   // unanswered).
@@ -230,6 +249,9 @@ class EmoggProtocol {
   uint64_t id_state_;
   int drop_after_frames_ = -1;
   bool refuse_auth_ = false;
+  uint16_t close_after_auth_code_ = 0;
+  std::string close_after_auth_reason_;
+  std::vector<std::string> revoked_;
   bool silent_ = false;
   std::chrono::milliseconds answer_delay_{0};
 

@@ -413,5 +413,62 @@ TEST_F(EmoggProtocolTest, FaultSwitches) {
   EXPECT_EQ(all[0].conn, 2u);
 }
 
+TEST_F(EmoggProtocolTest, CloseCodesOnDemand) {
+  Open(1);
+  Open(2);
+  Auth(1);
+  // Every open connection, authenticated or not, gets the close frame asked for.
+  auto closed = proto_->CloseAll(1011, "Internal error");
+  ASSERT_EQ(closed.size(), 2u);
+  for (const EmoggAction& a : closed) {
+    EXPECT_EQ(a.kind, Kind::kClose);
+    EXPECT_EQ(a.close_code, 1011);
+    EXPECT_EQ(a.close_reason, "Internal error");
+  }
+  EXPECT_TRUE(Frame(1, R"({"path":"ping"})").empty());  // closing: nothing more
+  // Close after every accepted auth: answered 200 first, then the close.
+  proto_->SetCloseAfterAuth(1001, "Going away");
+  Open(3);
+  auto out = Frame(3, R"({"id":1,"path":"auth:token","body":{"token":"tok"}})");
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(Status(out[0]), 200);
+  EXPECT_EQ(out[1].kind, Kind::kClose);
+  EXPECT_EQ(out[1].close_code, 1001);
+  proto_->SetCloseAfterAuth(0, "");
+  Open(4);
+  EXPECT_EQ(Frame(4, R"({"id":1,"path":"auth:token","body":{"token":"tok"}})").size(), 1u);
+  EXPECT_EQ(proto_->server_close_codes(), (std::vector<int>{1011, 1011, 1001}));
+}
+
+TEST_F(EmoggProtocolTest, RevokedTokenIsToldAndRefused) {
+  EmoggProtocolOptions o;
+  o.tokens = {"tok", "other"};
+  Make(o);
+  Open(1);
+  Open(2);
+  Auth(1);
+  Frame(2, R"({"id":1,"path":"auth:token","body":{"token":"other"}})");
+  // The connection using the revoked token is told at once (401, then close 1008); the
+  // other one is left alone.
+  auto told = proto_->RevokeToken("tok", At(1));
+  ASSERT_EQ(told.size(), 2u);
+  EXPECT_EQ(told[0].conn, 1u);
+  json::value v = Json(told[0]);
+  EXPECT_EQ(v.at("status").as_int64(), 401);
+  EXPECT_TRUE(v.at("id").is_null());
+  EXPECT_EQ(v.at("path").as_string(), "auth:token");
+  EXPECT_EQ(v.at("data").at("message").as_string(), "Token revoked");
+  EXPECT_EQ(told[1].kind, Kind::kClose);
+  EXPECT_EQ(told[1].close_code, 1008);
+  EXPECT_EQ(told[1].close_reason, "Unauthorized");
+  EXPECT_EQ(Status(Frame(2, R"({"path":"ping"})")[0]), 200);
+  // From now on the token is refused.
+  Open(3);
+  auto refused = Frame(3, R"({"id":1,"path":"auth:token","body":{"token":"tok"}})");
+  ASSERT_GE(refused.size(), 1u);
+  EXPECT_EQ(Status(refused[0]), 401);
+  EXPECT_EQ(proto_->auth_failures(), 1);
+}
+
 }  // namespace
 }  // namespace wsbridge::emulator
