@@ -28,6 +28,11 @@ std::string RefusalKey(std::string_view tenant, const KeySources& keys) {
                       v(keys.channel_key));
 }
 
+std::string ConversationRefusalKey(std::string_view tenant, const KeySources& keys,
+                                   std::string_view conversation_id) {
+  return absl::StrCat(RefusalKey(tenant, keys), "#", Av(conversation_id));
+}
+
 // ---------------------------------------------------------------------------------
 // Conversation.
 
@@ -59,12 +64,24 @@ void Conversation::Unwatch(uint64_t id) {
   watchers_.erase(id);
 }
 
+std::string Conversation::last_disconnect() const {
+  absl::MutexLock lock(&mu_);
+  return last_disconnect_;
+}
+
 void Conversation::Acknowledged(std::string id) {
   absl::MutexLock lock(&mu_);
   id_ = std::move(id);
   acknowledged_ = true;
   watchers_.clear();
 }
+
+void Conversation::Disconnected(std::string why) {
+  absl::MutexLock lock(&mu_);
+  last_disconnect_ = std::move(why);
+}
+
+
 
 void Conversation::OpenFailed(absl::Status status) {
   std::map<uint64_t, std::function<void(const absl::Status&)>> watchers;
@@ -187,6 +204,12 @@ absl::StatusOr<core::HandshakeRequest> Protocol::PrepareHandshake() {
           options_.registry->Refused(RefusalKey(options_.tenant, options_.keys), now);
       !refused.ok()) {
     prepare_status_ = refused;
+    return Plain(refused);
+  }
+  if (absl::Status refused = options_.registry->Refused(
+          ConversationRefusalKey(options_.tenant, options_.keys, conv.id()), now);
+      !refused.ok()) {
+    prepare_status_ = refused;  // a 1008 close (see Classify)
     return Plain(refused);
   }
   Keys keys;
@@ -324,6 +347,45 @@ absl::Status Protocol::CheckAlive() {
 }
 
 core::DisconnectKind Protocol::Classify(const core::DisconnectInfo& info) {
+  // A PrepareHandshake that refused to connect is no socket end: what NLX said last stays.
+  const bool reached_network = prepare_status_.ok();
+  if (reached_network && !info.reason.ok()) {
+    options_.conversation->Disconnected(std::string(info.reason.message()));
+  }
+  const core::DisconnectKind kind = ClassifyEnd(info);
+  if (kind == core::DisconnectKind::kAuthRefused && reached_network && info.close_code == 1008) {
+    // Remembered for this conversation and these keys' versions: its calls fail at once
+    // (quoting the close) and its socket stays shut for auth_retry_after, however short
+    // the connection's jittered auth backoff; a rotated key is tried at once.
+    options_.registry->Refuse(
+        ConversationRefusalKey(options_.tenant, options_.keys, options_.conversation->id()),
+        core::WithErrorInfo(
+            absl::UnauthenticatedError(absl::StrCat(
+                "NLX refused this conversation's keys: ", info.reason.message(),
+                "; not retried for auth_retry_after (", Fmt(options_.auth_retry_after),
+                ") unless a key is rotated")),
+            kReasonKeysRefused, kErrorDomain),
+        options_.now() + options_.auth_retry_after);
+  }
+  return kind;
+}
+
+// Close codes (choice: the page names none; API Gateway's documented ones):
+//  - 1001 going away (API Gateway's 10-minute idle and 2-hour limits, a redeploy) and
+//    1011 internal error: NLX dropped the socket, not the conversation. Reconnect with
+//    the upstream backoff (jittered, reset only after a healthy period, so a server that
+//    accepts and closes at once is no hot loop) and the same conversationId; the turn in
+//    flight fails OUTCOME_UNKNOWN quoting the code; Converse gets `reconnected`.
+//  - No close frame (a TCP drop, a reset): the same.
+//  - 1008 policy violation: NLX no longer accepts this socket's keys (revoked or rotated
+//    on its side). Core's kAuthRefused: the calls on this conversation end at once with
+//    UNAUTHENTICATED KEYS_REFUSED quoting the code; the refusal is remembered for this
+//    conversation and these keys' versions for auth_retry_after (calls on it fail
+//    without an upstream attempt, its socket is not reopened), so there is no loop; a
+//    rotated key is tried at once. Not recorded for the keys as a whole: other
+//    conversations go on, and an upgrade's 401/403 is the authority on the keys.
+//  - 1013 try again later: core's slow-down delay.
+core::DisconnectKind Protocol::ClassifyEnd(const core::DisconnectInfo& info) {
   if (info.http_status != 0) {
     absl::Status st = UpgradeRefusedStatus(info.http_status, info.http_body);
     last_failure_ = st;
@@ -349,6 +411,7 @@ core::DisconnectKind Protocol::Classify(const core::DisconnectInfo& info) {
                                             info.reason.message(), "; nothing was sent; retry later")),
         kReasonUpgradeRefused, kErrorDomain);
   }
+  if (info.http_status == 0 && info.close_code == 1008) return core::DisconnectKind::kAuthRefused;
   return core::ClassifyDisconnect(info.http_status, info.close_code,
                                   info.retry_after > core::Duration::zero());
 }

@@ -60,6 +60,10 @@ struct KeySources {
 // The key under which refusals are remembered: the tenant ("default" or a hash of the
 // call's keys) and the secrets' versions, so a rotated secret is tried at once.
 std::string RefusalKey(std::string_view tenant, const KeySources& keys);
+// The key under which a refusal of one conversation's socket (a 1008 close) is
+// remembered: RefusalKey and the conversation id.
+std::string ConversationRefusalKey(std::string_view tenant, const KeySources& keys,
+                                   std::string_view conversation_id);
 
 // What the calls on a conversation share with its session's protocol. Thread-safe.
 class Conversation {
@@ -80,9 +84,15 @@ class Conversation {
   uint64_t WatchOpen(std::function<void(const absl::Status&)> fn);
   void Unwatch(uint64_t id);
 
+  // Why the conversation's last socket (or connection attempt) ended, as the connection
+  // put it: "upstream closed the connection (code 1011: ...)", "upstream connection lost:
+  // ...". Quoted to the calls whose turn that end left unknown. "" before any end.
+  std::string last_disconnect() const;
+
   // --- The protocol (strand). ---
   void Acknowledged(std::string id);
   void OpenFailed(absl::Status status);
+  void Disconnected(std::string why);
 
  private:
   const std::string pool_key_;
@@ -90,6 +100,7 @@ class Conversation {
   std::string id_ ABSL_GUARDED_BY(mu_);
   bool acknowledged_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status open_error_ ABSL_GUARDED_BY(mu_);
+  std::string last_disconnect_ ABSL_GUARDED_BY(mu_);
   uint64_t next_watch_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<uint64_t, std::function<void(const absl::Status&)>> watchers_ ABSL_GUARDED_BY(mu_);
 };
@@ -193,6 +204,8 @@ class Protocol final : public core::Protocol {
  private:
   // The first open of the conversation failed with `st` (not retried).
   void FailOpen(absl::Status st);
+  // Classify without the bookkeeping.
+  core::DisconnectKind ClassifyEnd(const core::DisconnectInfo& info);
 
   ProtocolOptions options_;
   TurnGate gate_;

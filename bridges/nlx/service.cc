@@ -71,6 +71,32 @@ absl::Status TurnStatus(const absl::Status& st, std::string_view what, core::Dur
   return st;
 }
 
+// Whether the caller asked to wait for an unreachable NLX (core::kWaitForReadyMetadata).
+bool WaitsForReady(const grpc::ServerContextBase& ctx) {
+  const auto& md = ctx.client_metadata();
+  auto it = md.find(grpc::string_ref(core::kWaitForReadyMetadata.data(),
+                                     core::kWaitForReadyMetadata.size()));
+  return it != md.end() && it->second == "true";
+}
+
+// The fail-fast status (core's UNAVAILABLE saying since when NLX is unreachable) with
+// this bridge's ErrorInfo.
+absl::Status Unreachable(const absl::Status& st) {
+  if (st.ok() || !core::ErrorReason(st).empty()) return st;
+  return core::WithErrorInfo(st, "UPSTREAM_UNREACHABLE", kErrorDomain);
+}
+
+// A turn lost to a dropped socket quotes how the socket ended (NLX's close code and
+// reason, or the network error), so the caller can tell a 1001 from a reset.
+absl::Status WithDisconnect(const absl::Status& st, const Conversation& conversation) {
+  if (core::ErrorReason(st) != kReasonOutcomeUnknown) return st;
+  const std::string why = conversation.last_disconnect();
+  if (why.empty()) return st;
+  absl::Status out(st.code(), absl::StrCat(st.message(), " (the socket ended: ", why, ")"));
+  st.ForEachPayload([&](absl::string_view key, const absl::Cord& value) { out.SetPayload(key, value); });
+  return out;
+}
+
 ConverseEvent TurnFailedEvent(uint64_t turn, const absl::Status& st) {
   ConverseEvent e;
   v1::TurnFailed* f = e.mutable_turn_failed();
@@ -173,12 +199,26 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
   }
 
   // The conversation's session: a new conversation (`id` empty) or the one resumed.
-  // Fails at once while NLX refuses these keys (no reconnect storm).
-  absl::StatusOr<Lease> AcquireConversation(const std::string& id, const CallKeys& keys,
+  // Fails at once while NLX refuses these keys (no reconnect storm), and while a resumed
+  // conversation's socket cannot reach NLX (core's fail-fast: UNAVAILABLE saying since
+  // when), unless the call sent x-wsbridge-wait-for-ready: true (bounded by
+  // max_waiting_calls). A new conversation is never "unreachable" before its one
+  // attempt: that attempt is what finds out (and fails the call, see Protocol).
+  absl::StatusOr<Lease> AcquireConversation(const grpc::ServerContextBase& ctx, const std::string& id,
+                                            const CallKeys& keys,
                                             std::shared_ptr<Conversation>* conversation) {
-    if (absl::Status refused = registry_->Refused(RefusalKey(keys.tenant, keys.sources), core::Clock::now());
+    const core::Clock::time_point now = core::Clock::now();
+    if (absl::Status refused = registry_->Refused(RefusalKey(keys.tenant, keys.sources), now);
         !refused.ok()) {
       return refused;
+    }
+    if (!id.empty()) {
+      // NLX closed this conversation's socket with 1008 (see Protocol::Classify).
+      if (absl::Status refused =
+              registry_->Refused(ConversationRefusalKey(keys.tenant, keys.sources, id), now);
+          !refused.ok()) {
+        return refused;
+      }
     }
     SessionSetup setup;
     setup.pool_key = id.empty() ? registry_->NewPoolKey() : registry_->PoolKeyFor(keys.tenant, id);
@@ -190,6 +230,16 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
       t_setup = &setup;
       lease = pool().Acquire(setup.pool_key, "");
       t_setup = nullptr;
+      if (!lease.ok() && lease.status().code() == absl::StatusCode::kUnauthenticated &&
+          attempt == 0) {
+        // The pool closed this conversation's socket because NLX refused its keys, and
+        // remembers that under the pool key whatever the keys are now. NLX's own memory
+        // (checked above: the keys, and this conversation, by secret version) says these
+        // keys may be tried, e.g. a rotated one: resume on a fresh pool key.
+        setup.pool_key = registry_->NewPoolKey();
+        if (!id.empty()) registry_->Alias(keys.tenant, id, setup.pool_key);
+        continue;
+      }
       if (!lease.ok()) break;
       std::shared_ptr<Conversation> c = registry_->Get(setup.pool_key);
       if (c == nullptr || c->open_error().ok()) break;
@@ -215,6 +265,7 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
     if (*conversation == nullptr) {
       return absl::UnavailableError("the NLX conversation closed while it was opened; retry");
     }
+    if (absl::Status down = WaitOrFailFast(ctx, *lease); !down.ok()) return Unreachable(down);
     return lease;
   }
 
@@ -225,6 +276,12 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
     if (st.code() == absl::StatusCode::kUnauthenticated) {
       absl::Status refused = registry_->Refused(RefusalKey(keys.tenant, keys.sources), core::Clock::now());
       if (!refused.ok()) return refused;
+      if (core::ErrorReason(st) == "AUTH_REFUSED") {
+        // The session's own refusal (NLX closed the socket with 1008): keys refused, in
+        // this bridge's words; the message quotes the close.
+        return core::WithErrorInfo(absl::UnauthenticatedError(st.message()), kReasonKeysRefused,
+                                   kErrorDomain);
+      }
     }
     if (conversation != nullptr) {
       absl::Status open = conversation->open_error();
@@ -344,7 +401,7 @@ class SendCall final : public core::AsyncUnaryCall<SendCall, v1::SendRequest, v1
       return;
     }
     keys_ = *std::move(keys);
-    absl::StatusOr<Lease> lease = nlx_->AcquireConversation(req_.conversation_id(), keys_, &conv_);
+    absl::StatusOr<Lease> lease = nlx_->AcquireConversation(ctx_, req_.conversation_id(), keys_, &conv_);
     if (!lease.ok()) {
       FinishWith(core::ToGrpcStatus(lease.status()));
       return;
@@ -386,8 +443,9 @@ class SendCall final : public core::AsyncUnaryCall<SendCall, v1::SendRequest, v1
  private:
   // From the strand (or a watcher): the turn failed.
   void Fail(const absl::Status& st) {
-    absl::Status mapped =
-        nlx_->CallStatus(TurnStatus(st, "the turn", nlx_->options().turn_timeout), keys_, conv_.get());
+    absl::Status mapped = nlx_->CallStatus(
+        WithDisconnect(TurnStatus(st, "the turn", nlx_->options().turn_timeout), *conv_), keys_,
+        conv_.get());
     OnLoop([mapped](SendCall& call) {
       if (!call.conv_->open_error().ok()) {
         call.nlx_->CloseIfUnused(call.lease_, *call.conv_, "the conversation could not be opened");
@@ -517,12 +575,14 @@ class ConverseStream final
       if (!keys.ok()) return keys.status();
       keys_ = *std::move(keys);
       std::shared_ptr<Conversation> conv;
-      absl::StatusOr<Lease> lease = nlx_->AcquireConversation(read_.conversation_id(), keys_, &conv);
+      absl::StatusOr<Lease> lease =
+          nlx_->AcquireConversation(*ctx_, read_.conversation_id(), keys_, &conv);
       if (!lease.ok()) return lease.status();
       lease_ = *std::move(lease);
       conv_ = std::move(conv);
       resumed_ = !read_.conversation_id().empty();
       asked_ = read_.conversation_id();
+      waits_ = WaitsForReady(*ctx_);
       std::weak_ptr<ConverseStream> w = weak_from_this();
       watch_ = conv_->WatchOpen([w](const absl::Status& st) {
         if (auto s = w.lock()) s->OpenFailed(st);
@@ -548,6 +608,12 @@ class ConverseStream final
                                                     "message ", received_,
                                                     ": turn is required on every message after the first")),
                                                 kReasonInvalidTurn, kErrorDomain);
+    if (st.ok() && !waits_) {
+      // NLX has been unreachable since an attempt failed (not just one drop): the turn
+      // fails fast rather than wait out turn_timeout; resend it after `reconnected`. A
+      // stream opened with x-wsbridge-wait-for-ready: true queues it instead.
+      st = Unreachable(lease_->Unreachable());
+    }
     if (!st.ok()) {
       PushEventLocked(TurnFailedEvent(n, st), a);  // the bridge refused it; the stream goes on
       return absl::OkStatus();
@@ -558,7 +624,7 @@ class ConverseStream final
     const uint64_t op = lease_->Send(
         nlx_->TurnRequest(std::move(turn), conv_, absl::StrCat("turn ", n),
                           core::Clock::now() + nlx_->options().turn_timeout),
-        [w, n](absl::StatusOr<core::Reply> reply) {
+        [w, n, conv = conv_](absl::StatusOr<core::Reply> reply) {
           auto s = w.lock();
           if (s == nullptr) return;
           ConverseEvent e;
@@ -566,8 +632,9 @@ class ConverseStream final
             *e.mutable_response() = static_cast<const FramePayload&>(*reply->payload).frame.response;
             e.mutable_response()->set_turn(n);
           } else {
-            absl::Status st = TurnStatus(reply.status(), absl::StrCat("turn ", n),
-                                         s->nlx_->options().turn_timeout);
+            absl::Status st = WithDisconnect(
+                TurnStatus(reply.status(), absl::StrCat("turn ", n), s->nlx_->options().turn_timeout),
+                *conv);
             if (st.code() == absl::StatusCode::kUnauthenticated) {
               s->Fail(st);  // keys refused: the conversation is unusable
               return;
@@ -635,6 +702,7 @@ class ConverseStream final
   std::shared_ptr<Conversation> conv_ ABSL_GUARDED_BY(mu_);
   std::string asked_ ABSL_GUARDED_BY(mu_);
   bool resumed_ ABSL_GUARDED_BY(mu_) = false;
+  bool waits_ ABSL_GUARDED_BY(mu_) = false;  // x-wsbridge-wait-for-ready: true
   bool opened_ ABSL_GUARDED_BY(mu_) = false;
   uint32_t reconnects_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t received_ ABSL_GUARDED_BY(mu_) = 0;

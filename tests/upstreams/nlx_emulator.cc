@@ -207,6 +207,10 @@ void NlxEmulator::DropNextTurns(int n) {
   absl::MutexLock lock(&impl_->mu);
   impl_->proto.DropNextTurns(n);
 }
+void NlxEmulator::SetApiKey(std::string key) {
+  absl::MutexLock lock(&impl_->mu);
+  impl_->proto.SetApiKey(std::move(key));
+}
 
 int NlxEmulator::Push(std::string_view conversation_id, std::string_view text) {
   absl::MutexLock lock(&impl_->mu);

@@ -53,6 +53,8 @@ class NlxEmulator {
   // The next `n` turns are received and counted, then their socket is dropped (no close
   // frame) before any answer.
   void DropNextTurns(int n);
+  // Accept only this API key on upgrades from now on (a rotated key); open sockets stay.
+  void SetApiKey(std::string key);
 
   // Pushes. Each returns how many sockets it went to.
   // An unsolicited response with one message to every socket of the conversation.

@@ -146,6 +146,9 @@ class NlxProtocol {
   // The next `n` turns (any socket) are received and counted, then their socket is
   // dropped before any answer: the client cannot know whether they ran.
   void DropNextTurns(int n) { drop_next_turns_ = n; }
+  // The API key upgrades must carry from now on (a key rotated on NLX's side); open
+  // sockets are not touched (close them with Close(.., 1008, ..) to model a revocation).
+  void SetApiKey(std::string key) { options_.api_key = std::move(key); }
 
   // Observations.
   int handshakes() const { return handshakes_; }
