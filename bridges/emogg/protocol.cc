@@ -80,6 +80,14 @@ std::string SessionNotes::loss_reason() const {
   absl::MutexLock lock(&mu_);
   return loss_reason_;
 }
+void SessionNotes::SetPause(std::optional<Pause> p) {
+  absl::MutexLock lock(&mu_);
+  pause_ = std::move(p);
+}
+std::optional<SessionNotes::Pause> SessionNotes::pause() const {
+  absl::MutexLock lock(&mu_);
+  return pause_;
+}
 void SessionNotes::SetLastEvent(const std::string& key,
                                 std::shared_ptr<const v1::SubscriptionUpdate> ev) {
   absl::MutexLock lock(&mu_);
@@ -137,6 +145,7 @@ Protocol::Protocol(ProtocolOptions options)
 }
 
 absl::StatusOr<core::HandshakeRequest> Protocol::PrepareHandshake() {
+  if (pause_kind_ == DisconnectKind::kAuthRefused && TokenRotated()) ForgetRefusalOfOldToken();
   if (Clock::now() < not_before_) {
     // Local only: no connection is opened while Emogg asked us to stay away.
     refused_attempt_ = true;
@@ -155,11 +164,15 @@ absl::StatusOr<core::LoginPlan> Protocol::OnOpen(std::string_view /*subprotocol*
   ping_id_.clear();
   closing_.reset();
   options_.notes->SetClosing(std::nullopt);
+  options_.notes->SetCloseCode(0);
   pending_subs_.clear();
   subs_.clear();
   latest_route_.clear();
   orphans_.clear();
-  // The cached value: the refresher re-reads file and env secrets off this thread.
+  // The cached value: the refresher re-reads file and env secrets off this thread. The
+  // version is read first, so a rotation in between is taken for one (harmless: one
+  // reconnect with the normal backoff instead of the refusal pause).
+  token_version_ = options_.token->version();
   absl::StatusOr<std::string> token = options_.token->Current();
   if (!token.ok()) {
     return absl::FailedPreconditionError(
@@ -179,6 +192,34 @@ absl::StatusOr<core::LoginPlan> Protocol::OnOpen(std::string_view /*subprotocol*
 
 void Protocol::CountControl(Clock::time_point now) {
   if (options_.rate_limit) limiter_.Record(now);
+}
+
+void Protocol::NotePause(std::string_view path) {
+  const auto wall = std::chrono::system_clock::now();
+  options_.notes->SetPause(SessionNotes::Pause{
+      wall,
+      wall + std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                 options_.retry_after_429),
+      std::string(path)});
+}
+
+void Protocol::NoteRefusal(Clock::time_point now, std::string_view what,
+                           std::map<std::string, std::string> metadata) {
+  not_before_ = std::max(not_before_, now + options_.auth_retry_pause);
+  pause_kind_ = DisconnectKind::kAuthRefused;
+  pause_status_ = core::WithErrorInfo(
+      absl::UnauthenticatedError(absl::StrCat("Emogg refused the token (", Av(what),
+                                              "); the bridge tries it again after ",
+                                              Fmt(options_.auth_retry_pause),
+                                              " (auth_retry_pause)")),
+      "TOKEN_REFUSED", kErrorDomain, metadata);
+}
+
+void Protocol::ForgetRefusalOfOldToken() {
+  if (pause_kind_ != DisconnectKind::kAuthRefused) return;
+  not_before_ = {};
+  pause_kind_ = DisconnectKind::kError;
+  pause_status_ = absl::OkStatus();
 }
 
 core::Inbound Protocol::Decode(std::string_view payload, bool /*binary*/) {
@@ -202,6 +243,7 @@ core::Inbound Protocol::Decode(std::string_view payload, bool /*binary*/) {
       // One whole upstream window before anything else is sent.
       limiter_.BlockUntil(now + options_.retry_after_429);
       not_before_ = std::max(not_before_, now + options_.retry_after_429);
+      NotePause(f.path);
       pause_kind_ = DisconnectKind::kSlowDown;
       pause_status_ = core::WithErrorInfo(
           absl::ResourceExhaustedError(absl::StrCat(
@@ -209,21 +251,26 @@ core::Inbound Protocol::Decode(std::string_view payload, bool /*binary*/) {
               Fmt(options_.retry_after_429),
               " (rate_limit.retry_after_429) before it connects again")),
           "TOO_MANY_REQUESTS", kErrorDomain);
-    } else if (f.status == 401) {
-      not_before_ = std::max(not_before_, now + options_.auth_retry_pause);
-      pause_kind_ = DisconnectKind::kAuthRefused;
-      pause_status_ = core::WithErrorInfo(
-          absl::UnauthenticatedError(absl::StrCat(
-              "Emogg refused the token (401 to \"", f.path, "\"); the bridge tries it again after ",
-              Fmt(options_.auth_retry_pause), " (auth_retry_pause)")),
-          "TOKEN_REFUSED", kErrorDomain, {{"upstream_status", "401"}, {"path", f.path}});
+    } else if (f.status == 401 && !TokenRotated()) {
+      // (A 401 after the token was rotated concerns the old value: no pause; Classify
+      // and the login answer below reconnect with the new one.)
+      NoteRefusal(now, absl::StrCat("401 to \"", f.path, "\""),
+                  {{"upstream_status", "401"}, {"path", f.path}});
     }
   }
 
   if (f.kind == FrameKind::kAuthAnswer) {
     in.kind = core::Inbound::Kind::kLogin;
-    if (!f.is_error()) return in;
-    if (f.status == 401) {
+    if (!f.is_error()) {
+      options_.notes->SetPause(std::nullopt);
+      return in;
+    }
+    if (f.status == 401 && TokenRotated()) {
+      // The old value was refused while the new one was being read: not a refusal of
+      // the configured token, so the session reconnects at once with the new one.
+      in.status = absl::UnavailableError(
+          "Emogg refused the token as it was before a rotation; reconnecting with the new one");
+    } else if (f.status == 401) {
       in.status = pause_status_;  // TOKEN_REFUSED: the session treats it as a refusal
     } else {
       in.status = UpstreamError(f, RedactMessage);
@@ -378,6 +425,24 @@ absl::Status Protocol::CheckAlive() {
   return st;
 }
 
+// What each way of losing the connection does (Emogg's pages name no close codes, so
+// every code is read as what it says in RFC 6455, never as more):
+//  - after a closing answer (401, 405, 429) the close is its consequence, whatever its
+//    code: 401 a refused token (calls fail TOKEN_REFUSED at once, the token is tried
+//    again after auth_retry_pause), 429 slow down (nothing before retry_after_429;
+//    requests fail fast meanwhile), 405 an ordinary close;
+//  - 1008 policy violation without one: "Unauthorized" is a refused token and "Too Many
+//    Requests" a slow down (the status titles Emogg's closes carry); any other 1008 is
+//    an ordinary close: the next auth:token tells whether the token is the problem (a
+//    401 then takes the refused-token path), so a policy close cannot become a fast loop
+//    of refused logins, and repeated closes of accepted logins back off exponentially
+//    (the backoff resets only after a connection stayed up for backoff.reset_after);
+//  - 1001 going away (a server restarting), 1011 internal error, 1000 and any other
+//    code: an ordinary close, reconnected with the normal backoff (1011 like a 500:
+//    worth a retry); 1013 try again later is a slow down;
+//  - no close frame (a drop, a reset, a dead server): the same, with no code.
+// In-flight requests end OUTCOME_UNKNOWN with the close code (close_code) when there
+// was one; subscriptions are restored with a gap whose reason names it.
 DisconnectKind Protocol::Classify(const core::DisconnectInfo& info) {
   if (refused_attempt_) {
     refused_attempt_ = false;
@@ -390,7 +455,6 @@ DisconnectKind Protocol::Classify(const core::DisconnectInfo& info) {
            : closing_->status == 429 ? DisconnectKind::kSlowDown
                                      : DisconnectKind::kClosedByPeer;
   } else if (info.close_code == kPolicyViolation) {
-    // Emogg's closes use 1008 with the status title; 1008 alone is not a refused token.
     kind = info.close_reason == "Unauthorized"        ? DisconnectKind::kAuthRefused
            : info.close_reason == "Too Many Requests" ? DisconnectKind::kSlowDown
                                                       : DisconnectKind::kClosedByPeer;
@@ -398,12 +462,34 @@ DisconnectKind Protocol::Classify(const core::DisconnectInfo& info) {
     kind = core::ClassifyDisconnect(info.http_status, info.close_code,
                                     info.retry_after > core::Duration::zero());
   }
+  // A refusal that arrives after the token was rotated (the file or variable changed
+  // since this connection authenticated) concerns the old value: reconnect with the new
+  // one under the normal backoff, and keep the subscriptions (they are restored with a
+  // gap) instead of failing everything as a refused token.
+  const bool rotated = kind == DisconnectKind::kAuthRefused && TokenRotated();
+  if (rotated) {
+    kind = DisconnectKind::kClosedByPeer;
+    ForgetRefusalOfOldToken();
+  } else if (kind == DisconnectKind::kAuthRefused && !closing_.has_value()) {
+    // A refusing close without a 401 answer: the same pause as after one, so no
+    // connection is opened before auth_retry_pause whatever the backoff's jitter drew.
+    NoteRefusal(Clock::now(), absl::StrCat("close ", info.close_code, " \"", info.close_reason, "\""),
+                {{"close_code", absl::StrCat(info.close_code)}});
+  }
+  if (kind == DisconnectKind::kSlowDown && !closing_.has_value()) {
+    // A slow-down close without a 429 answer: the connection waits slow_down_delay
+    // (retry_after_429) all the same, and requests fail fast meanwhile.
+    NotePause("");
+  }
   if (info.was_open) {
-    options_.notes->SetLossReason(
+    options_.notes->SetCloseCode(info.close_code);
+    std::string reason =
         closing_.has_value()
             ? absl::StrCat("Emogg closed the connection after answering \"", closing_->path,
                            "\" with status ", closing_->status)
-            : std::string(info.reason.message()));
+            : std::string(info.reason.message());
+    if (rotated) absl::StrAppend(&reason, "; the token had been rotated, the new one is used");
+    options_.notes->SetLossReason(std::move(reason));
   }
   return kind;
 }

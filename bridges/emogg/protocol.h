@@ -70,6 +70,22 @@ class SessionNotes {
   void SetLossReason(std::string reason);
   std::string loss_reason() const;
 
+  // The close code of the close frame that ended the current connection (1001, 1011...);
+  // 0 while it is open, or when it ended without one (a drop, a dead server). Callers
+  // whose request it cut off see it.
+  void SetCloseCode(int code) { close_code_.store(code); }
+  int close_code() const { return close_code_.load(); }
+
+  // After Emogg answered 429 the bridge stays away until `until` (retry_after_429):
+  // requests fail fast meanwhile unless their caller asked to wait. Cleared by the next
+  // successful auth.
+  struct Pause {
+    std::chrono::system_clock::time_point since, until;
+    std::string path;  // the request Emogg answered 429
+  };
+  void SetPause(std::optional<Pause> p);
+  std::optional<Pause> pause() const;
+
   // Whether the rate limiter is holding caller requests back right now.
   void SetRateLimited(bool limited) { rate_limited_.store(limited); }
   bool rate_limited() const { return rate_limited_.load(); }
@@ -89,6 +105,8 @@ class SessionNotes {
   mutable absl::Mutex mu_;
   std::optional<Closing> closing_ ABSL_GUARDED_BY(mu_);
   std::string loss_reason_ ABSL_GUARDED_BY(mu_);
+  std::optional<Pause> pause_ ABSL_GUARDED_BY(mu_);
+  std::atomic<int> close_code_{0};
   std::map<std::string, std::shared_ptr<const v1::SubscriptionUpdate>> last_events_
       ABSL_GUARDED_BY(mu_);
   std::map<std::string, int> subscribers_ ABSL_GUARDED_BY(mu_);
@@ -147,6 +165,17 @@ class Protocol final : public core::Protocol, private core::SendGate {
 
   // Counts a session message (auth, subscribe, unsubscribe, ping) in the window.
   void CountControl(core::Clock::time_point now);
+  // Whether the token changed since this connection authenticated with it.
+  bool TokenRotated() const { return options_.token->version() != token_version_; }
+  // A refusal of a token that has since been rotated: the pause it set is lifted, so the
+  // new value is tried with the normal backoff instead of after auth_retry_pause.
+  void ForgetRefusalOfOldToken();
+  // A refused token: no connection attempt before auth_retry_pause, and the status
+  // refused attempts report meanwhile (TOKEN_REFUSED, naming `what`).
+  void NoteRefusal(core::Clock::time_point now, std::string_view what,
+                   std::map<std::string, std::string> metadata);
+  // Tells callers (SessionNotes::pause) that the bridge stays away for retry_after_429.
+  void NotePause(std::string_view path);
   core::Inbound DecodeAnswer(const Frame& frame);
   core::Inbound DecodeEvent(const Frame& frame);
 
@@ -161,6 +190,10 @@ class Protocol final : public core::Protocol, private core::SendGate {
   std::string ping_id_;
   // The first closing status (401/405/429) Emogg answered on this connection.
   std::optional<SessionNotes::Closing> closing_;
+  // The token's version (SecretSource::version) this connection authenticated with: a
+  // refusal that arrives after the token was rotated concerns the old value, so it
+  // does not hold the new one back (see TokenRotated).
+  uint64_t token_version_ = 0;
   // Subscribe requests awaiting their answer: route -> params.
   std::map<std::string, std::shared_ptr<const ChannelParams>, std::less<>> pending_subs_;
   // Upstream subscription id -> params.

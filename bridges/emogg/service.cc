@@ -10,6 +10,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "absl/synchronization/mutex.h"
 #include "bridges/core/bridge_base.h"
 #include "bridges/core/cq_loop.h"
@@ -150,7 +151,10 @@ absl::Status Finalize(const absl::Status& st, std::string_view path, bool sent,
       md["close_status"] = absl::StrCat(c->status);
       absl::StrAppend(&message, " (Emogg closed the connection after answering \"", c->path,
                       "\" with status ", c->status, ")");
+    } else if (const int code = notes.close_code(); code != 0) {
+      absl::StrAppend(&message, " (Emogg closed the connection with code ", code, ")");
     }
+    if (const int code = notes.close_code(); code != 0) md["close_code"] = absl::StrCat(code);
     return core::WithErrorInfo(absl::Status(st.code(), message), "OUTCOME_UNKNOWN", kErrorDomain, md);
   }
   if (st.code() == absl::StatusCode::kUnauthenticated && reason == "AUTH_REFUSED") {
@@ -167,6 +171,39 @@ absl::Status Finalize(const absl::Status& st, std::string_view path, bool sent,
         "CLIENT_RATE_LIMITED", kErrorDomain, {{"path", std::string(path)}});
   }
   return st;
+}
+
+// Whether the caller asked to wait for an upstream that is away (core's
+// x-wsbridge-wait-for-ready metadata) rather than fail fast.
+bool CallerWaits(const grpc::ServerContextBase& ctx) {
+  const auto& md = ctx.client_metadata();
+  auto w = md.find(grpc::string_ref(core::kWaitForReadyMetadata.data(),
+                                    core::kWaitForReadyMetadata.size()));
+  return w != md.end() && std::string_view(w->second.data(), w->second.size()) == "true";
+}
+
+// After Emogg answered 429 the session connects again only after retry_after_429 (60 s):
+// the upstream is as good as down for that long, so requests fail fast (UNAVAILABLE,
+// saying since and until when) as they do while it is unreachable, unless their caller
+// asked to wait (they then queue, bounded by max_pending_requests and their deadline).
+// Subscriptions are not refused: they stay open and are restored with a gap.
+absl::Status FailFastWhilePaused(const SessionNotes& notes, const grpc::ServerContextBase& ctx) {
+  std::optional<SessionNotes::Pause> p = notes.pause();
+  const auto now = std::chrono::system_clock::now();
+  if (!p.has_value() || now >= p->until || CallerWaits(ctx)) return absl::OkStatus();
+  auto utc = [](std::chrono::system_clock::time_point t) {
+    return absl::FormatTime("%H:%M:%SZ", absl::FromChrono(t), absl::UTCTimeZone());
+  };
+  const int64_t left = std::chrono::ceil<std::chrono::seconds>(p->until - now).count();
+  return core::WithErrorInfo(
+      absl::UnavailableError(absl::StrCat(
+          "Emogg answered 429 (too many requests)",
+          p->path.empty() ? std::string() : absl::StrCat(" to \"", Av(p->path), "\""), " at ",
+          utc(p->since), "; the bridge does not connect again before ", utc(p->until), " (", left,
+          " s, rate_limit.retry_after_429). Retry then, or send \"",
+          Av(core::kWaitForReadyMetadata), ": true\" metadata to wait")),
+      "UPSTREAM_RATE_LIMITED", kErrorDomain,
+      {{"retry_at", utc(p->until)}});
 }
 
 // The session's deadline for a caller's request: a little before the caller's own, so
@@ -221,6 +258,10 @@ class AsyncRequest final
     lease_ = std::move(*lease);
     auto* emogg = static_cast<EmoggBridge*>(bridge_);
     std::shared_ptr<SessionNotes> notes = emogg->Notes(lease_->id());
+    if (absl::Status st = FailFastWhilePaused(*notes, ctx_); !st.ok()) {
+      FinishWith(core::ToGrpcStatus(st));
+      return;
+    }
     auto sent = std::make_shared<bool>(false);  // strand only: encode and done run there
     core::Request r;
     r.what = absl::StrCat("the request to \"", req_.path(), "\"");
