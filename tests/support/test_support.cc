@@ -96,7 +96,8 @@ void AddExt(X509* cert, X509* issuer, int nid, const std::string& value) {
 
 // A certificate for `key` named `cn`, issued by `issuer` (self-signed when null).
 CertPtr NewCert(EVP_PKEY* key, std::string_view cn, X509* issuer, EVP_PKEY* issuer_key,
-                const std::vector<std::pair<int, std::string>>& extensions) {
+                const std::vector<std::pair<int, std::string>>& extensions,
+                CertValidity validity = {}) {
   CertPtr cert(X509_new());
   if (!cert) Fail("X509_new");
   X509_set_version(cert.get(), 2);
@@ -106,8 +107,8 @@ CertPtr NewCert(EVP_PKEY* key, std::string_view cn, X509* issuer, EVP_PKEY* issu
   BIGNUM* serial = BN_bin2bn(serial_bytes, sizeof(serial_bytes), nullptr);
   BN_to_ASN1_INTEGER(serial, X509_get_serialNumber(cert.get()));
   BN_free(serial);
-  X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
-  X509_gmtime_adj(X509_getm_notAfter(cert.get()), 24 * 3600);
+  X509_gmtime_adj(X509_getm_notBefore(cert.get()), static_cast<long>(validity.not_before.count()));
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()), static_cast<long>(validity.not_after.count()));
   X509_set_pubkey(cert.get(), key);
   X509_NAME* name = X509_get_subject_name(cert.get());
   X509_NAME_add_entry_by_txt(name, "O", MBSTRING_ASC,
@@ -182,7 +183,8 @@ CertAndKey TestPki::MakeCa(std::string_view name) {
   return Save(std::string(name), CertPem(cert.get()), KeyPem(key.get()));
 }
 
-CertAndKey TestPki::IssueServerCert(const CertAndKey& ca, const std::vector<std::string>& hosts) {
+CertAndKey TestPki::IssueServerCert(const CertAndKey& ca, const std::vector<std::string>& hosts,
+                                    CertValidity validity) {
   if (hosts.empty()) throw std::invalid_argument("IssueServerCert needs at least one host");
   std::string san;
   for (const auto& h : hosts) {
@@ -198,7 +200,8 @@ CertAndKey TestPki::IssueServerCert(const CertAndKey& ca, const std::vector<std:
                           {NID_ext_key_usage, "serverAuth"},
                           {NID_subject_key_identifier, "hash"},
                           {NID_authority_key_identifier, "keyid"},
-                          {NID_subject_alt_name, san}});
+                          {NID_subject_alt_name, san}},
+                         validity);
   return Save("server-" + hosts.front(), CertPem(cert.get()), KeyPem(key.get()));
 }
 

@@ -39,8 +39,16 @@ struct CertAndKey {
   std::string key_file;
 };
 
+// When a certificate is valid, relative to now: from an hour ago for a day by default.
+// An expired one: {.not_before = -48h, .not_after = -24h}.
+struct CertValidity {
+  std::chrono::seconds not_before = std::chrono::hours(-1);
+  std::chrono::seconds not_after = std::chrono::hours(24);
+};
+
 // Test certificate authorities and leaf certificates generated in memory with OpenSSL
-// (EC P-256, SHA-256, valid from an hour ago for a day). Failures throw std::runtime_error.
+// (EC P-256, SHA-256, valid from an hour ago for a day unless told otherwise). Failures
+// throw std::runtime_error.
 class TestPki {
  public:
   TestPki() = default;
@@ -51,8 +59,11 @@ class TestPki {
   CertAndKey MakeCa(std::string_view name);
   // A server certificate signed by `ca`. Each entry of `hosts` becomes a subjectAltName:
   // an IP address entry when it parses as one, a DNS entry otherwise. The first one is
-  // also the subject CN. Use {"localhost", "127.0.0.1"} plus any other name you need.
-  CertAndKey IssueServerCert(const CertAndKey& ca, const std::vector<std::string>& hosts);
+  // also the subject CN. Use {"localhost", "127.0.0.1"} plus any other name you need; a
+  // certificate for the wrong host is one whose `hosts` leave out the name dialled
+  // (e.g. {"wrong.example"} for a client connecting to 127.0.0.1).
+  CertAndKey IssueServerCert(const CertAndKey& ca, const std::vector<std::string>& hosts,
+                             CertValidity validity = {});
   // A client certificate (extendedKeyUsage clientAuth) with subject CN `common_name`.
   CertAndKey IssueClientCert(const CertAndKey& ca, std::string_view common_name);
 

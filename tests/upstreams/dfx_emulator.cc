@@ -48,13 +48,19 @@ struct DfxEmulator::Impl {
   void OnOpen(const std::shared_ptr<WsServerConnection>& c) {
     absl::MutexLock lock(&mu);
     conns[c->id()] = c;
+    ++opened;
     proto.OnOpen(c->id());
   }
 
   void OnMessage(const std::shared_ptr<WsServerConnection>& c, std::string_view data) {
     absl::MutexLock lock(&mu);
     DfxClock::time_point now = DfxClock::now();
+    const int logins_before = proto.logins();
     Perform(proto.OnFrame(c->id(), data, now), now);
+    // Queued behind the login's answer on the connection's strand.
+    if (close_after_login >= 0 && proto.logins() > logins_before) {
+      c->Close(static_cast<uint16_t>(close_after_login), close_after_login_reason);
+    }
   }
 
   void OnClose(const std::shared_ptr<WsServerConnection>& c) {
@@ -124,6 +130,9 @@ struct DfxEmulator::Impl {
   uint64_t next_seq ABSL_GUARDED_BY(mu) = 0;
   bool stopping ABSL_GUARDED_BY(mu) = false;
   std::vector<int> close_codes ABSL_GUARDED_BY(mu);
+  int opened ABSL_GUARDED_BY(mu) = 0;
+  int close_after_login ABSL_GUARDED_BY(mu) = -1;
+  std::string close_after_login_reason ABSL_GUARDED_BY(mu);
   std::unique_ptr<WsServer> server;
   std::thread scheduler;
 };
@@ -140,6 +149,7 @@ absl::Status DfxEmulator::Start() {
   so.tls = impl_->options.tls;
   so.cert_pem = impl_->options.cert_pem;
   so.key_pem = impl_->options.key_pem;
+  so.tls_max_version = impl_->options.tls_max_version;
   so.max_message_bytes = 16u << 20;
   Impl* impl = impl_.get();  // the server is stopped (threads joined) before impl dies
   WsServerHandler h;
@@ -197,6 +207,16 @@ void DfxEmulator::SendRaw(std::string bytes) {
   impl_->Perform(impl_->proto.BroadcastRaw(bytes), DfxClock::now());
 }
 
+void DfxEmulator::CloseAll(int code, std::string reason) {
+  absl::MutexLock lock(&impl_->mu);
+  for (const auto& [id, c] : impl_->conns) c->Close(static_cast<uint16_t>(code), reason);
+}
+void DfxEmulator::SetCloseAfterLogin(int code, std::string reason) {
+  absl::MutexLock lock(&impl_->mu);
+  impl_->close_after_login = code;
+  impl_->close_after_login_reason = std::move(reason);
+}
+
 std::vector<DfxEmulator::ChunkRecord> DfxEmulator::chunks() const {
   absl::MutexLock lock(&impl_->mu);
   return impl_->proto.chunks();
@@ -212,6 +232,11 @@ int DfxEmulator::open_connections() const {
 std::vector<int> DfxEmulator::close_codes() const {
   absl::MutexLock lock(&impl_->mu);
   return impl_->close_codes;
+}
+
+int DfxEmulator::connections() const {
+  absl::MutexLock lock(&impl_->mu);
+  return impl_->opened;
 }
 
 int DfxEmulator::logins() const {

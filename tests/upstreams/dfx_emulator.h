@@ -21,6 +21,7 @@ struct DfxEmulatorOptions {
   std::vector<std::string> tokens;  // accepted device tokens; empty = any non-empty not starting "bad"
   bool tls = false;
   std::string cert_pem, key_pem;  // wss when tls
+  int tls_max_version = 0;        // see WsServerOptions::tls_max_version (0 = no cap)
   std::chrono::milliseconds rate_window{5000};  // sliding window for RATE_LIMIT
 };
 
@@ -49,6 +50,12 @@ class DfxEmulator {
   void SetResultDelay(std::chrono::milliseconds d);
   // Push a raw binary frame to every open connection (malformed-frame tests).
   void SendRaw(std::string bytes);
+  // Close handshakes started by the server. `code` 0 sends a close frame without a code
+  // (the client reports 1005). CloseAll: every open connection, now (after what was
+  // already queued). SetCloseAfterLogin: every connection, right after the answer to its
+  // successful login (-1 = off), e.g. 1008 for a server that keeps refusing the session.
+  void CloseAll(int code, std::string reason);
+  void SetCloseAfterLogin(int code, std::string reason = "");
 
   // Observations, measured on the emulator's clock.
   using ChunkRecord = DfxChunkRecord;
@@ -58,6 +65,7 @@ class DfxEmulator {
   int MaxDataMsInWindow() const;
   int open_connections() const;
   int logins() const;  // successful ones
+  int connections() const;  // WebSocket connections opened since Start
   // Close codes clients sent on connections that have ended, in order; 0 for a
   // connection that ended without a close handshake.
   std::vector<int> close_codes() const;

@@ -638,7 +638,19 @@ absl::Status WsServer::Start() {
       return absl::InvalidArgumentError("tls needs cert_pem and key_pem");
     }
     m.ssl_ctx.emplace(ssl::context::tls_server);
-    SSL_CTX_set_min_proto_version(m.ssl_ctx->native_handle(), TLS1_2_VERSION);
+    SSL_CTX* native = m.ssl_ctx->native_handle();
+    if (m.options.tls_max_version != 0 && m.options.tls_max_version < TLS1_2_VERSION) {
+      // TLS 1.0/1.1 sign with SHA-1/MD5, which security levels above 0 refuse.
+      SSL_CTX_set_security_level(native, 0);
+      SSL_CTX_set_min_proto_version(native, TLS1_VERSION);
+    } else {
+      SSL_CTX_set_min_proto_version(native, TLS1_2_VERSION);
+    }
+    if (m.options.tls_max_version != 0 &&
+        SSL_CTX_set_max_proto_version(native, m.options.tls_max_version) != 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tls_max_version: unknown TLS version 0x", absl::Hex(m.options.tls_max_version)));
+    }
     m.ssl_ctx->set_options(ssl::context::default_workarounds | ssl::context::single_dh_use);
     m.ssl_ctx->use_certificate_chain(net::buffer(m.options.cert_pem), ec);
     if (ec) return absl::InvalidArgumentError(absl::StrCat("server certificate: ", ec.message()));

@@ -51,6 +51,10 @@ struct WsServerOptions {
   std::string cert_pem, key_pem;  // server certificate chain and key (PEM text) when tls
   // When set (PEM CA certificates), TLS clients must present a certificate it signed.
   std::string client_ca_pem;
+  // The newest TLS version offered, as OpenSSL numbers it (TLS1_1_VERSION = 0x0302); 0 =
+  // no cap (TLS 1.2 and 1.3). A cap below 1.2 also enables TLS 1.0 and 1.1 (OpenSSL's
+  // security level 0), so the server offers only those: an outdated upstream.
+  int tls_max_version = 0;
   size_t max_message_bytes = 16u << 20;
   // Largest body of a plain HTTP request (on_http); larger ones are answered 413 and
   // the connection is closed.
