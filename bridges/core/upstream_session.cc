@@ -556,6 +556,15 @@ class SessionImpl final : public UpstreamSession,
     if (it == ops_.end()) return;
     Op& op = *it->second;
     if (!op.in_flight) {
+      // The session's bound (request_timeout), not the caller's deadline, ran out while
+      // attempts kept failing (it came during the session's first connect, or asked to
+      // wait): the upstream being down is the cause, so say so and why (e.g. the TLS
+      // error) rather than blame a deadline the caller did not set.
+      if (absl::Status down = Unreachable(); !down.ok() && now < op.req.deadline) {
+        Finish(id, absl::UnavailableError(absl::StrCat(
+                       op.req.what, " waited for the session and nothing was sent: ", down.message())));
+        return;
+      }
       Finish(id, absl::DeadlineExceededError(absl::StrCat(
                      op.req.what, " was not sent to the ", options_.upstream,
                      " upstream before its deadline (",
