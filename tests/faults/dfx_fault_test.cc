@@ -8,6 +8,8 @@
 //    after_reconnect, and a result that never arrived is followed by one that does;
 //  - no crash (the daemon is this process), and the bridge serves again afterwards.
 #include <chrono>
+#include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -127,7 +129,7 @@ class DfxFaultTest : public ::testing::Test {
     if (tls) o.connection.tls.ca_file = ca_.cert_file;
     o.connection.backoff.initial = 20ms;
     o.connection.backoff.max = 200ms;
-    o.default_token = core::SecretSource::Fixed("demo-device-token");
+    o.default_token = core::SecretSource::Fixed("dfx-s3cr3t-device");
     o.request_timeout = 30s;  // faults, not this timeout, must end a stuck call
     o.rate_limit_retry = 50ms;
     if (tweak) tweak(o);
@@ -534,6 +536,224 @@ TEST_F(DfxFaultTest, StalledTlsHandshakeIsRetriedAndRecovers) {
   Measured m = Measure(mid, kChunks);
   ExpectExactlyOnce(mid, m, kChunks);
   EXPECT_TRUE(m.failures.empty());
+  EXPECT_TRUE(CallAction().ok());
+}
+
+// --- Close codes from the upstream -----------------------------------------------------
+//
+// Choices (the DFX page names no close codes; also in docs/bridges/dfx.md):
+//  - 1001 (going away: a deploy or restart), 1011 (internal error) and a close frame
+//    without a code (reported as 1005) are a lost connection like any other: reconnect
+//    under the normal backoff, nothing in flight resent (OUTCOME_UNKNOWN), subscriptions
+//    restored with a gap mark.
+//  - 1008 (policy violation) is what a gateway sends for a credential it no longer
+//    accepts: the default classification takes it as a refused credential, so the session
+//    retries under the slow auth backoff (never a fast reconnect loop) with the token read
+//    again, and callers learn UNAUTHENTICATED meanwhile.
+
+class DfxCloseCodeTest : public DfxFaultTest, public ::testing::WithParamInterface<int> {};
+
+// The upstream closes the connection between two chunks with the code under test.
+TEST_P(DfxCloseCodeTest, CloseBetweenChunksReconnectsAndLosesNothing) {
+  Start();
+  std::string mid = CreateMeasurement();
+  ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+  auto sub = Subscribe(mid);
+  const int logins_before = emulator_->logins();
+  constexpr uint32_t kFaultAfter = 3;
+  Hooks hooks;
+  hooks.after_ack = [&](uint32_t order) {
+    if (order != kFaultAfter) return;
+    const size_t ended = emulator_->close_codes().size();
+    emulator_->CloseAll(GetParam(), GetParam() == 0 ? "" : "closing");
+    ASSERT_TRUE(WaitFor([&] { return emulator_->close_codes().size() > ended; }));
+  };
+  Measured m = Measure(mid, kChunks, hooks);
+  ExpectExactlyOnce(mid, m, kChunks);
+  for (const auto& st : m.failures) {
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  }
+  EXPECT_GE(emulator_->logins(), logins_before + 1);
+  ExpectGapsTold(Finish(*sub), kFaultAfter, kChunks);
+  EXPECT_TRUE(CallAction().ok());
+  EXPECT_TRUE(bridge_->Serving());
+}
+
+INSTANTIATE_TEST_SUITE_P(Codes, DfxCloseCodeTest, ::testing::Values(1001, 1011, 0),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return info.param == 0 ? std::string("NoCode")
+                                                  : absl::StrCat("Code", info.param);
+                         });
+
+// 1008 after every login, for a while: the bridge backs off under auth_backoff (here
+// 300 ms doubling to 5 s; 5 s to 5 min by default), not the normal 20 ms backoff, so the
+// logins over a 3 s window stay a handful; callers learn UNAUTHENTICATED. When the
+// upstream stops, the session comes back on its own.
+TEST_F(DfxFaultTest, PolicyViolationCloseIsNotAFastReconnectLoop) {
+  Start([](dfx::DfxBridgeOptions& o) {
+    o.connection.auth_backoff = core::BackoffPolicy{300ms, 5s, 2.0};
+  });
+  ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+  ASSERT_TRUE(CallAction().ok());
+  emulator_->SetCloseAfterLogin(1008, "policy violation");
+  emulator_->CloseAll(1008, "policy violation");
+  ASSERT_TRUE(WaitFor([&] { return !bridge_->Serving(); }));
+  const int logins_at = emulator_->logins();
+  const auto start = Clock::now();
+  WaitFor([&] { return Clock::now() - start >= 3s; }, 4s);  // the measuring window
+  const int logins = emulator_->logins() - logins_at;
+  RecordProperty("logins_in_3s", logins);
+  std::printf("1008 after every login: %d logins in 3 s\n", logins);
+  // At the normal backoff (20 ms, cap 200 ms) this would be ~30; a loop, thousands.
+  EXPECT_LE(logins, 10) << "1008 became a fast reconnect loop";
+  grpc::Status refused = CallAction();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAUTHENTICATED) << refused.error_message();
+  emulator_->SetCloseAfterLogin(-1);
+  ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }, 20s));
+  EXPECT_TRUE(WaitFor([&] { return CallAction().ok(); }, 20s));
+}
+
+// --- A slow gRPC consumer ----------------------------------------------------------------
+
+// Two subscribers share a measurement's results; one never reads (its HTTP/2 window is
+// small, so gRPC cannot absorb the results for it). It is ended RESOURCE_EXHAUSTED
+// SLOW_CONSUMER once subscriber_queue results wait for it, and learns so when it reads
+// again; the other gets every result in order and ends OK; memory held for the slow one
+// stays bounded by the queue (what it received is far below what was produced).
+TEST_F(DfxFaultTest, SlowSubscriberIsEndedAloneAndTold) {
+  constexpr size_t kQueue = 8;
+  constexpr uint32_t kMany = 120;
+  Start([](dfx::DfxBridgeOptions& o) { o.subscriber_queue = kQueue; });
+  std::string mid = CreateMeasurement();
+  ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+  auto fast = Subscribe(mid);
+  // The slow one: its own connection, a tiny flow-control window, never read until the end.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 1024);
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  auto slow_channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", daemon_->grpc_port()),
+                                                grpc::InsecureChannelCredentials(), args);
+  auto slow_stub = v1::DfxService::NewStub(slow_channel);
+  grpc::ClientContext slow_ctx;
+  slow_ctx.set_deadline(std::chrono::system_clock::now() + 60s);
+  v1::SubscribeResultsRequest req;
+  req.set_measurement_id(mid);
+  auto slow = slow_stub->SubscribeResults(&slow_ctx, req);
+  slow->WaitForInitialMetadata();
+
+  Measured m = Measure(mid, kMany);
+  ExpectExactlyOnce(mid, m, kMany);
+  SubscriberLog fast_log = Finish(*fast);
+  ExpectGapsTold(fast_log, -1, kMany);
+  EXPECT_EQ(fast_log.results.size(), kMany) << "the fast subscriber was held back or lost results";
+
+  // Now the slow one reads what gRPC held for it, then its status.
+  size_t received = 0;
+  v1::SubscribeResultsResponse res;
+  while (slow->Read(&res)) received += static_cast<size_t>(res.results_size());
+  grpc::Status st = slow->Finish();
+  RecordProperty("slow_received", static_cast<int>(received));
+  std::printf("slow subscriber: %zu of %u results reached it before SLOW_CONSUMER\n", received, kMany);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
+  EXPECT_EQ(Reason(st), "SLOW_CONSUMER") << st.error_message();
+  EXPECT_LT(received, kMany);
+  EXPECT_TRUE(CallAction().ok());
+}
+
+// --- Token rotation through a mounted file -----------------------------------------------
+
+// A Kubernetes Secret volume: the key is a symlink through "..data", which points at a
+// timestamped directory; an update writes a new directory and renames a new "..data"
+// symlink over the old one (atomic), then removes the old directory.
+class MountedSecret {
+ public:
+  explicit MountedSecret(const std::string& value) { Write(value); }
+  std::string path() const { return dir_.path() + "/token"; }
+  void Write(const std::string& value) {
+    namespace fs = std::filesystem;
+    const std::string stamp = absl::StrCat("..2026_12_01_", ++version_);
+    fs::create_directory(dir_.path() + "/" + stamp);
+    dir_.WriteFile(stamp + "/token", value + "\n");
+    fs::create_symlink(stamp, dir_.path() + "/..data_tmp");
+    fs::rename(dir_.path() + "/..data_tmp", dir_.path() + "/..data");
+    if (!fs::exists(fs::symlink_status(path()))) fs::create_symlink("..data/token", path());
+    if (!previous_.empty()) fs::remove_all(dir_.path() + "/" + previous_);
+    previous_ = stamp;
+  }
+
+ private:
+  testing::TempDir dir_;
+  int version_ = 0;
+  std::string previous_;
+};
+
+std::shared_ptr<core::SecretSource> FileSecret(const std::string& path) {
+  config::v1::Secret secret;
+  secret.set_file(path);
+  auto source = core::SecretSource::Create(secret);
+  EXPECT_TRUE(source.ok()) << source.status();
+  return source.ok() ? *source : nullptr;
+}
+
+// The mounted token is refused (revoked); the Secret is updated; the bridge logs in with
+// the new one on its own (no restart, no call needed) and serves.
+TEST_F(DfxFaultTest, RotatedMountedTokenReplacesARefusedOne) {
+  MountedSecret secret("bad-s3cr3t-revoked");  // the emulator refuses "bad..." tokens
+  Start([&](dfx::DfxBridgeOptions& o) {
+    o.default_token = FileSecret(secret.path());
+    o.connection.auth_backoff = core::BackoffPolicy{100ms, 500ms, 2.0};
+  });
+  ASSERT_TRUE(WaitFor([&] { return proxy_->counters().connections_accepted >= 2; }));
+  EXPECT_FALSE(bridge_->Serving());
+  EXPECT_EQ(emulator_->logins(), 0);
+  grpc::Status refused = CallAction();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAUTHENTICATED) << refused.error_message();
+  secret.Write("dfx-s3cr3t-rotated");
+  ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }, 20s)) << "the rotated token was not picked up";
+  EXPECT_EQ(emulator_->logins(), 1);
+  std::string mid = CreateMeasurement();
+  Measured m = Measure(mid, kChunks);
+  ExpectExactlyOnce(mid, m, kChunks);
+}
+
+// Rotated while a measurement streams: the stream goes on (its measurement belongs to the
+// old token's session, which finishes its calls before closing), new calls use the new
+// token's session, and no chunk is lost or duplicated.
+TEST_F(DfxFaultTest, RotatedMountedTokenDuringAMeasurementLosesNothing) {
+  MountedSecret secret("dfx-s3cr3t-before");
+  Start([&](dfx::DfxBridgeOptions& o) { o.default_token = FileSecret(secret.path()); });
+  std::string mid = CreateMeasurement();
+  ASSERT_TRUE(WaitFor([&] { return bridge_->Serving(); }));
+  auto sub = Subscribe(mid);
+  std::string first_session;
+  Hooks hooks;
+  hooks.after_ack = [&](uint32_t order) {
+    if (order != 2) return;
+    auto before = bridge_->ListSessions();
+    ASSERT_EQ(before.size(), 1u);
+    first_session = before[0].id();
+    secret.Write("dfx-s3cr3t-after");
+    // The new token's session is up (the refresher re-reads the file every second).
+    ASSERT_TRUE(WaitFor([&] {
+      for (const auto& s : bridge_->ListSessions()) {
+        if (s.id() != first_session && s.state() == admin::v1::SESSION_STATE_READY) return true;
+      }
+      return false;
+    }, 20s));
+  };
+  Measured m = Measure(mid, kChunks, hooks);
+  ExpectExactlyOnce(mid, m, kChunks);
+  EXPECT_TRUE(m.failures.empty()) << m.failures.front().error_message();
+  ExpectGapsTold(Finish(*sub), -1, kChunks);
+  EXPECT_EQ(emulator_->logins(), 2);
+  // The old session closes once its calls are done; the new one serves.
+  EXPECT_TRUE(WaitFor([&] {
+    auto now = bridge_->ListSessions();
+    return now.size() == 1 && now[0].id() != first_session;
+  }));
+  EXPECT_TRUE(WaitFor([&] { return emulator_->open_connections() == 1; }));
+  EXPECT_TRUE(bridge_->Serving());
   EXPECT_TRUE(CallAction().ok());
 }
 
