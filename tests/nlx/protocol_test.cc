@@ -180,6 +180,51 @@ TEST_F(NlxProtocolTest, ARefusedUpgradeIsRememberedForTheKeysAndFailsTheFirstOpe
   EXPECT_EQ(p->Classify(none), core::DisconnectKind::kAuthRefused);
 }
 
+// Close codes of an acknowledged socket: 1001/1011 and no close frame reconnect; 1008
+// refuses this conversation's keys for auth_retry_after (no attempt meanwhile, quoting the
+// close), but neither the keys as a whole nor a rotated key; every end is kept for the
+// turn it left unknown.
+TEST_F(NlxProtocolTest, CloseCodesReconnectOrRefuseTheConversationsKeys) {
+  auto p = Make();
+  Open(*p);
+  auto closed = [](uint16_t code) {
+    core::DisconnectInfo info;
+    info.was_open = true;
+    info.close_code = code;
+    info.reason = absl::UnavailableError(absl::StrCat("upstream closed the connection (code ", code, ": bye)"));
+    return info;
+  };
+  EXPECT_EQ(p->Classify(closed(1001)), core::DisconnectKind::kClosedByPeer);
+  EXPECT_EQ(conv_->last_disconnect(), "upstream closed the connection (code 1001: bye)");
+  EXPECT_EQ(p->Classify(closed(1011)), core::DisconnectKind::kClosedByPeer);
+  core::DisconnectInfo dropped;
+  dropped.was_open = true;
+  dropped.reason = absl::UnavailableError("upstream connection lost: End of file");
+  EXPECT_EQ(p->Classify(dropped), core::DisconnectKind::kError);
+  EXPECT_EQ(conv_->last_disconnect(), "upstream connection lost: End of file");
+  ASSERT_TRUE(p->PrepareHandshake().ok());  // none of these refuses anything
+
+  ASSERT_TRUE(p->OnOpen("").ok());
+  ASSERT_EQ(p->Decode(kAck, false).kind, Kind::kLogin);
+  EXPECT_EQ(p->Classify(closed(1008)), core::DisconnectKind::kAuthRefused);
+  const std::string mine = ConversationRefusalKey("default", Keys(), "c-1");
+  absl::Status refused = registry_->Refused(mine, now_);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(core::ErrorReason(refused), "KEYS_REFUSED");
+  EXPECT_TRUE(absl::StrContains(refused.message(), "code 1008")) << refused;
+  EXPECT_TRUE(registry_->Refused(RefusalKey("default", Keys()), now_).ok()) << "not the keys as a whole";
+  EXPECT_TRUE(registry_->Refused(ConversationRefusalKey("default", Keys(), "c-2"), now_).ok());
+  // No attempt while refused; the failed attempt is no socket end (the 1008 is kept).
+  absl::StatusOr<core::HandshakeRequest> h = p->PrepareHandshake();
+  ASSERT_FALSE(h.ok());
+  core::DisconnectInfo none;
+  none.reason = h.status();
+  EXPECT_EQ(p->Classify(none), core::DisconnectKind::kAuthRefused);
+  EXPECT_EQ(conv_->last_disconnect(), "upstream closed the connection (code 1008: bye)");
+  now_ += 31s;  // auth_retry_after
+  EXPECT_TRUE(p->PrepareHandshake().ok());
+}
+
 TEST_F(NlxProtocolTest, NoAckWithinAckTimeoutFailsTheFirstOpenButNotALaterReconnect) {
   auto p = Make();
   absl::Status seen;
