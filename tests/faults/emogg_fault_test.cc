@@ -837,6 +837,11 @@ TEST_F(EmoggFaultTest, RotatedTokenFileIsPickedUpAndSubscribersSurviveTheOldOnes
   EXPECT_FALSE(s.done()) << "the subscriber was ended: " << s.Ended().error_message();
   s.Stop();
   ExpectEveryGapTold(s.log());
+  bool rotation_named = false;
+  for (const Update& u : s.log()) {
+    if (u.kind == Update::Kind::kGap) rotation_named |= absl::StrContains(u.reason, "rotated");
+  }
+  EXPECT_TRUE(rotation_named) << "the gap's reason does not say the token had been rotated";
   // The old value was never offered again after its revocation.
   EXPECT_EQ(emulator_->auth_failures(), 0);
   EXPECT_EQ(emulator_->auth_successes(), 3);
