@@ -397,11 +397,13 @@ absl::StatusOr<std::string> DecodeCreateChatAnswer(std::string_view body) {
   return out;
 }
 
-absl::Status HttpError(int status, std::string_view body, std::string_view what) {
+absl::Status HttpError(int status, std::string_view body, std::string_view what,
+                       std::string_view advice) {
   std::string text = absl::StrCat(Av(what), ": Nexora answered HTTP ", status);
   const std::string detail = log::Redact(ErrorText(body));
   if (!detail.empty()) absl::StrAppend(&text, ": ", detail);
   if (status == 401) absl::StrAppend(&text, " (check the API key or email and password)");
+  absl::StrAppend(&text, Av(advice));
   return core::WithErrorInfo(absl::Status(CodeForHttpStatus(status), text),
                              absl::StrCat("HTTP_", status), kErrorDomain,
                              {{"upstream_status", absl::StrCat(status)}});

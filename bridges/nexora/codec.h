@@ -130,7 +130,9 @@ absl::StatusOr<std::string> DecodeCreateChatAnswer(std::string_view body);
 
 // A non-2xx HTTP answer as a status: code from the HTTP status, ErrorInfo{reason:
 // "HTTP_<status>", metadata: upstream_status}; the body's "detail" / "message" / "error"
-// text (redacted) is quoted in the message. `what` says which request ("login").
-absl::Status HttpError(int status, std::string_view body, std::string_view what);
+// text (redacted) is quoted in the message. `what` says which request ("login");
+// `advice` (optional) ends the message ("; nothing was sent; retry later").
+absl::Status HttpError(int status, std::string_view body, std::string_view what,
+                       std::string_view advice = "");
 
 }  // namespace wsbridge::nexora

@@ -2,8 +2,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "bridges/core/bridge_base.h"
 #include "bridges/core/log.h"
 #include "bridges/core/status.h"
+#include "bridges/core/strings.h"
 
 namespace wsbridge::nexora {
 namespace {
@@ -33,6 +35,12 @@ absl::StatusOr<Token> StaticToken::Current() {
   }
   if (v->empty()) return absl::UnauthenticatedError("the Nexora token is empty");
   return Token{*std::move(v), source_->version()};
+}
+
+bool StaticToken::Refresh(uint64_t generation) {
+  if (source_->version() != generation) return true;  // already re-read with another value
+  if (reread_) reread_();  // perhaps rotated: the next attempt (or call) sees it
+  return false;
 }
 
 uint64_t LoginToken::SecretsVersion() const {
@@ -161,6 +169,75 @@ void LoginToken::OnLogin(absl::StatusOr<core::HttpAnswer> answer, uint64_t secre
 }
 
 // ---------------------------------------------------------------------------------
+// ChatLink and UpstreamHealth.
+
+uint64_t ChatLink::Add(bool wait_for_ready, const std::atomic<bool>* sent, Fail fail) {
+  absl::MutexLock lock(&mu_);
+  const uint64_t id = next_id_++;
+  waiters_.emplace(id, Waiter{wait_for_ready, sent, std::move(fail)});
+  return id;
+}
+
+void ChatLink::Remove(uint64_t id) {
+  Fail gone;  // destroyed outside the lock: it may hold the last reference to a call
+  absl::MutexLock lock(&mu_);
+  if (auto it = waiters_.find(id); it != waiters_.end()) {
+    gone = std::move(it->second.fail);
+    waiters_.erase(it);
+  }
+}
+
+absl::Status ChatLink::Refusal() const {
+  absl::MutexLock lock(&mu_);
+  return refusal_;
+}
+
+std::string ChatLink::LastDrop() const {
+  absl::MutexLock lock(&mu_);
+  return last_drop_;
+}
+
+void ChatLink::Opened() {
+  absl::MutexLock lock(&mu_);
+  refusal_ = absl::OkStatus();
+}
+
+void ChatLink::Dropped(std::string why) {
+  absl::MutexLock lock(&mu_);
+  last_drop_ = std::move(why);
+}
+
+void ChatLink::SetRefusal(absl::Status refusal) {
+  absl::MutexLock lock(&mu_);
+  refusal_ = std::move(refusal);
+}
+
+void ChatLink::FailWaiting(const absl::Status& status, bool definitive) {
+  std::vector<Fail> failing;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = waiters_.begin(); it != waiters_.end();) {
+      const Waiter& w = it->second;
+      if (!definitive && (w.wait_for_ready || (w.sent != nullptr && w.sent->load()))) {
+        ++it;
+        continue;
+      }
+      failing.push_back(std::move(it->second.fail));
+      it = waiters_.erase(it);
+    }
+  }
+  for (Fail& f : failing) f(status);
+}
+
+void UpstreamHealth::SetFailing(bool& failing, bool now) {
+  if (failing == now) return;
+  failing = now;
+  const int before = now ? failing_.fetch_add(1) : failing_.fetch_sub(1);
+  // Serving changes only when the first socket starts failing or the last one recovers.
+  if ((before == 0 || (before == 1 && !now)) && changed_) changed_();
+}
+
+// ---------------------------------------------------------------------------------
 // Protocol.
 
 Protocol::Protocol(ProtocolOptions options) : options_(std::move(options)) {
@@ -174,6 +251,11 @@ Protocol::Protocol(ProtocolOptions options) : options_(std::move(options)) {
     base_path_ = url.substr(slash, url.find_first_of("?#", slash) - slash);
   }
   last_rx_ = options_.now();
+}
+
+Protocol::~Protocol() {
+  // A closed chat socket no longer counts against the bridge's health.
+  if (options_.health != nullptr) options_.health->SetFailing(failing_, false);
 }
 
 absl::StatusOr<core::HandshakeRequest> Protocol::PrepareHandshake() {
@@ -199,6 +281,9 @@ absl::StatusOr<core::HandshakeRequest> Protocol::PrepareHandshake() {
 absl::StatusOr<core::LoginPlan> Protocol::OnOpen(std::string_view /*subprotocol*/) {
   gate_.Reset();
   refreshed_ = false;
+  failed_attempts_ = 0;
+  if (options_.health != nullptr) options_.health->SetFailing(failing_, false);
+  if (options_.link != nullptr) options_.link->Opened();
   last_rx_ = options_.now();
   ping_sent_.reset();
   return core::LoginPlan{};  // the token was in the URL: usable at once
@@ -265,24 +350,84 @@ absl::Status Protocol::CheckAlive() {
 }
 
 core::DisconnectKind Protocol::Classify(const core::DisconnectInfo& info) {
-  if (info.http_status == 401) {
-    // An expired JWT: log in again once, then reconnect at the normal pace.
-    if (!refreshed_ && options_.token->Refresh(generation_)) {
-      refreshed_ = true;
-      log::Info(kLog, "the token was refused at the upgrade; logging in again",
-                {{"chat", options_.chat_id}});
-      return core::DisconnectKind::kError;
-    }
-    refreshed_ = false;  // after the auth backoff, one more login may be tried
-    return core::DisconnectKind::kAuthRefused;
-  }
   if (info.http_status == 0 && info.close_code == 0 && !prepare_status_.ok()) {
     // PrepareHandshake failed: no token yet (a login under way) or a refused one.
     return IsRefusal(prepare_status_.code()) ? core::DisconnectKind::kAuthRefused
                                              : core::DisconnectKind::kError;
   }
-  return core::ClassifyDisconnect(info.http_status, info.close_code,
-                                  info.retry_after > core::Duration::zero());
+  core::DisconnectKind kind = core::ClassifyDisconnect(info.http_status, info.close_code,
+                                                       info.retry_after > core::Duration::zero());
+  if (info.was_open && options_.link != nullptr) {
+    options_.link->Dropped(std::string(info.reason.message()));
+  }
+  if (kind == core::DisconnectKind::kAuthRefused) {
+    // A 401 at the upgrade is an expired or revoked token. Nexora checks the token at the
+    // upgrade only, so an open socket closed with 1008 (policy violation; 4001/4401 alike)
+    // most plausibly means the same (a revoked key, a JWT the server stopped honouring):
+    // with a token that may have changed, one reconnect with the new one at the normal
+    // pace (the message in flight is resent); else the refusal stands. 403 (and
+    // 4003/4403) forbid this chat to a valid token: no new token helps.
+    const bool renewable = info.http_status == 401 || info.close_code == 1008 ||
+                           info.close_code == 4001 || info.close_code == 4401;
+    if (renewable && !refreshed_ && options_.token->Refresh(generation_)) {
+      refreshed_ = true;
+      log::Info(kLog, "the token was refused; reconnecting with a fresh one",
+                {{"chat", options_.chat_id},
+                 {"http_status", absl::StrCat(info.http_status)},
+                 {"close_code", absl::StrCat(info.close_code)}});
+      return core::DisconnectKind::kError;
+    }
+    refreshed_ = false;  // after the auth backoff, one more refresh may be tried
+    return kind;
+  }
+  if (info.was_open) return kind;  // a drop: the next attempt (and resend) is the answer
+  // An attempt that never opened.
+  ++failed_attempts_;
+  const int http = info.http_status;
+  if (http >= 400 && http < 500 && http != 408 && http != 429) {
+    // Refused for this chat (400/404 unknown chat, 409, 410, 422): the upstream answered,
+    // so it is reachable; no retry fixes the request, so nobody waits for one.
+    absl::Status st = HttpError(http, info.http_body,
+                                absl::StrCat("the socket of chat ", options_.chat_id,
+                                             " (GET /api/ws/{chat_id})"),
+                                "; nothing was sent");
+    if (options_.health != nullptr) options_.health->SetFailing(failing_, false);
+    if (options_.link != nullptr) {
+      options_.link->SetRefusal(st);
+      options_.link->FailWaiting(st, /*definitive=*/true);
+    }
+    return kind;
+  }
+  if (options_.health != nullptr) options_.health->SetFailing(failing_, true);
+  if (options_.link == nullptr) return kind;
+  const std::string what =
+      absl::StrCat("the socket of chat ", options_.chat_id, " (GET /api/ws/{chat_id})");
+  if (kind == core::DisconnectKind::kSlowDown) {
+    // 429 (or 503 with Retry-After): the next attempt waits for the slow-down delay, far
+    // longer than a caller should wait without asking to.
+    options_.link->FailWaiting(
+        HttpError(http, info.http_body, what,
+                  absl::StrCat("; nothing was sent; retry later",
+                               info.retry_after > core::Duration::zero()
+                                   ? absl::StrCat(" (Retry-After ", Fmt(info.retry_after), ")")
+                                   : "")),
+        /*definitive=*/false);
+  } else if (failed_attempts_ >= kAttemptsBeforeFailing) {
+    const std::string last = http != 0 ? std::string(HttpError(http, info.http_body, what).message())
+                                       : std::string(info.reason.message());
+    std::map<std::string, std::string> metadata{{"attempts", absl::StrCat(failed_attempts_)}};
+    if (http != 0) metadata["upstream_status"] = absl::StrCat(http);
+    options_.link->FailWaiting(
+        core::WithErrorInfo(
+            absl::UnavailableError(absl::StrCat(
+                "the socket of chat ", options_.chat_id, " could not be opened in ",
+                failed_attempts_, " attempts (last: ", last,
+                "); nothing was sent; retry later, or send \"", Av(core::kWaitForReadyMetadata),
+                ": true\" metadata to wait for the upstream")),
+            "UPSTREAM_UNREACHABLE", kErrorDomain, metadata),
+        /*definitive=*/false);
+  }
+  return kind;
 }
 
 }  // namespace wsbridge::nexora

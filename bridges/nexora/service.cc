@@ -62,8 +62,30 @@ struct MessageState {
   std::string message_id;          // strand: Nexora's id of the answer, once known
   int attempts = 0;                // strand: sends so far
   std::atomic<bool> sent{false};   // the frame left at least once
-  uint64_t op = 0;                 // the session's request id
+  std::atomic<bool> ended{false};  // its call was told the outcome (reply or ChatLink)
+  std::atomic<uint64_t> op{0};     // the session's request id (0 until Send returned)
+  uint64_t waiter = 0;             // its ChatLink registration (set before Send)
 };
+
+// Whether the call asked to wait for an unreachable upstream.
+bool WaitsForReady(const grpc::ServerContextBase& ctx) {
+  const auto& md = ctx.client_metadata();
+  auto it = md.find(grpc::string_ref(core::kWaitForReadyMetadata.data(),
+                                     core::kWaitForReadyMetadata.size()));
+  return it != md.end() && std::string_view(it->second.data(), it->second.size()) == "true";
+}
+
+// What a message learns when no socket can be opened for it: `st` as it is for a
+// message never sent; for one sent before its socket dropped, the outcome is unknown.
+absl::Status NotReopened(const MessageState& m, const absl::Status& st) {
+  if (!m.sent.load()) return st;
+  return core::WithErrorInfo(
+      absl::UnavailableError(absl::StrCat(
+          "the message ", m.cmid, " was sent, then its socket dropped and could not be opened "
+          "again (", st.message(), "); whether it was answered is unknown: send it again with "
+          "the same client_message_id to get the answer or a duplicate")),
+      "OUTCOME_UNKNOWN", kErrorDomain);
+}
 
 // Validates what both message RPCs carry; generates the client_message_id when empty.
 absl::Status ValidateMessage(const std::string& content, const std::string& cmid,
@@ -160,7 +182,10 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
   NexoraBridge(NexoraBridgeOptions options, core::BridgeContext context, std::string http_base)
       : BridgeBase(std::move(context), "Nexora", {std::string(v1::NexoraService::service_full_name())}),
         options_(std::move(options)),
-        http_base_(std::move(http_base)) {
+        http_base_(std::move(http_base)),
+        health_(std::make_shared<UpstreamHealth>([this] {
+          if (this->context().health_changed) this->context().health_changed();
+        })) {
     core::HttpClientOptions ho;
     ho.name = this->context().name;
     ho.allow_plaintext = options_.connection.allow_plaintext;
@@ -168,7 +193,8 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
     ho.timeout = options_.http_timeout;
     http_ = core::HttpClient::Create(this->context().executor, std::move(ho));
     if (options_.api_key != nullptr) {
-      default_token_ = std::make_shared<StaticToken>(options_.api_key);
+      default_token_ = std::make_shared<StaticToken>(options_.api_key,
+                                                     [this] { refresher_.RefreshNow(); });
     } else if (options_.email != nullptr && options_.password != nullptr) {
       LoginToken::Options lo;
       lo.login_url = absl::StrCat(http_base_, Av(kLoginPath));
@@ -183,14 +209,25 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
       refresher_.Watch(options_.password);
     }
     if (options_.api_key != nullptr) refresher_.Watch(options_.api_key);
+    // A chat socket whose token was refused is closed by the pool, and the chat is
+    // refused from memory (no reconnect storm on a wrong key) for auth_retry_after unless
+    // the config's limits.refusal_memory says otherwise; a rotated key is a new pool key
+    // (see CredentialFor), so it is tried at once.
     InitPool(
-        {.max_sessions = options_.max_chats, .idle_timeout = options_.idle_chat_timeout},
+        {.max_sessions = options_.max_chats,
+         .idle_timeout = options_.idle_chat_timeout,
+         .refusal_memory = options_.auth_retry_after},
         [this](const std::string& id, std::shared_ptr<core::SecretSource> credential, bool pinned) {
           return NewSession(id, std::move(credential), pinned);
         },
         core::CredentialPolicy{std::string(kTokenMetadata), options_.allow_call_token}, nullptr);
     set_max_open_calls(options_.max_open_calls);
   }
+
+  // Not while a chat socket cannot reach Nexora (its attempts fail for network, TLS,
+  // 5xx or 429 reasons): a bridge whose sockets are made per chat serves while it can
+  // make them. Chat-specific refusals (404 unknown chat) and refused tokens do not count.
+  bool Serving() const override { return BridgeBase::Serving() && health_->serving(); }
 
   std::vector<grpc::Service*> Services() override { return {this}; }
   bool UsesCompletionQueues() const override { return true; }
@@ -216,7 +253,10 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
             "no credential: this Nexora bridge has no configured api_key or email/password; "
             "send a token (API key or JWT) in the \"", Av(kTokenMetadata), "\" metadata"));
       }
-      return CallCredential{"", "default"};
+      // The epoch of the configured secrets in the key: after a rotation (a new key or
+      // password file) calls move to fresh sockets with the new secret at once, instead
+      // of waiting out a refusal of the old one remembered for the chat.
+      return CallCredential{"", absl::StrCat("default@", default_token_->Epoch())};
     }
     if (!options_.allow_call_token) {
       return absl::PermissionDeniedError(absl::StrCat(
@@ -238,8 +278,16 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
     return std::make_shared<StaticToken>(core::SecretSource::Fixed(cred.token));
   }
 
-  // The chat's socket for this credential (created on first use).
-  absl::StatusOr<Lease> AcquireChat(const std::string& chat_id, const CallCredential& cred) {
+  // The chat's socket for this credential (created on first use), and what its
+  // connection attempts tell the call. Fails fast with the chat's standing refusal (its
+  // upgrade was refused 400/404...), or while its upstream is unreachable unless the
+  // call asked to wait (bounded by the config's limits.max_waiting_calls).
+  struct ChatLease {
+    Lease lease;
+    std::shared_ptr<ChatLink> link;
+  };
+  absl::StatusOr<ChatLease> AcquireChat(const std::string& chat_id, const CallCredential& cred,
+                                        const grpc::ServerContextBase& ctx) {
     t_acquiring_chat = &chat_id;
     absl::StatusOr<Lease> lease = pool().Acquire(absl::StrCat(chat_id, "#", cred.key), cred.token);
     t_acquiring_chat = nullptr;
@@ -249,11 +297,19 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
           " chat sockets (max_chats); retry later, or raise max_chats (idle chat sockets close "
           "after idle_chat_timeout)"));
     }
-    return lease;
+    if (!lease.ok()) return lease.status();
+    std::shared_ptr<ChatLink> link = LinkOf(lease->get());
+    if (link == nullptr) {
+      return absl::UnavailableError("the chat's socket was just closed; retry");
+    }
+    if (absl::Status refused = link->Refusal(); !refused.ok()) return refused;
+    if (absl::Status st = WaitOrFailFast(ctx, *lease); !st.ok()) return st;
+    return ChatLease{*std::move(lease), std::move(link)};
   }
 
   // The upstream request of one message. `restarted` runs on the strand before a resend.
   core::Request MessageRequest(std::shared_ptr<MessageState> m, std::string content,
+                               std::shared_ptr<ChatLink> link,
                                std::function<void(int attempt)> restarted) const {
     core::Request r;
     r.what = absl::StrCat("the message ", m->cmid);
@@ -264,7 +320,7 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
     // (answer_idle_timeout), and a caller that leaves does not abandon an answer mid-way
     // (its remaining events would otherwise be taken for the next message's).
     r.encode = [m, content = std::move(content), restarted = std::move(restarted),
-                max_resends = static_cast<int>(options_.max_resends)](
+                link = std::move(link), max_resends = static_cast<int>(options_.max_resends)](
                    std::string_view) -> absl::StatusOr<core::Outbound> {
       const int attempt = m->attempts++;
       if (attempt > 0) {
@@ -272,7 +328,7 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
           return core::WithErrorInfo(
               absl::UnavailableError(absl::StrCat(
                   "the socket to Nexora dropped ", attempt, " times before the answer to message ",
-                  m->cmid, " ended (max_resends ", max_resends,
+                  m->cmid, " ended (max_resends ", max_resends, "; last: ", link->LastDrop(),
                   "); whether it was answered is unknown: send it again with the same "
                   "client_message_id to get the answer or a duplicate")),
               "OUTCOME_UNKNOWN", kErrorDomain);
@@ -312,6 +368,11 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
     so.request_timeout = options_.answer_idle_timeout;
     so.login_timeout = options_.http_timeout;
     so.max_pending = options_.max_pending_messages_per_chat;
+    // A refused token is retried after auth_retry_after (full jitter), not on the
+    // connection's default auth backoff.
+    so.connection.auth_backoff = {options_.auth_retry_after, options_.auth_retry_after, 1.0,
+                                  so.connection.auth_backoff.reset_after};
+    auto link = std::make_shared<ChatLink>();
     ProtocolOptions po;
     po.url = options_.url;
     po.chat_id = t_acquiring_chat != nullptr ? *t_acquiring_chat : std::string();
@@ -321,15 +382,36 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
                                              : default_token_;
     po.ping_interval = options_.ping_interval;
     po.pong_timeout = options_.pong_timeout;
-    return core::UpstreamSession::Create(SessionExecutor(), std::move(so),
-                                         std::make_unique<Protocol>(std::move(po)));
+    po.link = link;
+    po.health = health_;
+    std::shared_ptr<core::UpstreamSession> session = core::UpstreamSession::Create(
+        SessionExecutor(), std::move(so), std::make_unique<Protocol>(std::move(po)));
+    absl::MutexLock lock(&links_mu_);
+    if (links_.size() >= 2 * links_pruned_at_) {
+      // Forget sessions that are gone (amortized: the map at most doubles in between).
+      std::erase_if(links_, [](const auto& kv) { return kv.second.expired(); });
+      links_pruned_at_ = std::max<size_t>(links_.size(), 16);
+    }
+    links_[session.get()] = link;  // the Protocol (so the session) owns it
+    return session;
+  }
+
+  // The ChatLink of a session of this bridge (null once the session is gone).
+  std::shared_ptr<ChatLink> LinkOf(const core::UpstreamSession* session) {
+    absl::MutexLock lock(&links_mu_);
+    auto it = links_.find(session);
+    return it == links_.end() ? nullptr : it->second.lock();
   }
 
   const NexoraBridgeOptions options_;
   const std::string http_base_;
+  std::shared_ptr<UpstreamHealth> health_;
   std::shared_ptr<core::HttpClient> http_;
   std::shared_ptr<LoginToken> login_;
   std::shared_ptr<TokenSource> default_token_;
+  absl::Mutex links_mu_;
+  std::map<const core::UpstreamSession*, std::weak_ptr<ChatLink>> links_ ABSL_GUARDED_BY(links_mu_);
+  size_t links_pruned_at_ ABSL_GUARDED_BY(links_mu_) = 16;
   core::SecretRefresher refresher_;
   absl::Mutex rng_mu_;
   core::Rng rng_ = core::Rng::FromEntropy();
@@ -377,22 +459,36 @@ class SendMessageCall final
       FinishWith(core::ToGrpcStatus(cred.status()));
       return;
     }
-    absl::StatusOr<Lease> lease = nexora_->AcquireChat(req_.chat_id(), *cred);
-    if (!lease.ok()) {
-      FinishWith(core::ToGrpcStatus(lease.status()));
+    absl::StatusOr<NexoraBridge::ChatLease> chat = nexora_->AcquireChat(req_.chat_id(), *cred, ctx_);
+    if (!chat.ok()) {
+      FinishWith(core::ToGrpcStatus(chat.status()));
       return;
     }
-    lease_ = *std::move(lease);
+    lease_ = std::move(chat->lease);
+    link_ = std::move(chat->link);
     msg_ = nexora_->NewMessage(req_.client_message_id());
     Push(Accepted(*msg_));
     std::shared_ptr<SendMessageCall> self = shared_from_this();
     std::shared_ptr<MessageState> m = msg_;
+    core::UpstreamSession* session = lease_.get();
+    std::shared_ptr<ChatLink> link = link_;
+    // No socket could be opened for the message (the chat's upgrade was refused, or
+    // Nexora stayed unreachable): the call ends with why; the request is dropped.
+    // Runs on the session's strand, where the session (so `session`) is alive.
+    m->waiter = link->Add(WaitsForReady(ctx_), &m->sent, [self, m, session](const absl::Status& st) {
+      if (m->ended.exchange(true)) return;
+      if (const uint64_t op = m->op.load(); op != 0) session->Cancel(op);  // else: below
+      self->EndAfterQueued(NotReopened(*m, st));
+    });
     // The callbacks hold the call until the answer ended, also when its caller left:
     // the answer runs to its end so the chat's next message is not misrouted.
-    msg_->op = lease_->Send(
-        nexora_->MessageRequest(msg_, std::move(*req_.mutable_content()),
+    const uint64_t op = lease_->Send(
+        nexora_->MessageRequest(msg_, std::move(*req_.mutable_content()), link,
                                 [self, m](int attempt) { self->Push(Restarted(*m, attempt)); }),
-        [self, m](absl::StatusOr<core::Reply> reply) {
+        [self, m, link](absl::StatusOr<core::Reply> reply) {
+          const bool last = !reply.ok() || reply->final;
+          if (last) link->Remove(m->waiter);
+          if (last ? m->ended.exchange(true) : m->ended.load()) return;
           if (!reply.ok()) {
             self->EndAfterQueued(reply.status());
             return;
@@ -405,17 +501,23 @@ class SendMessageCall final
           }
           self->Push(ToChatEvent(ev, m.get()), reply->final);
         });
+    m->op.store(op);
+    if (m->ended.load()) lease_->Cancel(op);  // failed through the link meanwhile
   }
 
   // The call ended: a message not yet sent is dropped; one already sent runs to the end
   // of its answer (see MessageRequest).
   void Release() {
-    if (msg_ != nullptr && lease_ && !msg_->sent.load()) lease_->Cancel(msg_->op);
+    if (msg_ != nullptr && lease_ && !msg_->sent.load()) {
+      lease_->Cancel(msg_->op.load());
+      link_->Remove(msg_->waiter);
+    }
   }
 
  private:
   NexoraBridge* nexora_;
   std::shared_ptr<MessageState> msg_;
+  std::shared_ptr<ChatLink> link_;
 };
 
 // ---------------------------------------------------------------------------------
@@ -555,7 +657,10 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
   void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!lease_) return;
     for (auto& [op, m] : open_) {
-      if (!m->sent.load()) lease_->Cancel(op);
+      if (!m->sent.load()) {
+        lease_->Cancel(op);
+        link_->Remove(m->waiter);
+      }
     }
     open_.clear();
     if (subscribed_) {
@@ -586,9 +691,10 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
     if (first) {
       absl::StatusOr<CallCredential> cred = nexora_->CredentialFor(*ctx_);
       if (!cred.ok()) return cred.status();
-      absl::StatusOr<Lease> lease = nexora_->AcquireChat(read_.chat_id(), *cred);
-      if (!lease.ok()) return lease.status();
-      lease_ = *std::move(lease);
+      absl::StatusOr<NexoraBridge::ChatLease> chat = nexora_->AcquireChat(read_.chat_id(), *cred, *ctx_);
+      if (!chat.ok()) return chat.status();
+      lease_ = std::move(chat->lease);
+      link_ = std::move(chat->link);
       chat_ = read_.chat_id();
       subscribed_ = true;
       sink_id_ = lease_->Subscribe(std::string(kChatRoute), nullptr, shared_from_this());
@@ -598,12 +704,24 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
     std::shared_ptr<MessageState> m = nexora_->NewMessage(read_.client_message_id());
     PushEventLocked(Accepted(*m), a);
     std::weak_ptr<ChatStream> w = weak_from_this();
-    m->op = lease_->Send(
-        nexora_->MessageRequest(m, std::move(*read_.mutable_content()),
+    std::shared_ptr<ChatLink> link = link_;
+    core::UpstreamSession* session = lease_.get();
+    // As in SendMessage; a message that cannot be sent ends the stream, like any
+    // transport failure (upstream errors are events).
+    m->waiter = link->Add(WaitsForReady(*ctx_), &m->sent, [w, m, session](const absl::Status& st) {
+      if (m->ended.exchange(true)) return;
+      if (const uint64_t op = m->op.load(); op != 0) session->Cancel(op);  // else: below
+      if (auto s = w.lock()) s->Fail(NotReopened(*m, st));
+    });
+    const uint64_t op = lease_->Send(
+        nexora_->MessageRequest(m, std::move(*read_.mutable_content()), link,
                                 [w, m](int attempt) {
                                   if (auto s = w.lock()) s->Deliver(Restarted(*m, attempt), nullptr);
                                 }),
-        [w, m](absl::StatusOr<core::Reply> reply) {
+        [w, m, link](absl::StatusOr<core::Reply> reply) {
+          const bool last = !reply.ok() || reply->final;
+          if (last) link->Remove(m->waiter);
+          if (last ? m->ended.exchange(true) : m->ended.load()) return;
           auto s = w.lock();
           if (s == nullptr) return;
           if (!reply.ok()) {
@@ -613,7 +731,9 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
           const Event& ev = static_cast<const EventPayload&>(*reply->payload).event;
           s->Deliver(ToChatEvent(ev, m.get()), reply->final ? m.get() : nullptr);
         });
-    open_[m->op] = m;
+    m->op.store(op);
+    if (m->ended.load()) lease_->Cancel(op);  // failed through the link meanwhile
+    open_[op] = m;
     return absl::OkStatus();
   }
 
@@ -623,7 +743,7 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
     {
       absl::MutexLock lock(&mu_);
       if (finished_) return;
-      if (ended != nullptr) open_.erase(ended->op);
+      if (ended != nullptr) open_.erase(ended->op.load());
       PushEventLocked(std::move(e), a);
       MaybeCompleteLocked(a);
     }
@@ -646,6 +766,7 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
   }
 
   NexoraBridge* nexora_;
+  std::shared_ptr<ChatLink> link_;  // set with lease_
   std::string chat_ ABSL_GUARDED_BY(mu_);
   uint32_t received_ ABSL_GUARDED_BY(mu_) = 0;
   bool subscribed_ ABSL_GUARDED_BY(mu_) = false;

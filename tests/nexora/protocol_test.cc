@@ -8,6 +8,7 @@
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 
+#include <atomic>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -19,6 +20,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "bridges/core/status.h"
 #include "bridges/core/upstream_config.h"
 #include "tests/support/test_support.h"
 #include "tests/upstreams/nexora_emulator.h"
@@ -148,6 +150,113 @@ TEST(NexoraProtocol, AFixedKeyRefusedAtTheUpgradeIsAnAuthRefusal) {
   Clocked empty(Key(""));
   EXPECT_FALSE(empty.p->PrepareHandshake().ok());
   EXPECT_EQ(empty.p->Classify(core::DisconnectInfo{}), core::DisconnectKind::kAuthRefused);
+}
+
+// What failed attempts tell the chat's waiting messages (ChatLink) and the bridge's
+// health: a 4xx refusal fails every message at once and stands until a socket opens; 429
+// fails the unsent ones that did not ask to wait; network failures after
+// kAttemptsBeforeFailing attempts; a message already sent waits for its resend.
+TEST(NexoraProtocol, RefusedUpgradesFailWaitingMessagesByKind) {
+  auto link = std::make_shared<ChatLink>();
+  int health_changes = 0;
+  auto health = std::make_shared<UpstreamHealth>([&] { ++health_changes; });
+  ProtocolOptions o;
+  o.url = "ws://127.0.0.1:9";
+  o.chat_id = "chat-1";
+  o.token = Key("nxr_k");
+  o.link = link;
+  o.health = health;
+  auto p = std::make_unique<Protocol>(std::move(o));
+  std::vector<absl::Status> failed_unsent, failed_waiting, failed_sent;
+  std::atomic<bool> unsent{false}, sent{true};
+  auto add = [&](bool wait, std::atomic<bool>* s, std::vector<absl::Status>* out) {
+    return link->Add(wait, s, [out](const absl::Status& st) { out->push_back(st); });
+  };
+  add(false, &unsent, &failed_unsent);
+  add(true, &unsent, &failed_waiting);
+  add(false, &sent, &failed_sent);
+
+  core::DisconnectInfo lost;
+  lost.reason = absl::UnavailableError("connection refused");
+  for (int i = 1; i < kAttemptsBeforeFailing; ++i) {
+    ASSERT_TRUE(p->PrepareHandshake().ok());
+    EXPECT_EQ(p->Classify(lost), core::DisconnectKind::kError);
+  }
+  EXPECT_TRUE(failed_unsent.empty());
+  EXPECT_FALSE(health->serving());
+  EXPECT_EQ(health_changes, 1);
+  ASSERT_TRUE(p->PrepareHandshake().ok());
+  p->Classify(lost);
+  ASSERT_EQ(failed_unsent.size(), 1u);
+  EXPECT_EQ(failed_unsent[0].code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(core::ErrorReason(failed_unsent[0]), "UPSTREAM_UNREACHABLE");
+  EXPECT_TRUE(failed_waiting.empty());  // asked to wait
+  EXPECT_TRUE(failed_sent.empty());     // waits for its resend
+
+  // An opened socket clears the health mark; a 404 fails everyone and stands.
+  ASSERT_TRUE(p->OnOpen("").ok());
+  EXPECT_TRUE(health->serving());
+  core::DisconnectInfo not_found;
+  not_found.http_status = 404;
+  not_found.http_body = R"({"detail":"Chat not found"})";
+  ASSERT_TRUE(p->PrepareHandshake().ok());
+  EXPECT_EQ(p->Classify(not_found), core::DisconnectKind::kError);
+  ASSERT_EQ(failed_waiting.size(), 1u);
+  EXPECT_EQ(failed_waiting[0].code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(absl::StrContains(failed_waiting[0].message(), "Chat not found")) << failed_waiting[0];
+  ASSERT_EQ(failed_sent.size(), 1u);
+  EXPECT_EQ(link->Refusal().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(health->serving());  // the upstream answered
+  ASSERT_TRUE(p->OnOpen("").ok());
+  EXPECT_TRUE(link->Refusal().ok());
+
+  // 429: the unsent message that did not ask to wait fails at once.
+  std::vector<absl::Status> limited;
+  link->Add(false, &unsent, [&](const absl::Status& st) { limited.push_back(st); });
+  core::DisconnectInfo too_many;
+  too_many.http_status = 429;
+  too_many.retry_after = 30s;
+  ASSERT_TRUE(p->PrepareHandshake().ok());
+  EXPECT_EQ(p->Classify(too_many), core::DisconnectKind::kSlowDown);
+  ASSERT_EQ(limited.size(), 1u);
+  EXPECT_EQ(limited[0].code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(limited[0].message(), "Retry-After 30s")) << limited[0];
+  p.reset();  // a closed socket no longer counts against health
+  EXPECT_TRUE(health->serving());
+}
+
+// Close codes on an open socket: 1001/1011 are drops (resend), 1008 is a refusal of the
+// token unless the key changed since it was used (a rotation: reconnect at once).
+TEST(NexoraProtocol, CloseCodesOnAnOpenSocket) {
+  config::v1::Secret secret;
+  testing::TempDir dir;
+  secret.set_file(dir.WriteFile("key", "nxr_s3cr3t_one"));
+  absl::StatusOr<std::shared_ptr<core::SecretSource>> source = core::SecretSource::Create(secret);
+  ASSERT_TRUE(source.ok());
+  auto link = std::make_shared<ChatLink>();
+  ProtocolOptions o;
+  o.url = "ws://127.0.0.1:9";
+  o.chat_id = "chat-1";
+  o.token = std::make_shared<StaticToken>(*source);
+  o.link = link;
+  Protocol p(std::move(o));
+  ASSERT_TRUE(p.PrepareHandshake().ok());
+  ASSERT_TRUE(p.OnOpen("").ok());
+  core::DisconnectInfo closed;
+  closed.was_open = true;
+  for (uint16_t code : {1001, 1011}) {
+    closed.close_code = code;
+    closed.reason = absl::UnavailableError(absl::StrCat("upstream closed the connection (code ", code, ")"));
+    EXPECT_EQ(p.Classify(closed), core::DisconnectKind::kClosedByPeer) << code;
+    EXPECT_TRUE(absl::StrContains(link->LastDrop(), absl::StrCat(code))) << link->LastDrop();
+  }
+  closed.close_code = 1008;
+  EXPECT_EQ(p.Classify(closed), core::DisconnectKind::kAuthRefused);  // the same key
+  dir.WriteFile("key", "nxr_s3cr3t_two");
+  (*source)->Refresh();
+  EXPECT_EQ(p.Classify(closed), core::DisconnectKind::kError);  // rotated: at once
+  ASSERT_TRUE(p.PrepareHandshake().ok());
+  EXPECT_EQ(p.Classify(closed), core::DisconnectKind::kAuthRefused);  // refused again: stands
 }
 
 // LoginToken and sessions against the emulator.

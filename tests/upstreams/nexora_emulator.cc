@@ -49,17 +49,28 @@ struct NexoraEmulator::Impl {
   absl::Status OnHandshake(const HandshakeInfo& info) {
     absl::MutexLock lock(&mu);
     NexoraUpgrade u = proto.OnUpgrade(info.target, NexoraClock::now());
+    absl::Status refusal;
     switch (u.status) {
       case 101:
         return absl::OkStatus();
       case 401:
-        return absl::UnauthenticatedError(u.message);
+        refusal = absl::UnauthenticatedError(u.message);
+        break;
       case 403:
-        return absl::PermissionDeniedError(u.message);
+        refusal = absl::PermissionDeniedError(u.message);
+        break;
+      case 429:
+        refusal = absl::ResourceExhaustedError(u.message);
+        break;
+      case 503:
+        refusal = absl::UnavailableError(u.message);
+        break;
       default:
         // The test server answers 400 for the rest (404 in the protocol's terms).
-        return absl::NotFoundError(u.message);
+        refusal = absl::NotFoundError(u.message);
+        break;
     }
+    return u.retry_after_s > 0 ? upstreams::WithRetryAfter(refusal, u.retry_after_s) : refusal;
   }
 
   void OnOpen(const std::shared_ptr<WsServerConnection>& c) {
@@ -113,6 +124,7 @@ struct NexoraEmulator::Impl {
         break;
       case NexoraAction::Kind::kClose:
         it->second->Close(a.close_code, a.close_reason);
+        conns.erase(it);  // nothing of its answers follows the close frame
         break;
       case NexoraAction::Kind::kDrop:
         // After the events the answer already sent: "drop after n events" must deliver n.
@@ -244,6 +256,19 @@ void NexoraEmulator::SetStepDelay(std::chrono::milliseconds d) {
   absl::MutexLock lock(&impl_->mu);
   impl_->proto.SetStepDelay(d);
 }
+void NexoraEmulator::SetApiKeys(std::vector<std::string> keys) {
+  absl::MutexLock lock(&impl_->mu);
+  impl_->proto.SetApiKeys(std::move(keys));
+}
+void NexoraEmulator::RefuseUpgrades(int status, std::string message, int count,
+                                    int retry_after_s) {
+  absl::MutexLock lock(&impl_->mu);
+  impl_->proto.RefuseUpgrades(status, std::move(message), count, retry_after_s);
+}
+void NexoraEmulator::CloseSockets(uint16_t code, std::string reason, std::string_view chat_id) {
+  absl::MutexLock lock(&impl_->mu);
+  impl_->Perform(impl_->proto.CloseSockets(chat_id, code, std::move(reason)), NexoraClock::now());
+}
 void NexoraEmulator::DropSockets(std::string_view chat_id) {
   absl::MutexLock lock(&impl_->mu);
   impl_->Perform(impl_->proto.DropSockets(chat_id), NexoraClock::now());
@@ -280,6 +305,10 @@ int NexoraEmulator::refused_logins() const {
 int NexoraEmulator::refused_upgrades() const {
   absl::MutexLock lock(&impl_->mu);
   return impl_->proto.refused_upgrades();
+}
+int NexoraEmulator::upgrades() const {
+  absl::MutexLock lock(&impl_->mu);
+  return impl_->proto.upgrades();
 }
 int NexoraEmulator::chats_created() const {
   absl::MutexLock lock(&impl_->mu);

@@ -21,13 +21,13 @@ namespace wsbridge::emulator {
 struct NexoraEmulatorOptions {
   std::string listen = "127.0.0.1:0";
   bool tls = false;
-  std::string cert_pem, key_pem;  // wss:// and https:// when tls
+  std::string cert_pem{}, key_pem{};  // wss:// and https:// when tls
   // Accepted API keys; empty = any key starting "nxr_" but not "nxr_bad".
-  std::vector<std::string> api_keys;
+  std::vector<std::string> api_keys{};
   // Accounts for the login endpoint: email -> password.
-  std::map<std::string, std::string> users;
+  std::map<std::string, std::string> users{};
   // Accepted agent ids for POST /api/chats; empty = any.
-  std::vector<std::string> agents;
+  std::vector<std::string> agents{};
   std::chrono::milliseconds jwt_lifetime{std::chrono::minutes(15)};
   // Pause between the events of an answer.
   std::chrono::milliseconds step_delay{2};
@@ -57,11 +57,18 @@ class NexoraEmulator {
   void SetAnswerPings(bool answer);
   void SetFinishAfterDrop(bool finish);
   void SetJwtLifetime(std::chrono::milliseconds d);
+  void SetApiKeys(std::vector<std::string> keys);
+  // Refuse the next `count` upgrades (-1: all until ClearFaults) with HTTP `status`: 429
+  // and 503 as such (Retry-After when `retry_after_s` > 0), any other status as 400 (the
+  // test server's limit, like the protocol's 404s).
+  void RefuseUpgrades(int status, std::string message, int count, int retry_after_s = 0);
   void SetStepDelay(std::chrono::milliseconds d);
   // Drop every open socket of a chat (all chats when empty), no close frame.
   void DropSockets(std::string_view chat_id = {});
   // Send a raw text frame to every open socket of a chat (all when empty).
   void Broadcast(std::string text, std::string_view chat_id = {});
+  // Close every open socket of a chat (all when empty) with a close frame and `code`.
+  void CloseSockets(uint16_t code, std::string reason, std::string_view chat_id = {});
 
   // Observations.
   int messages_received(std::string_view client_message_id) const;
@@ -71,6 +78,7 @@ class NexoraEmulator {
   int logins() const;
   int refused_logins() const;
   int refused_upgrades() const;
+  int upgrades() const;  // upgrade requests, accepted or refused
   int chats_created() const;
   int pings() const;
   int open_sockets(std::string_view chat_id) const;

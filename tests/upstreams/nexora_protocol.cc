@@ -144,9 +144,16 @@ void NexoraProtocol::DropMidAnswer(int after_steps, int count) {
   drop_fault_ = {after_steps, count};
 }
 
+void NexoraProtocol::RefuseUpgrades(int status, std::string message, int count,
+                                    int retry_after_s) {
+  upgrade_refusal_ = {status, "", std::move(message), retry_after_s};
+  upgrade_fault_ = {0, count};
+}
+
 void NexoraProtocol::ClearFaults() {
   error_fault_ = {};
   drop_fault_ = {};
+  upgrade_fault_ = {};
 }
 
 std::string NexoraProtocol::NewUuid() {
@@ -207,6 +214,11 @@ std::string NexoraProtocol::SocketChatId(std::string_view target) {
 
 NexoraUpgrade NexoraProtocol::OnUpgrade(std::string_view target, NexoraClock::time_point now) {
   NexoraUpgrade out;
+  ++upgrades_;
+  if (upgrade_fault_.Take()) {
+    ++refused_upgrades_;
+    return upgrade_refusal_;
+  }
   const size_t q = target.find('?');
   std::string_view query = q == std::string_view::npos ? "" : target.substr(q + 1);
   std::string chat = SocketChatId(target);
@@ -471,6 +483,21 @@ std::vector<NexoraAction> NexoraProtocol::Broadcast(std::string_view chat_id,
   std::vector<NexoraAction> out;
   for (const auto& [conn, chat] : conns_) {
     if (chat_id.empty() || chat == chat_id) out.push_back(SendAction(conn, text));
+  }
+  return out;
+}
+
+std::vector<NexoraAction> NexoraProtocol::CloseSockets(std::string_view chat_id, uint16_t code,
+                                                       std::string reason) const {
+  std::vector<NexoraAction> out;
+  for (const auto& [conn, chat] : conns_) {
+    if (!chat_id.empty() && chat != chat_id) continue;
+    NexoraAction a;
+    a.conn = conn;
+    a.kind = NexoraAction::Kind::kClose;
+    a.close_code = code;
+    a.close_reason = reason;
+    out.push_back(std::move(a));
   }
   return out;
 }

@@ -109,6 +109,7 @@ struct NexoraUpgrade {
   int status = 101;
   std::string chat_id;  // when accepted
   std::string message;  // why refused
+  int retry_after_s = 0;  // a refusal's Retry-After header (0 = none)
 };
 
 struct NexoraHttpAnswer {
@@ -149,11 +150,23 @@ class NexoraProtocol {
   void SetAnswerPings(bool answer) { answer_pings_ = answer; }
   void SetFinishAfterDrop(bool finish) { finish_after_drop_ = finish; }
   void SetJwtLifetime(std::chrono::milliseconds d) { options_.jwt_lifetime = d; }
+  // The accepted API keys from now on (empty = any "nxr_" key but "nxr_bad..."): a
+  // rotation. Open sockets stay open (the token is checked at the upgrade only).
+  void SetApiKeys(std::vector<std::string> keys) { options_.api_keys = std::move(keys); }
+  // The next `count` upgrade requests (-1: all until cleared by count 0) are refused with
+  // HTTP `status` and `message` (and Retry-After when `retry_after_s` > 0) before any
+  // other check: an overloaded or failing gateway in front of the service.
+  void RefuseUpgrades(int status, std::string message, int count, int retry_after_s = 0);
   void SetStepDelay(std::chrono::milliseconds d) { options_.step_delay = d; }
   // Drop every open socket (of one chat, or all when `chat_id` is empty).
   std::vector<NexoraAction> DropSockets(std::string_view chat_id) const;
   // A raw text frame to every open socket of a chat (all when empty).
   std::vector<NexoraAction> Broadcast(std::string_view chat_id, std::string text) const;
+  // Close every open socket of a chat (all when empty) with a close frame: `code` 1001
+  // (going away: a restart), 1008 (policy violation: a revoked token), 1011 (internal
+  // error). Their answers in progress are interrupted as on a drop.
+  std::vector<NexoraAction> CloseSockets(std::string_view chat_id, uint16_t code,
+                                         std::string reason) const;
 
   // Observations.
   // "message" frames received with this client_message_id (all chats).
@@ -165,6 +178,7 @@ class NexoraProtocol {
   int logins() const { return logins_; }                    // successful
   int refused_logins() const { return refused_logins_; }
   int refused_upgrades() const { return refused_upgrades_; }
+  int upgrades() const { return upgrades_; }  // upgrade requests, accepted or refused
   int chats_created() const { return chats_created_; }
   int pings() const { return pings_; }
   int open_sockets(std::string_view chat_id) const;
@@ -211,6 +225,8 @@ class NexoraProtocol {
   Fault error_fault_;
   std::string error_code_, error_message_;
   Fault drop_fault_;
+  Fault upgrade_fault_;
+  NexoraUpgrade upgrade_refusal_;
   bool answer_pings_ = true;
   bool finish_after_drop_ = false;
 
@@ -225,6 +241,7 @@ class NexoraProtocol {
   int logins_ = 0;
   int refused_logins_ = 0;
   int refused_upgrades_ = 0;
+  int upgrades_ = 0;
   int chats_created_ = 0;
   int pings_ = 0;
 };

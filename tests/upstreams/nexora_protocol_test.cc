@@ -361,5 +361,38 @@ TEST_F(NexoraProtocolTest, SocketObservations) {
   EXPECT_EQ(b[0].conn, 3u);
 }
 
+// Fault switches of the scenario suites: refused upgrades (any status, Retry-After, a
+// count), close frames with a code, a key rotation.
+TEST_F(NexoraProtocolTest, RefusedUpgradesCloseCodesAndRotatedKeys) {
+  proto_.RefuseUpgrades(429, "slow down", 2, 30);
+  for (int i = 0; i < 2; ++i) {
+    NexoraUpgrade u = proto_.OnUpgrade("/api/ws/c1?token=nxr_k", t0_);
+    EXPECT_EQ(u.status, 429);
+    EXPECT_EQ(u.message, "slow down");
+    EXPECT_EQ(u.retry_after_s, 30);
+  }
+  EXPECT_EQ(proto_.OnUpgrade("/api/ws/c1?token=nxr_k", t0_).status, 101);
+  EXPECT_EQ(proto_.upgrades(), 3);
+  EXPECT_EQ(proto_.refused_upgrades(), 2);
+  proto_.RefuseUpgrades(503, "maintenance", -1);
+  EXPECT_EQ(proto_.OnUpgrade("/api/ws/c1?token=nxr_k", t0_).status, 503);
+  proto_.ClearFaults();
+  EXPECT_EQ(proto_.OnUpgrade("/api/ws/c1?token=nxr_k", t0_).status, 101);
+
+  Open(1, "a");
+  Open(2, "b");
+  std::vector<NexoraAction> closes = proto_.CloseSockets("a", 1008, "API key revoked");
+  ASSERT_EQ(closes.size(), 1u);
+  EXPECT_EQ(closes[0].conn, 1u);
+  EXPECT_EQ(closes[0].kind, NexoraAction::Kind::kClose);
+  EXPECT_EQ(closes[0].close_code, 1008);
+  EXPECT_EQ(closes[0].close_reason, "API key revoked");
+  EXPECT_EQ(proto_.CloseSockets("", 1001, "bye").size(), 2u);
+
+  proto_.SetApiKeys({"nxr_new"});
+  EXPECT_EQ(proto_.OnUpgrade("/api/ws/c1?token=nxr_k", t0_).status, 401);
+  EXPECT_EQ(proto_.OnUpgrade("/api/ws/c1?token=nxr_new", t0_).status, 101);
+}
+
 }  // namespace
 }  // namespace wsbridge::emulator
