@@ -233,6 +233,10 @@ Kit DfxKit() {
           stream;
       std::string mid;
       std::vector<int> acked;
+      // A results subscriber too: a server stream beside the bidi one.
+      grpc::ClientContext sub_ctx;
+      std::unique_ptr<grpc::ClientReader<dfx::v1::SubscribeResultsResponse>> results;
+      int results_seen = 0;
     };
     auto st = std::make_shared<State>();
     st->stub = dfx::v1::DfxService::NewStub(ch);
@@ -246,6 +250,11 @@ Kit DfxKit() {
       EXPECT_TRUE(s.ok()) << s.error_message();
       st->mid = resp.measurement_id();
     }
+    Deadline(st->sub_ctx, 60s);
+    dfx::v1::SubscribeResultsRequest sreq;
+    sreq.set_measurement_id(st->mid);
+    st->results = st->stub->SubscribeResults(&st->sub_ctx, sreq);
+    st->results->WaitForInitialMetadata();  // acknowledged upstream
     Deadline(st->ctx, 60s);
     st->stream = st->stub->StreamMeasurement(&st->ctx);
     // A few chunks acknowledged (n of them, at least one), the stream left open.
@@ -277,6 +286,13 @@ Kit DfxKit() {
       return st->stream->Finish();
     };
     out->check = [st, &emu](const grpc::Status& s) {
+      // The results stream ends the same way, after the results it had.
+      dfx::v1::SubscribeResultsResponse r;
+      while (st->results->Read(&r)) st->results_seen += r.results_size();
+      grpc::Status sub = st->results->Finish();
+      EXPECT_EQ(sub.error_code(), grpc::StatusCode::UNAVAILABLE) << sub.error_message();
+      EXPECT_TRUE(absl::StrContains(sub.error_message(), "shutting down")) << sub.error_message();
+      EXPECT_LE(st->results_seen, static_cast<int>(st->acked.size()));
       // The documented drain answer carries where to resume.
       const int last = st->acked.empty() ? -1 : st->acked.back();
       EXPECT_EQ(ErrorMetadata(s, "last_acked_chunk_order"), std::to_string(last)) << s.error_message();
@@ -550,8 +566,10 @@ Kit NexoraKit() {
 class AcceptLog {
  public:
   explicit AcceptLog(const FaultProxy& proxy) : proxy_(proxy) {
-    thread_ = std::thread([this] {
-      uint64_t seen = proxy_.counters().connections_accepted;
+    // Counted from now, not from whenever the thread gets to run.
+    const uint64_t start = proxy_.counters().connections_accepted;
+    thread_ = std::thread([this, start] {
+      uint64_t seen = start;
       while (!stop_.load()) {
         const uint64_t now = proxy_.counters().connections_accepted;
         if (now != seen) {
@@ -798,8 +816,10 @@ TEST_P(EveryBridgeFaultTest, RefusingForMinutesCapsTheBackoffAndRecovers) {
   const auto call_took = Clock::now() - call_start;
   EXPECT_EQ(down.error_code(), grpc::StatusCode::UNAVAILABLE) << down.error_message();
   EXPECT_TRUE(absl::StrContains(down.error_message(), "unreachable since")) << down.error_message();
-  // "Fast": well under the 5 s the call would wait for the session (generous for load).
-  EXPECT_LT(call_took, 4s);
+  // Fast: refused at admission, not after waiting out the session's 5 s request timeout
+  // (that answer says it waited). The time is recorded, not asserted.
+  EXPECT_FALSE(absl::StrContains(down.error_message(), "waited")) << down.error_message();
+  RecordProperty("fail_fast_ms", static_cast<int>(std::chrono::duration_cast<Ms>(call_took).count()));
   // Many backoff periods.
   WaitFor([&] { return Clock::now() - outage_start >= 6s; }, 7s);  // the outage's length
   const std::vector<Clock::time_point> attempts = log.times();
@@ -867,8 +887,9 @@ TEST_P(EveryBridgeFaultTest, AllSessionsDroppedAtOnceReconnectSpreadOut) {
   // Every session back (a generous deadline: the first cap is 500 ms).
   ASSERT_TRUE(WaitFor([&] { return proxy_->counters().connections_open >= static_cast<uint64_t>(total); }, 30s))
       << proxy_->counters().connections_open << " of " << total;
+  // The log samples the proxy's counters: let it see the last accept too.
+  ASSERT_TRUE(WaitFor([&] { return log.count() >= static_cast<size_t>(total); }));
   std::vector<Clock::time_point> t = log.times();
-  ASSERT_GE(t.size(), static_cast<size_t>(total));
   std::vector<double> after;
   for (const auto& x : t) after.push_back(std::chrono::duration<double, std::milli>(x - dropped_at).count());
   Spread s = Summarize(after);
