@@ -111,7 +111,6 @@ class OutdatedTlsUpstream : public Upstream {
   uint16_t port() const override { return server->port(); }
   ~OutdatedTlsUpstream() override {
     if (server) server->Stop();
-    EXPECT_EQ(opened.load(), 0) << "a WebSocket opened over TLS <= 1.1";
   }
 
   std::unique_ptr<upstreams::WsServer> server;
@@ -178,7 +177,19 @@ struct Kit {
       make;
   Probe probe;
   OpenStream open_stream;
+  // What got past TLS upstream: WebSocket upgrade requests (DFX: connections opened,
+  // Emogg: logins).
+  std::function<int(Upstream&)> past_tls;
 };
+
+// The stand-in counts its opened WebSockets; an emulator through `count`.
+template <typename Emulator>
+std::function<int(Upstream&)> PastTls(int (*count)(const Emulator&)) {
+  return [count](Upstream& up) {
+    if (auto* old = dynamic_cast<OutdatedTlsUpstream*>(&up)) return old->opened.load();
+    return count(static_cast<EmulatorUpstream<Emulator>&>(up).emulator());
+  };
+}
 
 void Deadline(grpc::ClientContext& ctx, Ms d) {
   ctx.set_deadline(std::chrono::system_clock::now() + d);
@@ -211,6 +222,7 @@ Kit DfxKit() {
     o.rate_limit_retry = 50ms;
     return dfx::NewDfxBridge(std::move(o), ctx);
   };
+  k.past_tls = PastTls<emulator::DfxEmulator>(+[](const emulator::DfxEmulator& e) { return e.connections(); });
   k.probe = [](const Channel& ch, int caller, bool wait) {
     auto stub = dfx::v1::DfxService::NewStub(ch);
     grpc::ClientContext ctx;
@@ -339,6 +351,8 @@ Kit EmoggKit() {
     o.limits.control_reserve = 8;
     return emogg::NewEmoggBridge(std::move(o), ctx);
   };
+  k.past_tls =
+      PastTls<emulator::EmoggEmulator>(+[](const emulator::EmoggEmulator& e) { return e.auth_successes(); });
   k.probe = [](const Channel& ch, int caller, bool wait) {
     auto stub = emogg::v1::EmoggService::NewStub(ch);
     grpc::ClientContext ctx;
@@ -424,6 +438,7 @@ Kit NlxKit() {
     o.check_interval = 20ms;
     return nlx::NewNlxBridge(std::move(o), ctx);
   };
+  k.past_tls = PastTls<emulator::NlxEmulator>(+[](const emulator::NlxEmulator& e) { return e.handshakes(); });
   k.probe = [](const Channel& ch, int caller, bool wait) {
     auto stub = nlx::v1::NlxService::NewStub(ch);
     grpc::ClientContext ctx;
@@ -503,6 +518,8 @@ Kit NexoraKit() {
     o.http_timeout = s.request_timeout;
     return nexora::NewNexoraBridge(std::move(o), ctx);
   };
+  k.past_tls =
+      PastTls<emulator::NexoraEmulator>(+[](const emulator::NexoraEmulator& e) { return e.upgrades(); });
   k.probe = [](const Channel& ch, int caller, bool wait) {
     auto stub = nexora::v1::NexoraService::NewStub(ch);
     grpc::ClientContext ctx;
@@ -739,6 +756,8 @@ class EveryBridgeBadTlsTest : public EveryBridgeFaultTest {
     if (kit().always_on_session) {
       EXPECT_GE(attempts, 1u) << "the bridge stopped retrying";
     }
+    // Nothing ever got past TLS.
+    EXPECT_EQ(kit().past_tls(*upstream_), 0);
     // Never served: health says so where an always-on session decides it.
     if (kit().always_on_session) {
       EXPECT_FALSE(harness_->bridge()->Serving());
