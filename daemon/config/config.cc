@@ -312,10 +312,20 @@ absl::StatusOr<v1::DaemonConfig> LoadConfigString(std::string_view yaml,
   try {
     docs = YAML::LoadAll(std::string(yaml));
   } catch (const YAML::Exception& e) {
-    // yaml-cpp's messages name the syntax problem, never the document's content.
+    // yaml-cpp's messages name the syntax problem, never the document's content, but
+    // some end with the offending character as is ("unknown escape character: " and a
+    // raw line break or control byte): escaped, so an error stays one printable line.
+    std::string msg;
+    for (unsigned char c : e.msg) {
+      if (c < 0x20 || c == 0x7f) {
+        absl::StrAppend(&msg, "\\x", absl::Hex(c, absl::kZeroPad2));
+      } else {
+        msg.push_back(static_cast<char>(c));
+      }
+    }
     std::optional<YAML::Mark> mark;
     if (!e.mark.is_null()) mark = e.mark;
-    diag.Add(mark, "", absl::StrCat("invalid YAML: ", e.msg, " (fix the syntax here)"));
+    diag.Add(mark, "", absl::StrCat("invalid YAML: ", msg, " (fix the syntax here)"));
     return diag.ToStatus();
   }
   if (docs.size() > 1) {

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <string_view>
 
@@ -94,6 +95,9 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string_view in(reinterpret_cast<const char*>(data), size);
   absl::StatusOr<v1::DaemonConfig> config = wsbridge::config::LoadConfigString(in, kSource);
+  // CONFIG_FUZZ_VERBOSE=1: print what the loader said (for seed authors).
+  static const bool verbose = std::getenv("CONFIG_FUZZ_VERBOSE") != nullptr;
+  if (verbose) std::fprintf(stderr, "%s\n", config.status().ToString().c_str());
   if (!config.ok()) {
     const absl::Status& st = config.status();
     if (st.code() != absl::StatusCode::kInvalidArgument || st.message().empty()) __builtin_trap();
