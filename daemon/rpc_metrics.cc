@@ -1,5 +1,6 @@
 #include "daemon/rpc_metrics.h"
 
+#include <atomic>
 #include <utility>
 
 
@@ -15,14 +16,14 @@ class RpcMetricsInterceptor final : public grpc::experimental::Interceptor {
   // The interceptor lives as long as the call, so this is when the call is over.
   ~RpcMetricsInterceptor() override {
     // A call that ended without sending a status was cancelled.
-    if (!recorded_) tracker_->Record(label_, grpc::StatusCode::CANCELLED);
+    if (!recorded_.load(std::memory_order_acquire)) tracker_->Record(label_, grpc::StatusCode::CANCELLED);
     tracker_->Finished(holds_drain_);
   }
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
-    if (!recorded_ && methods->QueryInterceptionHookPoint(
-                          grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
-      recorded_ = true;
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS) &&
+        !recorded_.exchange(true, std::memory_order_acq_rel)) {
       tracker_->Record(label_, methods->GetSendStatus().error_code());
     }
     methods->Proceed();
@@ -32,7 +33,10 @@ class RpcMetricsInterceptor final : public grpc::experimental::Interceptor {
   std::shared_ptr<RpcTracker> tracker_;
   std::string label_;
   bool holds_drain_;
-  bool recorded_ = false;
+  // gRPC runs a call's interceptor for each batch on whichever thread completes it: the
+  // send-status batch and the call's completion (POST_RECV_CLOSE) can run at the same
+  // time on two threads, and the destructor on a third.
+  std::atomic<bool> recorded_{false};
 };
 
 class RpcMetricsInterceptorFactory final
