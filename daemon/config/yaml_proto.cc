@@ -431,7 +431,13 @@ class Parser {
     }
     std::string hint = best.empty() ? known_list
                                     : absl::StrCat("did you mean \"", best, "\"? ", known_list);
-    diag_.Add(key.Mark(), JoinPath(path, name),
+    // The key joins the path only when it is a plain name; a long one, or one with line
+    // breaks or control bytes, is shown only quoted and cut in the message.
+    const bool plain = name.size() <= kMaxEchoChars &&
+                       std::all_of(name.begin(), name.end(), [](unsigned char c) {
+                         return absl::ascii_isalnum(c) || c == '_' || c == '-' || c == '.';
+                       });
+    diag_.Add(key.Mark(), plain ? JoinPath(path, name) : path,
               absl::StrCat("unknown key ", Quote(name), " (", hint, ")"));
   }
 
