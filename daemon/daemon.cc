@@ -403,6 +403,17 @@ absl::Status Daemon::Impl::BuildBridges() {
     context.calls = &bridge_calls;
     context.authorize = authorize;
     context.health_changed = [this] { asio::post(control, [this] { PublishHealth(); }); };
+    // A config loaded from YAML has every default applied; one built in code may leave
+    // limits out, and then the bridge's own values stay.
+    if (bridge_config.has_limits()) {
+      const auto& limits = bridge_config.limits();
+      if (limits.max_waiting_calls() > 0) context.limits.max_waiting_calls = limits.max_waiting_calls();
+      if (limits.has_refusal_memory()) {
+        context.limits.refusal_memory = absl::ToChronoNanoseconds(
+            ToDuration(limits.refusal_memory(), absl::ZeroDuration()));
+      }
+      context.limits.max_sessions_per_caller = limits.max_sessions_per_caller();
+    }
     auto bridge = (*factory)(reflection->GetMessage(bridge_config, field), context);
     if (!bridge.ok()) {
       return absl::Status(bridge.status().code(),

@@ -4,9 +4,11 @@
 #pragma once
 
 #include <cstdint>
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -41,6 +43,14 @@ class CallObserver {
   virtual void Finished(std::string_view method, grpc::StatusCode code) = 0;
 };
 
+// Limits on what callers can make any bridge hold, from the daemon config's
+// `bridges[].limits` (CallerLimits in daemon.proto). Unset: the bridge's own value.
+struct CallerLimits {
+  std::optional<size_t> max_waiting_calls;
+  std::optional<std::chrono::nanoseconds> refusal_memory;
+  std::optional<uint32_t> max_sessions_per_caller;
+};
+
 // What the daemon gives a bridge.
 struct BridgeContext {
   std::string name;                       // instance name from config
@@ -56,6 +66,8 @@ struct BridgeContext {
   std::function<void()> health_changed;
   // Where a bridge whose ObservesOwnCalls() is true reports its calls; never null then.
   CallObserver* calls = nullptr;
+  // Applied by BridgeBase over the bridge's own defaults.
+  CallerLimits limits;
 };
 
 class Bridge {

@@ -33,6 +33,13 @@ void BridgeBase::InitPool(SessionPoolOptions options, SessionPool::SessionFactor
                           std::shared_ptr<SecretSource> default_credential) {
   options.bridge = context_.name;
   options.upstream = upstream_;
+  const CallerLimits& limits = context_.limits;
+  if (limits.refusal_memory.has_value()) {
+    options.refusal_memory = std::chrono::duration_cast<Duration>(*limits.refusal_memory);
+  }
+  if (limits.max_sessions_per_caller.has_value()) {
+    options.max_sessions_per_caller = *limits.max_sessions_per_caller;
+  }
   credentials_ = std::move(credentials);
   pool_ = std::make_unique<SessionPool>(std::move(options), context_.executor, std::move(factory),
                                         [this] { HealthChanged(); });

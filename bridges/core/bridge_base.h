@@ -69,9 +69,11 @@ class BridgeBase : public Bridge {
   // holds at most one entry in its completion-queue loop's mailbox, so this also bounds
   // the mailboxes.
   void set_max_open_calls(size_t n) { max_open_calls_ = n; }
-  // Calls that asked to wait for an unreachable upstream ("x-wsbridge-wait-for-ready:
-  // true" metadata) beyond which new ones fail RESOURCE_EXHAUSTED; the rest fail fast.
-  void set_max_waiting_calls(size_t n) { max_waiting_calls_ = n; }
+  // The bridge's own bound on calls waiting for an unreachable upstream; the daemon
+  // config's `limits.max_waiting_calls` (always set when loaded from YAML) wins over it.
+  void set_max_waiting_calls(size_t n) {
+    max_waiting_calls_ = context_.limits.max_waiting_calls.value_or(n);
+  }
   // The session for a call that passed Admit and validation: the per-call credential
   // from metadata when present (and allowed), else the default one.
   absl::StatusOr<Lease> SessionFor(const grpc::ServerContextBase& ctx);
@@ -114,7 +116,9 @@ class BridgeBase : public Bridge {
   ActiveCalls calls_;
   std::atomic<bool> draining_{false};
   size_t max_open_calls_ = 100000;
-  size_t max_waiting_calls_ = 1000;
+  // Calls that asked to wait for an unreachable upstream ("x-wsbridge-wait-for-ready:
+  // true" metadata) beyond which new ones fail RESOURCE_EXHAUSTED; the rest fail fast.
+  size_t max_waiting_calls_ = context_.limits.max_waiting_calls.value_or(1000);
   std::shared_ptr<std::atomic<size_t>> waiting_calls_ = std::make_shared<std::atomic<size_t>>(0);
   std::unique_ptr<SessionPool> pool_;
 };

@@ -482,7 +482,7 @@ bridges:
     acme: {}
 )");
   EXPECT_THAT(e, HasSubstr("test.yaml:5:5: bridges[0].acme: unknown key \"acme\" (known keys: "
-                           "name, dfx, nlx, emogg, nexora)"));
+                           "name, dfx, nlx, emogg, nexora, limits)"));
 }
 
 TEST(ConfigErrors, BridgeWithoutKind) {

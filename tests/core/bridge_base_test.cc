@@ -54,6 +54,12 @@ class BridgeBaseTest : public ::testing::Test {
     return st;
   }
 
+  // Sets the bridge's caller limits in the daemon config, as an operator does.
+  static std::function<void(config::v1::DaemonConfig&)> Limits(
+      std::function<void(config::v1::CallerLimits&)> set) {
+    return [set](config::v1::DaemonConfig& c) { set(*c.mutable_bridges(0)->mutable_limits()); };
+  }
+
   FakeUpstream upstream_;
   FakeDaemon daemon_;
 };
@@ -241,9 +247,7 @@ TEST_F(BridgeBaseTest, AdminListsAndClosesSessions) {
 // through once the upstream is back.
 TEST_F(BridgeBaseTest, AnUnreachableUpstreamFailsCallsFastUnlessTheyAskToWait) {
   upstream_.Refuse(absl::UnavailableError("down for maintenance"));
-  FakeBridgeOptions o = Options();
-  o.max_waiting_calls = 2;
-  ASSERT_TRUE(daemon_.Start(o).ok());
+  ASSERT_TRUE(daemon_.Start(Options(), Limits([](auto& l) { l.set_max_waiting_calls(2); })).ok());
   // A second handshake: the first attempt failed and the session knows it.
   ASSERT_TRUE(WaitFor([&] { return upstream_.handshakes() >= 2; }, 10s));
   grpc::Status st = Echo("x");
@@ -311,8 +315,7 @@ TEST_F(BridgeBaseTest, ARefusedPerCallCredentialFreesItsSlotAndIsRemembered) {
 TEST_F(BridgeBaseTest, SessionsPerCallerAreBounded) {
   FakeBridgeOptions o = Options(/*default_token=*/false);
   o.max_sessions = 10;
-  o.max_sessions_per_caller = 2;
-  ASSERT_TRUE(daemon_.Start(o).ok());
+  ASSERT_TRUE(daemon_.Start(o, Limits([](auto& l) { l.set_max_sessions_per_caller(2); })).ok());
   ASSERT_TRUE(Echo("a", "tenant-a").ok());
   ASSERT_TRUE(Echo("b", "tenant-b").ok());
   grpc::Status third = Echo("c", "tenant-c");
@@ -329,9 +332,9 @@ TEST_F(BridgeBaseTest, SessionsPerCallerAreBounded) {
 // Once the refusal memory is over, the credential gets one fresh upstream attempt (a
 // token that was fixed upstream starts working without a restart).
 TEST_F(BridgeBaseTest, ARememberedRefusalExpiresIntoAFreshAttempt) {
-  FakeBridgeOptions o = Options();
-  o.refusal_memory = 200ms;
-  ASSERT_TRUE(daemon_.Start(o).ok());
+  ASSERT_TRUE(daemon_.Start(Options(), Limits([](auto& l) {
+                l.mutable_refusal_memory()->set_nanos(200'000'000);
+              })).ok());
   ASSERT_EQ(Echo("x", "bad-token").error_code(), grpc::StatusCode::UNAUTHENTICATED);
   ASSERT_TRUE(WaitFor([&] { return daemon_.sessions() == 1; }, 10s));  // only the default
   const int logins = upstream_.Count("login|bad-token");

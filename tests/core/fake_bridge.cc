@@ -45,9 +45,7 @@ class FakeBridge final : public BridgeBase, public FakeServiceBase {
         options_(std::move(options)) {
     InitPool(
         {.max_sessions = options_.max_sessions,
-         .idle_timeout = options_.idle_session_timeout,
-         .refusal_memory = options_.refusal_memory,
-         .max_sessions_per_caller = options_.max_sessions_per_caller},
+         .idle_timeout = options_.idle_session_timeout},
         [this](const std::string& id, std::shared_ptr<SecretSource> token, bool pinned) {
           SessionOptions so =
               BaseSessionOptions(id, pinned, options_.connection, kFakeDomain);
@@ -61,7 +59,6 @@ class FakeBridge final : public BridgeBase, public FakeServiceBase {
         CredentialPolicy{std::string(kFakeTokenMetadata), options_.allow_per_call},
         options_.default_token);
     set_max_open_calls(options_.max_open_calls);
-    set_max_waiting_calls(options_.max_waiting_calls);
   }
 
   std::vector<grpc::Service*> Services() override { return {this}; }

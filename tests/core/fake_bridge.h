@@ -36,9 +36,6 @@ struct FakeBridgeOptions {
   Duration idle_session_timeout = std::chrono::minutes(5);
   uint32_t max_sessions = 100;
   size_t max_open_calls = 100000;
-  size_t max_waiting_calls = 1000;
-  Duration refusal_memory = std::chrono::seconds(10);
-  uint32_t max_sessions_per_caller = 0;
   // Events queued per Watch stream before SLOW_CONSUMER.
   size_t subscriber_queue = 64;
 };
