@@ -20,7 +20,7 @@ void CqLoop::Loop() {
   while (cq_->Next(&tag, &ok)) static_cast<CqTag*>(tag)->Run(ok);
 }
 
-void CqLoop::Post(std::function<void()> fn) {
+void CqLoop::Post(Task fn) {
   absl::MutexLock lock(&mu_);
   if (shutting_down_) return;
   mailbox_.push_back(std::move(fn));
@@ -35,13 +35,13 @@ void CqLoop::Post(std::function<void()> fn) {
 void CqLoop::RunMailbox(bool /*ok*/) {
   // `ok` is false only when the alarm was cancelled (shutdown); run what is there anyway
   // so that no posted cleanup is lost.
-  std::vector<std::function<void()>> batch;
   {
     absl::MutexLock lock(&mu_);
     alarm_set_ = false;
-    batch.swap(mailbox_);
+    batch_.swap(mailbox_);
   }
-  for (auto& fn : batch) fn();
+  for (auto& fn : batch_) fn();
+  batch_.clear();
 }
 
 void CqLoop::Shutdown() {
@@ -57,7 +57,7 @@ void CqLoop::Shutdown() {
     // Never started: drain here so that every tag still gets its Run(false).
     Loop();
   }
-  std::vector<std::function<void()>> rest;
+  std::vector<Task> rest;
   {
     absl::MutexLock lock(&mu_);
     joined_ = true;

@@ -21,6 +21,7 @@
 #include <grpcpp/completion_queue.h>
 
 #include "absl/synchronization/mutex.h"
+#include "bridges/core/inplace_function.h"
 
 namespace wsbridge::core {
 
@@ -58,7 +59,10 @@ class CqLoop {
   void Start();
   // Runs `fn` on the loop thread, after everything posted before it. Dropped after
   // Shutdown() began.
-  void Post(std::function<void()> fn);
+  // What Post() takes: captures of up to 64 bytes (a call's shared_ptr and an answer)
+  // are held without a heap allocation.
+  using Task = InplaceFunction<void(), 64>;
+  void Post(Task fn);
   // Call after the gRPC server has shut down: shuts the queue down, lets the thread
   // drain every remaining tag (ok = false) and joins it. Idempotent.
   void Shutdown();
@@ -89,7 +93,10 @@ class CqLoop {
   std::thread thread_;
   MailboxTag mailbox_tag_{this};
   absl::Mutex mu_;
-  std::vector<std::function<void()>> mailbox_ ABSL_GUARDED_BY(mu_);
+  std::vector<Task> mailbox_ ABSL_GUARDED_BY(mu_);
+  // The batch being run, swapped with mailbox_ so that both keep their capacity (a
+  // post then costs no allocation). Loop thread only.
+  std::vector<Task> batch_;
   // The alarm that wakes the loop for the mailbox; set at most once at a time.
   grpc::Alarm alarm_ ABSL_GUARDED_BY(mu_);
   bool alarm_set_ ABSL_GUARDED_BY(mu_) = false;

@@ -35,6 +35,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "bridges/core/connection.h"
+#include "bridges/core/inplace_function.h"
 #include "bridges/core/metrics.h"
 #include "wsbridge/admin/v1/admin.pb.h"
 
@@ -48,6 +49,9 @@ struct Payload {
   virtual ~Payload() = default;
 };
 using PayloadPtr = std::shared_ptr<const Payload>;
+// A payload with one owner so far (a decoded frame, a reply): the one it goes to may take
+// its parts (e.g. move a body out) instead of copying them.
+using OwnedPayloadPtr = std::shared_ptr<Payload>;
 
 // A frame to send.
 struct Outbound {
@@ -81,7 +85,7 @@ struct Inbound {
   // kReply: the upstream asks for the same request again after this pause (e.g. a rate
   // limit); honoured RequestOptions::max_retries times, then delivered as `status`.
   std::optional<Duration> retry_after;
-  PayloadPtr payload;
+  OwnedPayloadPtr payload;
 };
 
 // How a session logs in once the WebSocket is open.
@@ -155,7 +159,7 @@ class Protocol {
 
 // One answer to a request: a final reply or one of a stream of replies.
 struct Reply {
-  PayloadPtr payload;
+  OwnedPayloadPtr payload;  // the callback's own: it may move parts out
   bool final = true;
 };
 
@@ -166,8 +170,9 @@ enum class OnDrop {
 };
 
 struct Request {
-  // Encodes the frame for `route` (on the strand, each time it is sent).
-  std::function<absl::StatusOr<Outbound>(std::string_view route)> encode;
+  // Encodes the frame for `route` (on the strand, each time it is sent). Captures of up
+  // to 64 bytes (e.g. two strings) are held without a heap allocation.
+  InplaceFunction<absl::StatusOr<Outbound>(std::string_view route), 64> encode;
   std::string hint;  // for Protocol::NewRoute (e.g. an action id)
   std::string what;  // for messages: "the request (action 0504)"
   // The caller's deadline for the whole request (waiting and in flight); the session
@@ -180,8 +185,9 @@ struct Request {
 };
 
 // Called on the strand: each reply, then (for streams) more until a final one or an
-// error. Exactly one final call unless cancelled.
-using ReplyCallback = std::function<void(absl::StatusOr<Reply>)>;
+// error. Exactly one final call unless cancelled. Captures of up to 48 bytes are held
+// without a heap allocation.
+using ReplyCallback = InplaceFunction<void(absl::StatusOr<Reply>), 48>;
 
 struct SubscribedInfo {
   // The upstream subscription was restored after a reconnect: events between gap_from

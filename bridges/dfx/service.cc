@@ -215,9 +215,9 @@ class AsyncCall final
               call.FinishWith(core::ToGrpcStatus(answer.status()));
               return;
             }
-            const auto& a = static_cast<const Answer&>(*answer->payload);
+            auto& a = static_cast<Answer&>(*answer->payload);
             call.resp_.set_status(static_cast<uint32_t>(a.status));
-            call.resp_.set_json_body(a.body);
+            call.resp_.set_json_body(std::move(a.body));
             call.FinishWith(grpc::Status::OK);
           });
         });

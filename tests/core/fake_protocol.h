@@ -32,7 +32,7 @@ struct Text final : Payload {
   std::string body;
 };
 
-inline PayloadPtr MakeText(std::string body) { return std::make_shared<Text>(std::move(body)); }
+inline OwnedPayloadPtr MakeText(std::string body) { return std::make_shared<Text>(std::move(body)); }
 inline const std::string& BodyOf(const PayloadPtr& p) { return static_cast<const Text&>(*p).body; }
 
 class FakeProtocol final : public Protocol {
