@@ -1,16 +1,19 @@
 #include "bridges/core/log.h"
 
 #include <atomic>
+#include <bitset>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/node_hash_map.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
-#include "absl/strings/str_replace.h"
 #include "absl/synchronization/mutex.h"
 
 namespace wsbridge::log {
@@ -19,14 +22,69 @@ namespace {
 std::atomic<int> g_level{static_cast<int>(Level::kInfo)};
 std::atomic<bool> g_json{false};
 
+// The registered secrets, each with the number of registrations holding it, indexed by
+// their first four bytes: redacting a line then costs a bit test per byte of the line
+// (and a lookup where the test passes), not a search per secret. Per-call credentials
+// make thousands of secrets, registered while their sessions live.
+struct SecretSet {
+  absl::node_hash_map<std::string, size_t> holders;  // node map: the index points into it
+  absl::flat_hash_map<uint32_t, std::vector<const std::string*>> by_head;
+  std::bitset<65536> first_two;  // the first two bytes of some secret
+  absl::flat_hash_map<uint16_t, uint32_t> with_first_two;  // how many secrets start so
+};
+
 absl::Mutex g_secrets_mu;
-std::vector<std::string>& Secrets() ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_secrets_mu) {
-  static auto* secrets = new std::vector<std::string>();
+SecretSet& Secrets() ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_secrets_mu) {
+  static auto* secrets = new SecretSet();
   return *secrets;
+}
+
+uint32_t Head4(const char* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+uint16_t Head2(const char* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// Very short values would redact ordinary text; they are not credentials anyway.
+constexpr size_t kMinSecret = 4;
+
+const std::string* AddSecret(std::string_view secret) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_secrets_mu) {
+  SecretSet& set = Secrets();
+  auto [it, added] = set.holders.try_emplace(std::string(secret), 0);
+  ++it->second;
+  if (added) {
+    set.by_head[Head4(it->first.data())].push_back(&it->first);
+    const uint16_t two = Head2(it->first.data());
+    ++set.with_first_two[two];
+    set.first_two.set(two);
+  }
+  return &it->first;
+}
+
+void DropSecret(const std::string* secret) ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_secrets_mu) {
+  SecretSet& set = Secrets();
+  auto it = set.holders.find(*secret);
+  if (it == set.holders.end() || --it->second > 0) return;
+  const uint32_t head = Head4(secret->data());
+  auto& same_head = set.by_head[head];
+  std::erase(same_head, &it->first);
+  if (same_head.empty()) set.by_head.erase(head);
+  const uint16_t two = Head2(secret->data());
+  if (--set.with_first_two[two] == 0) {
+    set.with_first_two.erase(two);
+    set.first_two.reset(two);
+  }
+  set.holders.erase(it);
 }
 
 // Writes go through one mutex so concurrent lines never interleave.
 absl::Mutex g_write_mu;
+std::function<void(std::string_view)> g_observer ABSL_GUARDED_BY(g_write_mu);
 
 // Repeat summarising (SetRepeatLimit). Keyed by level, component and message.
 struct Repeat {
@@ -237,23 +295,57 @@ void Configure(Level level, bool json) {
 bool Enabled(Level level) { return static_cast<int>(level) >= g_level.load(std::memory_order_relaxed); }
 
 void RegisterSecret(std::string_view secret) {
-  // Very short values would redact ordinary text; they are not credentials anyway.
-  if (secret.size() < 4) return;
+  if (secret.size() < kMinSecret) return;
   absl::MutexLock lock(&g_secrets_mu);
-  for (const auto& s : Secrets()) {
-    if (s == secret) return;
-  }
-  Secrets().emplace_back(secret);
+  AddSecret(secret);
+}
+
+std::shared_ptr<const void> RegisterSecretWhileHeld(std::string_view secret) {
+  if (secret.size() < kMinSecret) return nullptr;
+  absl::MutexLock lock(&g_secrets_mu);
+  const std::string* held = AddSecret(secret);
+  return std::shared_ptr<const void>(nullptr, [held](const void*) {
+    absl::MutexLock lock(&g_secrets_mu);
+    DropSecret(held);
+  });
+}
+
+size_t RegisteredSecrets() {
+  absl::MutexLock lock(&g_secrets_mu);
+  return Secrets().holders.size();
 }
 
 std::string Redact(std::string_view text) {
-  std::string out(text);
   absl::MutexLock lock(&g_secrets_mu);
-  for (const auto& s : Secrets()) {
-    if (out.find(s) != std::string::npos) {
-      absl::StrReplaceAll({{s, absl::string_view(kRedacted.data(), kRedacted.size())}}, &out);
+  const SecretSet& set = Secrets();
+  if (set.holders.empty()) return std::string(text);
+  std::string out;
+  size_t copied = 0;  // text[0, copied) is in `out`
+  size_t i = 0;
+  while (i + kMinSecret <= text.size()) {
+    const std::string* longest = nullptr;
+    if (set.first_two.test(Head2(text.data() + i))) {
+      auto it = set.by_head.find(Head4(text.data() + i));
+      if (it != set.by_head.end()) {
+        for (const std::string* s : it->second) {
+          if ((longest == nullptr || s->size() > longest->size()) &&
+              text.substr(i).starts_with(*s)) {
+            longest = s;
+          }
+        }
+      }
     }
+    if (longest == nullptr) {
+      ++i;
+      continue;
+    }
+    out.append(text.substr(copied, i - copied));
+    out.append(kRedacted);
+    i += longest->size();
+    copied = i;
   }
+  if (copied == 0) return std::string(text);
+  out.append(text.substr(copied));
   return out;
 }
 
@@ -297,6 +389,12 @@ void Write(Level level, std::string_view component, std::string_view message,
   if (admitted) out += FormatLine(level, component, message, fields);
   absl::MutexLock lock(&g_write_mu);
   std::fwrite(out.data(), 1, out.size(), stderr);
+  if (g_observer) g_observer(out);
+}
+
+void SetObserver(std::function<void(std::string_view line)> observer) {
+  absl::MutexLock lock(&g_write_mu);
+  g_observer = std::move(observer);
 }
 
 }  // namespace wsbridge::log

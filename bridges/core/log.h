@@ -2,7 +2,9 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -31,13 +33,25 @@ void SetRepeatLimit(size_t burst, double window_seconds);
 // Registers a credential value so that every later log line containing it shows
 // "[redacted]" instead. Secrets are resolved through the config loader, which calls it.
 void RegisterSecret(std::string_view secret);
-// Applies the registered-secret redaction to `text` (used for error messages too).
+// The same, for as long as the returned handle (or a copy) is held: for credentials that
+// come and go (a per-call token, with its session), so that the registered set stays
+// as large as what is in use. Null for values too short to redact.
+std::shared_ptr<const void> RegisterSecretWhileHeld(std::string_view secret);
+// How many distinct secrets are registered now.
+size_t RegisteredSecrets();
+// Applies the registered-secret redaction to `text` (used for error messages too): every
+// occurrence of a secret, the longest where several start at one place.
 std::string Redact(std::string_view text);
 // `url` with the value of every query parameter replaced by "[redacted]", except for a
 // short list of names known to carry no credential (v, version, format, encoding, lang,
 // language, languageCode, locale, conversationId; any case). Signed URLs put
 // credentials under any name (sig, X-Amz-Signature, st, ...), so nothing else is shown.
 std::string RedactUrl(std::string_view url);
+
+// Also hands every line written from now on (formatted, redacted, with its newline) to
+// `observer`, on the logging thread, one at a time; null stops it. For tests that
+// check what the daemon logs (e.g. that no secret ever appears).
+void SetObserver(std::function<void(std::string_view line)> observer);
 
 // One log line: `component` says who logs ("dfx", "server", ...).
 void Write(Level level, std::string_view component, std::string_view message,

@@ -141,8 +141,10 @@ absl::StatusOr<std::shared_ptr<SecretSource>> SecretSource::Create(config::v1::S
 }
 
 std::shared_ptr<SecretSource> SecretSource::Fixed(std::string value) {
-  log::RegisterSecret(value);
   std::shared_ptr<SecretSource> s(new SecretSource(config::v1::Secret(), false));
+  // Redacted while the source lives: per-call credentials come and go with their
+  // sessions, and the set of redacted values must not grow with every one ever seen.
+  s->redaction_ = log::RegisterSecretWhileHeld(value);
   s->Set(std::move(value));
   return s;
 }

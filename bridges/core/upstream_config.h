@@ -45,8 +45,8 @@ class SecretSource {
   // Reads the secret once now (blocking; call at start-up, from the factory). The error
   // of that first read is returned, so a missing variable or file is a start-up error.
   static absl::StatusOr<std::shared_ptr<SecretSource>> Create(config::v1::Secret secret);
-  // A fixed value that never changes (per-call credentials, tests). Registered for
-  // redaction.
+  // A fixed value that never changes (per-call credentials, tests). Redacted from logs
+  // and messages while the source lives.
   static std::shared_ptr<SecretSource> Fixed(std::string value);
 
   // The last value read, or the last read's error. Never blocks on I/O.
@@ -69,6 +69,7 @@ class SecretSource {
   mutable absl::Mutex mu_;
   absl::StatusOr<std::string> value_ ABSL_GUARDED_BY(mu_) = std::string();
   std::atomic<uint64_t> version_{0};
+  std::shared_ptr<const void> redaction_;  // Fixed(): the value's redaction
 };
 
 // One thread that re-reads its SecretSources every `interval` until destroyed.

@@ -8,8 +8,10 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -57,6 +59,41 @@ TEST(Log, RedactsRegisteredSecretsAndCredentialQueryValues) {
   EXPECT_EQ(log::RedactUrl("wss://h/api/ws/chat1?token=eyJabc"), "wss://h/api/ws/chat1?token=[redacted]");
   EXPECT_EQ(log::RedactUrl("wss://h/path"), "wss://h/path");
   EXPECT_EQ(log::RedactUrl("ws://h/?conversationId=42"), "ws://h/?conversationId=42");
+}
+
+// A credential registered while held is redacted exactly while some holder lives; two
+// holders of one value keep it until both let go.
+TEST(Log, ASecretHeldIsRedactedUntilItsLastHolderLetsGo) {
+  const size_t before = log::RegisteredSecrets();
+  auto first = log::RegisterSecretWhileHeld("tenant-token-1234");
+  auto second = log::RegisterSecretWhileHeld("tenant-token-1234");
+  EXPECT_EQ(log::RegisteredSecrets(), before + 1);
+  EXPECT_EQ(log::Redact("refused tenant-token-1234."), "refused [redacted].");
+  first.reset();
+  EXPECT_EQ(log::Redact("refused tenant-token-1234."), "refused [redacted].");
+  second.reset();
+  EXPECT_EQ(log::Redact("refused tenant-token-1234."), "refused tenant-token-1234.");
+  EXPECT_EQ(log::RegisteredSecrets(), before);
+  EXPECT_EQ(log::RegisterSecretWhileHeld("abc"), nullptr);  // too short to be a credential
+}
+
+// Thousands of per-call credentials (sessions coming and going): each is redacted wherever
+// it stands in a line, the longest of two that start at one place wins, text between and
+// around is kept, and nothing stays registered once they are gone.
+TEST(Log, ManyHeldSecretsAreEachRedactedAndAllReleased) {
+  const size_t before = log::RegisteredSecrets();
+  std::vector<std::shared_ptr<const void>> held;
+  for (int i = 0; i < 10000; ++i) held.push_back(log::RegisterSecretWhileHeld(absl::StrCat("tok-", i, "-x")));
+  EXPECT_EQ(log::RegisteredSecrets(), before + 10000);
+  EXPECT_EQ(log::Redact("a tok-7-x b tok-9999-xtok-42-x c tok-10000-x tok-"),
+            "a [redacted] b [redacted][redacted] c tok-10000-x tok-");
+  auto longer = log::RegisterSecretWhileHeld("tok-7-x-and-more");
+  EXPECT_EQ(log::Redact("[tok-7-x-and-more]"), "[[redacted]]");
+  EXPECT_EQ(log::Redact("[tok-7-x-and-mor]"), "[[redacted]-and-mor]");
+  longer.reset();
+  held.clear();
+  EXPECT_EQ(log::RegisteredSecrets(), before);
+  EXPECT_EQ(log::Redact("a tok-7-x b"), "a tok-7-x b");
 }
 
 // Captures what is written to stderr (fd 2) while it lives.
