@@ -2,7 +2,13 @@
 
 #include <utility>
 
+#include <grpcpp/support/client_interceptor.h>
+#include <gtest/gtest.h>
+
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "bridges/core/log.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
 
@@ -17,6 +23,40 @@ bool FindErrorInfo(const grpc::Status& status, google::rpc::ErrorInfo* info) {
   }
   return false;
 }
+
+// Shows the harness every status a call on its channels ends with.
+class StatusWatcher final : public grpc::experimental::Interceptor {
+ public:
+  StatusWatcher(DaemonHarness* harness, grpc::experimental::ClientRpcInfo* info)
+      : harness_(harness), method_(info->method()) {}
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::POST_RECV_STATUS)) {
+      const grpc::Status* st = methods->GetRecvStatus();
+      if (st != nullptr) {
+        harness_->Saw(absl::StrCat("status of ", method_), st->error_message());
+        harness_->Saw(absl::StrCat("error details of ", method_), st->error_details());
+      }
+    }
+    methods->Proceed();
+  }
+
+ private:
+  DaemonHarness* harness_;
+  std::string method_;
+};
+
+class StatusWatcherFactory final : public grpc::experimental::ClientInterceptorFactoryInterface {
+ public:
+  explicit StatusWatcherFactory(DaemonHarness* harness) : harness_(harness) {}
+  grpc::experimental::Interceptor* CreateClientInterceptor(
+      grpc::experimental::ClientRpcInfo* info) override {
+    return new StatusWatcher(harness_, info);
+  }
+
+ private:
+  DaemonHarness* harness_;
+};
 
 }  // namespace
 
@@ -56,6 +96,10 @@ absl::Status DaemonHarness::Start(const std::string& name, const Describe& descr
                        return bridge;
                      });
   if (tweak_config) tweak_config(cfg);
+  // Debug level, so that every line the daemon could write is checked for secrets.
+  log::Configure(log::Level::kDebug, /*json=*/false);
+  log::SetObserver([this](std::string_view line) { Saw("log", std::string(line)); });
+  observing_ = true;
   if (absl::Status st = config::ApplyConfigDefaults(&cfg); !st.ok()) return st;
   daemon::DaemonOptions dopts;
   dopts.configure_logging = false;
@@ -66,12 +110,27 @@ absl::Status DaemonHarness::Start(const std::string& name, const Describe& descr
   return absl::OkStatus();
 }
 
-std::shared_ptr<grpc::Channel> DaemonHarness::NewChannel() const {
+std::shared_ptr<grpc::Channel> DaemonHarness::NewChannel() {
   grpc::ChannelArguments args;
   // A channel of its own: gRPC would otherwise share one subchannel per target.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  return grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", daemon_->grpc_port()),
-                                   grpc::InsecureChannelCredentials(), args);
+  std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> watchers;
+  watchers.push_back(std::make_unique<StatusWatcherFactory>(this));
+  return grpc::experimental::CreateCustomChannelWithInterceptors(
+      absl::StrCat("127.0.0.1:", daemon_->grpc_port()), grpc::InsecureChannelCredentials(), args,
+      std::move(watchers));
+}
+
+void DaemonHarness::Saw(const std::string& where, const std::string& text) {
+  if (!absl::StrContains(text, kSecretMarker)) return;
+  absl::MutexLock lock(&mu_);
+  // The text itself is not repeated: it holds the secret.
+  leaks_.push_back(absl::StrCat(where, " (", text.size(), " bytes)"));
+}
+
+std::vector<std::string> DaemonHarness::SecretLeaks() const {
+  absl::MutexLock lock(&mu_);
+  return leaks_;
 }
 
 void DaemonHarness::RequestShutdown() {
@@ -80,10 +139,22 @@ void DaemonHarness::RequestShutdown() {
 
 void DaemonHarness::Stop() {
   if (daemon_ == nullptr) return;
+  Saw("metrics", daemon_->metrics().Render());
+  if (bridge_ != nullptr) {
+    for (const auto& session : bridge_->ListSessions()) Saw("admin session", session.DebugString());
+  }
   daemon_->RequestShutdown();
   daemon_->Wait();
   daemon_.reset();
   bridge_ = nullptr;
+  if (observing_) {
+    log::SetObserver(nullptr);
+    log::Configure(log::Level::kInfo, /*json=*/false);
+    observing_ = false;
+  }
+  std::vector<std::string> leaks = SecretLeaks();
+  EXPECT_TRUE(leaks.empty()) << "a secret (marked \"" << kSecretMarker
+                             << "\") was shown in: " << absl::StrJoin(leaks, "; ");
 }
 
 }  // namespace wsbridge::faults

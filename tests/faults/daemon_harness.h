@@ -7,11 +7,13 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "bridges/core/bridge.h"
 #include "daemon/config/config.h"
 #include "daemon/daemon.h"
@@ -22,6 +24,12 @@ namespace wsbridge::faults {
 std::string ErrorReason(const grpc::Status& status);
 // One metadata entry of that ErrorInfo ("" when absent).
 std::string ErrorMetadata(const grpc::Status& status, const std::string& key);
+
+// Every secret a scenario uses contains this marker (e.g. "tok-s3cr3t-1"). The harness
+// checks that it never appears in what the daemon shows anyone: every log line (at debug
+// level), every status and error detail a caller on the harness's channels receives,
+// the metrics and the admin view of the sessions. A hit fails the test.
+inline constexpr char kSecretMarker[] = "s3cr3t";
 
 class DaemonHarness {
  public:
@@ -48,9 +56,18 @@ class DaemonHarness {
   daemon::Daemon& daemon() { return *daemon_; }
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
   // A fresh channel (its own HTTP/2 connection), e.g. for a second caller.
-  std::shared_ptr<grpc::Channel> NewChannel() const;
+  std::shared_ptr<grpc::Channel> NewChannel();
+
+  // Where the secret marker was seen so far ("log: <line>", "status: <message>", ...).
+  // Stop() adds the metrics and the admin view, then fails the test if there is any.
+  std::vector<std::string> SecretLeaks() const;
+  // Records what a caller was shown (the channels' interceptor calls it).
+  void Saw(const std::string& where, const std::string& text);
 
  private:
+  mutable absl::Mutex mu_;
+  std::vector<std::string> leaks_ ABSL_GUARDED_BY(mu_);
+  bool observing_ = false;
   core::BridgeRegistry registry_;
   std::unique_ptr<daemon::Daemon> daemon_;
   core::Bridge* bridge_ = nullptr;  // owned by daemon_
