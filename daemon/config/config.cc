@@ -8,11 +8,14 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <optional>
+#include <sstream>
 #include <utility>
 #include <vector>
 
 #include <google/protobuf/descriptor.h>
 #include <google/protobuf/duration.pb.h>
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include "absl/strings/ascii.h"
@@ -297,6 +300,28 @@ class Validator {
   Diagnostics& diag_;
 };
 
+// Records where each document starts; builds nothing.
+class DocumentStarts : public YAML::EventHandler {
+ public:
+  std::optional<YAML::Mark> last() const { return last_; }
+  void OnDocumentStart(const YAML::Mark& mark) override {
+    last_ = mark.is_null() ? std::nullopt : std::optional<YAML::Mark>(mark);
+  }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                       YAML::EmitterStyle::value) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                  YAML::EmitterStyle::value) override {}
+  void OnMapEnd() override {}
+
+ private:
+  std::optional<YAML::Mark> last_;
+};
+
 }  // namespace
 
 absl::StatusOr<v1::DaemonConfig> LoadConfigFile(const std::string& path) {
@@ -308,9 +333,19 @@ absl::StatusOr<v1::DaemonConfig> LoadConfigFile(const std::string& path) {
 absl::StatusOr<v1::DaemonConfig> LoadConfigString(std::string_view yaml,
                                                   std::string_view source_name) {
   Diagnostics diag{std::string(source_name)};
-  std::vector<YAML::Node> docs;
+  YAML::Node root;
+  std::optional<std::optional<YAML::Mark>> second_document;  // where it starts, if known
   try {
-    docs = YAML::LoadAll(std::string(yaml));
+    // Not YAML::LoadAll: Debian's yaml-cpp 0.7 loops for ever, allocating all the while,
+    // on some malformed input such as `"x",y` (jbeder/yaml-cpp#1040, fixed upstream by
+    // #1319). The first document, then one more parser step to see whether a second
+    // document follows, are bounded.
+    root = YAML::Load(std::string(yaml));
+    std::istringstream in{std::string(yaml)};
+    YAML::Parser parser(in);
+    DocumentStarts starts;
+    parser.HandleNextDocument(starts);
+    if (parser.HandleNextDocument(starts)) second_document = starts.last();
   } catch (const YAML::Exception& e) {
     // yaml-cpp's messages name the syntax problem, never the document's content, but
     // some end with the offending character as is ("unknown escape character: " and a
@@ -328,12 +363,14 @@ absl::StatusOr<v1::DaemonConfig> LoadConfigString(std::string_view yaml,
     diag.Add(mark, "", absl::StrCat("invalid YAML: ", msg, " (fix the syntax here)"));
     return diag.ToStatus();
   }
-  if (docs.size() > 1) {
-    diag.Add(docs[1].Mark(), "",
-             "a config file holds one YAML document (remove the \"---\" and what follows)");
+  if (second_document.has_value()) {
+    const bool marker = yaml.substr(0, 3) == "---" || yaml.find("\n---") != std::string_view::npos;
+    diag.Add(*second_document, "",
+             marker ? "a config file holds one YAML document (remove the \"---\" and what follows)"
+                    : "unexpected content after the end of the document (fix the syntax here)");
     return diag.ToStatus();
   }
-  if (docs.empty() || docs[0].IsNull()) {
+  if (!root.IsDefined() || root.IsNull()) {
     diag.Add(std::nullopt, "",
              "the config is empty (it needs at least a \"server:\" section with listen or "
              "unix_socket)");
@@ -341,7 +378,7 @@ absl::StatusOr<v1::DaemonConfig> LoadConfigString(std::string_view yaml,
   }
   v1::DaemonConfig config;
   SourceMap sources;
-  ParseYamlInto(docs[0], &config, "", diag, &sources);
+  ParseYamlInto(root, &config, "", diag, &sources);
   // Cross-field checks on a half-parsed config would mostly repeat the errors above.
   if (!diag.empty()) return diag.ToStatus();
   if (absl::Status s = ApplyDefaults(&config); !s.ok()) return s;
