@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The one command that runs every test: installs what is missing, builds and runs the
-# whole suite, runs each fuzz target briefly, then builds and runs the suite again
-# under AddressSanitizer + UndefinedBehaviorSanitizer.
-#   scripts/test.sh            everything (what CI runs)
-#   FUZZ_SECONDS=60 scripts/test.sh   longer fuzz runs
+# whole suite (which replays every fuzz corpus file), runs each fuzz harness briefly,
+# builds and runs the suite again under AddressSanitizer + UndefinedBehaviorSanitizer,
+# then the concurrency tests under ThreadSanitizer.
+#   scripts/test.sh                    everything (what CI runs)
+#   FUZZ_SECONDS=600 scripts/test.sh   longer fuzz runs (or scripts/fuzz.sh alone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 jobs=$(nproc)
-fuzz_seconds=${FUZZ_SECONDS:-20}
+fuzz_seconds=${FUZZ_SECONDS:-10}
 
 bash scripts/setup.sh
 
@@ -20,22 +21,8 @@ ninja -C build/release
 step "release tests"
 ctest --test-dir build/release --output-on-failure -j "$jobs"
 
-step "fuzz targets (clang, ${fuzz_seconds}s each)"
-# Coverage instrumentation and ASan+UBSan on everything the fuzzers link, not only
-# their entry points.
-CC=clang CXX=clang++ cmake -S . -B build/fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DCMAKE_CXX_FLAGS="-fsanitize=fuzzer-no-link,address,undefined" \
-  -DWSBRIDGE_FUZZ=ON -DWSBRIDGE_BUILD_TESTS=OFF -DWSBRIDGE_BUILD_BENCH=OFF >/dev/null
-ninja -C build/fuzz fuzz
-for f in build/fuzz/tests/fuzz/*_fuzz; do
-  [[ -x "$f" ]] || continue
-  corpus="$root/tests/fuzz/corpus/$(basename "$f")"
-  work=$(mktemp -d)
-  [[ -d "$corpus" ]] && cp -r "$corpus"/. "$work"/
-  echo "fuzz: $(basename "$f")"
-  "$f" -max_total_time="$fuzz_seconds" -print_final_stats=1 "$work" 2>&1 | tail -n 3
-  rm -rf "$work"
-done
+step "fuzz harnesses (clang, ${fuzz_seconds}s each)"
+FUZZ_SECONDS=$fuzz_seconds bash scripts/fuzz.sh
 
 step "ASan+UBSan build"
 # -O0: GCC with UBSan at -O1 spends minutes on each Beast-heavy file; -O0 is 4x faster to build.
@@ -45,4 +32,22 @@ ninja -C build/asan
 step "ASan+UBSan tests"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 ctest --test-dir build/asan --output-on-failure -j "$jobs"
+
+step "TSan build (the concurrency tests)"
+# clang -O1: GCC's TSan build of the Beast/gRPC-heavy files is far slower. Only the test
+# binaries below are built. tests/tsan/README.md: what Debian's uninstrumented
+# gRPC/Abseil/OpenSSL mean here, and the suppressions' rules.
+CC=clang CXX=clang++ cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g" -DCMAKE_C_FLAGS_RELWITHDEBINFO="-O1 -g" \
+  -DWSBRIDGE_TSAN=ON -DWSBRIDGE_BUILD_BENCH=OFF >/dev/null
+# Add a binary here once it runs clean under TSan (tests/tsan/README.md).
+tsan_bins=(tests/core/connection_test tests/core/upstream_session_test tests/core/session_pool_test
+           tests/daemon/daemon_test tests/faults/fault_proxy_test)
+ninja -C build/tsan "${tsan_bins[@]}"
+step "TSan tests"
+# Only these binaries' tests (the other test binaries are not built here): their suites.
+suites=$(for b in "${tsan_bins[@]}"; do build/tsan/$b --gtest_list_tests | sed -n 's/^\([A-Za-z0-9_/]*\)\.$/\1/p'; done |
+         sort -u | paste -sd'|')
+export TSAN_OPTIONS="suppressions=$root/tests/tsan/suppressions.txt halt_on_error=1 second_deadlock_stack=1"
+ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R "^($suites)\."
 step "done"
