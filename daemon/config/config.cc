@@ -39,9 +39,21 @@ constexpr size_t kMaxUnixSocketPath = 107;
 // the wrong key).
 constexpr size_t kMaxEchoBytes = 60;
 
+// Line breaks and control bytes are escaped: an error stays one printable line.
 std::string Quoted(absl::string_view s) {
-  if (s.size() <= kMaxEchoBytes) return absl::StrCat("\"", s, "\"");
-  return absl::StrCat("\"", s.substr(0, kMaxEchoBytes), "...\" (", s.size(), " bytes)");
+  const bool cut = s.size() > kMaxEchoBytes;
+  std::string out = "\"";
+  for (unsigned char c : cut ? s.substr(0, kMaxEchoBytes) : s) {
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c < 0x20 || c == 0x7f) {
+      absl::StrAppend(&out, "\\x", absl::Hex(c, absl::kZeroPad2));
+    } else {
+      out.push_back(static_cast<char>(c));
+    }
+  }
+  if (!cut) return absl::StrCat(out, "\"");
+  return absl::StrCat(out, "...\" (", s.size(), " bytes)");
 }
 
 core::Duration ToDuration(const pb::Duration& d) {
