@@ -96,11 +96,7 @@ absl::Status BridgeBase::WaitOrFailFast(const grpc::ServerContextBase& ctx, Leas
   absl::Status down = lease->Unreachable();
   if (down.ok()) return down;
   // The upstream is down: fail fast unless the caller asked to wait, and bound those.
-  const auto& md = ctx.client_metadata();
-  auto w = md.find(grpc::string_ref(kWaitForReadyMetadata.data(), kWaitForReadyMetadata.size()));
-  if (w == md.end() || std::string_view(w->second.data(), w->second.size()) != "true") {
-    return down;
-  }
+  if (!CallerAsksToWait(ctx)) return down;
   if (waiting_calls_->fetch_add(1) >= max_waiting_calls_) {
     waiting_calls_->fetch_sub(1);
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -151,6 +147,12 @@ SessionOptions BridgeBase::BaseSessionOptions(const std::string& id, bool pinned
   so.rtt = rtt_;
   if (pinned) so.health_changed = [this] { HealthChanged(); };
   return so;
+}
+
+bool CallerAsksToWait(const grpc::ServerContextBase& ctx) {
+  const auto& md = ctx.client_metadata();
+  auto w = md.find(grpc::string_ref(kWaitForReadyMetadata.data(), kWaitForReadyMetadata.size()));
+  return w != md.end() && std::string_view(w->second.data(), w->second.size()) == "true";
 }
 
 std::string CallerIdentity(const grpc::ServerContextBase& ctx) {

@@ -146,6 +146,10 @@ class CallAccount {
   std::atomic<int> code_{-1};
 };
 
+// Whether the caller sent kWaitForReadyMetadata "true" (it waits for an unreachable
+// upstream instead of failing fast).
+bool CallerAsksToWait(const grpc::ServerContextBase& ctx);
+
 // Who a call comes from, for per-caller limits: its peer address without the port
 // ("ipv4:10.1.2.3"); every caller over one Unix socket shares one identity.
 std::string CallerIdentity(const grpc::ServerContextBase& ctx);

@@ -173,15 +173,6 @@ absl::Status Finalize(const absl::Status& st, std::string_view path, bool sent,
   return st;
 }
 
-// Whether the caller asked to wait for an upstream that is away (core's
-// x-wsbridge-wait-for-ready metadata) rather than fail fast.
-bool CallerWaits(const grpc::ServerContextBase& ctx) {
-  const auto& md = ctx.client_metadata();
-  auto w = md.find(grpc::string_ref(core::kWaitForReadyMetadata.data(),
-                                    core::kWaitForReadyMetadata.size()));
-  return w != md.end() && std::string_view(w->second.data(), w->second.size()) == "true";
-}
-
 // After Emogg answered 429 the session connects again only after retry_after_429 (60 s):
 // the upstream is as good as down for that long, so requests fail fast (UNAVAILABLE,
 // saying since and until when) as they do while it is unreachable, unless their caller
@@ -190,7 +181,7 @@ bool CallerWaits(const grpc::ServerContextBase& ctx) {
 absl::Status FailFastWhilePaused(const SessionNotes& notes, const grpc::ServerContextBase& ctx) {
   std::optional<SessionNotes::Pause> p = notes.pause();
   const auto now = std::chrono::system_clock::now();
-  if (!p.has_value() || now >= p->until || CallerWaits(ctx)) return absl::OkStatus();
+  if (!p.has_value() || now >= p->until || core::CallerAsksToWait(ctx)) return absl::OkStatus();
   auto utc = [](std::chrono::system_clock::time_point t) {
     return absl::FormatTime("%H:%M:%SZ", absl::FromChrono(t), absl::UTCTimeZone());
   };

@@ -67,14 +67,6 @@ struct MessageState {
   uint64_t waiter = 0;             // its ChatLink registration (set before Send)
 };
 
-// Whether the call asked to wait for an unreachable upstream.
-bool WaitsForReady(const grpc::ServerContextBase& ctx) {
-  const auto& md = ctx.client_metadata();
-  auto it = md.find(grpc::string_ref(core::kWaitForReadyMetadata.data(),
-                                     core::kWaitForReadyMetadata.size()));
-  return it != md.end() && std::string_view(it->second.data(), it->second.size()) == "true";
-}
-
 // What a message learns when no socket can be opened for it: `st` as it is for a
 // message never sent; for one sent before its socket dropped, the outcome is unknown.
 absl::Status NotReopened(const MessageState& m, const absl::Status& st) {
@@ -475,7 +467,7 @@ class SendMessageCall final
     // No socket could be opened for the message (the chat's upgrade was refused, or
     // Nexora stayed unreachable): the call ends with why; the request is dropped.
     // Runs on the session's strand, where the session (so `session`) is alive.
-    m->waiter = link->Add(WaitsForReady(ctx_), &m->sent, [self, m, session](const absl::Status& st) {
+    m->waiter = link->Add(core::CallerAsksToWait(ctx_), &m->sent, [self, m, session](const absl::Status& st) {
       if (m->ended.exchange(true)) return;
       if (const uint64_t op = m->op.load(); op != 0) session->Cancel(op);  // else: below
       self->EndAfterQueued(NotReopened(*m, st));
@@ -708,7 +700,7 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
     core::UpstreamSession* session = lease_.get();
     // As in SendMessage; a message that cannot be sent ends the stream, like any
     // transport failure (upstream errors are events).
-    m->waiter = link->Add(WaitsForReady(*ctx_), &m->sent, [w, m, session](const absl::Status& st) {
+    m->waiter = link->Add(core::CallerAsksToWait(*ctx_), &m->sent, [w, m, session](const absl::Status& st) {
       if (m->ended.exchange(true)) return;
       if (const uint64_t op = m->op.load(); op != 0) session->Cancel(op);  // else: below
       if (auto s = w.lock()) s->Fail(NotReopened(*m, st));

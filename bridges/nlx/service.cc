@@ -71,14 +71,6 @@ absl::Status TurnStatus(const absl::Status& st, std::string_view what, core::Dur
   return st;
 }
 
-// Whether the caller asked to wait for an unreachable NLX (core::kWaitForReadyMetadata).
-bool WaitsForReady(const grpc::ServerContextBase& ctx) {
-  const auto& md = ctx.client_metadata();
-  auto it = md.find(grpc::string_ref(core::kWaitForReadyMetadata.data(),
-                                     core::kWaitForReadyMetadata.size()));
-  return it != md.end() && it->second == "true";
-}
-
 // The fail-fast status (core's UNAVAILABLE saying since when NLX is unreachable) with
 // this bridge's ErrorInfo.
 absl::Status Unreachable(const absl::Status& st) {
@@ -582,7 +574,7 @@ class ConverseStream final
       conv_ = std::move(conv);
       resumed_ = !read_.conversation_id().empty();
       asked_ = read_.conversation_id();
-      waits_ = WaitsForReady(*ctx_);
+      waits_ = core::CallerAsksToWait(*ctx_);
       std::weak_ptr<ConverseStream> w = weak_from_this();
       watch_ = conv_->WatchOpen([w](const absl::Status& st) {
         if (auto s = w.lock()) s->OpenFailed(st);
