@@ -333,6 +333,10 @@ struct Daemon::Impl {
   std::vector<std::unique_ptr<core::CqLoop>> cq_loops;
   // Destroyed before the services it serves.
   std::unique_ptr<grpc::Server> server;
+  // `server` for PublishHealth, set once it has started. Bridges start (and may report
+  // health, which runs PublishHealth on the control thread) before the server is built
+  // on the starting thread, so PublishHealth must not read `server` itself.
+  std::atomic<grpc::Server*> health_server{nullptr};
   std::unique_ptr<AdminHttpServer> admin_http;
 
   int grpc_port = 0;
@@ -619,6 +623,7 @@ absl::Status Daemon::Impl::StartServer() {
         "cannot start the gRPC server on ", absl::StrJoin(where, " and "),
         ": the address is in use, not local, or not host:port (see the gRPC error above)"));
   }
+  health_server.store(server.get(), std::memory_order_release);
   if (!cqs.empty()) {
     std::vector<core::CqLoop*> loops;
     for (auto& cq : cqs) {
@@ -726,8 +731,9 @@ absl::Status Daemon::Impl::Start() {
 }
 
 void Daemon::Impl::PublishHealth() {
-  if (draining.load() || server == nullptr) return;
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  grpc::Server* const started = health_server.load(std::memory_order_acquire);
+  if (draining.load() || started == nullptr) return;
+  grpc::HealthCheckServiceInterface* health = started->GetHealthCheckService();
   bool all = true;
   for (const auto& bridge : bridges) {
     const bool serving = bridge->Serving();
@@ -928,6 +934,7 @@ absl::Status Daemon::Start() {
                        [] {});
     }
     impl_->StopIo(absl::Now());
+    impl_->health_server.store(nullptr);
     impl_->server.reset();
     // Only a socket this daemon bound; never a file it refused to touch.
     if (impl_->unix_bound) unlink(impl_->unix_path.c_str());
@@ -973,6 +980,7 @@ void Daemon::Wait() {
   d.server->Shutdown(absl::ToChronoTime(std::min(server_deadline, absl::Now())));
   d.ShutdownCqLoops();
   d.StopIo(std::min(absl::Now() + absl::Seconds(2), d.exit_deadline));
+  d.health_server.store(nullptr);
   d.server.reset();
   if (!d.unix_path.empty() && unlink(d.unix_path.c_str()) != 0 && errno != ENOENT) {
     log::Warn("server", "cannot remove unix socket",

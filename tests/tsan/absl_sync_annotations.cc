@@ -20,6 +20,7 @@
 #include <string>
 
 #include "absl/base/options.h"
+#include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
@@ -276,6 +277,21 @@ bool Notification::WaitForNotificationWithDeadline(absl::Time deadline) const {
   const bool ok = real(this, deadline);
   if (ok) __tsan_acquire(const_cast<Notification*>(this));
   return ok;
+}
+
+// --- Status ------------------------------------------------------------------------------
+// absl::Status shares its heap representation between copies by a reference count the
+// library decrements (UnrefNonInlined, uninstrumented): the thread that drops the last
+// reference frees it without TSan seeing the other threads' earlier reads. Each
+// decrement is a release, and one that may free an acquire, as instrumented refcounting
+// would be.
+
+void Status::UnrefNonInlined(uintptr_t rep) {
+  static auto real = Real<void (*)(uintptr_t)>("6Status15UnrefNonInlinedEm");
+  void* obj = reinterpret_cast<void*>(rep);
+  __tsan_release(obj);
+  __tsan_acquire(obj);
+  real(rep);
 }
 
 ABSL_NAMESPACE_END
