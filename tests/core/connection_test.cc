@@ -942,7 +942,11 @@ TEST_F(ConnectionTest, NoReconnectWhenDisabled) {
   ConnectionOptions o = PlainOptions();
   o.reconnect = false;
   StartConnection(o);
-  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kClosed; }, kDeadline));
+  // The state turns CLOSED on the strand just before OnDisconnected runs there: wait for
+  // both.
+  ASSERT_TRUE(WaitFor([&] {
+    return conn_->state() == ConnectionState::kClosed && !handler_->disconnects().empty();
+  }, kDeadline));
   ASSERT_EQ(handler_->disconnects().size(), 1u);
   EXPECT_FALSE(handler_->disconnects()[0].will_retry);
 }
