@@ -41,7 +41,8 @@ CC=clang CXX=clang++ cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWit
   -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g" -DCMAKE_C_FLAGS_RELWITHDEBINFO="-O1 -g" \
   -DWSBRIDGE_TSAN=ON -DWSBRIDGE_BUILD_BENCH=OFF >/dev/null
 # Add a binary here once it runs clean under TSan (tests/tsan/README.md).
-tsan_bins=(tests/core/connection_test tests/core/upstream_session_test tests/core/bridge_base_test
+tsan_bins=(tests/core/connection_test tests/core/upstream_session_test tests/core/session_pool_test
+           tests/core/bridge_base_test
            tests/core/grpc_calls_test tests/daemon/daemon_test tests/faults/fault_proxy_test)
 ninja -C build/tsan "${tsan_bins[@]}"
 step "TSan tests"

@@ -322,7 +322,6 @@ void SessionPool::Shutdown(std::function<void()> done) {
     sessions_.clear();
     draining_ = 0;
   }
-  asio::post(strand_, [this] { timer_.cancel(); });
   auto remaining = std::make_shared<std::atomic<size_t>>(sessions.size() + 1);
   auto finished = [this, remaining] {
     if (remaining->fetch_sub(1) != 1) return;
@@ -337,7 +336,14 @@ void SessionPool::Shutdown(std::function<void()> done) {
   };
   for (auto& [key, e] : sessions) e.session->Close(1001, "going away", finished);
   if (health_changed_) health_changed_();
-  finished();
+  // The check timer is cancelled on the strand, and the shutdown counts as complete only
+  // after that: whatever the strand ran before (a check re-arming the timer) is over, and
+  // nothing queued later touches the pool (ScheduleCheck sees shut_down_; a cancelled
+  // wait returns at once). The owner may destroy the pool once `done` ran.
+  asio::post(strand_, [this, finished] {
+    timer_.cancel();
+    finished();
+  });
 }
 
 size_t SessionPool::size() const {
@@ -347,6 +353,11 @@ size_t SessionPool::size() const {
 
 void SessionPool::ScheduleCheck() {
   asio::post(strand_, [this] {
+    {
+      // Shutdown's cancel may have run on the strand already: arm nothing after it.
+      absl::MutexLock lock(&mu_);
+      if (shut_down_) return;
+    }
     timer_.expires_after(options_.check_interval);
     timer_.async_wait([this](const boost::system::error_code& ec) {
       if (ec) return;

@@ -119,7 +119,8 @@ class SessionPool {
   std::vector<admin::v1::Session> List() const;
   // NOT_FOUND for an unknown id. A closed default session is replaced at once.
   absl::Status Close(std::string_view session_id);
-  // Closes every session with 1001; `done` (any thread) once all are closed. Later
+  // Closes every session with 1001; `done` (any thread) once all are closed and the
+  // pool's check timer is stopped (the pool may be destroyed from then on). Later
   // Acquire calls fail UNAVAILABLE. Idempotent.
   void Shutdown(std::function<void()> done);
   size_t size() const;
