@@ -9,7 +9,7 @@ pkgs=(
   libboost1.81-dev libboost-json1.81-dev libssl-dev libabsl-dev libyaml-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3-grpcio python3-protobuf python3-yaml openssl
-  clang libclang-rt-14-dev
+  clang libclang-rt-14-dev lld
   nodejs npm kubectl
 )
 if [[ "${1:-}" == "--runtime-only" ]]; then
