@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The one command that runs every test: installs what is missing, builds and runs the
-# whole suite (which replays every fuzz corpus file), runs each fuzz harness briefly,
-# builds and runs the suite again under AddressSanitizer + UndefinedBehaviorSanitizer,
-# then the concurrency tests under ThreadSanitizer.
+# whole suite (which replays every fuzz corpus file and soaks every bridge for 20 s),
+# runs each fuzz harness briefly, builds and runs the suite again under AddressSanitizer +
+# UndefinedBehaviorSanitizer (soak 5 s per bridge), then the concurrency tests under
+# ThreadSanitizer.
 #   scripts/test.sh                    everything (what CI runs)
 #   FUZZ_SECONDS=600 scripts/test.sh   longer fuzz runs (or scripts/fuzz.sh alone)
+#   SOAK_SECONDS=600 scripts/soak.sh   a longer soak
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -33,7 +35,8 @@ cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEB
 ninja -C build/asan
 step "ASan+UBSan tests"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-ctest --test-dir build/asan --output-on-failure -j "$jobs"
+# The soak runs shorter here: thousands of reconnects are not needed to find a bad access.
+WSBRIDGE_SOAK_SECONDS=5 ctest --test-dir build/asan --output-on-failure -j "$jobs"
 
 step "TSan build (the concurrency tests)"
 # clang -O1: GCC's TSan build of the Beast/gRPC-heavy files is far slower. Only the test

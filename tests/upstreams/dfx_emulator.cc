@@ -221,6 +221,10 @@ std::vector<DfxEmulator::ChunkRecord> DfxEmulator::chunks() const {
   absl::MutexLock lock(&impl_->mu);
   return impl_->proto.chunks();
 }
+std::vector<DfxEmulator::ChunkRecord> DfxEmulator::TakeChunks(std::string_view measurement_id) {
+  absl::MutexLock lock(&impl_->mu);
+  return impl_->proto.TakeChunks(measurement_id);
+}
 int DfxEmulator::MaxDataMsInWindow() const {
   absl::MutexLock lock(&impl_->mu);
   return impl_->proto.MaxDataMsInWindow();

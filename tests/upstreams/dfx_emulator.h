@@ -60,6 +60,8 @@ class DfxEmulator {
   // Observations, measured on the emulator's clock.
   using ChunkRecord = DfxChunkRecord;
   std::vector<ChunkRecord> chunks() const;  // accepted chunks, in order
+  // Removes and returns one measurement's records (the soak checks each as it ends).
+  std::vector<ChunkRecord> TakeChunks(std::string_view measurement_id);
   // Max ms of chunk data received within any rate_window (sliding), across all
   // measurements of a token (the max over tokens).
   int MaxDataMsInWindow() const;

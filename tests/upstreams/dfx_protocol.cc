@@ -415,6 +415,15 @@ std::vector<DfxAction> DfxProtocol::BroadcastRaw(const std::string& bytes) const
   return out;
 }
 
+std::vector<DfxChunkRecord> DfxProtocol::TakeChunks(std::string_view measurement_id) {
+  std::vector<DfxChunkRecord> taken, kept;
+  for (DfxChunkRecord& c : chunks_) {
+    (c.measurement_id == measurement_id ? taken : kept).push_back(std::move(c));
+  }
+  chunks_ = std::move(kept);
+  return taken;
+}
+
 int DfxProtocol::MaxDataMsInWindow() const {
   int64_t best = 0;
   for (const auto& [token, history] : rate_by_token_) {

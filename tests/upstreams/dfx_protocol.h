@@ -113,6 +113,9 @@ class DfxProtocol {
   std::vector<DfxAction> BroadcastRaw(const std::string& bytes) const;
 
   std::vector<DfxChunkRecord> chunks() const { return chunks_; }
+  // Removes and returns the records of one measurement's chunks (long runs check each
+  // measurement once it ended, so the record does not grow with the run).
+  std::vector<DfxChunkRecord> TakeChunks(std::string_view measurement_id);
   int MaxDataMsInWindow() const;
   int open_connections() const { return static_cast<int>(conns_.size()); }
   int logins() const { return logins_; }

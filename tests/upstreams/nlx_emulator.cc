@@ -265,6 +265,10 @@ std::vector<NlxTurnRecord> NlxEmulator::turns(std::string_view conversation_id) 
   absl::MutexLock lock(&impl_->mu);
   return impl_->proto.turns(conversation_id);
 }
+void NlxEmulator::ForgetTurns(std::string_view conversation_id) {
+  absl::MutexLock lock(&impl_->mu);
+  impl_->proto.ForgetTurns(conversation_id);
+}
 int NlxEmulator::total_turns() const {
   absl::MutexLock lock(&impl_->mu);
   return impl_->proto.total_turns();

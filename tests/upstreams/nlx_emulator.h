@@ -76,6 +76,8 @@ class NlxEmulator {
   std::vector<std::string> conversation_ids() const;  // in creation order
   int turns_received(std::string_view conversation_id) const;
   std::vector<NlxTurnRecord> turns(std::string_view conversation_id) const;
+  // Drops the turns' records, keeping turns_received (the soak's long runs).
+  void ForgetTurns(std::string_view conversation_id);
   int total_turns() const;
   int invalid_frames() const;
   // Frames that arrived before their socket's ack was due: a client must wait for it.

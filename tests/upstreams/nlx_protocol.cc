@@ -335,7 +335,7 @@ std::vector<NlxAction> NlxProtocol::OnFrame(uint64_t conn, std::string_view fram
   Conversation& conv = conversations_[c.conversation_id];
   NlxTurnRecord record;
   record.conn = conn;
-  record.number = static_cast<int>(conv.turns.size()) + 1;
+  record.number = conv.forgotten + static_cast<int>(conv.turns.size()) + 1;
   record.json = std::string(frame);
   record.received = now;
   conv.turns.push_back(record);
@@ -508,7 +508,15 @@ std::vector<NlxTurnRecord> NlxProtocol::turns(std::string_view conversation_id) 
 
 int NlxProtocol::turns_received(std::string_view conversation_id) const {
   auto it = conversations_.find(conversation_id);
-  return it == conversations_.end() ? 0 : static_cast<int>(it->second.turns.size());
+  return it == conversations_.end() ? 0
+                                     : it->second.forgotten + static_cast<int>(it->second.turns.size());
+}
+
+void NlxProtocol::ForgetTurns(std::string_view conversation_id) {
+  auto it = conversations_.find(conversation_id);
+  if (it == conversations_.end()) return;
+  it->second.forgotten += static_cast<int>(it->second.turns.size());
+  std::vector<NlxTurnRecord>().swap(it->second.turns);
 }
 
 }  // namespace wsbridge::emulator

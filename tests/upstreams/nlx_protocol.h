@@ -162,6 +162,9 @@ class NlxProtocol {
   // Turns received on the conversation, in order (dropped ones included).
   std::vector<NlxTurnRecord> turns(std::string_view conversation_id) const;
   int turns_received(std::string_view conversation_id) const;
+  // Drops the records of the conversation's turns, keeping their count and numbering
+  // (long runs, which need only turns_received).
+  void ForgetTurns(std::string_view conversation_id);
   int total_turns() const { return total_turns_; }
   int invalid_frames() const { return invalid_frames_; }
   int frames_before_ack() const { return frames_before_ack_; }
@@ -178,6 +181,7 @@ class NlxProtocol {
   struct Conversation {
     std::set<uint64_t> conns;
     std::vector<NlxTurnRecord> turns;
+    int forgotten = 0;  // turns whose records ForgetTurns dropped
     int pushes = 0;
   };
 
