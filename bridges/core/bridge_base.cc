@@ -134,13 +134,22 @@ absl::StatusOr<Lease> BridgeBase::CredentialSession(const grpc::ServerContextBas
 
 SessionOptions BridgeBase::BaseSessionOptions(const std::string& id, bool pinned,
                                               const ConnectionOptions& connection,
-                                              std::string_view error_domain) {
+                                              std::string_view error_domain,
+                                              const std::function<void(ConnectionOptions&)>& adjust) {
   SessionOptions so;
   so.bridge = context_.name;
   so.id = id;
   so.error_domain = std::string(error_domain);
-  so.connection = connection;
-  so.connection.name = id;
+  {
+    absl::MutexLock lock(&shared_connection_mu_);
+    if (shared_connection_source_ != &connection || shared_connection_ == nullptr) {
+      auto shared = std::make_shared<ConnectionOptions>(connection);
+      if (adjust) adjust(*shared);
+      shared_connection_ = std::move(shared);
+      shared_connection_source_ = &connection;
+    }
+    so.shared_connection = shared_connection_;  // the connection is named `id`
+  }
   so.upstream = upstream_;
   so.malformed_frames = malformed_;
   so.unrouted_frames = unrouted_;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -13,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "bridges/core/bridge.h"
 #include "bridges/core/metrics.h"
 #include "bridges/core/session_pool.h"
@@ -89,10 +91,14 @@ class BridgeBase : public Bridge {
     return context_.session_executor ? context_.session_executor() : context_.executor;
   }
   // Session options every session of this bridge shares (metrics, names, health), with
-  // `connection` named `id` and the bridge's ErrorInfo domain.
+  // `connection` named `id` and the bridge's ErrorInfo domain. `connection` is the
+  // bridge's own options member: every session shares one copy of it.
+  // `adjust` (optional) changes the shared copy once, when it is made: what the bridge
+  // sets for all its connections (heartbeat tick, auth backoff), never per session.
   SessionOptions BaseSessionOptions(const std::string& id, bool pinned,
                                     const ConnectionOptions& connection,
-                                    std::string_view error_domain);
+                                    std::string_view error_domain,
+                                    const std::function<void(ConnectionOptions&)>& adjust = nullptr);
 
  protected:
   // Called once by the derived constructor.
@@ -120,6 +126,11 @@ class BridgeBase : public Bridge {
   // true" metadata) beyond which new ones fail RESOURCE_EXHAUSTED; the rest fail fast.
   size_t max_waiting_calls_ = context_.limits.max_waiting_calls.value_or(1000);
   std::shared_ptr<std::atomic<size_t>> waiting_calls_ = std::make_shared<std::atomic<size_t>>(0);
+  // One copy of the connection options for every session (BaseSessionOptions), made from
+  // the bridge's own options the first time.
+  absl::Mutex shared_connection_mu_;
+  const ConnectionOptions* shared_connection_source_ ABSL_GUARDED_BY(shared_connection_mu_) = nullptr;
+  std::shared_ptr<const ConnectionOptions> shared_connection_ ABSL_GUARDED_BY(shared_connection_mu_);
   std::unique_ptr<SessionPool> pool_;
 };
 

@@ -409,9 +409,12 @@ struct Attempt {
 
 class ConnectionImpl final : public Connection {
  public:
-  ConnectionImpl(Strand strand, ConnectionOptions options, std::weak_ptr<ConnectionHandler> handler)
+  ConnectionImpl(Strand strand, std::shared_ptr<const ConnectionOptions> options, std::string name,
+                 std::weak_ptr<ConnectionHandler> handler)
       : strand_(std::move(strand)),
-        options_(std::move(options)),
+        shared_options_(std::move(options)),
+        options_(*shared_options_),
+        name_(std::move(name)),
         handler_(std::move(handler)),
         backoff_(options_.backoff),
         auth_backoff_(options_.auth_backoff),
@@ -436,13 +439,13 @@ class ConnectionImpl final : public Connection {
   absl::Status Send(std::string payload, bool binary) override {
     if (!open_ || closing_) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "upstream connection ", options_.name, " is not open (", AV(ToString(state_.load())), ")"));
+          "upstream connection ", name_, " is not open (", AV(ToString(state_.load())), ")"));
     }
     if (!queue_.empty() && (queue_.size() >= options_.send_queue_max_messages ||
                             queued_bytes_ + payload.size() > options_.send_queue_max_bytes)) {
       want_writable_ = true;
       return absl::ResourceExhaustedError(absl::StrCat(
-          "upstream send queue of ", options_.name, " is full (", queue_.size(), " messages, ",
+          "upstream send queue of ", name_, " is full (", queue_.size(), " messages, ",
           queued_bytes_, " bytes); wait for OnWritable"));
     }
     queued_bytes_ += payload.size();
@@ -461,7 +464,7 @@ class ConnectionImpl final : public Connection {
     if (!open_ || closing_ || state_.load() == ConnectionState::kReady) return;
     state_.store(ConnectionState::kReady);
     stats_.ready_since_unix_ms.store(absl::ToUnixMillis(absl::Now()));
-    log::Info(kLog, "upstream ready", {{"name", options_.name}, {"target", Target()}});
+    log::Info(kLog, "upstream ready", {{"name", name_}, {"target", Target()}});
     const uint64_t gen = gen_;
     auto self = Self();
     healthy_timer_.expires_after(options_.backoff.reset_after);
@@ -478,7 +481,7 @@ class ConnectionImpl final : public Connection {
     if (s == ConnectionState::kClosed || s == ConnectionState::kIdle || closing_) return;
     if (s == ConnectionState::kBackingOff) return;  // one attempt in flight at any time
     log::Warn(kLog, "reconnecting upstream",
-              {{"name", options_.name}, {"kind", std::string(ToString(kind))},
+              {{"name", name_}, {"kind", std::string(ToString(kind))},
                {"reason", log::Redact(reason.ToString())}});
     DisconnectInfo info = Info(reason);
     info.kind = kind;
@@ -503,7 +506,7 @@ class ConnectionImpl final : public Connection {
     close_timer_.async_wait(net::bind_executor(strand_, [self, gen](error_code ec) {
       if (ec || gen != self->gen_ || self->state_.load() == ConnectionState::kClosed) return;
       log::Warn(kLog, "close handshake timed out",
-                {{"name", self->options_.name}, {"timeout", Fmt(self->options_.close_timeout)}});
+                {{"name", self->name_}, {"timeout", Fmt(self->options_.close_timeout)}});
       self->EndClosedByUs(absl::CancelledError("connection closed (close handshake timed out)"));
     }));
     WithAttempt([&](auto& a) {
@@ -530,6 +533,7 @@ class ConnectionImpl final : public Connection {
   ConnectionState state() const override { return state_.load(); }
   const ConnectionStats& stats() const override { return stats_; }
   const ConnectionOptions& options() const override { return options_; }
+  const std::string& name() const override { return name_; }
   std::string last_error() const override {
     absl::MutexLock lock(&mu_);
     return last_error_;
@@ -614,10 +618,10 @@ class ConnectionImpl final : public Connection {
     if (!url->tls && !options_.allow_plaintext) {
       // A configuration error: retrying cannot fix it.
       const absl::Status st = absl::FailedPreconditionError(absl::StrCat(
-          "refusing plaintext ws:// upstream ", Target(), " for ", options_.name,
+          "refusing plaintext ws:// upstream ", Target(), " for ", name_,
           ": use wss://, or set allow_plaintext: true (only for local emulators and tests)"));
       SetLastError(st);
-      log::Error(kLog, "upstream refused", {{"name", options_.name}, {"error", std::string(st.message())}});
+      log::Error(kLog, "upstream refused", {{"name", name_}, {"error", std::string(st.message())}});
       closing_ = true;
       Finish(Info(st));
       return;
@@ -650,7 +654,7 @@ class ConnectionImpl final : public Connection {
     } else {
       plain_ = std::make_shared<Attempt<PlainWs>>(gen_, strand_);
     }
-    log::Debug(kLog, "connecting", {{"name", options_.name}, {"target", Target()}});
+    log::Debug(kLog, "connecting", {{"name", name_}, {"target", Target()}});
 
     const uint64_t gen = gen_;
     auto self = Self();
@@ -813,7 +817,7 @@ class ConnectionImpl final : public Connection {
     a->last_rx = Clock::now();
     ping_sent_.reset();
     last_ping_ = Clock::now();
-    log::Info(kLog, "upstream connected", {{"name", options_.name}, {"target", Target()}});
+    log::Info(kLog, "upstream connected", {{"name", name_}, {"target", Target()}});
     DoRead(a);
     ArmKeepalive(a);
     Notify([&](ConnectionHandler& h) { h.OnOpen(negotiated); });
@@ -1007,7 +1011,7 @@ class ConnectionImpl final : public Connection {
   void FailAttempt(const absl::Status& st) { FailAttempt(Info(st)); }
   void FailAttempt(DisconnectInfo info) {
     log::Warn(kLog, "upstream connection attempt failed",
-              {{"name", options_.name}, {"target", Target()}, {"error", log::Redact(info.reason.ToString())}});
+              {{"name", name_}, {"target", Target()}, {"error", log::Redact(info.reason.ToString())}});
     Teardown();
     Ended(std::move(info), /*classify=*/true);
   }
@@ -1019,7 +1023,7 @@ class ConnectionImpl final : public Connection {
   }
   void Lost(DisconnectInfo info) {
     log::Warn(kLog, "upstream connection lost",
-              {{"name", options_.name}, {"target", Target()}, {"error", log::Redact(info.reason.ToString())}});
+              {{"name", name_}, {"target", Target()}, {"error", log::Redact(info.reason.ToString())}});
     Teardown();
     Ended(std::move(info), /*classify=*/true);
   }
@@ -1086,7 +1090,7 @@ class ConnectionImpl final : public Connection {
       self->StartAttempt();
     }));
     log::Info(kLog, "upstream reconnect scheduled",
-              {{"name", options_.name},
+              {{"name", name_},
                {"kind", std::string(ToString(info.kind))},
                {"delay", Fmt(delay)},
                {"attempt", std::to_string(backoff_.attempt())}});
@@ -1116,12 +1120,15 @@ class ConnectionImpl final : public Connection {
     close_timer_.cancel();
     ++retry_gen_;
     retry_timer_.cancel();
-    log::Info(kLog, "upstream connection closed", {{"name", options_.name}, {"kind", std::string(ToString(info.kind))}});
+    log::Info(kLog, "upstream connection closed", {{"name", name_}, {"kind", std::string(ToString(info.kind))}});
     if (auto h = handler_.lock()) h->OnDisconnected(info, false);
   }
 
   const Strand strand_;
-  const ConnectionOptions options_;
+  // Shared with the bridge's other connections; options_ refers to it.
+  const std::shared_ptr<const ConnectionOptions> shared_options_;
+  const ConnectionOptions& options_;
+  const std::string name_;
   const std::weak_ptr<ConnectionHandler> handler_;
   Backoff backoff_;
   Backoff auth_backoff_;
@@ -1166,7 +1173,17 @@ class ConnectionImpl final : public Connection {
 
 std::shared_ptr<Connection> Connection::Create(Strand strand, ConnectionOptions options,
                                                std::weak_ptr<ConnectionHandler> handler) {
-  return std::make_shared<ConnectionImpl>(std::move(strand), std::move(options), std::move(handler));
+  std::string name = options.name;
+  return Create(std::move(strand), std::make_shared<const ConnectionOptions>(std::move(options)),
+                std::move(name), std::move(handler));
+}
+
+std::shared_ptr<Connection> Connection::Create(Strand strand,
+                                               std::shared_ptr<const ConnectionOptions> options,
+                                               std::string name,
+                                               std::weak_ptr<ConnectionHandler> handler) {
+  return std::make_shared<ConnectionImpl>(std::move(strand), std::move(options), std::move(name),
+                                          std::move(handler));
 }
 
 }  // namespace wsbridge::core

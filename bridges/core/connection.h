@@ -167,6 +167,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // `handler` is held weakly; the connection stops calling it once it is gone.
   static std::shared_ptr<Connection> Create(Strand strand, ConnectionOptions options,
                                             std::weak_ptr<ConnectionHandler> handler);
+  // With options shared by many connections (every session of a bridge holds the same
+  // ones: one copy instead of one per connection); `name` is this one's, for logs.
+  static std::shared_ptr<Connection> Create(Strand strand,
+                                            std::shared_ptr<const ConnectionOptions> options,
+                                            std::string name, std::weak_ptr<ConnectionHandler> handler);
   virtual ~Connection() = default;
 
   // --- Strand only. ---
@@ -191,7 +196,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // --- Any thread. ---
   virtual ConnectionState state() const = 0;
   virtual const ConnectionStats& stats() const = 0;
+  // Shared options: their `name` is not this connection's (see name()).
   virtual const ConnectionOptions& options() const = 0;
+  virtual const std::string& name() const = 0;
   // Last failure reason ("" when none); thread-safe copy.
   virtual std::string last_error() const = 0;
   // Current attempt's URL with credential query values redacted.

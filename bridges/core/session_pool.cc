@@ -247,7 +247,8 @@ absl::StatusOr<Lease> SessionPool::AcquireLocked(
     }
     std::string id = absl::StrCat(options_.bridge, "/", key.substr(0, 8));
     Entry e;
-    e.caller = std::string(caller);
+    // Kept only for the per-caller limit (it costs memory per session otherwise).
+    if (options_.max_sessions_per_caller > 0) e.caller = std::string(caller);
     e.session = factory_(id, credential(), pinned);
     e.pinned = pinned;
     e.session->idle_since_ns.store(NowNs());

@@ -132,7 +132,7 @@ class SessionPool {
     std::shared_ptr<UpstreamSession> session;
     bool pinned = false;
     bool draining = false;  // a former default: closes once no call holds it
-    std::string caller;     // who created it ("" = nobody in particular)
+    std::string caller;     // who created it (only with max_sessions_per_caller)
   };
 
   using Sessions = std::map<std::string, Entry>;

@@ -79,7 +79,13 @@ class SessionImpl final : public UpstreamSession,
   SessionImpl(asio::any_io_executor executor, SessionOptions options,
               std::unique_ptr<Protocol> protocol)
       : strand_(asio::make_strand(executor)),
-        options_(std::move(options)),
+        options_(std::move(static_cast<SessionSettings&>(options))),
+        connection_name_(options.shared_connection || options.connection.name.empty()
+                             ? options_.id
+                             : options.connection.name),
+        connection_options_(options.shared_connection
+                                ? std::move(options.shared_connection)
+                                : std::make_shared<const ConnectionOptions>(std::move(options.connection))),
         protocol_(std::move(protocol)),
         // On the io executor with handlers bound to the strand (see connection.cc).
         login_timer_(strand_.get_inner_executor()),
@@ -435,7 +441,7 @@ class SessionImpl final : public UpstreamSession,
     ++generation_;
     auto link = std::make_shared<Link>(weak_from_this(), generation_);
     link_ = link;
-    connection_ = Connection::Create(strand_, options_.connection, link);
+    connection_ = Connection::Create(strand_, connection_options_, connection_name_, link);
     SetConnection(connection_);
     state_ = State::kConnecting;
     connection_->Start();
@@ -968,7 +974,7 @@ class SessionImpl final : public UpstreamSession,
     connection_->Close(code, reason);
     // The connection reports its end through OnDisconnected; don't wait forever.
     close_timer_ = std::make_unique<asio::steady_timer>(strand_.get_inner_executor());
-    close_timer_->expires_after(options_.connection.close_timeout + std::chrono::seconds(1));
+    close_timer_->expires_after(connection_options_->close_timeout + std::chrono::seconds(1));
     close_timer_->async_wait(asio::bind_executor(
         strand_, [w = weak_from_this()](const boost::system::error_code& ec) {
           auto s = w.lock();
@@ -987,7 +993,9 @@ class SessionImpl final : public UpstreamSession,
   friend class Link;
 
   Strand strand_;
-  const SessionOptions options_;
+  const SessionSettings options_;
+  const std::string connection_name_;
+  const std::shared_ptr<const ConnectionOptions> connection_options_;
   std::unique_ptr<Protocol> protocol_;
   std::atomic<uint64_t> next_id_{1};
   std::atomic<bool> ready_{false};
@@ -1052,7 +1060,6 @@ void Link::OnHeartbeat() {
 std::shared_ptr<UpstreamSession> UpstreamSession::Create(asio::any_io_executor executor,
                                                          SessionOptions options,
                                                          std::unique_ptr<Protocol> protocol) {
-  if (options.connection.name.empty()) options.connection.name = options.id;  // for logs
   return std::make_shared<SessionImpl>(std::move(executor), std::move(options),
                                        std::move(protocol));
 }

@@ -208,12 +208,12 @@ class EventSink {
   virtual void OnEnded(const absl::Status& status) = 0;
 };
 
-struct SessionOptions {
+// What a session keeps of its options (all but the connection's, which it shares).
+struct SessionSettings {
   std::string bridge;       // bridge instance name
   std::string id;           // "<bridge>/<key prefix>"; admin and logs
   std::string upstream;     // "DFX", for messages
   std::string error_domain; // ErrorInfo domain of this bridge
-  ConnectionOptions connection;
   // Bound on an answer once sent, and on the wait for the session to be usable.
   Duration request_timeout = std::chrono::seconds(30);
   // Bound on the login answer (or the server's hello).
@@ -227,6 +227,14 @@ struct SessionOptions {
   Histogram* rtt = nullptr;
   // Called (on the strand) when ready() changes.
   std::function<void()> health_changed;
+};
+
+struct SessionOptions : SessionSettings {
+  // The connection's options; its name defaults to `id`.
+  ConnectionOptions connection;
+  // When set, used instead of `connection`: one copy shared by every session of a bridge
+  // (BridgeBase::BaseSessionOptions), the connection named `id`.
+  std::shared_ptr<const ConnectionOptions> shared_connection;
 };
 
 class UpstreamSession {

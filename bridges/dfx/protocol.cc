@@ -7,14 +7,19 @@
 namespace wsbridge::dfx {
 
 Protocol::Protocol(ProtocolOptions options)
-    : options_(std::move(options)),
-      pacer_(options_.pacing_window),
+    : Protocol(std::make_shared<const ProtocolOptions>(options), options.token) {}
+
+Protocol::Protocol(std::shared_ptr<const ProtocolOptions> shared,
+                   std::shared_ptr<core::SecretSource> token)
+    : options_(std::move(shared)),
+      token_(std::move(token)),
+      pacer_(options_->pacing_window),
       rng_(core::Rng::FromEntropy()) {}
 
 absl::StatusOr<core::HandshakeRequest> Protocol::PrepareHandshake() {
   core::HandshakeRequest req;
-  req.url = options_.url;
-  req.headers = options_.headers;
+  req.url = options_->url;
+  req.headers = options_->headers;
   req.subprotocols = {std::string(kSubprotocol)};
   return req;
 }
@@ -26,7 +31,7 @@ absl::StatusOr<core::LoginPlan> Protocol::OnOpen(std::string_view subprotocol) {
   }
   subscriptions_.clear();  // routes of the previous connection
   // The cached value: the refresher re-reads file and env secrets off this thread.
-  absl::StatusOr<std::string> token = options_.token->Current();
+  absl::StatusOr<std::string> token = token_->Current();
   if (!token.ok()) {
     return absl::FailedPreconditionError(
         absl::StrCat("the device token cannot be read: ", token.status().message()));
@@ -87,7 +92,7 @@ core::Inbound Protocol::Decode(std::string_view payload, bool /*binary*/) {
       in.status = UpstreamError(*frame, "measurement data (0506)");
       const bool rate_limited =
           frame->code == "RATE_LIMIT" || (frame->code.empty() && frame->status == 429);
-      if (rate_limited) in.retry_after = options_.rate_limit_retry;
+      if (rate_limited) in.retry_after = options_->rate_limit_retry;
       return in;
     }
     auto c = std::make_shared<ChunkAccepted>();

@@ -50,6 +50,9 @@ struct ProtocolOptions {
 class Protocol final : public core::Protocol {
  public:
   explicit Protocol(ProtocolOptions options);
+  // Options every session of a bridge shares (one copy; their `token` is not used), with
+  // this session's device token.
+  Protocol(std::shared_ptr<const ProtocolOptions> shared, std::shared_ptr<core::SecretSource> token);
 
   absl::StatusOr<core::HandshakeRequest> PrepareHandshake() override;
   absl::StatusOr<core::LoginPlan> OnOpen(std::string_view subprotocol) override;
@@ -63,10 +66,11 @@ class Protocol final : public core::Protocol {
   std::optional<core::Outbound> EncodeUnsubscribe(const std::string& measurement_id,
                                                   std::string_view event_route,
                                                   std::string_view route) override;
-  core::SendGate* gate() override { return options_.pacing ? &pacer_ : nullptr; }
+  core::SendGate* gate() override { return options_->pacing ? &pacer_ : nullptr; }
 
  private:
-  ProtocolOptions options_;
+  std::shared_ptr<const ProtocolOptions> options_;
+  std::shared_ptr<core::SecretSource> token_;
   Pacer pacer_;
   core::Rng rng_;
   std::string login_rid_;

@@ -98,7 +98,8 @@ class DfxBridge final : public core::BridgeBase, public DfxServiceBase {
  public:
   DfxBridge(DfxBridgeOptions options, core::BridgeContext context)
       : BridgeBase(std::move(context), "DFX", {std::string(v1::DfxService::service_full_name())}),
-        options_(std::move(options)) {
+        options_(std::move(options)),
+        protocol_options_(SharedProtocolOptions(options_)) {
     InitPool(
         {.max_sessions = options_.max_sessions, .idle_timeout = options_.idle_session_timeout},
         [this](const std::string& id, std::shared_ptr<core::SecretSource> token, bool pinned) {
@@ -126,15 +127,19 @@ class DfxBridge final : public core::BridgeBase, public DfxServiceBase {
     so.login_timeout = options_.request_timeout;
     so.subscribe_timeout = options_.subscribe_timeout;
     so.max_pending = options_.max_pending_requests;
-    ProtocolOptions po;
-    po.url = options_.url;
-    po.headers = options_.headers;
-    po.token = std::move(token);
-    po.pacing = options_.pacing;
-    po.pacing_window = options_.pacing_window;
-    po.rate_limit_retry = options_.rate_limit_retry;
     return core::UpstreamSession::Create(SessionExecutor(), std::move(so),
-                                         std::make_unique<Protocol>(std::move(po)));
+                                         std::make_unique<Protocol>(protocol_options_, std::move(token)));
+  }
+
+  // What every session's protocol shares (URL, headers, pacing): one copy per bridge.
+  static std::shared_ptr<const ProtocolOptions> SharedProtocolOptions(const DfxBridgeOptions& o) {
+    auto po = std::make_shared<ProtocolOptions>();
+    po->url = o.url;
+    po->headers = o.headers;
+    po->pacing = o.pacing;
+    po->pacing_window = o.pacing_window;
+    po->rate_limit_retry = o.rate_limit_retry;
+    return po;
   }
 
   grpc::ServerUnaryReactor* CreateMeasurement(grpc::CallbackServerContext* ctx,
@@ -144,6 +149,7 @@ class DfxBridge final : public core::BridgeBase, public DfxServiceBase {
       grpc::CallbackServerContext* ctx) override;
 
   DfxBridgeOptions options_;
+  const std::shared_ptr<const ProtocolOptions> protocol_options_;
   LastChunks last_chunks_;
 };
 

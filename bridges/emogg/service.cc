@@ -87,18 +87,20 @@ class EmoggBridge final : public core::BridgeBase, public EmoggServiceBase {
   std::shared_ptr<core::UpstreamSession> NewSession(const std::string& id,
                                                     std::shared_ptr<core::SecretSource> token,
                                                     bool pinned) {
-    core::SessionOptions so =
-        BaseSessionOptions(id, pinned, options_.connection, kErrorDomain);
-    // The protocol's heartbeat check runs on this tick (ping after silence, answer
-    // deadline); WebSocket pings from upstream.keepalive run as well.
-    so.connection.keepalive.heartbeat_interval =
-        HeartbeatTick(options_.heartbeat_interval, options_.heartbeat_timeout);
-    // After a 429 close: at least one upstream window. After a refused token: retries
-    // no more often than auth_retry_pause (the protocol also refuses earlier attempts).
-    so.connection.slow_down_delay = options_.retry_after_429;
-    // A refused token is tried again once per auth_retry_pause (the jittered delay,
-    // then the protocol holds attempts until the pause since the refusal has passed).
-    so.connection.auth_backoff = {options_.auth_retry_pause, options_.auth_retry_pause, 1.0};
+    core::SessionOptions so = BaseSessionOptions(
+        id, pinned, options_.connection, kErrorDomain, [this](core::ConnectionOptions& c) {
+          // The protocol's heartbeat check runs on this tick (ping after silence, answer
+          // deadline); WebSocket pings from upstream.keepalive run as well.
+          c.keepalive.heartbeat_interval =
+              HeartbeatTick(options_.heartbeat_interval, options_.heartbeat_timeout);
+          // After a 429 close: at least one upstream window. After a refused token:
+          // retries no more often than auth_retry_pause (the protocol also refuses
+          // earlier attempts).
+          c.slow_down_delay = options_.retry_after_429;
+          // A refused token is tried again once per auth_retry_pause (the jittered delay,
+          // then the protocol holds attempts until the pause since the refusal has passed).
+          c.auth_backoff = {options_.auth_retry_pause, options_.auth_retry_pause, 1.0};
+        });
     so.request_timeout = options_.request_timeout;
     so.login_timeout = options_.auth_timeout;
     so.subscribe_timeout = options_.subscribe_timeout;

@@ -351,19 +351,20 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
   std::shared_ptr<core::UpstreamSession> NewSession(const std::string& id,
                                                     std::shared_ptr<core::SecretSource> credential,
                                                     bool pinned) {
-    core::SessionOptions so =
-        BaseSessionOptions(id, pinned, options_.connection, kErrorDomain);
-    // CheckAlive and the JSON ping run on this tick; pings only on a quiet socket.
-    so.connection.keepalive.heartbeat_interval =
-        std::max<core::Duration>(std::min(options_.ping_interval, options_.pong_timeout) / 2,
-                                 std::chrono::milliseconds(5));
+    core::SessionOptions so = BaseSessionOptions(
+        id, pinned, options_.connection, kErrorDomain, [this](core::ConnectionOptions& c) {
+          // CheckAlive and the JSON ping run on this tick; pings only on a quiet socket.
+          c.keepalive.heartbeat_interval =
+              std::max<core::Duration>(std::min(options_.ping_interval, options_.pong_timeout) / 2,
+                                       std::chrono::milliseconds(5));
+          // A refused token is retried after auth_retry_after (full jitter), not on the
+          // connection's default auth backoff.
+          c.auth_backoff = {options_.auth_retry_after, options_.auth_retry_after, 1.0,
+                            c.auth_backoff.reset_after};
+        });
     so.request_timeout = options_.answer_idle_timeout;
     so.login_timeout = options_.http_timeout;
     so.max_pending = options_.max_pending_messages_per_chat;
-    // A refused token is retried after auth_retry_after (full jitter), not on the
-    // connection's default auth backoff.
-    so.connection.auth_backoff = {options_.auth_retry_after, options_.auth_retry_after, 1.0,
-                                  so.connection.auth_backoff.reset_after};
     auto link = std::make_shared<ChatLink>();
     ProtocolOptions po;
     po.url = options_.url;

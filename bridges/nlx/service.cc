@@ -330,9 +330,9 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
 
  private:
   std::shared_ptr<core::UpstreamSession> NewSession(const std::string& id, bool pinned) {
-    core::SessionOptions so =
-        BaseSessionOptions(id, pinned, options_.connection, kErrorDomain);
-    so.connection.keepalive.heartbeat_interval = options_.check_interval;
+    core::SessionOptions so = BaseSessionOptions(
+        id, pinned, options_.connection, kErrorDomain,
+        [this](core::ConnectionOptions& c) { c.keepalive.heartbeat_interval = options_.check_interval; });
     so.request_timeout = options_.turn_timeout;
     so.login_timeout = options_.ack_timeout;
     so.max_pending = std::max<uint32_t>(1, options_.max_pending_turns - 1);  // + the one in flight

@@ -2,13 +2,16 @@
 // real clients, a real test bridge.
 #include "daemon/daemon.h"
 
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstring>
+#include <optional>
 #include <thread>
 
 #include <google/protobuf/descriptor.pb.h>
@@ -754,6 +757,77 @@ TEST_F(DaemonTest, IdleConnectionIsClosedAfterMaxIdle) {
       << "channel state " << channel->GetState(false);
   // A gRPC client just reconnects on its next call.
   EXPECT_TRUE(Echo(channel, "again").ok());
+}
+
+// Issue #14, item 10: a caller that stops answering keepalive pings (a peer that vanished
+// while its TCP connection looks open, or a process stalled as a whole) is disconnected
+// keepalive_timeout after an unanswered ping. The caller here speaks raw HTTP/2: the
+// preface, SETTINGS acknowledged, PINGs never.
+TEST_F(DaemonTest, ACallerThatStopsAnsweringPingsIsDisconnected) {
+  DaemonConfig config = BaseConfig();
+  auto* c = config.mutable_server()->mutable_connections();
+  c->mutable_keepalive_time()->set_nanos(200'000'000);
+  c->mutable_keepalive_timeout()->set_nanos(300'000'000);
+  c->mutable_max_idle()->set_seconds(0);  // off: only keepalive may close the connection
+  StartOrDie(config);
+
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(daemon_->grpc_port()));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0) << std::strerror(errno);
+  // Reads wait at most 100 ms each, so the loop below checks its deadline.
+  timeval tv{0, 100'000};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  auto send_all = [fd](const std::string& bytes) {
+    return ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size());
+  };
+  const std::string kSettings("\0\0\0\x04\0\0\0\0\0", 9);     // empty SETTINGS
+  const std::string kSettingsAck("\0\0\0\x04\x01\0\0\0\0", 9);  // its ACK
+  ASSERT_TRUE(send_all(std::string("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") + kSettings));
+
+  std::string in;
+  int pings = 0;
+  bool closed = false;
+  std::optional<std::chrono::steady_clock::time_point> first_ping;
+  std::chrono::steady_clock::time_point closed_at;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!closed && std::chrono::steady_clock::now() < deadline) {
+    char buf[4096];
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+      closed = true;
+      closed_at = std::chrono::steady_clock::now();
+      break;
+    }
+    if (n > 0) in.append(buf, static_cast<size_t>(n));
+    // Whole frames: 3-byte length, type, flags, 4-byte stream id, payload.
+    while (in.size() >= 9) {
+      const size_t len = (static_cast<uint8_t>(in[0]) << 16) | (static_cast<uint8_t>(in[1]) << 8) |
+                         static_cast<uint8_t>(in[2]);
+      if (in.size() < 9 + len) break;
+      const uint8_t type = static_cast<uint8_t>(in[3]);
+      const uint8_t flags = static_cast<uint8_t>(in[4]);
+      if (type == 0x4 && (flags & 0x1) == 0) {
+        ASSERT_TRUE(send_all(kSettingsAck));
+      }
+      if (type == 0x6 && (flags & 0x1) == 0) {
+        ++pings;
+        if (!first_ping) first_ping = std::chrono::steady_clock::now();
+      }
+      in.erase(0, 9 + len);
+    }
+  }
+  ::close(fd);
+  EXPECT_GE(pings, 1) << "the daemon sent no keepalive ping";
+  ASSERT_TRUE(closed) << "a caller that never answered " << pings << " pings kept its connection";
+  ASSERT_TRUE(first_ping.has_value());
+  // Not before the timeout (a lower bound only: a busy machine closes later, never sooner).
+  EXPECT_GE(closed_at - *first_ping, std::chrono::milliseconds(250));
+  // Callers that answer pings (every gRPC client) are served as before.
+  EXPECT_TRUE(Echo(Channel(), "still here").ok());
 }
 
 // The cap on one connection: streams beyond max_concurrent_streams wait in the caller's
