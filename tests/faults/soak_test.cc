@@ -664,7 +664,9 @@ class NexoraWorkload : public Workload {
       // Sent once, then once more per restart the caller was told of: never more (a
       // resend cut off by the next fault may not have arrived).
       EXPECT_LE(received, 1 + m.restarted) << m.cmid << ": resent behind the caller's back";
-      if (m.status.ok()) EXPECT_GE(received, 1) << m.cmid << ": answered but never received";
+      if (m.status.ok()) {
+        EXPECT_GE(received, 1) << m.cmid << ": answered but never received";
+      }
     }
   }
 
@@ -761,7 +763,7 @@ TEST_P(SoakTest, RandomFaultsKeepTheInvariants) {
   const auto start = Clock::now();
   const auto warm_until = start + length / 4;
   std::optional<Memory> warm;
-  int cycles = 0, shaped = 0, held = 0, stuck = 0;
+  int cycles = 0, shaped = 0, held = 0, stuck = 0, slow_close = 0;
   const uint64_t accepted_before = proxy_->counters().connections_accepted;
   const Direction dirs[] = {Direction::kUpstreamToClient, Direction::kClientToUpstream};
   const Mode modes[] = {Mode::kReset, Mode::kClose};
@@ -782,8 +784,18 @@ TEST_P(SoakTest, RandomFaultsKeepTheInvariants) {
     Hold(Ms(10 + pick(60)));
     // The fault: every connection cut, maybe held for a few backoff periods.
     const uint64_t accepted = proxy_->counters().connections_accepted;
-    proxy_->SetMode(dirs[pick(2)], modes[pick(2)]);
-    if (!WaitFor([&] { return proxy_->counters().connections_open == 0; }, 10s)) ++stuck;
+    Direction dir = dirs[pick(2)];
+    Mode mode = modes[pick(2)];
+    proxy_->SetMode(dir, mode);
+    if (!WaitFor([&] { return proxy_->counters().connections_open == 0; }, 10s)) {
+      // Not a failure by itself (a connection half-closed by a FIN closes when the bridge
+      // notices); connections left behind for good fail the check after the run.
+      ++slow_close;
+      std::printf("[soak %s] cycle %d: %llu connections still open 10 s into a %s %s\n",
+                  kit.name.c_str(), cycles, static_cast<unsigned long long>(proxy_->counters().connections_open),
+                  mode == Mode::kReset ? "reset" : "FIN",
+                  dir == Direction::kUpstreamToClient ? "towards the bridge" : "towards the upstream");
+    }
     if (pick(4) == 0) {
       Hold(Ms(5 + pick(80)));
       ++held;
@@ -795,6 +807,10 @@ TEST_P(SoakTest, RandomFaultsKeepTheInvariants) {
     if (!WaitFor([&] { return proxy_->counters().connections_accepted > accepted &&
                               proxy_->counters().connections_open > 0; }, 20s)) {
       ++stuck;
+      std::printf("[soak %s] cycle %d: no connection back 20 s after healing (%llu accepted, %llu open)\n",
+                  kit.name.c_str(), cycles,
+                  static_cast<unsigned long long>(proxy_->counters().connections_accepted - accepted),
+                  static_cast<unsigned long long>(proxy_->counters().connections_open));
     }
   }
   proxy_->Heal();
@@ -816,13 +832,20 @@ TEST_P(SoakTest, RandomFaultsKeepTheInvariants) {
   }, 20s)) << "a session still holds requests of calls that ended";
   work->Check();
   work->outcomes.Expect();
-  EXPECT_EQ(stuck, 0) << "cycles where the connections did not all close or none came back";
+  EXPECT_EQ(stuck, 0) << "cycles after which no upstream connection came back";
+  // No upstream connection left behind: what stays open is the sessions the workers and
+  // the last probe use (a device token or a chat each, the default session).
+  const uint64_t bound = static_cast<uint64_t>(kWorkers + kit.base_sessions + 1);
+  EXPECT_TRUE(WaitFor([&] { return proxy_->counters().connections_open <= bound; }, 30s))
+      << proxy_->counters().connections_open << " upstream connections still open, at most " << bound
+      << " expected";
+  RecordProperty("slow_close_cycles", slow_close);
 
   const Memory end = SampleMemory();
   if (!warm) warm = end;
-  std::printf("[soak %s] %d fault cycles (%d held, %d with shaping), %llu upstream connections "
+  std::printf("[soak %s] %d fault cycles (%d held, %d with shaping, %d slow to close), %llu upstream connections "
               "accepted; calls %d ok, %d failed (%d UNAVAILABLE, %d DEADLINE_EXCEEDED); %s\n",
-              kit.name.c_str(), cycles, held, shaped, static_cast<unsigned long long>(reconnects),
+              kit.name.c_str(), cycles, held, shaped, slow_close, static_cast<unsigned long long>(reconnects),
               work->outcomes.ok(), work->outcomes.failed(),
               work->outcomes.Count(grpc::StatusCode::UNAVAILABLE),
               work->outcomes.Count(grpc::StatusCode::DEADLINE_EXCEEDED), work->Summary().c_str());
