@@ -541,6 +541,38 @@ TEST_F(DfxBridgeTest, AChunkAfterLastIsRefusedNamingIt) {
   EXPECT_EQ(emulator_->chunks().size(), 2u);
 }
 
+// A chunk waiting for pacing does not outlive its call: when the caller's deadline passes
+// the chunk leaves the session's queue and never goes upstream (the pacing would have
+// sent it ~5 s after the first).
+TEST_F(DfxBridgeTest, AChunkWaitingForPacingIsDroppedAtTheCallsDeadline) {
+  Start();  // pacing on, 5 s window
+  std::string mid = CreateMeasurement();
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + 1500ms);
+  auto stream = stub_->StreamMeasurement(&ctx);
+  // The first chunk is 5 s of data: it fills the pacing window, so the next one waits.
+  v1::MeasurementChunk first = Chunk(v1::STAGE_FIRST, 0, 5000);
+  first.set_measurement_id(mid);
+  ASSERT_TRUE(stream->Write(first));
+  v1::MeasurementEvent ev;
+  ASSERT_TRUE(stream->Read(&ev));
+  ASSERT_TRUE(ev.has_chunk_accepted());
+  stream->Write(Chunk(v1::STAGE_CHUNK, 1, 1000));
+  while (stream->Read(&ev)) {
+  }
+  grpc::Status st = stream->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
+  // Nothing is left in the session: the waiting chunk was dropped, not kept for later.
+  EXPECT_TRUE(WaitFor([&] {
+    for (const auto& s : bridge_->ListSessions()) {
+      if (s.in_flight_requests() != 0) return false;
+    }
+    return true;
+  }));
+  EXPECT_EQ(emulator_->chunks().size(), 1u);
+  EXPECT_EQ(emulator_->frames_received("0506"), 1);
+}
+
 // The shutdown drain ends an open measurement stream like any other error: with the
 // measurement id and the last chunk the upstream acknowledged.
 TEST_F(DfxBridgeTest, DrainedStreamsNameTheLastAcknowledgedChunk) {
