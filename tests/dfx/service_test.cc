@@ -32,16 +32,6 @@ using namespace std::chrono_literals;
 using testing::WaitFor;
 namespace v1 = wsbridge::dfx::v1;
 
-// Emulator SDK chunk: "WSBE" | u32 LE order | u32 LE duration_ms | body.
-std::string SdkChunk(uint32_t order, uint32_t duration_ms, std::string_view body = "data") {
-  std::string out = "WSBE";
-  for (uint32_t v : {order, duration_ms}) {
-    for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-  }
-  out.append(body);
-  return out;
-}
-
 struct Detail {
   std::string reason;
   std::string domain;
@@ -68,7 +58,7 @@ v1::MeasurementChunk Chunk(v1::Stage stage, uint32_t order, uint32_t duration_ms
                            bool ignore = false) {
   v1::MeasurementChunk c;
   c.set_stage(stage);
-  c.set_payload(SdkChunk(order, duration_ms));
+  c.set_payload(emulator::MakeEmulatorChunk(order, duration_ms, "data"));
   c.set_duration_ms(duration_ms);
   c.set_ignore(ignore);
   return c;

@@ -136,11 +136,7 @@ Kit DfxKit() {
       dfx::v1::MeasurementChunk c;
       if (order == 0) c.set_measurement_id(st->mid);
       c.set_stage(order == 0 ? dfx::v1::STAGE_FIRST : dfx::v1::STAGE_CHUNK);
-      std::string payload = "WSBE";
-      for (uint32_t v : {static_cast<uint32_t>(order), 10u}) {
-        for (int i = 0; i < 4; ++i) payload.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-      }
-      c.set_payload(payload + "data");
+      c.set_payload(emulator::MakeEmulatorChunk(static_cast<uint32_t>(order), 10, "data"));
       c.set_duration_ms(10);
       if (!st->stream->Write(c)) break;
       dfx::v1::MeasurementEvent ev;

@@ -1,5 +1,9 @@
 #include "tests/faults/daemon_harness.h"
 
+#include <unistd.h>
+
+#include <cstdio>
+
 #include <utility>
 
 #include <grpcpp/support/client_interceptor.h>
@@ -13,6 +17,22 @@
 #include "google/rpc/status.pb.h"
 
 namespace wsbridge::faults {
+
+int64_t ResidentBytes() {
+  long pages = 0, resident = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+    std::fclose(f);
+  }
+  return static_cast<int64_t>(resident) * ::sysconf(_SC_PAGESIZE);
+}
+
+bool NoRequestsHeld(const core::Bridge& bridge) {
+  for (const auto& s : bridge.ListSessions()) {
+    if (s.in_flight_requests() != 0) return false;
+  }
+  return true;
+}
 namespace {
 
 bool FindErrorInfo(const grpc::Status& status, google::rpc::ErrorInfo* info) {

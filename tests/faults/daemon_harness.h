@@ -4,6 +4,7 @@
 // factory that builds exactly those, so the daemon's own config only names the bridge.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -24,6 +25,11 @@ namespace wsbridge::faults {
 std::string ErrorReason(const grpc::Status& status);
 // One metadata entry of that ErrorInfo ("" when absent).
 std::string ErrorMetadata(const grpc::Status& status, const std::string& key);
+
+// The process's resident set size, in bytes (the daemon runs in the test process).
+int64_t ResidentBytes();
+// Whether no upstream session of `bridge` holds a request: every call's request ended.
+bool NoRequestsHeld(const core::Bridge& bridge);
 
 // Every secret a scenario uses contains this marker (e.g. "tok-s3cr3t-1"). The harness
 // checks that it never appears in what the daemon shows anyone: every log line (at debug

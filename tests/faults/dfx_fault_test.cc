@@ -44,21 +44,11 @@ using testing::WaitFor;
 namespace v1 = wsbridge::dfx::v1;
 using Clock = std::chrono::steady_clock;
 
-// Emulator SDK chunk: "WSBE" | u32 LE order | u32 LE duration_ms | body.
-std::string SdkChunk(uint32_t order, uint32_t duration_ms) {
-  std::string out = "WSBE";
-  for (uint32_t v : {order, duration_ms}) {
-    for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-  }
-  out.append("data");
-  return out;
-}
-
 v1::MeasurementChunk Chunk(uint32_t order, uint32_t count) {
   v1::MeasurementChunk c;
   c.set_stage(order == 0 ? v1::STAGE_FIRST
                          : order + 1 == count ? v1::STAGE_LAST : v1::STAGE_CHUNK);
-  c.set_payload(SdkChunk(order, 10));
+  c.set_payload(emulator::MakeEmulatorChunk(order, 10, "data"));
   c.set_duration_ms(10);
   return c;
 }

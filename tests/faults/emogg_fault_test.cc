@@ -22,7 +22,6 @@
 #include <future>
 #include <memory>
 #include <optional>
-#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -36,6 +35,7 @@
 #include "bridges/core/upstream_config.h"
 #include "bridges/emogg/emogg_bridge.h"
 #include "tests/faults/daemon_harness.h"
+#include "tests/faults/emogg_gaps.h"
 #include "tests/faults/fault_proxy.h"
 #include "tests/support/test_support.h"
 #include "tests/upstreams/emogg_emulator.h"
@@ -55,29 +55,6 @@ constexpr char kKey[] = "s1:1s";
 constexpr char kOtherKey[] = "s2:1s";
 constexpr auto kLong = 20s;  // "it happened at all" on a loaded machine
 
-int64_t RssBytes() {
-  long pages = 0, resident = 0;
-  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
-    if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
-    std::fclose(f);
-  }
-  return static_cast<int64_t>(resident) * ::sysconf(_SC_PAGESIZE);
-}
-
-// The emulator's per-subscription counter in each counts event ("seq": n, from 1).
-int EventSeq(const v1::Event& e) {
-  static const std::regex kSeq(R"re("seq":(\d+))re");
-  std::smatch m;
-  const std::string& data = e.json_data();
-  return std::regex_search(data, m, kSeq) ? std::stoi(m[1]) : -1;
-}
-
-struct Update {
-  enum class Kind { kSubscribed, kEvent, kGap } kind;
-  std::string upstream_id;  // events
-  int seq = -1;             // events
-  std::string reason;       // gaps
-};
 
 // A Subscribe call read on its own thread until it ends or is stopped.
 class Subscriber {
@@ -142,14 +119,7 @@ class Subscriber {
     while (reader_->Read(&msg)) {
       absl::MutexLock lock(&mu_);
       for (const auto& u : msg.updates()) {
-        if (u.has_subscribed()) {
-          log_.push_back({Update::Kind::kSubscribed, "", -1, ""});
-        } else if (u.has_event()) {
-          log_.push_back({Update::Kind::kEvent, u.event().upstream_subscription_id(),
-                          EventSeq(u.event()), ""});
-        } else if (u.has_gap()) {
-          log_.push_back({Update::Kind::kGap, "", -1, u.gap().reason()});
-        }
+        if (std::optional<Update> update = UpdateOf(u)) log_.push_back(*std::move(update));
       }
     }
     grpc::Status st = reader_->Finish();
@@ -167,55 +137,15 @@ class Subscriber {
   std::thread thread_;
 };
 
-// Every gap told: the stream starts with `subscribed`; within one upstream subscription
-// the events follow each other; a new upstream subscription comes after a gap and starts
-// with its first event. Returns the number of gaps.
+// Every gap told (GapRule) over a whole stream. Returns the number of gaps.
 int ExpectEveryGapTold(const std::vector<Update>& log) {
   EXPECT_FALSE(log.empty());
-  if (log.empty()) return 0;
-  EXPECT_EQ(log[0].kind, Update::Kind::kSubscribed);
-  std::string current;
-  int prev = 0;
-  bool gap_pending = false;
-  int gaps = 0;
-  for (size_t i = 1; i < log.size(); ++i) {
-    const Update& u = log[i];
-    if (u.kind == Update::Kind::kSubscribed) {
-      ADD_FAILURE() << "a second `subscribed` at update " << i;
-      continue;
-    }
-    if (u.kind == Update::Kind::kGap) {
-      EXPECT_FALSE(u.reason.empty()) << "a gap without a reason";
-      gap_pending = true;
-      ++gaps;
-      continue;
-    }
-    // Worker-state events carry no sequence number (seq -1): only the upstream
-    // subscription's identity is checked for them.
-    const bool counted = u.seq > 0;
-    if (current.empty()) {
-      // The first event (a late joiner of a shared subscription starts anywhere).
-      if (gap_pending && counted) {
-        EXPECT_EQ(u.seq, 1);
-      }
-    } else if (u.upstream_id != current) {
-      EXPECT_TRUE(gap_pending) << "events of a new upstream subscription (event seq " << u.seq
-                               << ") without a gap before them";
-      if (counted) {
-        EXPECT_EQ(u.seq, 1) << "the restored subscription's first events were lost";
-      }
-    } else {
-      EXPECT_FALSE(gap_pending) << "a gap, then events of the same upstream subscription";
-      if (counted) {
-        EXPECT_EQ(u.seq, prev + 1) << "events " << prev + 1 << ".." << u.seq - 1
-                                   << " lost without a gap";
-      }
-    }
-    current = u.upstream_id;
-    prev = u.seq;
-    gap_pending = false;
+  GapRule rule;
+  for (size_t i = 0; i < log.size(); ++i) {
+    const std::string broken = rule.Next(log[i]);
+    EXPECT_TRUE(broken.empty()) << broken << " (update " << i << ")";
   }
-  return gaps;
+  return rule.gaps();
 }
 
 struct Outcome {
@@ -230,7 +160,7 @@ class EmoggFaultTest : public ::testing::Test {
   // set on the proxy before the daemon starts. `tweak` adjusts the bridge's options.
   void Start(std::function<void(emogg::EmoggBridgeOptions&)> tweak = nullptr,
              std::function<void(FaultProxy&)> faults = nullptr) {
-    rss_at_start_ = RssBytes();
+    rss_at_start_ = ResidentBytes();
     emulator::EmoggEmulatorOptions eo;
     eo.protocol.max_messages = 1000000;  // limits are not what these scenarios test
     eo.protocol.max_subscriptions_per_user = 100;
@@ -339,13 +269,8 @@ class EmoggFaultTest : public ::testing::Test {
   // Memory bounded: no request left in any session once the calls are over, and the
   // process's resident size within a generous bound of where it started.
   void ExpectBounded() {
-    EXPECT_TRUE(WaitFor([&] {
-      for (const auto& s : bridge().ListSessions()) {
-        if (s.in_flight_requests() != 0) return false;
-      }
-      return true;
-    }, kLong));
-    const int64_t grown = RssBytes() - rss_at_start_;
+    EXPECT_TRUE(WaitFor([&] { return NoRequestsHeld(bridge()); }, kLong));
+    const int64_t grown = ResidentBytes() - rss_at_start_;
     RecordProperty("rss_growth_kib", static_cast<int>(grown / 1024));
     EXPECT_LT(grown, int64_t{128} << 20) << grown / 1024 << " KiB";
   }

@@ -296,12 +296,8 @@ class NexoraFaultTest : public ::testing::Test {
 
   // No chat socket still holds a request for calls that ended.
   void ExpectNothingLeft() {
-    EXPECT_TRUE(WaitFor([&] {
-      for (const auto& s : bridge()->ListSessions()) {
-        if (s.in_flight_requests() != 0) return false;
-      }
-      return true;
-    }, 20s)) << "a chat socket still holds requests of ended calls";
+    EXPECT_TRUE(WaitFor([&] { return NoRequestsHeld(*bridge()); }, 20s))
+        << "a chat socket still holds requests of ended calls";
   }
 
   // The bridge serves again: a fresh message on a fresh chat is answered whole.

@@ -41,7 +41,6 @@
 #include <mutex>
 #include <optional>
 #include <random>
-#include <regex>
 #include <set>
 #include <string>
 #include <thread>
@@ -56,6 +55,7 @@
 #include "bridges/emogg/codec.h"
 #include "tests/faults/bridge_kits.h"
 #include "tests/faults/daemon_harness.h"
+#include "tests/faults/emogg_gaps.h"
 #include "tests/faults/fault_proxy.h"
 #include "tests/support/test_support.h"
 #include "tests/upstreams/dfx_emulator.h"
@@ -108,12 +108,7 @@ struct Memory {
 Memory SampleMemory() {
   Memory m;
   m.heap = static_cast<int64_t>(mallinfo2().uordblks);
-  long pages = 0, resident = 0;
-  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
-    if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
-    std::fclose(f);
-  }
-  m.rss = static_cast<int64_t>(resident) * ::sysconf(_SC_PAGESIZE);
+  m.rss = ResidentBytes();
   return m;
 }
 double MiB(int64_t b) { return static_cast<double>(b) / (1024.0 * 1024.0); }
@@ -235,7 +230,7 @@ class DfxWorkload : public Workload {
         first = false;
         c.set_stage(next == 0 ? dfx::v1::STAGE_FIRST
                               : next + 1 == kChunks ? dfx::v1::STAGE_LAST : dfx::v1::STAGE_CHUNK);
-        c.set_payload(SdkChunk(next));
+        c.set_payload(emulator::MakeEmulatorChunk(next, 1, "data"));
         c.set_duration_ms(1);
         if (!stream->Write(c)) break;
         in_flight = true;
@@ -328,16 +323,6 @@ class DfxWorkload : public Workload {
     bool abandoned = false;
     bool complete = false;
   };
-
-  // Emulator SDK chunk: "WSBE" | u32 LE order | u32 LE duration_ms | body.
-  static std::string SdkChunk(uint32_t order) {
-    std::string out = "WSBE";
-    for (uint32_t v : {order, 1u}) {
-      for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-    }
-    out.append("data");
-    return out;
-  }
 
   // Every acknowledged chunk recorded upstream exactly once, no chunk twice, a finished
   // measurement whole.
@@ -500,13 +485,6 @@ class NlxWorkload : public Workload {
 
 // --- Emogg: two long subscribers and two requesters -----------------------------------------
 
-// The emulator's per-subscription counter in each counts event ("seq": n, from 1).
-int EventSeq(const std::string& json) {
-  static const std::regex kSeq(R"re("seq":(\d+))re");
-  std::smatch m;
-  return std::regex_search(json, m, kSeq) ? std::stoi(m[1]) : -1;
-}
-
 class EmoggWorkload : public Workload {
  public:
   EmoggWorkload(const Channel& ch, Upstream& up)
@@ -549,41 +527,15 @@ class EmoggWorkload : public Workload {
     });
     ++subscriptions_;
     emogg::v1::SubscribeResponse msg;
-    bool first = true, gap_pending = false;
-    std::string current;
-    int prev = 0;
+    GapRule rule;  // the fault scenarios' rule, on every update as it comes
     while (reader->Read(&msg)) {
       for (const auto& u : msg.updates()) {
-        if (first) {
-          if (!u.has_subscribed()) outcomes.Violation("a subscription's first update is not `subscribed`");
-          first = false;
-          continue;
-        }
-        if (u.has_subscribed()) {
-          outcomes.Violation("a second `subscribed`");
-        } else if (u.has_gap()) {
-          if (u.gap().reason().empty()) outcomes.Violation("a gap without a reason");
-          gap_pending = true;
-          ++gaps_;
-        } else if (u.has_event()) {
-          ++events_;
-          const std::string& id = u.event().upstream_subscription_id();
-          const int seq = EventSeq(u.event().json_data());
-          if (!current.empty() && id != current && !gap_pending) {
-            outcomes.Violation(absl::StrCat("events of a new upstream subscription (seq ", seq,
-                                            ") without a gap before them"));
-          } else if (!current.empty() && id == current && gap_pending) {
-            outcomes.Violation("a gap, then events of the same upstream subscription");
-          } else if (!current.empty() && id == current && seq > 0 && seq != prev + 1) {
-            outcomes.Violation(absl::StrCat("events ", prev + 1, "..", seq - 1, " lost without a gap"));
-          } else if (id != current && gap_pending && seq > 0 && seq != 1) {
-            outcomes.Violation(absl::StrCat("a restored subscription's first ", seq - 1,
-                                            " events lost"));
-          }
-          current = id;
-          prev = seq;
-          gap_pending = false;
-        }
+        std::optional<Update> update = UpdateOf(u);
+        if (!update) continue;
+        events_ += update->kind == Update::Kind::kEvent ? 1 : 0;
+        const int gaps_before = rule.gaps();
+        if (std::string broken = rule.Next(*update); !broken.empty()) outcomes.Violation(broken);
+        gaps_ += rule.gaps() - gaps_before;
       }
     }
     done.store(true);
@@ -824,12 +776,8 @@ TEST_P(SoakTest, RandomFaultsKeepTheInvariants) {
   }
   EXPECT_TRUE(WaitFor([&] { return kit.probe(harness_->channel(), -1, true).ok(); }, 30s))
       << "the bridge does not serve after the soak";
-  EXPECT_TRUE(WaitFor([&] {
-    for (const auto& session : harness_->bridge()->ListSessions()) {
-      if (session.in_flight_requests() != 0) return false;
-    }
-    return true;
-  }, 20s)) << "a session still holds requests of calls that ended";
+  EXPECT_TRUE(WaitFor([&] { return NoRequestsHeld(*harness_->bridge()); }, 20s))
+      << "a session still holds requests of calls that ended";
   work->Check();
   work->outcomes.Expect();
   EXPECT_EQ(stuck, 0) << "cycles after which no upstream connection came back";
