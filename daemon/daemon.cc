@@ -46,6 +46,7 @@
 #include "daemon/admin_http.h"
 #include "daemon/admin_service.h"
 #include "daemon/auth.h"
+#include "daemon/caller_listener.h"
 #include "daemon/config/config.h"
 #include "daemon/reflection_service.h"
 #include "daemon/rpc_metrics.h"
@@ -58,6 +59,7 @@ using wsbridge::config::v1::DaemonConfig;
 
 constexpr uint32_t kDefaultMaxMessageBytes = 4 * 1024 * 1024;
 constexpr uint32_t kDefaultMaxConcurrentStreams = 1000;
+constexpr uint32_t kDefaultMaxConnections = 1000;
 constexpr uint32_t kDefaultMaxMetadataBytes = 16 * 1024;
 constexpr size_t kTransportMetadataFactor = 4;
 constexpr size_t kMinTransportMetadataBytes = 64 * 1024;
@@ -331,6 +333,8 @@ struct Daemon::Impl {
   // The completion queues of bridges serving on the async API, each with its thread;
   // shut down after the server and before the bridges whose calls they hold.
   std::vector<std::unique_ptr<core::CqLoop>> cq_loops;
+  // Accepts callers and hands their connections to `server`; stopped before it.
+  std::unique_ptr<CallerListener> listener;
   // Destroyed before the services it serves.
   std::unique_ptr<grpc::Server> server;
   // `server` for PublishHealth, set once it has started. Bridges start (and may report
@@ -503,6 +507,20 @@ absl::Status Daemon::Impl::StartServer() {
   }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
+  // The daemon listens itself, so that it can cap the caller connections (see
+  // caller_listener.h); gRPC gets each accepted connection with the listener's
+  // credentials.
+  const auto& connections = server_config.connections();
+  CallerListener::Options listener_options;
+  listener_options.max_connections =
+      connections.has_max_connections() ? connections.max_connections() : kDefaultMaxConnections;
+  listener_options.refused = &metrics.GetCounter(
+      "wsbridge_server_connections_refused_total",
+      "Caller connections closed at once because server.connections.max_connections were open");
+  listener_options.open = &metrics.GetGauge(
+      "wsbridge_server_connections", "Caller connections open (TCP and Unix socket together)");
+  listener = std::make_unique<CallerListener>(listener_options);
+  using ConnectionType = grpc::ServerBuilder::experimental_type::ExternalConnectionType;
 
   if (!server_config.listen().empty()) {
     std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
@@ -527,7 +545,11 @@ absl::Status Daemon::Impl::StartServer() {
       }
       credentials = grpc::SslServerCredentials(ssl);
     }
-    builder.AddListeningPort(server_config.listen(), credentials, &grpc_port);
+    auto port = listener->ListenTcp(
+        server_config.listen(),
+        builder.experimental().AddExternalConnectionAcceptor(ConnectionType::FROM_FD, credentials));
+    if (!port.ok()) return port.status();
+    grpc_port = *port;
   }
   mode_t socket_mode = 0660;
   if (!server_config.unix_socket().empty()) {
@@ -537,7 +559,15 @@ absl::Status Daemon::Impl::StartServer() {
     if (!mode.ok()) return mode.status();
     socket_mode = *mode;
     if (absl::Status s = PrepareUnixSocketPath(unix_path, socket_mode); !s.ok()) return s;
-    builder.AddListeningPort("unix:" + unix_path, grpc::InsecureServerCredentials());
+    // Bound with its final mode from the start.
+    ScopedUmask mask(static_cast<mode_t>(~socket_mode & 0777));
+    if (absl::Status s = listener->ListenUnix(
+            unix_path, builder.experimental().AddExternalConnectionAcceptor(
+                           ConnectionType::FROM_FD, grpc::InsecureServerCredentials()));
+        !s.ok()) {
+      return s;
+    }
+    unix_bound = true;
   }
 
   const int max_message = static_cast<int>(server_config.max_message_bytes() != 0
@@ -606,23 +636,11 @@ absl::Status Daemon::Impl::StartServer() {
     for (uint32_t i = 0; i < n; ++i) cqs.push_back(builder.AddCompletionQueue());
   }
 
-  {
-    // The Unix socket is bound here: give it its final mode from the start.
-    std::optional<ScopedUmask> mask;
-    if (!unix_path.empty()) mask.emplace(static_cast<mode_t>(~socket_mode & 0777));
-    server = builder.BuildAndStart();
+  server = builder.BuildAndStart();
+  if (server == nullptr) {
+    return absl::InternalError("cannot start the gRPC server (see the gRPC error above)");
   }
-  unix_bound = server != nullptr && !unix_path.empty();
-  if (server == nullptr || (!server_config.listen().empty() && grpc_port == 0)) {
-    if (server != nullptr) server->Shutdown(std::chrono::system_clock::now());
-    server.reset();
-    std::vector<std::string> where;
-    if (!server_config.listen().empty()) where.push_back(server_config.listen());
-    if (!unix_path.empty()) where.push_back("unix:" + unix_path);
-    return absl::UnavailableError(absl::StrCat(
-        "cannot start the gRPC server on ", absl::StrJoin(where, " and "),
-        ": the address is in use, not local, or not host:port (see the gRPC error above)"));
-  }
+  listener->Start();
   health_server.store(server.get(), std::memory_order_release);
   if (!cqs.empty()) {
     std::vector<core::CqLoop*> loops;
@@ -927,6 +945,7 @@ absl::Status Daemon::Start() {
   if (!status.ok()) {
     log::Error("server", "start-up failed", {{"error", std::string(status.message())}});
     // Undo whatever did start; bridges are told to stop before their executor does.
+    if (impl_->listener) impl_->listener->Stop();
     if (impl_->server) impl_->server->Shutdown(std::chrono::system_clock::now());
     impl_->ShutdownCqLoops();
     for (const auto& bridge : impl_->bridges) {
@@ -974,6 +993,8 @@ void Daemon::Wait() {
     server_deadline = d.server_deadline_locked;
   }
   log::Info("server", "stopping the gRPC server");
+  // No new caller connections from here; the server then ends the open ones.
+  d.listener->Stop();
   // The drain is over and the bridges have ended their calls: whatever is still open
   // (health watches, reflection, admin) is cancelled now rather than at the deadline.
   // Blocks until the handlers are done, hence this thread.

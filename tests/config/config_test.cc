@@ -135,12 +135,15 @@ TEST(ConfigLoad, CallerConnectionLimitsHaveDefaultsAndCanBeSet) {
   EXPECT_FALSE(conn.has_max_age());  // no limit unless set
   EXPECT_EQ(conn.max_age_grace().seconds(), 30);
   EXPECT_EQ(conn.min_ping_interval().seconds(), 10);
+  EXPECT_TRUE(conn.has_max_connections());
+  EXPECT_EQ(conn.max_connections(), 1000u);
 
   c = LoadConfigString(R"(server:
   listen: "127.0.0.1:50051"
   max_metadata_bytes: 4096
   reflection_without_token: true
-  connections: {keepalive_time: 5s, max_idle: 0s, max_age: 1h, max_age_grace: 2s}
+  connections: {keepalive_time: 5s, max_idle: 0s, max_age: 1h, max_age_grace: 2s,
+                max_connections: 0}
 )",
                        "test.yaml");
   ASSERT_TRUE(c.ok()) << c.status();
@@ -151,6 +154,8 @@ TEST(ConfigLoad, CallerConnectionLimitsHaveDefaultsAndCanBeSet) {
   EXPECT_EQ(c->server().connections().max_idle().seconds(), 0);
   EXPECT_EQ(c->server().connections().max_age().seconds(), 3600);
   EXPECT_EQ(c->server().connections().max_age_grace().seconds(), 2);
+  EXPECT_TRUE(c->server().connections().has_max_connections());  // 0: no cap
+  EXPECT_EQ(c->server().connections().max_connections(), 0u);
 
   EXPECT_THAT(ErrorOf("server: {listen: \"127.0.0.1:1\", max_metadata_bytes: 100}\n"),
               HasSubstr("server.max_metadata_bytes: 100 is below the minimum 1024"));

@@ -832,6 +832,58 @@ TEST_F(DaemonTest, ACallerThatStopsAnsweringPingsIsDisconnected) {
 
 // The cap on one connection: streams beyond max_concurrent_streams wait in the caller's
 // client until one ends; the server never holds more.
+// The value of an unlabelled metric in the admin endpoint's text, or -1.
+int64_t MetricValue(const std::string& text, const std::string& name) {
+  const std::string key = "\n" + name + " ";
+  const size_t at = text.find(key);
+  if (at == std::string::npos) return -1;
+  return std::strtoll(text.c_str() + at + key.size(), nullptr, 10);
+}
+
+// Issue #14, item 10: caller connections are capped (server.connections.max_connections,
+// over TCP and the Unix socket together). One more is closed as soon as it is accepted:
+// that caller's call fails UNAVAILABLE, the connections already open go on, the refusal
+// is counted, and once a connection has closed a new caller gets in again.
+TEST_F(DaemonTest, ConnectionsBeyondTheCapAreRefusedAndTheOpenOnesGoOn) {
+  TempDir dir;
+  const std::string path = dir.path() + "/wsbridged.sock";
+  DaemonConfig config = BaseConfig();
+  config.mutable_server()->set_unix_socket(path);
+  config.mutable_server()->mutable_connections()->set_max_connections(2);
+  StartOrDie(config);
+  // Each channel its own connection (gRPC shares one between identical channels).
+  auto own_connection = [] {
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    return args;
+  };
+  auto tcp = [&] {
+    return grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", daemon_->grpc_port()),
+                                     grpc::InsecureChannelCredentials(), own_connection());
+  };
+  auto first = tcp();
+  ASSERT_TRUE(Echo(first, "one").ok());
+  auto over_unix = grpc::CreateCustomChannel("unix:" + path, grpc::InsecureChannelCredentials(),
+                                             own_connection());
+  ASSERT_TRUE(Echo(over_unix, "two").ok());
+  EXPECT_EQ(MetricValue(Metrics(), "wsbridge_server_connections_refused_total"), 0);
+
+  auto third = tcp();
+  grpc::Status refused = Echo(third, "three");
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE) << refused.error_message();
+  const std::string metrics = Metrics();
+  EXPECT_GE(MetricValue(metrics, "wsbridge_server_connections_refused_total"), 1) << metrics;
+  EXPECT_EQ(MetricValue(metrics, "wsbridge_server_connections"), 2) << metrics;
+  EXPECT_TRUE(Echo(first, "still here").ok());
+  EXPECT_TRUE(Echo(over_unix, "still here").ok());
+
+  // One caller leaves: its place is free once the server has closed its end.
+  third.reset();
+  first.reset();
+  EXPECT_TRUE(WaitFor([&] { return Echo(tcp(), "four").ok(); }, std::chrono::seconds(20)));
+  EXPECT_TRUE(Echo(over_unix, "and still here").ok());
+}
+
 TEST_F(DaemonTest, StreamsBeyondTheCapWaitForAFreeOne) {
   DaemonConfig config = BaseConfig();
   config.mutable_server()->set_max_concurrent_streams(2);
