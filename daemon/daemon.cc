@@ -771,6 +771,9 @@ void Daemon::Impl::ScheduleHealthPoll() {
   health_timer.async_wait([this](boost::system::error_code ec) {
     if (ec) return;
     PublishHealth();
+    // Counts of log lines summarised in a window that has ended, even if nothing else
+    // is logged now.
+    log::WriteEndedRepeats();
     ScheduleHealthPoll();
   });
 }
@@ -799,6 +802,7 @@ void Daemon::Impl::WaitSignal() {
       log::Warn("server", "second signal: exiting at once without draining",
                 {{"signal", std::to_string(signal)}});
       if (!unix_path.empty()) unlink(unix_path.c_str());
+      log::FlushRepeats();
       _exit(1);
     }
     log::Info("server", "signal received: draining", {{"signal", std::to_string(signal)}});
@@ -846,6 +850,7 @@ void Daemon::Impl::BeginShutdown() {
       if (!mu.AwaitWithDeadline(absl::Condition(&finished), exit_at)) {
         log::Error("server", "shutdown deadline passed: exiting with calls still open");
         if (!unix_path.empty()) unlink(unix_path.c_str());
+        log::FlushRepeats();
         _exit(0);
       }
     });
@@ -1007,6 +1012,7 @@ void Daemon::Wait() {
     log::Warn("server", "cannot remove unix socket",
               {{"path", d.unix_path}, {"error", std::strerror(errno)}});
   }
+  log::FlushRepeats();  // what the last window held back is counted too
   log::Info("server", "stopped",
             {{"shutdown_seconds", absl::StrCat(absl::ToDoubleSeconds(absl::Now() - d.shutdown_started))}});
   absl::MutexLock lock(&d.mu);

@@ -227,6 +227,22 @@ std::string SummaryLine(const Repeat& r) {
                     {{"suppressed", std::to_string(r.suppressed)}});
 }
 
+// Appends the summaries of windows that have ended and forgets them.
+void SweepEndedRepeats(std::chrono::steady_clock::time_point now,
+                       std::vector<std::string>& summaries)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_repeat_mu) {
+  g_next_sweep = now + kRepeatSweepInterval;
+  auto& repeats = Repeats();
+  for (auto it = repeats.begin(); it != repeats.end();) {
+    if (now - it->second.window_start < g_repeat_window) {
+      ++it;
+      continue;
+    }
+    if (it->second.suppressed > 0) summaries.push_back(SummaryLine(it->second));
+    it = repeats.erase(it);
+  }
+}
+
 // Whether this line is written; appends summaries of windows that have ended to
 // `summaries` (written before the line).
 bool AdmitRepeat(Level level, std::string_view component, std::string_view message,
@@ -235,17 +251,7 @@ bool AdmitRepeat(Level level, std::string_view component, std::string_view messa
   if (g_repeat_burst == 0) return true;
   const auto now = std::chrono::steady_clock::now();
   auto& repeats = Repeats();
-  if (now >= g_next_sweep) {
-    g_next_sweep = now + kRepeatSweepInterval;
-    for (auto it = repeats.begin(); it != repeats.end();) {
-      if (now - it->second.window_start < g_repeat_window) {
-        ++it;
-        continue;
-      }
-      if (it->second.suppressed > 0) summaries.push_back(SummaryLine(it->second));
-      it = repeats.erase(it);
-    }
-  }
+  if (now >= g_next_sweep) SweepEndedRepeats(now, summaries);
   std::string key;
   key.reserve(component.size() + message.size() + 3);
   key.push_back(static_cast<char>('0' + static_cast<int>(level)));
@@ -378,18 +384,56 @@ std::string RedactUrl(std::string_view url) {
   return Redact(out);
 }
 
+namespace {
+
+// Summaries first, then the line, in one write.
+void WriteLocked(const std::vector<std::string>& summaries, const std::string& line)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_write_mu) {
+  std::string out;
+  for (const auto& summary : summaries) out += summary;
+  out += line;
+  if (out.empty()) return;
+  std::fwrite(out.data(), 1, out.size(), stderr);
+  if (g_observer) g_observer(out);
+}
+
+}  // namespace
+
 void Write(Level level, std::string_view component, std::string_view message,
            std::initializer_list<Field> fields) {
   if (!Enabled(level)) return;
   std::vector<std::string> summaries;
+  // Under the write lock from the decision to the write: a window's summary is always
+  // written before any line of the next window of the same message.
+  absl::MutexLock lock(&g_write_mu);
   const bool admitted = AdmitRepeat(level, component, message, summaries);
   if (!admitted && summaries.empty()) return;
-  std::string out;
-  for (auto& summary : summaries) out += summary;
-  if (admitted) out += FormatLine(level, component, message, fields);
+  WriteLocked(summaries, admitted ? FormatLine(level, component, message, fields) : "");
+}
+
+void WriteEndedRepeats() {
+  std::vector<std::string> summaries;
   absl::MutexLock lock(&g_write_mu);
-  std::fwrite(out.data(), 1, out.size(), stderr);
-  if (g_observer) g_observer(out);
+  {
+    absl::MutexLock repeat_lock(&g_repeat_mu);
+    if (g_repeat_burst == 0) return;
+    SweepEndedRepeats(std::chrono::steady_clock::now(), summaries);
+  }
+  WriteLocked(summaries, "");
+}
+
+void FlushRepeats() {
+  std::vector<std::string> summaries;
+  absl::MutexLock lock(&g_write_mu);
+  {
+    absl::MutexLock repeat_lock(&g_repeat_mu);
+    for (auto& [key, r] : Repeats()) {
+      if (r.suppressed == 0) continue;
+      summaries.push_back(SummaryLine(r));
+      r.suppressed = 0;  // the window goes on: its later lines are still limited
+    }
+  }
+  WriteLocked(summaries, "");
 }
 
 void SetObserver(std::function<void(std::string_view line)> observer) {

@@ -24,11 +24,16 @@ bool Enabled(Level level);
 // Summarises repeats: of the lines with the same level, component and message, the
 // first `burst` in each `window_seconds` are written; the rest are counted and, once
 // the window is over, written as one line "suppressed N similar lines: <message>"
-// (when the next line of any kind is written, or at the latest with that message's
-// next line). Fields (session ids, errors) do not make lines different, so 1,000
+// (with the next line of any kind, or by WriteEndedRepeats / FlushRepeats). Fields (session ids, errors) do not make lines different, so 1,000
 // sessions reconnecting in a storm log `burst` lines and a count. burst 0 (the
 // library's default) turns it off; wsbridged turns it on at start-up.
 void SetRepeatLimit(size_t burst, double window_seconds);
+// Writes the summaries of windows that have ended now, without waiting for the next
+// line (wsbridged calls it once a second, so a storm that stops is still counted soon).
+void WriteEndedRepeats();
+// Writes the counts suppressed so far, windows ended or not (at exit, so that the last
+// stretch of a storm is counted too).
+void FlushRepeats();
 
 // Registers a credential value so that every later log line containing it shows
 // "[redacted]" instead. Secrets are resolved through the config loader, which calls it.

@@ -165,6 +165,38 @@ TEST(Log, RepeatsBeyondTheBurstAreSummarisedOncePerWindow) {
   EXPECT_EQ(Count(capture.Text(), "unlimited"), 10u);
 }
 
+// The counts are written without waiting for another line: WriteEndedRepeats (wsbridged
+// calls it once a second) writes the windows that have ended, FlushRepeats (at exit) the
+// ones still open, whose later lines stay limited.
+TEST(Log, SuppressedCountsAreWrittenWhenAWindowEndsAndAtExit) {
+  StderrCapture capture;
+  log::SetRepeatLimit(2, 0.2);
+  for (int i = 0; i < 10; ++i) log::Warn("test", "storm line");
+  log::WriteEndedRepeats();  // the window is still open: nothing yet
+  EXPECT_EQ(Count(capture.Text(), "similar lines"), 0u) << capture.Text();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  std::string text;
+  while (std::chrono::steady_clock::now() < deadline) {
+    log::WriteEndedRepeats();
+    text = capture.Text();
+    if (text.find("suppressed 8 similar lines: storm line") != std::string::npos) break;
+  }
+  EXPECT_EQ(Count(text, "suppressed 8 similar lines: storm line"), 1u) << text;
+  EXPECT_EQ(Count(text, "storm line"), 3u) << text;  // 2 lines and the count
+
+  log::SetRepeatLimit(2, 3600);
+  for (int i = 0; i < 5; ++i) log::Warn("test", "last stretch");
+  log::FlushRepeats();
+  text = capture.Text();
+  EXPECT_EQ(Count(text, "suppressed 3 similar lines: last stretch"), 1u) << text;
+  log::Warn("test", "last stretch");  // the window goes on
+  log::FlushRepeats();
+  text = capture.Text();
+  EXPECT_EQ(Count(text, "suppressed 1 similar lines: last stretch"), 1u) << text;
+  EXPECT_EQ(Count(text, "last stretch"), 4u) << text;
+  log::SetRepeatLimit(0, 0);
+}
+
 // Issue #14, item 8: credentials under names that do not look like one (signed URLs).
 TEST(Log, RedactsEveryQueryValueButAShortAllowList) {
   EXPECT_EQ(log::RedactUrl("wss://h/ws?sig=c2lnbmF0dXJl&se=2026-01-01&st=abc&sv=2021&sp=rw"),
