@@ -1,9 +1,6 @@
 // Process-level tests: the real wsbridged binary, spawned with posix_spawn, driven over
 // its listeners and with signals.
-#include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -15,6 +12,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <boost/json.hpp>
@@ -22,108 +20,22 @@
 #include <gtest/gtest.h>
 
 #include "clients.h"
+#include "tests/support/child_process.h"
 #include "tests/support/test_support.h"
-
-extern char** environ;
 
 namespace wsbridge::daemontest {
 namespace {
 
 using grpc::health::v1::HealthCheckResponse;
+using wsbridge::testing::ChildProcess;
 using wsbridge::testing::TempDir;
 using wsbridge::testing::WaitFor;
-using Clock = std::chrono::steady_clock;
 
 // The wsbridged binary with stdout on a pipe and stderr in a file.
-class DaemonProcess {
+class DaemonProcess : public ChildProcess {
  public:
   DaemonProcess(std::vector<std::string> args, const std::string& stderr_path)
-      : stderr_path_(stderr_path) {
-    int out[2];
-    if (pipe2(out, O_CLOEXEC) != 0) return;
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, stderr_path.c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    args.insert(args.begin(), WSBRIDGED_PATH);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (posix_spawn(&pid_, WSBRIDGED_PATH, &actions, nullptr, argv.data(), environ) != 0) {
-      pid_ = -1;
-    }
-    posix_spawn_file_actions_destroy(&actions);
-    close(out[1]);
-    stdout_fd_ = out[0];
-  }
-
-  ~DaemonProcess() {
-    if (pid_ > 0 && !exit_status_) {
-      kill(pid_, SIGKILL);
-      int status;
-      waitpid(pid_, &status, 0);
-    }
-    if (stdout_fd_ >= 0) close(stdout_fd_);
-  }
-
-  bool spawned() const { return pid_ > 0; }
-  pid_t pid() const { return pid_; }
-
-  // The next stdout line, or nullopt at EOF or when `timeout` passes.
-  std::optional<std::string> ReadLine(std::chrono::milliseconds timeout) {
-    const auto deadline = Clock::now() + timeout;
-    for (;;) {
-      size_t nl = buffer_.find('\n');
-      if (nl != std::string::npos) {
-        std::string line = buffer_.substr(0, nl);
-        buffer_.erase(0, nl + 1);
-        return line;
-      }
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      if (left.count() <= 0) return std::nullopt;
-      pollfd p{stdout_fd_, POLLIN, 0};
-      if (poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
-      char buf[4096];
-      ssize_t n = read(stdout_fd_, buf, sizeof(buf));
-      if (n <= 0) return std::nullopt;
-      buffer_.append(buf, static_cast<size_t>(n));
-    }
-  }
-
-  // All remaining stdout until EOF (bounded by `timeout`).
-  std::string ReadAll(std::chrono::milliseconds timeout) {
-    std::string all;
-    while (auto line = ReadLine(timeout)) all += *line + "\n";
-    return all + buffer_;
-  }
-
-  // Exit status (as from waitpid) once the process has exited within `timeout`.
-  std::optional<int> WaitExit(std::chrono::milliseconds timeout) {
-    if (exit_status_) return exit_status_;
-    WaitFor(
-        [&] {
-          int status;
-          if (waitpid(pid_, &status, WNOHANG) == pid_) exit_status_ = status;
-          return exit_status_.has_value();
-        },
-        timeout);
-    return exit_status_;
-  }
-
-  std::string Stderr() const {
-    std::ifstream in(stderr_path_);
-    std::stringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }
-
- private:
-  std::string stderr_path_;
-  pid_t pid_ = -1;
-  int stdout_fd_ = -1;
-  std::string buffer_;
-  std::optional<int> exit_status_;
+      : ChildProcess(WSBRIDGED_PATH, std::move(args), {.stderr_path = stderr_path}) {}
 };
 
 struct Listening {
@@ -257,7 +169,7 @@ TEST(ProcessTest, ServesAndExitsCleanlyOnSigterm) {
   // An open call gets the drain, then is ended; the process still exits 0.
   OpenReflectionStream stream(tcp);
   ASSERT_TRUE(stream.ok());
-  ASSERT_EQ(kill(process.pid(), SIGTERM), 0);
+  ASSERT_TRUE(process.Signal(SIGTERM));
   grpc::Status ended = stream.Finish();
   EXPECT_FALSE(ended.ok());
   // shutdown.deadline is 10 s (the daemon _exits then); the slack covers a loaded machine
@@ -300,7 +212,7 @@ TEST(ProcessTest, RaisesTheOpenFileSoftLimitToTheHardLimit) {
   ASSERT_FALSE(soft.empty());
   EXPECT_EQ(soft, hard);
   EXPECT_NE(soft, "256");
-  ASSERT_EQ(kill(process.pid(), SIGTERM), 0);
+  ASSERT_TRUE(process.Signal(SIGTERM));
   auto status = process.WaitExit(std::chrono::seconds(40));  // deadline 10 s + slack
   ASSERT_TRUE(status.has_value()) << process.Stderr();
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << process.Stderr();
@@ -318,14 +230,14 @@ TEST(ProcessTest, SecondSignalExitsAtOnce) {
   OpenReflectionStream stream(channel);  // holds the drain open
   ASSERT_TRUE(stream.ok());
 
-  ASSERT_EQ(kill(process.pid(), SIGTERM), 0);
+  ASSERT_TRUE(process.Signal(SIGTERM));
   // Draining has begun once readiness fails.
   EXPECT_TRUE(WaitFor([&] {
     auto readyz = HttpRequest(listening->admin_port, "GET", "/readyz");
     return readyz.ok() && readyz->status == 503;
   }));
   EXPECT_FALSE(process.WaitExit(std::chrono::milliseconds(0)).has_value());
-  ASSERT_EQ(kill(process.pid(), SIGINT), 0);
+  ASSERT_TRUE(process.Signal(SIGINT));
   auto status = process.WaitExit(std::chrono::seconds(30));
   ASSERT_TRUE(status.has_value()) << "second signal did not end the process\n" << process.Stderr();
   ASSERT_TRUE(WIFEXITED(*status));

@@ -9,9 +9,7 @@
 // proxy) resets every connection of a dozen sessions for as long as the first window
 // takes to end.
 #include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -35,17 +33,17 @@
 #include "bridges/core/bridge_base.h"
 #include "bridges/dfx/dfx_bridge.h"
 #include "tests/faults/fault_proxy.h"
+#include "tests/support/child_process.h"
 #include "tests/support/test_support.h"
 #include "tests/upstreams/dfx_emulator.h"
 #include "wsbridge/dfx/v1/dfx.grpc.pb.h"
-
-extern char** environ;
 
 namespace wsbridge::faults {
 namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
+using wsbridge::testing::ChildProcess;
 using wsbridge::testing::TempDir;
 using wsbridge::testing::WaitFor;
 
@@ -57,82 +55,6 @@ constexpr std::string_view kSummaryInfix = " similar lines: ";
 // The connection's lines for each failed attempt (bridges/core/connection.cc).
 constexpr std::string_view kScheduled = "upstream reconnect scheduled";
 constexpr std::string_view kAttemptFailed = "upstream connection attempt failed";
-
-// The wsbridged binary: stdout on a pipe (its "listening" line), stderr in a file.
-class DaemonProcess {
- public:
-  DaemonProcess(const std::string& config, const std::string& stderr_path) {
-    int out[2];
-    if (pipe2(out, O_CLOEXEC) != 0) return;
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, stderr_path.c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    // Nothing of the test process (the proxy's and the emulator's sockets) leaks in.
-    posix_spawn_file_actions_addclosefrom_np(&actions, STDERR_FILENO + 1);
-    std::string path = WSBRIDGED_PATH, flag = "--config", file = config;
-    char* argv[] = {path.data(), flag.data(), file.data(), nullptr};
-    if (posix_spawn(&pid_, path.c_str(), &actions, nullptr, argv, environ) != 0) pid_ = -1;
-    posix_spawn_file_actions_destroy(&actions);
-    close(out[1]);
-    stdout_fd_ = out[0];
-  }
-  ~DaemonProcess() {
-    if (pid_ > 0 && !exit_status_) {
-      kill(pid_, SIGKILL);
-      int status;
-      waitpid(pid_, &status, 0);
-    }
-    if (stdout_fd_ >= 0) close(stdout_fd_);
-  }
-  DaemonProcess(const DaemonProcess&) = delete;
-  DaemonProcess& operator=(const DaemonProcess&) = delete;
-
-  bool spawned() const { return pid_ > 0; }
-  void Signal(int sig) const {
-    if (pid_ > 0 && !exit_status_) kill(pid_, sig);
-  }
-
-  // The next stdout line, or nullopt at EOF or once `deadline` has passed.
-  std::optional<std::string> ReadLine(Clock::time_point deadline) {
-    for (;;) {
-      if (size_t nl = stdout_.find('\n', consumed_); nl != std::string::npos) {
-        std::string line = stdout_.substr(consumed_, nl - consumed_);
-        consumed_ = nl + 1;
-        return line;
-      }
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      if (left <= 0ms) return std::nullopt;
-      pollfd p{stdout_fd_, POLLIN, 0};
-      if (poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
-      char buf[4096];
-      const ssize_t n = read(stdout_fd_, buf, sizeof buf);
-      if (n <= 0) return std::nullopt;
-      stdout_.append(buf, static_cast<size_t>(n));
-    }
-  }
-  // Everything read from stdout so far.
-  const std::string& stdout_text() const { return stdout_; }
-
-  std::optional<int> WaitExit(std::chrono::milliseconds timeout) {
-    WaitFor(
-        [&] {
-          int status;
-          if (!exit_status_ && waitpid(pid_, &status, WNOHANG) == pid_) exit_status_ = status;
-          return exit_status_.has_value();
-        },
-        timeout);
-    return exit_status_;
-  }
-
- private:
-  pid_t pid_ = -1;
-  int stdout_fd_ = -1;
-  std::string stdout_;
-  size_t consumed_ = 0;
-  std::optional<int> exit_status_;
-};
 
 // One line of the daemon's JSON log (log.format: json): a flat object of strings.
 struct LogLine {
@@ -291,7 +213,8 @@ TEST(ReconnectLogTest, AReconnectStormThroughTheRealDaemonLogsABurstAndACount) {
   const std::string stderr_path = dir.path() + "/stderr.log";
 
   const auto spawned_at = Clock::now();
-  DaemonProcess daemon(config, stderr_path);
+  // stdout on a pipe (its "listening" line), stderr in the file.
+  ChildProcess daemon(WSBRIDGED_PATH, {"--config", config}, {.stderr_path = stderr_path});
   ASSERT_TRUE(daemon.spawned()) << WSBRIDGED_PATH;
   StderrTail log(stderr_path);
   auto dump = [&] {
@@ -302,7 +225,7 @@ TEST(ReconnectLogTest, AReconnectStormThroughTheRealDaemonLogsABurstAndACount) {
   };
   // {"event":"listening","grpc":"127.0.0.1:PORT",...}
   std::string grpc_address;
-  while (auto line = daemon.ReadLine(Clock::now() + 60s)) {
+  while (auto line = daemon.ReadLine(60s)) {
     constexpr std::string_view kGrpc = "\"grpc\":\"";
     if (size_t at = line->find(kGrpc); at != std::string::npos) {
       at += kGrpc.size();
@@ -362,7 +285,7 @@ TEST(ReconnectLogTest, AReconnectStormThroughTheRealDaemonLogsABurstAndACount) {
   const std::optional<int> status = daemon.WaitExit(60s);
   const auto exited = Clock::now();
   ASSERT_TRUE(status.has_value()) << "wsbridged did not exit after SIGTERM";
-  while (daemon.ReadLine(Clock::now() + 10s)) {
+  while (daemon.ReadLine(10s)) {
   }
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "wait status " << *status << "\n" << dump();
   log.Poll();

@@ -8,23 +8,17 @@
 // this process) keeps getting every event. Once it runs again (SIGCONT) the caller learns
 // UNAVAILABLE, not SLOW_CONSUMER.
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cstring>
-#include <fstream>
 #include <iostream>
 #include <memory>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -42,11 +36,10 @@
 #include "bridges/emogg/emogg_bridge.h"
 #include "tests/faults/daemon_harness.h"
 #include "tests/faults/emogg_gaps.h"
+#include "tests/support/child_process.h"
 #include "tests/support/test_support.h"
 #include "tests/upstreams/emogg_emulator.h"
 #include "wsbridge/emogg/v1/emogg.grpc.pb.h"
-
-extern char** environ;
 
 namespace wsbridge::faults {
 namespace {
@@ -69,136 +62,7 @@ constexpr auto kKeepaliveTimeout = 2s;
 constexpr auto kMargin = 20s;
 constexpr auto kLong = 60s;  // "it happened at all"
 
-// --- The stalled caller: wsbridgectl as a child process --------------------------------
-
-// A child with stdout on a pipe and stderr in a file; SIGKILLed and reaped on
-// destruction unless it was reaped already.
-class Child {
- public:
-  Child(const std::string& path, std::vector<std::string> args, const std::string& stderr_path)
-      : stderr_path_(stderr_path) {
-    int out[2];
-    if (pipe2(out, O_CLOEXEC) != 0) return;
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, stderr_path.c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    args.insert(args.begin(), path);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    // The caller's WSBRIDGE_* settings (target, token) must not reach the child.
-    std::vector<std::string> env_strings;
-    for (char** e = environ; *e != nullptr; ++e) {
-      if (!absl::StartsWith(*e, "WSBRIDGE_")) env_strings.emplace_back(*e);
-    }
-    std::vector<char*> envp;
-    for (auto& e : env_strings) envp.push_back(e.data());
-    envp.push_back(nullptr);
-    if (posix_spawn(&pid_, path.c_str(), &actions, nullptr, argv.data(), envp.data()) != 0) {
-      pid_ = -1;
-    }
-    posix_spawn_file_actions_destroy(&actions);
-    close(out[1]);
-    stdout_fd_ = out[0];
-  }
-
-  ~Child() {
-    if (pid_ > 0 && !exit_status_) {
-      kill(pid_, SIGKILL);  // a stopped process is killed too
-      int status;
-      while (waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
-      }
-    }
-    if (stdout_fd_ >= 0) close(stdout_fd_);
-  }
-  Child(const Child&) = delete;
-  Child& operator=(const Child&) = delete;
-
-  bool spawned() const { return pid_ > 0; }
-  pid_t pid() const { return pid_; }
-
-  // SIGSTOP, returning once the kernel reports the child stopped.
-  bool Stop() {
-    if (kill(pid_, SIGSTOP) != 0) return false;
-    int status = 0;
-    pid_t r;
-    while ((r = waitpid(pid_, &status, WUNTRACED)) < 0 && errno == EINTR) {
-    }
-    if (r != pid_) return false;
-    if (!WIFSTOPPED(status)) {
-      exit_status_ = status;  // it was gone already
-      return false;
-    }
-    return true;
-  }
-  bool Continue() { return kill(pid_, SIGCONT) == 0; }
-
-  // Whether the child has neither exited nor been killed (a stopped one still runs).
-  bool Alive() {
-    if (exit_status_) return false;
-    int status;
-    if (waitpid(pid_, &status, WNOHANG) == pid_ && (WIFEXITED(status) || WIFSIGNALED(status))) {
-      exit_status_ = status;
-    }
-    return !exit_status_;
-  }
-
-  // The next stdout line, or nullopt at EOF or when `timeout` passes.
-  std::optional<std::string> ReadLine(std::chrono::milliseconds timeout) {
-    const auto deadline = Clock::now() + timeout;
-    for (;;) {
-      size_t nl = buffer_.find('\n');
-      if (nl != std::string::npos) {
-        std::string line = buffer_.substr(0, nl);
-        buffer_.erase(0, nl + 1);
-        return line;
-      }
-      if (eof_) return std::nullopt;
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      if (left.count() <= 0) return std::nullopt;
-      pollfd p{stdout_fd_, POLLIN, 0};
-      if (poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
-      char buf[16384];
-      ssize_t n = read(stdout_fd_, buf, sizeof(buf));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        eof_ = true;
-        continue;
-      }
-      buffer_.append(buf, static_cast<size_t>(n));
-    }
-  }
-  bool eof() const { return eof_ && buffer_.find('\n') == std::string::npos; }
-  // What is left after the last newline (at EOF).
-  std::string rest() const { return buffer_; }
-
-  // The exit code once the child has exited within `timeout`; -1 if a signal killed it.
-  std::optional<int> WaitExit(std::chrono::milliseconds timeout) {
-    if (!exit_status_) {
-      WaitFor([&] { return !Alive(); }, timeout);
-    }
-    if (!exit_status_) return std::nullopt;
-    return WIFEXITED(*exit_status_) ? WEXITSTATUS(*exit_status_) : -1;
-  }
-
-  std::string Stderr() const {
-    std::ifstream in(stderr_path_);
-    std::stringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }
-
- private:
-  std::string stderr_path_;
-  pid_t pid_ = -1;
-  int stdout_fd_ = -1;
-  std::string buffer_;
-  bool eof_ = false;
-  std::optional<int> exit_status_;
-};
+// --- The stalled caller's output: wsbridgectl as a child process (ChildProcess) ---------
 
 // The stream's updates as wsbridgectl printed them (one SubscribeResponse per line, JSON).
 struct PrintedStream {
@@ -452,11 +316,13 @@ TEST(StalledCallerTest, KeepaliveClosesAStoppedProcessConnectionAndOthersKeepEve
 
   // The stalled caller, on its own connection: wsbridgectl finds the method through the
   // daemon's reflection and prints every SubscribeResponse as a JSON line as it arrives.
-  Child ctl(WSBRIDGECTL_PATH,
-            {"--target", absl::StrCat("127.0.0.1:", harness.daemon().grpc_port()), "call",
-             "wsbridge.emogg.v1.EmoggService/Subscribe",
-             absl::StrCat(R"({"channel":")", kChannel, R"(","key":")", kKey, R"("})")},
-            dir.path() + "/wsbridgectl.stderr");
+  // The test's WSBRIDGE_* settings (target, token) do not reach it.
+  testing::ChildProcess ctl(
+      WSBRIDGECTL_PATH,
+      {"--target", absl::StrCat("127.0.0.1:", harness.daemon().grpc_port()), "call",
+       "wsbridge.emogg.v1.EmoggService/Subscribe",
+       absl::StrCat(R"({"channel":")", kChannel, R"(","key":")", kKey, R"("})")},
+      {.stderr_path = dir.path() + "/wsbridgectl.stderr"});
   ASSERT_TRUE(ctl.spawned());
   PrintedStream printed;
   std::vector<std::string> lines;
@@ -513,7 +379,7 @@ TEST(StalledCallerTest, KeepaliveClosesAStoppedProcessConnectionAndOthersKeepEve
                         "keepalive_timeout + margin; subscribers on the session: "
                      << SessionSubscribers(bridge) << ", Subscribe calls ended: "
                      << after.subscribe_ended;
-  EXPECT_TRUE(ctl.Alive()) << "ended only because the child exited";
+  EXPECT_FALSE(ctl.WaitExit(0ms).has_value()) << "ended only because the child exited";
   EXPECT_EQ(after.subscribe_cancelled, 1) << "the stalled stream ended with another code";
   EXPECT_EQ(after.subscribe_resource_exhausted, 0) << "SLOW_CONSUMER, not the keepalive";
   EXPECT_EQ(after.subscribe_ended, 1);
@@ -534,7 +400,7 @@ TEST(StalledCallerTest, KeepaliveClosesAStoppedProcessConnectionAndOthersKeepEve
 
   // (3) The process runs again: it prints what was already on its way, then learns that
   // the connection is gone.
-  ASSERT_TRUE(ctl.Continue());
+  ASSERT_TRUE(ctl.Signal(SIGCONT));
   const auto drain_deadline = Clock::now() + kLong;
   while (!ctl.eof() && Clock::now() < drain_deadline) {
     auto line = ctl.ReadLine(std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -544,7 +410,7 @@ TEST(StalledCallerTest, KeepaliveClosesAStoppedProcessConnectionAndOthersKeepEve
     printed.Add(*line);
   }
   EXPECT_TRUE(ctl.eof()) << "wsbridgectl never closed its stdout";
-  const std::optional<int> exit_code = ctl.WaitExit(kLong);
+  const std::optional<int> exit_code = ctl.WaitExitCode(kLong);
   const std::string err = ctl.Stderr();
   std::cout << "[stalled caller] wsbridgectl exited " << exit_code.value_or(-99) << " after "
             << printed.events() << " events (" << printed_before_stop

@@ -1,23 +1,18 @@
 // wsbridgectl as an operator runs it: a separate process against the real wsbridged
 // binary (gRPC on 127.0.0.1 port 0 and a Unix socket, a bearer token) bridging to the
 // real wsbridge-emulator's DFX API.
-#include <fcntl.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
-#include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <boost/json.hpp>
@@ -29,150 +24,29 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "tests/support/child_process.h"
 #include "tests/support/test_support.h"
 #include "tests/upstreams/dfx_protocol.h"
-
-extern char** environ;
 
 namespace wsbridge::ctltest {
 namespace {
 
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
+using wsbridge::testing::ChildProcess;
 using wsbridge::testing::TempDir;
 using wsbridge::testing::WaitFor;
-using Clock = std::chrono::steady_clock;
 
 constexpr char kToken[] = "ctl-test-token";
 constexpr auto kProcessTimeout = std::chrono::seconds(60);
 
 // A child process with stdin and stdout on pipes and stderr in a file.
-class Process {
+class Process : public ChildProcess {
  public:
   Process(const std::string& path, std::vector<std::string> args, const std::string& stderr_path,
           const std::map<std::string, std::string>& env = {})
-      : stderr_path_(stderr_path) {
-    int in[2], out[2];
-    if (pipe2(in, O_CLOEXEC) != 0 || pipe2(out, O_CLOEXEC) != 0) return;
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, in[0], STDIN_FILENO);
-    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, stderr_path.c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    args.insert(args.begin(), path);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    // The caller's WSBRIDGE_* settings must not leak into what a test checks.
-    std::vector<std::string> env_strings;
-    for (char** e = environ; *e != nullptr; ++e) {
-      if (!absl::StartsWith(*e, "WSBRIDGE_")) env_strings.emplace_back(*e);
-    }
-    for (const auto& [key, value] : env) env_strings.push_back(key + "=" + value);
-    std::vector<char*> envp;
-    for (auto& e : env_strings) envp.push_back(e.data());
-    envp.push_back(nullptr);
-    if (posix_spawn(&pid_, path.c_str(), &actions, nullptr, argv.data(), envp.data()) != 0) {
-      pid_ = -1;
-    }
-    posix_spawn_file_actions_destroy(&actions);
-    close(in[0]);
-    close(out[1]);
-    stdin_fd_ = in[1];
-    stdout_fd_ = out[0];
-  }
-
-  ~Process() {
-    CloseStdin();
-    if (pid_ > 0 && !exit_status_) {
-      kill(pid_, SIGKILL);
-      int status;
-      waitpid(pid_, &status, 0);
-    }
-    if (stdout_fd_ >= 0) close(stdout_fd_);
-  }
-
-  bool spawned() const { return pid_ > 0; }
-  pid_t pid() const { return pid_; }
-
-  bool WriteStdin(std::string_view text) {
-    while (!text.empty()) {
-      ssize_t n = write(stdin_fd_, text.data(), text.size());
-      if (n <= 0) return false;
-      text.remove_prefix(static_cast<size_t>(n));
-    }
-    return true;
-  }
-  void CloseStdin() {
-    if (stdin_fd_ >= 0) close(stdin_fd_);
-    stdin_fd_ = -1;
-  }
-
-  // The next stdout line, or nullopt at EOF or when `timeout` passes.
-  std::optional<std::string> ReadLine(std::chrono::milliseconds timeout) {
-    const auto deadline = Clock::now() + timeout;
-    for (;;) {
-      size_t nl = buffer_.find('\n');
-      if (nl != std::string::npos) {
-        std::string line = buffer_.substr(0, nl);
-        buffer_.erase(0, nl + 1);
-        return line;
-      }
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      if (left.count() <= 0) return std::nullopt;
-      pollfd p{stdout_fd_, POLLIN, 0};
-      if (poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
-      char buf[4096];
-      ssize_t n = read(stdout_fd_, buf, sizeof(buf));
-      if (n <= 0) return std::nullopt;
-      buffer_.append(buf, static_cast<size_t>(n));
-    }
-  }
-
-  // Every stdout line until EOF (bounded by `timeout`), the unterminated rest included.
-  std::string ReadAll(std::chrono::milliseconds timeout) {
-    const auto deadline = Clock::now() + timeout;
-    std::string all;
-    while (auto line = ReadLine(std::chrono::duration_cast<std::chrono::milliseconds>(
-               deadline - Clock::now()))) {
-      all += *line + "\n";
-    }
-    all += buffer_;
-    buffer_.clear();
-    return all;
-  }
-
-  // The exit code once the process has exited within `timeout`; -1 if it was killed
-  // by a signal.
-  std::optional<int> WaitExit(std::chrono::milliseconds timeout) {
-    if (!exit_status_) {
-      WaitFor(
-          [&] {
-            int status;
-            if (waitpid(pid_, &status, WNOHANG) == pid_) exit_status_ = status;
-            return exit_status_.has_value();
-          },
-          timeout);
-    }
-    if (!exit_status_) return std::nullopt;
-    return WIFEXITED(*exit_status_) ? WEXITSTATUS(*exit_status_) : -1;
-  }
-
-  std::string Stderr() const {
-    std::ifstream in(stderr_path_);
-    std::stringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }
-
- private:
-  std::string stderr_path_;
-  pid_t pid_ = -1;
-  int stdin_fd_ = -1;
-  int stdout_fd_ = -1;
-  std::string buffer_;
-  std::optional<int> exit_status_;
+      : ChildProcess(path, std::move(args),
+                     {.stderr_path = stderr_path, .stdin_pipe = true, .env = env}) {}
 };
 
 boost::json::object ParseObject(const std::string& text) {
@@ -254,7 +128,7 @@ class WsbridgectlTest : public ::testing::Test {
   static void TearDownTestSuite() {
     for (Process* p : {daemon_, emulator_}) {
       if (p == nullptr) continue;
-      if (p->spawned()) kill(p->pid(), SIGTERM);
+      p->Signal(SIGTERM);
       p->WaitExit(std::chrono::seconds(30));  // else the destructor kills it
       delete p;
     }
@@ -282,7 +156,7 @@ class WsbridgectlTest : public ::testing::Test {
     p->WriteStdin(input);
     p->CloseStdin();
     r.out = p->ReadAll(kProcessTimeout);
-    r.exit_code = p->WaitExit(kProcessTimeout).value_or(-98);
+    r.exit_code = p->WaitExitCode(kProcessTimeout).value_or(-98);
     r.err = p->Stderr();
     return r;
   }
@@ -513,9 +387,9 @@ TEST_F(WsbridgectlTest, ServerStreamPrintsEachMessageAsItArrives) {
     EXPECT_EQ(ChunkOrderOf(results[0].as_object()), static_cast<int64_t>(order)) << *line;
   }
   // The bridge ends the results stream OK after LAST's result; stdin EOF ends the other.
-  EXPECT_EQ(subscriber->WaitExit(kProcessTimeout).value_or(-98), 0) << subscriber->Stderr();
+  EXPECT_EQ(subscriber->WaitExitCode(kProcessTimeout).value_or(-98), 0) << subscriber->Stderr();
   sender->CloseStdin();
-  EXPECT_EQ(sender->WaitExit(kProcessTimeout).value_or(-98), 0) << sender->Stderr();
+  EXPECT_EQ(sender->WaitExitCode(kProcessTimeout).value_or(-98), 0) << sender->Stderr();
   EXPECT_EQ(sender->ReadAll(kProcessTimeout), "");
   EXPECT_EQ(subscriber->ReadAll(kProcessTimeout), "");
 }
@@ -596,7 +470,7 @@ TEST_F(WsbridgectlTest, ServerEndingABidiStreamEndsTheCallWithStdinStillOpen) {
   auto p = Start({"--token", kToken, "call", "wsbridge.dfx.v1.DfxService/StreamMeasurement"});
   ASSERT_TRUE(p->WriteStdin(ChunkLine(measurement, "STAGE_CHUNK", 1)));
   // stdin stays open: the server's error alone must end wsbridgectl.
-  EXPECT_EQ(p->WaitExit(kProcessTimeout).value_or(-98), 1) << p->Stderr();
+  EXPECT_EQ(p->WaitExitCode(kProcessTimeout).value_or(-98), 1) << p->Stderr();
   EXPECT_THAT(p->Stderr(), StartsWith("FAILED_PRECONDITION: "));
   EXPECT_THAT(p->Stderr(), HasSubstr("\n  reason: MISALIGNED_CHUNK\n"));
 }
@@ -661,7 +535,7 @@ TEST_F(WsbridgectlTest, UnixSocketTarget) {
       std::map<std::string, std::string>{{"WSBRIDGE_TARGET", target}, {"WSBRIDGE_TOKEN", kToken}});
   p->CloseStdin();
   const std::string out = p->ReadAll(kProcessTimeout);
-  EXPECT_EQ(p->WaitExit(kProcessTimeout).value_or(-98), 0) << p->Stderr();
+  EXPECT_EQ(p->WaitExitCode(kProcessTimeout).value_or(-98), 0) << p->Stderr();
   EXPECT_THAT(out, HasSubstr("wsbridge.dfx.v1.DfxService\n"));
 }
 
@@ -769,7 +643,7 @@ TEST(WsbridgectlTlsTest, TlsAndMutualTls) {
     p->CloseStdin();
     Result r;
     r.out = p->ReadAll(kProcessTimeout);
-    r.exit_code = p->WaitExit(kProcessTimeout).value_or(-98);
+    r.exit_code = p->WaitExitCode(kProcessTimeout).value_or(-98);
     r.err = p->Stderr();
     return r;
   };
@@ -804,8 +678,8 @@ TEST(WsbridgectlTlsTest, TlsAndMutualTls) {
   EXPECT_EQ(missing.exit_code, 2);
   EXPECT_THAT(missing.err, HasSubstr("--ca: cannot read"));
 
-  kill(daemon.pid(), SIGTERM);
-  EXPECT_EQ(daemon.WaitExit(kProcessTimeout).value_or(-98), 0) << daemon.Stderr();
+  daemon.Signal(SIGTERM);
+  EXPECT_EQ(daemon.WaitExitCode(kProcessTimeout).value_or(-98), 0) << daemon.Stderr();
 }
 
 }  // namespace
