@@ -2,23 +2,27 @@
 # Builds the libFuzzer harnesses (clang, ASan+UBSan, build/fuzz) and runs each for a while.
 #   scripts/fuzz.sh                          every harness, FUZZ_SECONDS (default 600) each
 #   FUZZ_SECONDS=60 scripts/fuzz.sh ws_client_fuzz config_fuzz
+#   FUZZ_BUILD_DIR=build/asan-clang scripts/fuzz.sh   the harnesses of a tree configured
+#                                            with WSBRIDGE_FUZZ=ON (scripts/test.sh's)
 # Each run starts from the harness's seed corpus (tests/fuzz/corpus/<harness>/) plus what
-# earlier runs found (build/fuzz/found/<harness>/, kept between runs, never committed),
+# earlier runs found (<build>/found/<harness>/, kept between runs, never committed),
 # with the harness's dictionary when it has one. A failure stops the script: the input is
-# in build/fuzz/artifacts/; copy it into tests/fuzz/corpus/<harness>/ once fixed, and it
+# in <build>/artifacts/; copy it into tests/fuzz/corpus/<harness>/ once fixed, and it
 # replays as a test from then on (ctest -R fuzz_replay).
 # Prints, per harness, the executions and the corpus size at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 seconds=${FUZZ_SECONDS:-600}
-build=build/fuzz
+build=${FUZZ_BUILD_DIR:-build/fuzz}
 
-# Coverage instrumentation and ASan+UBSan on everything the fuzzers link, not only their
-# entry points.
-CC=clang CXX=clang++ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DCMAKE_CXX_FLAGS="-fsanitize=fuzzer-no-link,address,undefined" \
-  -DWSBRIDGE_FUZZ=ON -DWSBRIDGE_BUILD_TESTS=OFF -DWSBRIDGE_BUILD_BENCH=OFF >/dev/null
+if [[ -z ${FUZZ_BUILD_DIR:-} ]]; then
+  # Coverage instrumentation and ASan+UBSan on everything the fuzzers link, not only
+  # their entry points.
+  CC=clang CXX=clang++ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_CXX_FLAGS="-fsanitize=fuzzer-no-link,address,undefined" \
+    -DWSBRIDGE_FUZZ=ON -DWSBRIDGE_BUILD_TESTS=OFF -DWSBRIDGE_BUILD_BENCH=OFF >/dev/null
+fi
 ninja -C "$build" fuzz
 
 harnesses=("$@")
