@@ -11,7 +11,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <utility>
 
@@ -24,10 +26,10 @@ namespace {
 
 // How often the accept thread checks which handed-over connections gRPC has closed, for
 // the gauge (the cap itself checks at once when it is reached).
-constexpr int kSweepIntervalMs = 1000;
+constexpr std::chrono::seconds kSweepInterval{1};
 // After the process ran out of descriptors (EMFILE), the listening socket stays readable:
 // wait this long before accepting again instead of spinning.
-constexpr int kOutOfDescriptorsPauseMs = 100;
+constexpr std::chrono::milliseconds kOutOfDescriptorsPause{100};
 // Connections accepted from one listening socket before the others get a turn.
 constexpr int kAcceptBatch = 64;
 
@@ -242,28 +244,46 @@ void CallerListener::SweepLocked() {
 }
 
 void CallerListener::Run() {
+  using Clock = std::chrono::steady_clock;
   std::vector<pollfd> fds;
   for (const auto& l : listening_) fds.push_back({l.fd, POLLIN, 0});
   fds.push_back({wake_fd_, POLLIN, 0});
-  int pause_ms = 0;
+  Clock::time_point paused_until{};  // out of descriptors: accept nothing until then
+  Clock::time_point next_sweep = Clock::now() + kSweepInterval;
   while (!stopping_.load()) {
-    // While paused (out of descriptors) only the wake-up descriptor is watched.
-    pollfd* watch = pause_ms > 0 ? &fds.back() : fds.data();
-    const nfds_t count = pause_ms > 0 ? 1 : fds.size();
-    const int rc = poll(watch, count, pause_ms > 0 ? pause_ms : kSweepIntervalMs);
-    if (stopping_.load()) break;
-    if (rc < 0 && errno != EINTR) {
-      log::Error("server", "caller listener: poll failed", {{"error", std::strerror(errno)}});
-      break;
-    }
-    if (rc <= 0) {
-      pause_ms = 0;
+    Clock::time_point now = Clock::now();
+    if (now >= next_sweep) {
+      // On time even while connections keep arriving: without a cap nothing else would
+      // drop the closed ones, and the gauge stays current.
       absl::MutexLock lock(&mu_);
       SweepLocked();
-      continue;
+      next_sweep = now + kSweepInterval;
     }
+    // While paused only the wake-up descriptor is watched.
+    const bool paused = now < paused_until;
+    const Clock::time_point wake_at = paused ? std::min(next_sweep, paused_until) : next_sweep;
+    const auto timeout = std::chrono::ceil<std::chrono::milliseconds>(wake_at - now);
+    const int rc = poll(paused ? &fds.back() : fds.data(), paused ? 1 : fds.size(),
+                        static_cast<int>(std::max<int64_t>(timeout.count(), 0)));
+    if (stopping_.load()) break;
+    if (rc < 0) {
+      if (errno == EINTR) continue;
+      log::Error("server", "caller listener: poll failed; no more caller connections",
+                 {{"error", std::strerror(errno)}});
+      break;
+    }
+    if (rc == 0 || paused) continue;
     for (size_t i = 0; i + 1 < fds.size(); ++i) {
-      if ((fds[i].revents & POLLIN) == 0) continue;
+      const short revents = fds[i].revents;
+      if ((revents & POLLIN) == 0) {
+        if ((revents & (POLLERR | POLLNVAL)) != 0) {
+          // Never expected of a listening socket; poll would report it again at once.
+          log::Error("server", "caller listener: the listening socket failed",
+                     {{"listen", listening_[i].name}});
+          fds[i].fd = -1;  // poll skips it from now on
+        }
+        continue;
+      }
       for (int n = 0; n < kAcceptBatch; ++n) {
         sockaddr_storage peer{};
         socklen_t len = sizeof(peer);
@@ -274,7 +294,7 @@ void CallerListener::Run() {
           if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
             log::Warn("server", "cannot accept a caller connection: out of resources",
                       {{"listen", listening_[i].name}, {"error", std::strerror(errno)}});
-            pause_ms = kOutOfDescriptorsPauseMs;
+            paused_until = Clock::now() + kOutOfDescriptorsPause;
           } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
             log::Warn("server", "cannot accept a caller connection",
                       {{"listen", listening_[i].name}, {"error", std::strerror(errno)}});

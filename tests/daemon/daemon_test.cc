@@ -877,10 +877,13 @@ TEST_F(DaemonTest, ConnectionsBeyondTheCapAreRefusedAndTheOpenOnesGoOn) {
   EXPECT_TRUE(Echo(first, "still here").ok());
   EXPECT_TRUE(Echo(over_unix, "still here").ok());
 
-  // One caller leaves: its place is free once the server has closed its end.
+  // One caller leaves: the gauge says so within a second or so (no new connection
+  // needed), and its place is free.
   third.reset();
   first.reset();
-  EXPECT_TRUE(WaitFor([&] { return Echo(tcp(), "four").ok(); }, std::chrono::seconds(20)));
+  EXPECT_TRUE(WaitFor([&] { return MetricValue(Metrics(), "wsbridge_server_connections") == 1; },
+                      std::chrono::seconds(20)));
+  EXPECT_TRUE(Echo(tcp(), "four").ok());
   EXPECT_TRUE(Echo(over_unix, "and still here").ok());
 }
 
