@@ -1,19 +1,9 @@
 #include "clients.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <sys/time.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
-
 #include <grpcpp/client_context.h>
 #include <grpcpp/impl/codegen/rpc_method.h>
 #include <grpcpp/support/sync_stream.h>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "bridges/core/status.h"
 #include "reflection_wire.pb.h"
@@ -21,54 +11,6 @@
 namespace wsbridge::daemontest {
 
 namespace refl = wsbridge::daemontest::reflection;
-
-absl::StatusOr<HttpResponse> HttpRequest(int port, const std::string& method,
-                                         const std::string& target) {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
-  timeval tv{10, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    int err = errno;
-    close(fd);
-    return absl::UnavailableError(absl::StrCat("connect: ", std::strerror(err)));
-  }
-  std::string request = absl::StrCat(method, " ", target,
-                                     " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-  if (send(fd, request.data(), request.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(request.size())) {
-    close(fd);
-    return absl::UnavailableError("send failed");
-  }
-  std::string raw;
-  char buf[4096];
-  for (;;) {
-    ssize_t n = recv(fd, buf, sizeof(buf), 0);
-    if (n == 0) break;
-    if (n < 0) {
-      int err = errno;
-      close(fd);
-      return absl::DeadlineExceededError(absl::StrCat("recv: ", std::strerror(err)));
-    }
-    raw.append(buf, static_cast<size_t>(n));
-  }
-  close(fd);
-  size_t end = raw.find("\r\n\r\n");
-  if (end == std::string::npos || raw.size() < 12) {
-    return absl::DataLossError(absl::StrCat("malformed HTTP response: ", raw));
-  }
-  HttpResponse response;
-  if (!absl::SimpleAtoi(raw.substr(9, 3), &response.status)) {
-    return absl::DataLossError(absl::StrCat("bad status line: ", raw.substr(0, raw.find('\r'))));
-  }
-  response.headers = raw.substr(0, end);
-  response.body = raw.substr(end + 4);
-  return response;
-}
 
 namespace {
 

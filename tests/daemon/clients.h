@@ -1,5 +1,5 @@
-// Small real clients used by the daemon tests: HTTP/1.1 over a plain socket, gRPC server
-// reflection (v1alpha) and health checks.
+// Small real clients used by the daemon tests: gRPC server reflection (v1alpha) and
+// health checks (HTTP/1.1 over a plain socket is in tests/support).
 #pragma once
 
 #include <chrono>
@@ -11,18 +11,12 @@
 
 #include "absl/status/statusor.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "tests/support/test_support.h"
 
 namespace wsbridge::daemontest {
 
-struct HttpResponse {
-  int status = 0;
-  std::string headers;  // raw header block
-  std::string body;
-};
-
-// One request with `Connection: close`; reads the whole answer (bounded by a timeout).
-absl::StatusOr<HttpResponse> HttpRequest(int port, const std::string& method,
-                                         const std::string& target);
+using wsbridge::testing::HttpRequest;
+using wsbridge::testing::HttpResponse;
 
 // Names from a list_services reflection request; `authorization` (e.g. "Bearer x") is
 // sent as metadata when not empty.

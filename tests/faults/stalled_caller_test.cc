@@ -7,10 +7,7 @@
 // stream and clean it up, while another subscriber of the same upstream subscription (in
 // this process) keeps getting every event. Once it runs again (SIGCONT) the caller learns
 // UNAVAILABLE, not SLOW_CONSUMER.
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -150,36 +147,10 @@ class Subscriber {
 
 // --- The daemon's /metrics, over HTTP from its admin listener --------------------------
 
-// GET http://127.0.0.1:port/path (Connection: close); the body, or "" on any failure.
+// GET http://127.0.0.1:port/path; the body of a 200 answer, or "" on any failure.
 std::string HttpGetBody(int port, const std::string& path) {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return "";
-  timeval tv{10, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string raw;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string request =
-        absl::StrCat("GET ", path, " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    if (send(fd, request.data(), request.size(), MSG_NOSIGNAL) ==
-        static_cast<ssize_t>(request.size())) {
-      char buf[8192];
-      for (;;) {
-        ssize_t n = recv(fd, buf, sizeof(buf), 0);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) break;
-        raw.append(buf, static_cast<size_t>(n));
-      }
-    }
-  }
-  close(fd);
-  if (!absl::StartsWith(raw, "HTTP/1.1 200")) return "";
-  const size_t end = raw.find("\r\n\r\n");
-  return end == std::string::npos ? "" : raw.substr(end + 4);
+  absl::StatusOr<testing::HttpResponse> answer = testing::HttpRequest(port, "GET", path);
+  return answer.ok() && answer->status == 200 ? answer->body : "";
 }
 
 // The value of the sample of `name` whose labels include every one of `labels`

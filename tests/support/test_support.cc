@@ -1,6 +1,7 @@
 #include "tests/support/test_support.h"
 
 #include <arpa/inet.h>
+#include <netinet/in.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
 #include <openssl/err.h>
@@ -10,13 +11,21 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <stdexcept>
 #include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 
 namespace wsbridge::testing {
 namespace {
@@ -216,6 +225,54 @@ CertAndKey TestPki::IssueClientCert(const CertAndKey& ca, std::string_view commo
                           {NID_subject_key_identifier, "hash"},
                           {NID_authority_key_identifier, "keyid"}});
   return Save("client-" + std::string(common_name), CertPem(cert.get()), KeyPem(key.get()));
+}
+
+absl::StatusOr<HttpResponse> HttpRequest(int port, const std::string& method,
+                                         const std::string& target) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
+  timeval tv{10, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    int err = errno;
+    close(fd);
+    return absl::UnavailableError(absl::StrCat("connect: ", std::strerror(err)));
+  }
+  std::string request = absl::StrCat(method, " ", target,
+                                     " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+  if (send(fd, request.data(), request.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(request.size())) {
+    close(fd);
+    return absl::UnavailableError("send failed");
+  }
+  std::string raw;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n == 0) break;
+    if (n < 0) {
+      int err = errno;
+      close(fd);
+      return absl::DeadlineExceededError(absl::StrCat("recv: ", std::strerror(err)));
+    }
+    raw.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  size_t end = raw.find("\r\n\r\n");
+  if (end == std::string::npos || raw.size() < 12) {
+    return absl::DataLossError(absl::StrCat("malformed HTTP response: ", raw));
+  }
+  HttpResponse response;
+  if (!absl::SimpleAtoi(raw.substr(9, 3), &response.status)) {
+    return absl::DataLossError(absl::StrCat("bad status line: ", raw.substr(0, raw.find('\r'))));
+  }
+  response.headers = raw.substr(0, end);
+  response.body = raw.substr(end + 4);
+  return response;
 }
 
 }  // namespace wsbridge::testing

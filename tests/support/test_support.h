@@ -7,12 +7,25 @@
 #include <string_view>
 #include <vector>
 
+#include "absl/status/statusor.h"
+
 namespace wsbridge::testing {
 
 // Polls `condition` every millisecond or so until it holds or `timeout` passes.
 // Returns whether it held. For waiting on effects in other threads; never a sleep.
 bool WaitFor(const std::function<bool()>& condition,
              std::chrono::milliseconds timeout = std::chrono::seconds(10));
+
+struct HttpResponse {
+  int status = 0;
+  std::string headers;  // raw header block
+  std::string body;
+};
+
+// One HTTP/1.1 request to 127.0.0.1:port with `Connection: close`; reads the whole
+// answer (each read bounded by 10 s).
+absl::StatusOr<HttpResponse> HttpRequest(int port, const std::string& method,
+                                         const std::string& target);
 
 // A fresh directory under $TMPDIR (or /tmp), removed with its contents on destruction.
 class TempDir {
