@@ -3,7 +3,7 @@
 // one run on one machine, all on loopback. See docs/performance.md.
 //
 //   wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
-//                  [--sections rt,fanout,dfx,sessions,alloc,emogg,nlx,nexora] [--no-plain] [--max-sessions N]
+//                  [--sections rt,fanout,dfx,sessions,alloc,emogg,nlx,nexora,throughput] [--no-plain] [--max-sessions N]
 //
 // Internal modes (the bench spawns itself): --upstream ..., --grpc-echo.
 #include <signal.h>
@@ -34,6 +34,7 @@
 #include "bench/grpc_echo.h"
 #include "bench/nexora_section.h"
 #include "bench/nlx_section.h"
+#include "bench/throughput_section.h"
 #include "bench/upstream.h"
 #include "bench/ws_client.h"
 #include "bench_echo.grpc.pb.h"
@@ -56,7 +57,8 @@ struct Options {
   std::string json_out = "bench-results.json";
   std::string wsbridged;
   std::string alloc_lib;
-  std::set<std::string> sections = {"rt", "fanout", "dfx", "sessions", "alloc", "emogg", "nlx", "nexora"};
+  std::set<std::string> sections = {"rt", "fanout", "dfx", "sessions", "alloc", "emogg", "nlx", "nexora",
+                                        "throughput"};
   bool plain_run = true;
   bool direct_only = false;    // no wsbridged: the direct legs alone
   std::string keep_logs;       // wsbridged's stderr goes here ("" = a temp file)
@@ -126,6 +128,7 @@ std::unique_ptr<Upstream> StartUpstream(bool tls, const Pki& pki) {
 
 struct EchoServer {
   Child child;
+  std::string target;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::EchoService::Stub> stub;
 };
@@ -142,8 +145,8 @@ std::unique_ptr<EchoServer> StartEcho() {
   auto e = std::make_unique<EchoServer>();
   CheckOk(e->child.Spawn({SelfExe(), "--grpc-echo"}), "spawn grpc echo");
   std::string line = Check(e->child.WaitForLine("\"grpc-echo\"", seconds(20)), "grpc echo start");
-  e->channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", JsonField(line, "port")),
-                                         grpc::InsecureChannelCredentials(), ChannelArgs(0));
+  e->target = absl::StrCat("127.0.0.1:", JsonField(line, "port"));
+  e->channel = grpc::CreateCustomChannel(e->target, grpc::InsecureChannelCredentials(), ChannelArgs(0));
   e->stub = v1::EchoService::NewStub(e->channel);
   return e;
 }
@@ -997,6 +1000,7 @@ void PrintTable(const json::object& result) {
     if (auto* em = Find(run, {"emogg"})) PrintEmoggTable(*em);
     if (auto* n = Find(run, {"nlx"})) PrintNlxTable(*n);
     if (auto* nx = Find(run, {"nexora"})) PrintNexoraTable(*nx);
+    if (auto* tp = Find(run, {"throughput"})) PrintThroughputTable(*tp);
     if (auto* a = Find(run, {"allocations"})) {
       std::printf("\n5. Heap allocations in wsbridged (LD_PRELOAD counter)\n");
       for (auto [key, label] : std::vector<std::pair<const char*, const char*>>{
@@ -1052,6 +1056,14 @@ int RunBench(const Options& o) {
       run["round_trip"] = RoundTripSection(e);
     }
     // The plaintext run repeats what TLS changes most: round trips and session memory.
+    if (tls && want("throughput")) {  // bench/throughput_section.cc
+      std::cerr << "  throughput\n";
+      run["throughput"] = ThroughputSection({.quick = o.quick, .runs = o.runs, .body = EchoBody(o.msg_bytes),
+                                             .daemon_target = d->target, .daemon_pid = d->child.pid(),
+                                             .echo_target = echo->target, .echo_pid = echo->child.pid(),
+                                             .upstream_url = up->url, .upstream_pid = up->child.pid(),
+                                             .ca_file = pki.ca.cert_file});
+    }
     if (tls && want("fanout")) {
       std::cerr << "  fan-out\n";
       run["fanout"] = FanoutSection(e);
@@ -1110,7 +1122,7 @@ int RunBench(const Options& o) {
 
 constexpr const char* kUsage =
     R"(Usage: wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
-                      [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc,emogg,nlx,nexora]
+                      [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc,emogg,nlx,nexora,throughput]
                       [--no-plain] [--max-sessions N] [--io-threads N] [--direct-only]
                       [--daemon-log FILE]
 

@@ -20,7 +20,9 @@ foreach(path "runs;0;round_trip;bridged_call;p50_us" "runs;0;round_trip;ws_direc
              "runs;0;sessions;levels;0;rss_kib_per_session" "runs;0;allocations;bridged_call;allocs_per_message"
              "runs;1;round_trip;bridged_call;p50_us" "machine;cpu_model"
              "runs;0;nexora;bridged;first_chunk;p50_us" "runs;0;nexora;ws_direct;chunks_per_s"
-             "runs;0;emogg;round_trip;bridged_request;p50_us" "runs;0;emogg;fanout;levels;1;deliveries_per_s")
+             "runs;0;emogg;round_trip;bridged_request;p50_us" "runs;0;emogg;fanout;levels;1;deliveries_per_s"
+             "runs;0;throughput;levels;1;bridged;calls_per_s" "runs;0;throughput;levels;1;cpu_ratio_wsbridged_over_direct"
+             "runs;0;throughput;open_loop;0;achieved_per_s")
   string(REPLACE ";" " " shown "${path}")
   string(JSON v ERROR_VARIABLE err GET "${text}" ${path})
   if(err)
