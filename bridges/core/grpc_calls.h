@@ -179,8 +179,15 @@ class StreamInbox {
 // A unary call on the completion-queue API. Derived has
 //   static void Request(BridgeBase*, CqLoop*)   asks gRPC for the next call (see Start);
 //   void OnAdmitted()                           validates req_, takes a session, sends;
-// and answers with FinishWith (on the loop thread; use Post from a session strand).
+// and answers with FinishWith on the loop thread, or from a session strand with Respond
+// (finishes on the strand's thread) or OnLoop (runs on the loop thread).
 // `upstream_op_` and `lease_`, when set, are cancelled and released if the caller goes.
+//
+// Why Respond finishes on the strand's thread: handing the answer back to the loop thread
+// cost one thread wake-up on every call's latency path (the loop thread is asleep while
+// the upstream answers). The completion-queue API lets any thread start the Finish; its
+// completion still comes back to the loop, which then releases the call. mu_ orders the
+// finish against the loop thread's own ends of the call (cancel, drain, gRPC's tags).
 template <typename Derived, typename RequestMsg, typename ResponseMsg>
 class AsyncUnaryCall : public AsyncCallBase<Derived> {
  protected:
@@ -188,24 +195,34 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
   AsyncUnaryCall(BridgeBase* bridge, CqLoop* loop, std::string_view method)
       : Base(bridge, loop, method), responder_(&this->ctx_) {}
 
+  // Loop thread (or inside Respond's function, which returns the status instead).
   void FinishWith(const grpc::Status& status) {
-    if (!this->matched_ || this->finished_ || this->done_) return;
-    this->finished_ = true;
-    this->Finishing(status);
-    this->OpStarted();
-    if (status.ok()) {
-      responder_.Finish(resp_, status, &finish_tag_);
-    } else {
-      responder_.FinishWithError(status, &finish_tag_);
-    }
+    absl::MutexLock lock(&mu_);
+    FinishLocked(status);
   }
 
-  // Runs `fn(call)` on this call's loop thread, unless the call is over by then.
+  // From a session strand (any thread but inside the loop's own tags): `fn(call)` fills
+  // resp_ and returns the status to finish with, on the calling thread, unless the call
+  // is over by then. `fn` must not call FinishWith. The caller holds a reference to the
+  // call (the strand's callback captures it).
+  template <typename F>
+  void Respond(F&& fn) {
+    absl::MutexLock lock(&mu_);
+    if (!this->matched_ || this->finished_ || this->done_) return;
+    FinishLocked(fn(static_cast<Derived&>(*this)));
+  }
+
+  // Runs `fn(call)` on this call's loop thread, unless the call is over by then. For
+  // answers that touch more than the response (they run in order with the loop's tags).
   template <typename F>
   void OnLoop(F&& fn) {
     CqLoop* loop = this->loop_;
     loop->Post([c = this->shared_from_this(), fn = std::forward<F>(fn)]() mutable {
-      if (!c->finished_) fn(*c);
+      {
+        absl::MutexLock lock(&c->mu_);
+        if (c->finished_) return;
+      }
+      fn(*c);
     });
   }
 
@@ -223,13 +240,32 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
   void OnMatched(bool ok) {
     if (this->AdmitMatched(ok)) static_cast<Derived&>(*this).OnAdmitted();
   }
-  void OnFinished(bool /*ok*/) { this->OpReturned(); }
+  void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!this->matched_ || this->finished_ || this->done_) return;
+    this->finished_ = true;
+    this->Finishing(status);
+    this->OpStarted();
+    if (status.ok()) {
+      responder_.Finish(resp_, status, &finish_tag_);
+    } else {
+      responder_.FinishWithError(status, &finish_tag_);
+    }
+  }
+  // `keep`: the call may release itself here; it must outlive the lock.
+  void OnFinished(bool /*ok*/) {
+    auto keep = this->shared_from_this();
+    absl::MutexLock lock(&mu_);
+    this->OpReturned();
+  }
   // Cancelled before the answer: the upstream request is dropped (a late answer is
   // ignored).
   void OnDone(bool /*ok*/) {
+    auto keep = this->shared_from_this();
+    absl::MutexLock lock(&mu_);
     if (!this->finished_ && upstream_op_ != 0 && lease_) lease_->Cancel(upstream_op_);
     this->EndCall(lease_);
   }
+  absl::Mutex mu_;
   MemberTag<AsyncUnaryCall, &AsyncUnaryCall::OnMatched> matched_tag_{this};
   MemberTag<AsyncUnaryCall, &AsyncUnaryCall::OnFinished> finish_tag_{this};
   MemberTag<AsyncUnaryCall, &AsyncUnaryCall::OnDone> done_tag_{this};

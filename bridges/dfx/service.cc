@@ -190,7 +190,7 @@ absl::Status ValidateCall(const v1::CallRequest& req) {
 
 // ---------------------------------------------------------------------------------
 // Call on the completion-queue API, the latency path: matched, admitted and sent on
-// its CqLoop thread; the session's strand posts the answer back to that thread.
+// its CqLoop thread; the session's strand finishes it with the answer (Respond).
 class AsyncCall final
     : public core::AsyncUnaryCall<AsyncCall, v1::CallRequest, v1::CallResponse> {
  public:
@@ -216,15 +216,12 @@ class AsyncCall final
     upstream_op_ = lease_->Send(
         ActionRequest(req_.action_id(), std::move(body), core::SteadyDeadline(ctx_)),
         [c = shared_from_this()](absl::StatusOr<core::Reply> answer) mutable {
-          c->OnLoop([answer = std::move(answer)](AsyncCall& call) mutable {
-            if (!answer.ok()) {
-              call.FinishWith(core::ToGrpcStatus(answer.status()));
-              return;
-            }
+          c->Respond([&answer](AsyncCall& call) {
+            if (!answer.ok()) return core::ToGrpcStatus(answer.status());
             auto& a = static_cast<Answer&>(*answer->payload);
             call.resp_.set_status(static_cast<uint32_t>(a.status));
             call.resp_.set_json_body(std::move(a.body));
-            call.FinishWith(grpc::Status::OK);
+            return grpc::Status::OK;
           });
         });
   }

@@ -270,20 +270,16 @@ class AsyncRequest final
         std::move(r), [c = shared_from_this(), notes = std::move(notes), sent,
                        path = req_.path()](absl::StatusOr<core::Reply> answer) mutable {
           absl::Status st = answer.ok() ? absl::OkStatus() : Finalize(answer.status(), path, *sent, *notes);
-          c->OnLoop([st = std::move(st), answer = std::move(answer)](AsyncRequest& call) mutable {
-            if (!st.ok()) {
-              call.FinishWith(core::ToGrpcStatus(st));
-              return;
-            }
+          c->Respond([&st, &answer](AsyncRequest& call) {
+            if (!st.ok()) return core::ToGrpcStatus(st);
             if (answer->payload == nullptr) {
-              call.FinishWith(core::ToGrpcStatus(absl::InternalError("Emogg's answer had no payload")));
-              return;
+              return core::ToGrpcStatus(absl::InternalError("Emogg's answer had no payload"));
             }
             const auto& a = static_cast<const Answer&>(*answer->payload);
             call.resp_.set_status(static_cast<uint32_t>(a.status));
             call.resp_.set_json_body(a.body);
             call.resp_.set_path(a.path);
-            call.FinishWith(grpc::Status::OK);
+            return grpc::Status::OK;
           });
         });
   }

@@ -556,7 +556,7 @@ class CreateChatCall final
   void WithToken(bool retried) {
     tokens_->WithToken([c = shared_from_this(), retried](absl::StatusOr<Token> token) {
       if (!token.ok()) {
-        c->OnLoop([st = token.status()](CreateChatCall& call) { call.FinishWith(core::ToGrpcStatus(st)); });
+        c->Respond([&token](CreateChatCall&) { return core::ToGrpcStatus(token.status()); });
         return;
       }
       c->Post(*std::move(token), retried);
@@ -591,13 +591,10 @@ class CreateChatCall final
       } else {
         chat_id = *std::move(id);
       }
-      c->OnLoop([st, chat_id = std::move(chat_id)](CreateChatCall& call) {
-        if (!st.ok()) {
-          call.FinishWith(core::ToGrpcStatus(st));
-          return;
-        }
-        call.resp_.set_chat_id(chat_id);
-        call.FinishWith(grpc::Status::OK);
+      c->Respond([&st, &chat_id](CreateChatCall& call) {
+        if (!st.ok()) return core::ToGrpcStatus(st);
+        call.resp_.set_chat_id(std::move(chat_id));
+        return grpc::Status::OK;
       });
     });
   }
