@@ -23,13 +23,14 @@ ninja -C "$build" wsbridged wsbridge-bench wsbridge_alloc_count
 
 # What each section measures, keyed by the name wsbridge-bench prints when it starts
 # one (bench/main.cc); the order is the order it runs them in.
-order=(rt fanout dfx emogg nlx nexora sessions alloc)
-tls_only=" fanout dfx emogg nlx nexora "
+order=(rt throughput fanout dfx emogg nlx nexora sessions alloc)
+tls_only=" throughput fanout dfx emogg nlx nexora "
 declare -A started_as=(
-  ["  round trips"]=rt ["  fan-out"]=fanout ["  DFX pipeline"]=dfx ["  Emogg"]=emogg
+  ["  round trips"]=rt ["  throughput"]=throughput ["  fan-out"]=fanout ["  DFX pipeline"]=dfx ["  Emogg"]=emogg
   ["  NLX"]=nlx ["  Nexora"]=nexora ["  sessions"]=sessions ["  allocations"]=alloc)
 declare -A measures=(
   [rt]="round trips: a 64 B call through wsbridged vs a direct WebSocket round trip plus a direct gRPC one (latency percentiles, CPU)"
+  [throughput]="throughput: bridged Calls at 1/32/256 in flight vs the direct gRPC server and WebSocket client at the same load (calls/s, latency, CPU per call), and at fixed offered rates"
   [fanout]="fan-out: one upstream subscription's events delivered to many gRPC subscribers (deliveries/s, p99 delivery)"
   [dfx]="DFX pipeline: StreamMeasurement chunks through wsbridged, pacing off (chunks/s)"
   [emogg]="Emogg: Request round trip vs direct WebSocket + gRPC, Subscribe fan-out to 1/10/100 callers"
