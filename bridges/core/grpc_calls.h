@@ -195,16 +195,21 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
   AsyncUnaryCall(BridgeBase* bridge, CqLoop* loop, std::string_view method)
       : Base(bridge, loop, method), responder_(&this->ctx_) {}
 
-  // Loop thread (or inside Respond's function, which returns the status instead).
+  // Loop thread, or inside OnLoop's function (which holds mu_ already).
   void FinishWith(const grpc::Status& status) {
+    if (held_ == this) {
+      mu_.AssertHeld();
+      FinishLocked(status);
+      return;
+    }
     absl::MutexLock lock(&mu_);
     FinishLocked(status);
   }
 
   // From a session strand (any thread but inside the loop's own tags): `fn(call)` fills
-  // resp_ and returns the status to finish with, on the calling thread, unless the call
-  // is over by then. `fn` must not call FinishWith. The caller holds a reference to the
-  // call (the strand's callback captures it).
+  // resp_ (and may release what the call holds) and returns the status to finish with,
+  // on the calling thread, unless the call is over by then. The caller holds a reference
+  // to the call (the strand's callback captures it).
   template <typename F>
   void Respond(F&& fn) {
     absl::MutexLock lock(&mu_);
@@ -212,17 +217,18 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
     FinishLocked(fn(static_cast<Derived&>(*this)));
   }
 
-  // Runs `fn(call)` on this call's loop thread, unless the call is over by then. For
-  // answers that touch more than the response (they run in order with the loop's tags).
+  // Runs `fn(call)` on this call's loop thread, unless the call is over by then, holding
+  // mu_ (so it is ordered with Respond); `fn` may call FinishWith. For answers that must
+  // not run on a session strand.
   template <typename F>
   void OnLoop(F&& fn) {
     CqLoop* loop = this->loop_;
     loop->Post([c = this->shared_from_this(), fn = std::forward<F>(fn)]() mutable {
-      {
-        absl::MutexLock lock(&c->mu_);
-        if (c->finished_) return;
-      }
+      absl::MutexLock lock(&c->mu_);
+      if (c->finished_) return;
+      held_ = c.get();
       fn(*c);
+      held_ = nullptr;
     });
   }
 
@@ -266,6 +272,8 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
     this->EndCall(lease_);
   }
   absl::Mutex mu_;
+  // The call whose OnLoop function this thread runs (FinishWith then holds mu_ already).
+  static inline thread_local const AsyncUnaryCall* held_ = nullptr;
   MemberTag<AsyncUnaryCall, &AsyncUnaryCall::OnMatched> matched_tag_{this};
   MemberTag<AsyncUnaryCall, &AsyncUnaryCall::OnFinished> finish_tag_{this};
   MemberTag<AsyncUnaryCall, &AsyncUnaryCall::OnDone> done_tag_{this};

@@ -423,17 +423,18 @@ class SendCall final : public core::AsyncUnaryCall<SendCall, v1::SendRequest, v1
           v1::ConversationResponse response = f.response;
           response.set_turn(1);
           std::string id = c->conv_->id();
-          c->OnLoop([response = std::move(response), id = std::move(id)](SendCall& call) mutable {
+          c->Respond([&response, &id](SendCall& call) {
             call.Done();
             call.resp_.set_conversation_id(std::move(id));
             *call.resp_.mutable_response() = std::move(response);
-            call.FinishWith(grpc::Status::OK);
+            return grpc::Status::OK;
           });
         });
   }
 
  private:
-  // From the strand (or a watcher): the turn failed.
+  // From the strand (or a watcher): the turn failed. Answered on the loop thread (OnLoop),
+  // not here: it may close the conversation's session, whose strand this may be.
   void Fail(const absl::Status& st) {
     absl::Status mapped = nlx_->CallStatus(
         WithDisconnect(TurnStatus(st, "the turn", nlx_->options().turn_timeout), *conv_), keys_,
