@@ -1,6 +1,7 @@
 #include "bridges/dfx/codec.h"
 
 #include <boost/json/serialize.hpp>
+#include <openssl/evp.h>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -135,15 +136,68 @@ std::string SubscribeResultsBody(std::string_view measurement_id, std::string_vi
   return json::serialize(o);
 }
 
+namespace {
+
+// Whether `s` goes into a JSON string literal as is (a measurement id always does).
+bool JsonPlain(std::string_view s) {
+  for (char ch : s) {
+    const unsigned char c = static_cast<unsigned char>(ch);
+    if (c < 0x20 || c > 0x7e || c == '"' || c == '\\') return false;
+  }
+  return true;
+}
+
+// Appends {"Params":{"ID":<id>},"Action":"<stage>::PROCESS","Payload":"<base64>"} to
+// `out` (whose `prefix` bytes are already written), sized exactly once.
+void AppendMeasurementDataBody(std::string* out, size_t prefix, std::string_view measurement_id,
+                               std::string_view stage, bool ignore, std::string_view payload) {
+  constexpr std::string_view kParams = R"({"Params":{"ID":)";
+  constexpr std::string_view kAction = R"(},"Action":")";
+  constexpr std::string_view kPayload = R"(","Payload":")";
+  constexpr std::string_view kEnd = R"("})";
+  const std::string_view mode = ignore ? "::IGNORE" : "::PROCESS";
+  // Quoted as is, or by Boost's serializer when something in it needs escaping.
+  const bool plain = JsonPlain(measurement_id);
+  const std::string escaped = plain ? std::string() : json::serialize(core::Jv(measurement_id));
+  const size_t id_size = plain ? measurement_id.size() + 2 : escaped.size();
+  const size_t encoded = 4 * ((payload.size() + 2) / 3);
+  const size_t head = prefix + kParams.size() + id_size + kAction.size() + stage.size() +
+                      mode.size() + kPayload.size();
+  out->reserve(head + encoded + kEnd.size());
+  out->append(kParams);
+  if (plain) {
+    out->append(1, '"').append(measurement_id).append(1, '"');
+  } else {
+    out->append(escaped);
+  }
+  out->append(kAction).append(stage).append(mode).append(kPayload);
+  // EVP_EncodeBlock writes a NUL after the encoding, where kEnd goes next.
+  out->resize(head + encoded);
+  if (!payload.empty()) {
+    EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out->data() + head),
+                    reinterpret_cast<const unsigned char*>(payload.data()),
+                    static_cast<int>(payload.size()));
+  }
+  out->append(kEnd);
+}
+
+}  // namespace
+
 std::string MeasurementDataBody(std::string_view measurement_id, std::string_view stage,
                                 bool ignore, std::string_view payload) {
-  json::object params;
-  params["ID"] = core::Jv(measurement_id);
-  json::object o;
-  o["Params"] = std::move(params);
-  o["Action"] = absl::StrCat(Av(stage), ignore ? "::IGNORE" : "::PROCESS");
-  o["Payload"] = core::Base64Encode(payload);
-  return json::serialize(o);
+  std::string out;
+  AppendMeasurementDataBody(&out, 0, measurement_id, stage, ignore, payload);
+  return out;
+}
+
+std::string EncodeMeasurementData(std::string_view request_id, std::string_view measurement_id,
+                                  std::string_view stage, bool ignore, std::string_view payload) {
+  // The 14-byte head fits the string's inline buffer; the body's append reserves the
+  // whole frame in one allocation.
+  std::string out;
+  out.append(kActionMeasurementData).append(request_id);
+  AppendMeasurementDataBody(&out, out.size(), measurement_id, stage, ignore, payload);
+  return out;
 }
 
 std::string CreateMeasurementBody(const CreateMeasurementParams& p) {

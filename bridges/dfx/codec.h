@@ -75,6 +75,12 @@ std::string SubscribeResultsBody(std::string_view measurement_id, std::string_vi
 // `stage` is FIRST, CHUNK or LAST; the payload is base64-encoded here.
 std::string MeasurementDataBody(std::string_view measurement_id, std::string_view stage,
                                 bool ignore, std::string_view payload);
+// The whole 0506 frame, EncodeRequest(kActionMeasurementData, request_id,
+// MeasurementDataBody(...)), built in one buffer of its exact size with the payload
+// base64-encoded straight into it: the chunk's only copy on its way to the connection
+// (which takes the buffer by move).
+std::string EncodeMeasurementData(std::string_view request_id, std::string_view measurement_id,
+                                  std::string_view stage, bool ignore, std::string_view payload);
 struct CreateMeasurementParams {
   std::string study_id;
   uint32_t resolution = 100;

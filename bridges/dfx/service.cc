@@ -485,9 +485,7 @@ class MeasurementStream final
     c.encode = [mid = mid_, stage, ignore = read_.ignore(),
                 payload = std::move(*read_.mutable_payload())](
                    std::string_view rid) -> absl::StatusOr<core::Outbound> {
-      return core::Outbound{
-          EncodeRequest(kActionMeasurementData, rid, MeasurementDataBody(mid, stage, ignore, payload)),
-          true};
+      return core::Outbound{EncodeMeasurementData(rid, mid, stage, ignore, payload), true};
     };
     current_is_last_ = read_.stage() == v1::STAGE_LAST;
     current_ignore_ = read_.ignore();

@@ -2,9 +2,12 @@
 
 #include <random>
 
+#include <boost/json/serialize.hpp>
+
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "bridges/core/json.h"
 #include "bridges/core/status.h"
 
 namespace wsbridge::dfx {
@@ -77,6 +80,39 @@ TEST(DfxCodec, BuildsRequestBodies) {
   p.user_profile_id = "u";
   p.resolution = 30;
   EXPECT_EQ(CreateMeasurementBody(p), R"({"StudyID":"s","Resolution":30,"UserProfileID":"u"})");
+}
+
+// The 0506 frame is built by hand (one buffer, base64 written into it): it must be the
+// frame Boost.JSON's serializer builds, for any measurement id and payload size.
+TEST(DfxCodec, MeasurementDataFrameIsTheSerializedObject) {
+  auto reference = [](std::string_view mid, std::string_view stage, bool ignore,
+                      std::string_view payload) {
+    boost::json::object params;
+    params["ID"] = boost::json::string_view(mid.data(), mid.size());
+    boost::json::object o;
+    o["Params"] = std::move(params);
+    o["Action"] = absl::StrCat(Av(stage), ignore ? "::IGNORE" : "::PROCESS");
+    o["Payload"] = core::Base64Encode(payload);
+    return absl::StrCat("0506", "0506abcDEF", boost::json::serialize(o));
+  };
+  std::mt19937 rng(7);
+  std::vector<std::string> mids = {"m1", "6a1c0d52-0f43-4c4e-9b55-3f0a1b2c3d4e", "", "q\"b\\s",
+                                   "\x01\x1f\x7f\n\t", "caf\xc3\xa9", "\xff\xfe"};
+  for (int c = 0; c < 256; ++c) mids.push_back(absl::StrCat("id", std::string(1, static_cast<char>(c))));
+  for (const std::string& mid : mids) {
+    for (size_t n : {0, 1, 2, 3, 4, 5, 4096, 4097, 4098}) {
+      std::string payload(n, '\0');
+      for (char& ch : payload) ch = static_cast<char>(rng());
+      for (bool ignore : {false, true}) {
+        std::string frame = EncodeMeasurementData("0506abcDEF", mid, "CHUNK", ignore, payload);
+        ASSERT_EQ(frame, reference(mid, "CHUNK", ignore, payload)) << mid << " " << n;
+        ASSERT_EQ(frame.substr(14), MeasurementDataBody(mid, "CHUNK", ignore, payload));
+        // One allocation, of the frame's exact size (libstdc++ may round up by its own
+        // growth rule only when appending past the reserve, which never happens).
+        EXPECT_EQ(frame.capacity(), std::max<size_t>(frame.size(), 15)) << mid << " " << n;
+      }
+    }
+  }
 }
 
 TEST(DfxCodec, ReadsTheFieldsOfAFrameInOneParse) {
