@@ -5,16 +5,19 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <bit>
 #include <array>
 #include <cerrno>
+#include <ctime>
 #include <list>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -125,26 +128,161 @@ bool IsIpLiteral(const std::string& host) {
 
 
 // ---------------------------------------------------------------------------------------
+// TLS session resumption. A full handshake parses and verifies the upstream's chain and
+// signs and checks a CertificateVerify on both ends: most of the CPU of opening a
+// session, and the parsed chain stays in memory for the connection's life. A resumed
+// one (TLS 1.3 PSK with (EC)DHE, or a TLS 1.2 ticket/session id) skips all of that; the
+// connection refers to the first connection's verified peer certificate instead of a
+// copy of its own.
+//
+// Sessions are kept per TLS context (same trust store, verification and client
+// certificate) and per peer: the dialled address and port plus the name that was
+// verified and sent as SNI, so a session only ever resumes with the server and the name
+// its full handshake verified (OpenSSL does not check the name again on resumption).
+// Each session is used for one connection only (RFC 8446 C.4: a ticket reused across
+// connections links them); every connection stores the tickets it receives, so a pool
+// of a few per peer is enough, and a server that declines resumption only costs a full
+// handshake.
+
+class TlsSessionStore {
+ public:
+  TlsSessionStore() = default;
+  TlsSessionStore(const TlsSessionStore&) = delete;
+  TlsSessionStore& operator=(const TlsSessionStore&) = delete;
+  ~TlsSessionStore() {
+    for (auto& [key, list] : peers_) {
+      for (SSL_SESSION* s : list) SSL_SESSION_free(s);
+    }
+  }
+
+  // Offers a stored session for `ssl`'s peer (socket `fd`, connected) to its handshake.
+  void Resume(SSL* ssl, int fd) {
+    const std::optional<std::string> key = PeerKey(ssl, fd);
+    if (!key) return;
+    SSL_SESSION* session = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const auto it = peers_.find(*key);
+      if (it == peers_.end()) return;
+      const int64_t now = static_cast<int64_t>(std::time(nullptr));
+      while (session == nullptr && !it->second.empty()) {
+        SSL_SESSION* s = it->second.back();
+        it->second.pop_back();
+        // A session OpenSSL marked not resumable since it was stored (the connection it
+        // belonged to ended without close_notify or with a fatal alert) is dropped.
+        if (SSL_SESSION_is_resumable(s) != 1 || Expired(s, now)) {
+          SSL_SESSION_free(s);
+        } else {
+          session = s;
+        }
+      }
+      if (it->second.empty()) peers_.erase(it);
+    }
+    if (session == nullptr) return;
+    SSL_set_session(ssl, session);  // takes its own reference
+    SSL_SESSION_free(session);
+  }
+
+  // OpenSSL's new-session callback: true when the store took `session`'s reference.
+  bool Add(SSL* ssl, SSL_SESSION* session) {
+    if (SSL_SESSION_is_resumable(session) != 1) return false;
+    const std::optional<std::string> key = PeerKey(ssl, SSL_get_fd(ssl));
+    if (!key) return false;
+    SSL_SESSION* dropped = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = peers_.find(*key);
+      if (it == peers_.end()) {
+        if (peers_.size() >= kMaxPeers) return false;
+        it = peers_.emplace(*key, std::vector<SSL_SESSION*>{}).first;
+      }
+      std::vector<SSL_SESSION*>& list = it->second;
+      if (list.size() >= kMaxPerPeer) {
+        dropped = list.front();  // the oldest
+        list.erase(list.begin());
+      }
+      list.push_back(session);
+    }
+    if (dropped != nullptr) SSL_SESSION_free(dropped);
+    return true;
+  }
+
+ private:
+  static constexpr std::size_t kMaxPerPeer = 16;
+  static constexpr std::size_t kMaxPeers = 256;
+
+  static bool Expired(const SSL_SESSION* s, int64_t now) {
+    return static_cast<int64_t>(SSL_SESSION_get_time(s)) + static_cast<int64_t>(SSL_SESSION_get_timeout(s)) <= now;
+  }
+
+  // The dialled address and port, the SNI name and the name or address the certificate
+  // is checked against (each empty when not set).
+  static std::optional<std::string> PeerKey(SSL* ssl, int fd) {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof addr;
+    if (fd < 0 || getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return std::nullopt;
+    std::string key(reinterpret_cast<const char*>(&addr), std::min<std::size_t>(len, sizeof addr));
+    // Runs inside SSL_read (the new-session callback): nothing may stay on the thread's
+    // error queue, or SSL_get_error would report the read as failed.
+    ERR_set_mark();
+    const char* sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+    absl::StrAppend(&key, "|", sni != nullptr ? sni : "");
+    X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
+    const char* host = X509_VERIFY_PARAM_get0_host(param, 0);
+    absl::StrAppend(&key, "|", host != nullptr ? host : "");
+    if (char* ip = X509_VERIFY_PARAM_get1_ip_asc(param); ip != nullptr) {
+      absl::StrAppend(&key, "|", ip);
+      OPENSSL_free(ip);
+    }
+    ERR_pop_to_mark();
+    return key;
+  }
+
+  std::mutex mu_;
+  std::map<std::string, std::vector<SSL_SESSION*>> peers_;
+};
+
+// ---------------------------------------------------------------------------------------
 // TLS client contexts, shared by every connection with the same settings: building one
 // loads the trust store, which is far too expensive to do per session.
 
+struct TlsClientContext {
+  ssl::context ctx{ssl::context::tls_client};
+  TlsSessionStore sessions;
+};
+
+int TlsStoreIndex() {
+  static const int index = SSL_CTX_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  return index;
+}
+
+int OnNewTlsSession(SSL* ssl, SSL_SESSION* session) {
+  auto* store = static_cast<TlsSessionStore*>(SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), TlsStoreIndex()));
+  return store != nullptr && store->Add(ssl, session) ? 1 : 0;
+}
+
 using TlsKey = std::tuple<bool, std::string, std::string, std::string>;
 
-absl::StatusOr<std::shared_ptr<ssl::context>> GetTlsContext(const TlsOptions& o) {
+absl::StatusOr<std::shared_ptr<TlsClientContext>> GetTlsContext(const TlsOptions& o) {
   static std::mutex mu;
-  static std::map<TlsKey, std::weak_ptr<ssl::context>> cache;
+  static std::map<TlsKey, std::weak_ptr<TlsClientContext>> cache;
   const TlsKey key{o.verify_peer, o.ca_file, o.cert_file, o.key_file};
   std::lock_guard<std::mutex> lock(mu);
   if (auto it = cache.find(key); it != cache.end()) {
     if (auto ctx = it->second.lock()) return ctx;
   }
-  auto ctx = std::make_shared<ssl::context>(ssl::context::tls_client);
+  auto client = std::make_shared<TlsClientContext>();
+  ssl::context* ctx = &client->ctx;
   SSL_CTX* native = ctx->native_handle();
   // tls_client + a 1.2 floor (tlsv12_client would pin exactly 1.2 and refuse 1.3).
   SSL_CTX_set_min_proto_version(native, TLS1_2_VERSION);
   SSL_CTX_set_options(native, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
   // Idle sessions keep no read/write buffers (~34 KiB each otherwise).
   SSL_CTX_set_mode(native, SSL_MODE_RELEASE_BUFFERS);
+  // New sessions go to the context's TlsSessionStore, not to OpenSSL's own cache.
+  SSL_CTX_set_ex_data(native, TlsStoreIndex(), &client->sessions);
+  SSL_CTX_set_session_cache_mode(native, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+  SSL_CTX_sess_set_new_cb(native, OnNewTlsSession);
   error_code ec;
   if (o.verify_peer) {
     ctx->set_verify_mode(ssl::verify_peer, ec);
@@ -178,8 +316,8 @@ absl::StatusOr<std::shared_ptr<ssl::context>> GetTlsContext(const TlsOptions& o)
   for (auto it = cache.begin(); it != cache.end();) {
     it = it->second.expired() ? cache.erase(it) : std::next(it);
   }
-  cache[key] = ctx;
-  return ctx;
+  cache[key] = client;
+  return client;
 }
 
 // Retry-After of a refused upgrade, seconds form only (RFC 9110 10.2.3 also allows an
@@ -630,10 +768,10 @@ class ConnectionImpl final : public Connection {
     url_ = *std::move(url);
 
     if (url_.tls) {
-      absl::StatusOr<std::shared_ptr<ssl::context>> ctx = GetTlsContext(options_.tls);
+      absl::StatusOr<std::shared_ptr<TlsClientContext>> ctx = GetTlsContext(options_.tls);
       if (!ctx.ok()) return FailAttempt(ctx.status());
       tls_ctx_ = *ctx;
-      tls_ = std::make_shared<Attempt<TlsWs>>(gen_, strand_, *tls_ctx_);
+      tls_ = std::make_shared<Attempt<TlsWs>>(gen_, strand_, tls_ctx_->ctx);
       SSL* native = tls_->ws.next_layer().native_handle();
       if (native == nullptr) {
         return FailAttempt(absl::ResourceExhaustedError("cannot create a TLS session (out of memory)"));
@@ -710,6 +848,8 @@ class ConnectionImpl final : public Connection {
         error_code ignored;
         beast::get_lowest_layer(a->ws).socket().cancel(ignored);
       }));
+      tls_ctx_->sessions.Resume(a->ws.next_layer().native_handle(),
+                                static_cast<int>(beast::get_lowest_layer(a->ws).socket().native_handle()));
       a->ws.next_layer().async_handshake([self = Self(), a](error_code ec, std::size_t) {
         a->tls_done = true;
         if (self->Current(a)) self->resolve_timer_.cancel();
@@ -1151,7 +1291,7 @@ class ConnectionImpl final : public Connection {
   uint64_t retry_gen_ = 0;  // identifies the pending retry timer
   HandshakeRequest request_;
   ParsedUrl url_;
-  std::shared_ptr<ssl::context> tls_ctx_;
+  std::shared_ptr<TlsClientContext> tls_ctx_;
   std::shared_ptr<Attempt<PlainWs>> plain_;
   std::shared_ptr<Attempt<TlsWs>> tls_;
   bool open_ = false;

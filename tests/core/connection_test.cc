@@ -479,6 +479,21 @@ class TlsConnectionTest : public ConnectionTest {
     return o;
   }
 
+  // Sends `text` on conn_ and waits for the echo server's copy.
+  void ExpectEcho(const std::string& text) {
+    EXPECT_TRUE(OnStrand([&] { return conn_->Send(text, false); }).ok());
+    ASSERT_TRUE(WaitFor([&] { return !handler_->messages().empty(); }, kDeadline));
+    EXPECT_EQ(handler_->messages().back().first, text);
+  }
+
+  // conn_ (ready) drops its socket and connects again: true once the server saw the
+  // second handshake and conn_ is ready again.
+  bool ReconnectUntilReadyAgain() {
+    OnStrand([&] { conn_->Reconnect(absl::UnavailableError("test reconnect")); });
+    return WaitFor(
+        [&] { return upstream_.handshake_count() == 2 && conn_->state() == ConnectionState::kReady; }, kDeadline);
+  }
+
   testing::TestPki pki_;
   testing::CertAndKey ca_, other_ca_, server_cert_;
 };
@@ -490,9 +505,7 @@ TEST_F(TlsConnectionTest, VerifiedTlsConnectsAndExchangesFrames) {
   StartConnection(TlsOptionsFor(ca_.cert_file));
   ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
       << conn_->last_error();
-  EXPECT_TRUE(OnStrand([&] { return conn_->Send("over tls", false); }).ok());
-  ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 1; }, kDeadline));
-  EXPECT_EQ(handler_->messages()[0].first, "over tls");
+  ExpectEcho("over tls");
 }
 
 // Incoming messages are read in parts (a small first part, then the rest) and outgoing
@@ -531,14 +544,70 @@ TEST_F(TlsConnectionTest, MessagesOfEverySizeRoundTripIntactAndInOrder) {
   EXPECT_EQ(conn_->stats().frames_in.load(), sizes.size());
 }
 
-TEST_F(TlsConnectionTest, ServerNameOverrideIsVerifiedAgainstTheCertificate) {
+// The next attempt resumes the TLS session of the previous one (the server's ticket)
+// instead of a full handshake, and the resumed connection carries frames.
+TEST_F(TlsConnectionTest, ReconnectResumesTheTlsSession) {
   StartTlsServer();
   SetUrl(upstream_.server->url());
-  ConnectionOptions o = TlsOptionsFor(ca_.cert_file);
-  o.tls.server_name = "upstream.test";
-  StartConnection(o);
+  StartConnection(TlsOptionsFor(ca_.cert_file));
   ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
       << conn_->last_error();
+  ASSERT_TRUE(ReconnectUntilReadyAgain()) << conn_->last_error();
+  {
+    absl::MutexLock lock(&upstream_.mu);
+    EXPECT_FALSE(upstream_.handshakes[0].tls_resumed);
+    EXPECT_TRUE(upstream_.handshakes[1].tls_resumed);
+  }
+  ExpectEcho("resumed");
+}
+
+// The override is the name verified (and sent as SNI). A session verified for one name
+// is never offered under another: the other name gets a full handshake, whose
+// certificate check refuses a name the certificate does not carry and accepts one it
+// does (without resuming).
+TEST_F(TlsConnectionTest, ServerNameOverrideIsVerifiedAndSessionsResumeOnlyUnderIt) {
+  StartTlsServer();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions verified = TlsOptionsFor(ca_.cert_file);
+  verified.tls.server_name = "upstream.test";
+  StartConnection(verified);
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
+      << conn_->last_error();
+
+  // Another connection of the same TLS context, under `server_name`; closed before it returns.
+  auto connect_as = [&](const std::string& server_name, bool expect_ready) {
+    auto handler = std::make_shared<TestHandler>();
+    handler->make_request = handler_->make_request;
+    ConnectionOptions o = verified;
+    o.tls.server_name = server_name;
+    o.reconnect = false;
+    auto conn = Connection::Create(strand_, o, handler);
+    handler->conn = conn;
+    OnStrand([&] { conn->Start(); });
+    if (expect_ready) {
+      EXPECT_TRUE(WaitFor([&] { return conn->state() == ConnectionState::kReady; }, kDeadline))
+          << conn->last_error();
+      OnStrand([&] { conn->Close(1000, "done"); });
+    }
+    // The state turns kClosed just before the handler hears of it.
+    EXPECT_TRUE(WaitFor([&] { return conn->state() == ConnectionState::kClosed && handler->disconnect_count() == 1; },
+                        kDeadline));
+    return handler;
+  };
+  const auto refused = connect_as("evil.example", /*expect_ready=*/false);
+  ASSERT_EQ(refused->disconnects().size(), 1u);
+  EXPECT_TRUE(Contains(refused->disconnects()[0].status.message(), "hostname mismatch"))
+      << refused->disconnects()[0].status;
+  EXPECT_TRUE(refused->opens().empty());
+  EXPECT_EQ(upstream_.handshake_count(), 1u);
+
+  connect_as("localhost", /*expect_ready=*/true);
+  connect_as("upstream.test", /*expect_ready=*/true);
+  absl::MutexLock lock(&upstream_.mu);
+  ASSERT_EQ(upstream_.handshakes.size(), 3u);
+  EXPECT_FALSE(upstream_.handshakes[0].tls_resumed);
+  EXPECT_FALSE(upstream_.handshakes[1].tls_resumed);  // localhost: not the name verified first
+  EXPECT_TRUE(upstream_.handshakes[2].tls_resumed);   // upstream.test again
 }
 
 TEST_F(TlsConnectionTest, WrongHostnameIsRefused) {
@@ -606,6 +675,8 @@ TEST_F(TlsConnectionTest, VerificationOffAcceptsAnUnknownCaOnlyWhenConfigured) {
       << conn_->last_error();
 }
 
+// Also after a reconnect, which resumes the session: the server that requires a
+// certificate accepts the resumed one without a new certificate.
 TEST_F(TlsConnectionTest, ClientCertificateIsPresentedWhenConfigured) {
   StartTlsServer(/*require_client_cert=*/true);
   const testing::CertAndKey client = pki_.IssueClientCert(ca_, "wsbridge-client");
@@ -616,6 +687,9 @@ TEST_F(TlsConnectionTest, ClientCertificateIsPresentedWhenConfigured) {
   StartConnection(o);
   ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
       << conn_->last_error();
+  ASSERT_TRUE(ReconnectUntilReadyAgain()) << conn_->last_error();
+  absl::MutexLock lock(&upstream_.mu);
+  EXPECT_TRUE(upstream_.handshakes[1].tls_resumed);
 }
 
 TEST_F(TlsConnectionTest, ServerRequiringAClientCertificateRefusesNone) {

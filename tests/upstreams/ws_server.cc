@@ -124,6 +124,10 @@ absl::Status WsServer::Start() {
       m.ssl_ctx->add_certificate_authority(net::buffer(m.options.client_ca_pem), ec);
       if (ec) return absl::InvalidArgumentError(absl::StrCat("client CA: ", ec.message()));
       m.ssl_ctx->set_verify_mode(ssl::verify_peer | ssl::verify_fail_if_no_peer_cert);
+      // OpenSSL resumes no session of a server that verifies clients unless it has a
+      // session id context (the sessions it issued are bound to it).
+      static constexpr unsigned char kSessionContext[] = "wsbridge-test-upstream";
+      SSL_CTX_set_session_id_context(native, kSessionContext, sizeof kSessionContext - 1);
     }
   }
 

@@ -21,6 +21,8 @@ struct HandshakeInfo {
   std::string target;  // path?query, as sent by the client
   std::vector<std::pair<std::string, std::string>> headers;
   std::vector<std::string> requested_subprotocols;
+  // The TLS handshake resumed an earlier session instead of a full handshake (wss only).
+  bool tls_resumed = false;
 
   // First header value with this name (case-insensitive), or "" when absent.
   std::string Header(std::string_view name) const;

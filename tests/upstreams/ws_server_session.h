@@ -251,6 +251,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
       return Refuse(400, "expected a WebSocket upgrade request");
     }
     info_.target = std::string(request_.target());
+    if constexpr (kTls) info_.tls_resumed = SSL_session_reused(ws_.next_layer().native_handle()) == 1;
     for (const auto& field : request_) {
       info_.headers.emplace_back(std::string(field.name_string()), std::string(field.value()));
     }
