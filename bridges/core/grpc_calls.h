@@ -733,4 +733,175 @@ class UnaryCall final : public grpc::ServerUnaryReactor {
   CallAccount account_;
 };
 
+// A bidi-streaming call on the completion-queue API. Its completions come to its CqLoop
+// thread; a session strand's news (an answer, an event) is handled on the strand's own
+// thread under the stream's lock (Locked), which starts the write (and the next read)
+// right there: handing it to the loop thread cost one thread wake-up per message on the
+// latency path, as for AsyncUnaryCall::Respond. mu_ orders the two threads; every hook
+// below runs under it. Admission, accounting and drain registration as AsyncCallBase;
+// one read in flight (the first once admitted), an outbox with one write in flight,
+// finish exactly once: after the write in flight, and for Complete after everything
+// queued. Derived has
+//   static void Request(BridgeBase*, CqLoop*)   asks gRPC for the next call (see Start);
+//   absl::Status Accept()                       takes the message just read (read_, which
+//                                               it may move from); an error ends the
+//                                               stream through Fail;
+//   void MaybeComplete()                        after the caller's half-close (half_closed_
+//                                               is set) and whenever Derived's work may be
+//                                               done: Complete once nothing is left;
+//   void Fail(const absl::Status&)              ends the stream with an error (e.g. adding
+//                                               details) through FinishWith; the drain
+//                                               uses it;
+//   void Release()                              drops upstream work as the stream ends
+//                                               (may run more than once);
+// and may hide
+//   void ReadMore()                             after an accepted message: reads the next
+//                                               one (default), or not yet (flow control:
+//                                               Derived calls StartRead later).
+template <typename Derived, typename RequestMsg, typename ResponseMsg>
+class AsyncBidiStream : public AsyncCallBase<Derived> {
+ public:
+  // The drain (or shutdown) ends the stream through Derived::Fail.
+  void Abort(const grpc::Status& st) {
+    absl::MutexLock lock(&mu_);
+    if (!this->finished_) Self().Fail(FromGrpcStatus(st));
+  }
+
+ protected:
+  using Base = AsyncCallBase<Derived>;
+  AsyncBidiStream(BridgeBase* bridge, CqLoop* loop, std::string_view method)
+      : Base(bridge, loop, method), stream_(&this->ctx_) {}
+
+  // Runs `fn(stream)` on the calling thread (a session strand) under the stream's lock,
+  // unless the stream is finished. The caller holds a reference to the stream. gRPC
+  // operations started here complete on the loop thread, never inline.
+  template <typename F>
+  void Locked(F&& fn) {
+    absl::MutexLock lock(&mu_);
+    if (!this->finished_) fn(Self());
+  }
+
+  // Ends the stream now with `status` (the first status wins), dropping what is queued;
+  // gRPC gets the Finish once a write in flight is done.
+  void FinishWith(const grpc::Status& status) {
+    if (!this->matched_ || this->finished_ || this->done_) return;
+    this->finished_ = true;
+    Self().Release();
+    outbox_.clear();
+    finish_with_ = status;
+    WriteNext();
+  }
+  // Finishes with `status` once everything queued is written.
+  void Complete(const grpc::Status& status) {
+    if (this->finished_ || finish_with_.has_value()) return;
+    finish_with_ = status;
+    Self().Release();
+    WriteNext();
+  }
+  void Push(ResponseMsg msg) {
+    outbox_.push_back(std::move(msg));
+    WriteNext();
+  }
+  void StartRead() {
+    if (reading_ || this->finished_ || this->done_) return;
+    reading_ = true;
+    this->OpStarted();
+    stream_.Read(&read_, &read_tag_);
+  }
+  void ReadMore() { StartRead(); }
+  // Messages not yet written, the one in flight included.
+  size_t queued() const { return outbox_.size() + (writing_ ? 1 : 0); }
+  // Complete was called: the stream ends OK once the outbox is written.
+  bool finishing() const { return finish_with_.has_value(); }
+
+  CqTag* matched_tag() { return &matched_tag_; }
+  CqTag* done_tag() { return &done_tag_; }
+
+  grpc::ServerAsyncReaderWriter<ResponseMsg, RequestMsg> stream_;
+  RequestMsg read_;  // the message just read (one read in flight at a time)
+  bool half_closed_ = false;
+  Lease lease_;
+
+ private:
+  friend Base;
+  Derived& Self() { return static_cast<Derived&>(*this); }
+
+  // Each tag holds the stream (`keep`): it may release itself under the lock.
+  void OnMatched(bool ok) {
+    auto keep = this->shared_from_this();
+    absl::MutexLock lock(&mu_);
+    if (this->AdmitMatched(ok)) StartRead();
+  }
+  void OnRead(bool ok) {
+    auto keep = this->shared_from_this();
+    absl::MutexLock lock(&mu_);
+    reading_ = false;
+    if (!this->finished_) {
+      if (!ok) {
+        half_closed_ = true;
+        Self().MaybeComplete();
+      } else if (absl::Status st = Self().Accept(); !st.ok()) {
+        Self().Fail(st);
+      } else if (!finishing() && !this->finished_) {
+        Self().ReadMore();
+      }
+    }
+    this->OpReturned();
+  }
+  void OnWritten(bool ok) {
+    auto keep = this->shared_from_this();
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok) FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke"));
+    WriteNext();
+    this->OpReturned();
+  }
+  void OnFinished(bool /*ok*/) {
+    auto keep = this->shared_from_this();
+    absl::MutexLock lock(&mu_);
+    this->OpReturned();
+  }
+  // The call is over: finished, or cancelled by the caller, its deadline or the server.
+  void OnDone(bool /*ok*/) {
+    auto keep = this->shared_from_this();
+    absl::MutexLock lock(&mu_);
+    Self().Release();
+    this->EndCall(lease_);
+  }
+
+  // Writes the next queued message or, with none left, starts a decided finish.
+  void WriteNext() {
+    if (writing_ || finish_started_ || this->done_) return;
+    if (outbox_.empty()) {
+      if (finish_with_.has_value()) {
+        this->finished_ = true;
+        finish_started_ = true;
+        this->Finishing(*finish_with_);
+        this->OpStarted();
+        stream_.Finish(*finish_with_, &finish_tag_);
+      }
+      return;
+    }
+    in_flight_ = std::move(outbox_.front());
+    outbox_.pop_front();
+    writing_ = true;
+    this->OpStarted();
+    stream_.Write(in_flight_, &write_tag_);
+  }
+
+  absl::Mutex mu_;
+  MemberTag<AsyncBidiStream, &AsyncBidiStream::OnMatched> matched_tag_{this};
+  MemberTag<AsyncBidiStream, &AsyncBidiStream::OnRead> read_tag_{this};
+  MemberTag<AsyncBidiStream, &AsyncBidiStream::OnWritten> write_tag_{this};
+  MemberTag<AsyncBidiStream, &AsyncBidiStream::OnFinished> finish_tag_{this};
+  MemberTag<AsyncBidiStream, &AsyncBidiStream::OnDone> done_tag_{this};
+  bool reading_ = false;
+  bool writing_ = false;
+  bool finish_started_ = false;
+  // The status to finish with once nothing is left to write.
+  std::optional<grpc::Status> finish_with_;
+  std::deque<ResponseMsg> outbox_;
+  ResponseMsg in_flight_;  // the message being written
+};
+
 }  // namespace wsbridge::core

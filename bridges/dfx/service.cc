@@ -42,16 +42,17 @@ std::string_view StageName(v1::Stage stage) {
   }
 }
 
-// The hot paths on the completion-queue API: Call (latency, AsyncCall) and
-// SubscribeResults (fan-out, AsyncResultsStream); CreateMeasurement and
-// StreamMeasurement on the callback API.
+// The hot paths on the completion-queue API: Call (latency, AsyncCall), SubscribeResults
+// (fan-out, AsyncResultsStream) and StreamMeasurement (chunks, MeasurementStream);
+// CreateMeasurement (once per measurement) on the callback API.
 using DfxServiceBase = v1::DfxService::WithAsyncMethod_Call<
     v1::DfxService::WithCallbackMethod_CreateMeasurement<v1::DfxService::WithAsyncMethod_SubscribeResults<
-        v1::DfxService::WithCallbackMethod_StreamMeasurement<v1::DfxService::Service>>>>;
+        v1::DfxService::WithAsyncMethod_StreamMeasurement<v1::DfxService::Service>>>>;
 
 // Calls requested ahead on each completion queue, per async method.
 constexpr int kOutstandingSubscribeRequests = 8;
 constexpr int kOutstandingCallRequests = 16;
+constexpr int kOutstandingMeasurementRequests = 4;
 // SubscribeResultsResponse limits (documented in dfx.proto).
 constexpr int kMaxResultsPerMessage = 64;
 constexpr size_t kMaxBatchBytes = 1 << 20;
@@ -145,8 +146,6 @@ class DfxBridge final : public core::BridgeBase, public DfxServiceBase {
   grpc::ServerUnaryReactor* CreateMeasurement(grpc::CallbackServerContext* ctx,
                                               const v1::CreateMeasurementRequest* req,
                                               v1::CreateMeasurementResponse* resp) override;
-  grpc::ServerBidiReactor<v1::MeasurementChunk, MeasurementEvent>* StreamMeasurement(
-      grpc::CallbackServerContext* ctx) override;
 
   DfxBridgeOptions options_;
   const std::shared_ptr<const ProtocolOptions> protocol_options_;
@@ -336,126 +335,59 @@ class AsyncResultsStream final
   uint64_t sink_id_ = 0;
 };
 
-void DfxBridge::ServeAsync(const std::vector<core::CqLoop*>& loops) {
-  // A few requests outstanding per queue, so that a burst of new subscribers does not
-  // wait for each match to request the next.
-  for (core::CqLoop* loop : loops) {
-    for (int i = 0; i < kOutstandingSubscribeRequests; ++i) AsyncResultsStream::Request(this, loop);
-    for (int i = 0; i < kOutstandingCallRequests; ++i) AsyncCall::Request(this, loop);
-  }
-}
-
 // ---------------------------------------------------------------------------------
-// StreamMeasurement (callback API): chunks in, acknowledgements and results out. Keeps a
-// bounded queue of events with one write in flight and starts gRPC operations outside
-// its mutex (reactions may run inline).
-
+// StreamMeasurement on the completion-queue API: chunks in, acknowledgements and results
+// out. Chunks are read on its CqLoop thread; chunk answers, results and subscription
+// news are handled on the session's strand, in its order, which writes the
+// acknowledgement and starts the next read itself (core::AsyncBidiStream::Locked). One
+// chunk in flight: the next is read once this one is answered (gRPC flow control holds
+// the caller).
 class MeasurementStream final
-    : public core::CallbackBidiStream<MeasurementStream, v1::MeasurementChunk, MeasurementEvent>,
+    : public core::AsyncBidiStream<MeasurementStream, v1::MeasurementChunk, MeasurementEvent>,
       public core::EventSink {
  public:
-  friend CallbackBidiStream;  // calls the Locked hooks
-  MeasurementStream(DfxBridge* bridge, grpc::CallbackServerContext* ctx)
-      : CallbackBidiStream(bridge, ctx, kStreamMeasurementMethod), dfx_(bridge) {}
+  friend AsyncBidiStream;  // calls the hooks
+  MeasurementStream(DfxBridge* bridge, core::CqLoop* loop)
+      : AsyncBidiStream(bridge, loop, kStreamMeasurementMethod), dfx_(bridge) {}
 
-  // core::CallbackBidiStream. One chunk in flight: the next is read once this one is
-  // answered (OnChunkAnswer).
-  void ReadMoreLocked(Actions& /*a*/) {}
+  static void Request(core::BridgeBase* bridge, core::CqLoop* loop) {
+    auto* dfx = static_cast<DfxBridge*>(bridge);
+    auto s = std::make_shared<MeasurementStream>(dfx, loop);
+    Start(s, s->done_tag(), [&] {
+      dfx->RequestStreamMeasurement(&s->ctx_, &s->stream_, loop->cq(), loop->cq(), s->matched_tag());
+    });
+  }
 
   // core::EventSink (session strand).
   void OnSubscribed(const core::SubscribedInfo& /*info*/) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_ || sub_active_) return;
-      sub_active_ = true;
-      if (held_.has_value()) {
-        core::Request c = std::move(*held_);
-        held_.reset();
-        SendLocked(std::move(c));
-      }
-    }
-    Run(a);
+    Locked([](MeasurementStream& s) { s.Subscribed(); });
   }
-
   void OnEvent(const core::PayloadPtr& event, bool after_gap) override {
-    const auto& r = static_cast<const Result&>(*event);
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      if (r.info.chunk_order.has_value()) seen_orders_.insert(*r.info.chunk_order);
-      if (!r.info.measurement_data_id.empty()) seen_ids_.insert(r.info.measurement_data_id);
-      if (queued() >= dfx_->options().subscriber_queue) {
-        FailLocked(core::SlowConsumer(dfx_->options().subscriber_queue, "events", kErrorDomain), a);
-      } else {
-        auto ev = std::make_shared<MeasurementEvent>();
-        *ev->mutable_result() = *r.result;
-        if (after_gap) ev->mutable_result()->set_after_reconnect(true);
-        PushLocked(std::move(ev), a);
-        MaybeCompleteLocked(a);
-      }
-    }
-    Run(a);
+    Locked([&](MeasurementStream& s) { s.Event(*event, after_gap); });
   }
-
   void OnEnded(const absl::Status& status) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      subscribed_ = false;
-      if (finished_ || finishing()) return;
-      FailLocked(status, a);
-    }
-    Run(a);
-  }
-
-  // Errors end the stream at once, naming the last chunk the upstream acknowledged
-  // so the caller knows exactly where it stands.
-  void FailLocked(const absl::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    std::string reason = core::ErrorReason(st);
-    if (reason.empty()) reason = absl::StatusCodeToString(st.code());
-    std::map<std::string, std::string> md = {{"last_acked_chunk_order", absl::StrCat(last_acked_)},
-                                             {"measurement_id", mid_}};
-    if (!last_data_id_.empty()) md["last_acked_measurement_data_id"] = last_data_id_;
-    FinishNowLocked(
-        core::ToGrpcStatus(core::WithErrorInfo(
-            absl::Status(st.code(), absl::StrCat(st.message(), " (last chunk acknowledged upstream: ",
-                                                 last_acked_ < 0 ? std::string("none")
-                                                                 : absl::StrCat(last_acked_),
-                                                 ")")),
-            reason, kErrorDomain, md)),
-        a);
-  }
-
-  void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!lease_) return;
-    if (chunk_op_ != 0) {
-      lease_->Cancel(chunk_op_);
-      chunk_op_ = 0;
-    }
-    if (subscribed_) {
-      lease_->Unsubscribe(mid_, sub_id_);
-      subscribed_ = false;
-    }
+    Locked([&](MeasurementStream& s) { s.Ended(status); });
   }
 
  private:
+  // --- core::AsyncBidiStream hooks (under its lock). ---
+  // One chunk in flight: the next is read once this one is answered (ChunkAnswered).
+  void ReadMore() {}
+
   // Validates the chunk just read and sends it (or holds it until subscribed). The
   // session is taken once the first chunk is valid: bad streams hold none.
-  absl::Status AcceptLocked(Actions& /*a*/) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  absl::Status Accept() {
     if (last_sent_) {
       // Nothing after LAST is sent upstream; the caller must learn it was not.
       return absl::FailedPreconditionError(absl::StrCat(
           "chunk ", next_index_, " arrived after the LAST chunk (chunk ", next_index_ - 1,
           ") and was not sent; start a new stream for a new measurement"));
     }
-    if (mid_.empty() && read_.measurement_id().empty()) {
+    if (!mid_ && read_.measurement_id().empty()) {
       return absl::InvalidArgumentError(
           "the first message must carry measurement_id (from CreateMeasurement)");
     }
-    std::string_view stage = StageName(read_.stage());
-    if (stage.empty()) {
+    if (StageName(read_.stage()).empty()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "chunk ", next_index_, ": stage must be STAGE_FIRST, STAGE_CHUNK or STAGE_LAST"));
     }
@@ -468,11 +400,11 @@ class MeasurementStream final
           "chunk ", next_index_,
           ": duration_ms is required (the real time the chunk covers; used to pace uploads)"));
     }
-    if (mid_.empty()) {
-      absl::StatusOr<Lease> lease = bridge_->SessionFor(*ctx_);
+    if (!mid_) {
+      absl::StatusOr<Lease> lease = bridge_->SessionFor(ctx_);
       if (!lease.ok()) return lease.status();
       lease_ = std::move(*lease);
-      mid_ = read_.measurement_id();
+      mid_ = std::make_shared<const std::string>(std::move(*read_.mutable_measurement_id()));
       subscribe_ = read_.subscribe_results();
     }
     core::Request c;
@@ -481,11 +413,14 @@ class MeasurementStream final
     c.gated = true;
     c.gate_cost = read_.duration_ms();
     c.max_retries = dfx_->options().max_rate_limit_retries;
-    c.deadline = core::SteadyDeadline(*ctx_);
-    c.encode = [mid = mid_, stage, ignore = read_.ignore(),
+    c.deadline = core::SteadyDeadline(ctx_);
+    // The frame is built on the strand each time the chunk is sent (a RATE_LIMIT retry
+    // sends it again), with the payload base64-encoded straight into it. The captures
+    // stay within the encoder's inline space: no allocation for it.
+    c.encode = [mid = mid_, stage = read_.stage(), ignore = read_.ignore(),
                 payload = std::move(*read_.mutable_payload())](
                    std::string_view rid) -> absl::StatusOr<core::Outbound> {
-      return core::Outbound{EncodeMeasurementData(rid, mid, stage, ignore, payload), true};
+      return core::Outbound{EncodeMeasurementData(rid, *mid, StageName(stage), ignore, payload), true};
     };
     current_is_last_ = read_.stage() == v1::STAGE_LAST;
     current_ignore_ = read_.ignore();
@@ -493,59 +428,17 @@ class MeasurementStream final
       sub_requested_ = true;
       subscribed_ = true;
       held_ = std::move(c);  // sent once the subscription is active: no result is missed
-      sub_id_ = lease_->Subscribe(mid_, nullptr, shared_from_this());
+      sub_id_ = lease_->Subscribe(*mid_, nullptr, shared_from_this());
       return absl::OkStatus();
     }
-    SendLocked(std::move(c));
+    Send(std::move(c));
     return absl::OkStatus();
-  }
-
-  void SendLocked(core::Request c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    in_flight_ = true;
-    chunk_op_ = lease_->Send(std::move(c), [w = weak_from_this()](absl::StatusOr<core::Reply> r) {
-      if (auto s = w.lock()) s->OnChunkAnswer(std::move(r));
-    });
-  }
-
-  void OnChunkAnswer(absl::StatusOr<core::Reply> reply) {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      in_flight_ = false;
-      chunk_op_ = 0;
-      if (finished_) return;
-      if (!reply.ok()) {
-        FailLocked(reply.status(), a);
-      } else {
-        const ChunkAnswer& answer = static_cast<const ChunkAccepted&>(*reply->payload).answer;
-        last_acked_ = static_cast<int64_t>(next_index_);
-        last_data_id_ = answer.measurement_data_id;
-        auto ev = std::make_shared<MeasurementEvent>();
-        v1::ChunkAccepted* acc = ev->mutable_chunk_accepted();
-        acc->set_chunk_order(next_index_);
-        acc->set_measurement_data_id(answer.measurement_data_id);
-        if (answer.chunk_order.has_value()) acc->set_upstream_chunk_order(*answer.chunk_order);
-        ++next_index_;
-        PushLocked(std::move(ev), a);
-        if (current_is_last_) {
-          last_sent_ = true;
-          last_upstream_order_ = answer.chunk_order;
-          dfx_->last_chunks().Record(mid_, answer.chunk_order, answer.measurement_data_id);
-          awaiting_final_ = subscribe_ && !current_ignore_;
-        }
-        // Keep reading: after LAST a further chunk is refused (FAILED_PRECONDITION), and
-        // a half-close is noticed.
-        if (!half_closed_) a.read = true;
-        MaybeCompleteLocked(a);
-      }
-    }
-    Run(a);
   }
 
   // Ends the stream OK when nothing is left to do: the caller half-closed, no chunk is
   // outstanding and, after LAST with results subscribed, LAST's result has come. Until
   // the half-close a chunk may still arrive; one after LAST is refused, never dropped.
-  void MaybeCompleteLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void MaybeComplete() {
     if (finishing() || in_flight_ || held_.has_value()) return;
     if (awaiting_final_) {
       bool got = (last_upstream_order_.has_value() && seen_orders_.contains(*last_upstream_order_)) ||
@@ -554,11 +447,111 @@ class MeasurementStream final
       awaiting_final_ = false;
     }
     if (!half_closed_) return;
-    CompleteLocked(grpc::Status::OK, a);
+    Complete(grpc::Status::OK);
+  }
+
+  // Errors end the stream at once, naming the last chunk the upstream acknowledged
+  // so the caller knows exactly where it stands.
+  void Fail(const absl::Status& st) {
+    if (finished_) return;
+    std::string reason = core::ErrorReason(st);
+    if (reason.empty()) reason = absl::StatusCodeToString(st.code());
+    std::map<std::string, std::string> md = {{"last_acked_chunk_order", absl::StrCat(last_acked_)},
+                                             {"measurement_id", mid_ ? *mid_ : std::string()}};
+    if (!last_data_id_.empty()) md["last_acked_measurement_data_id"] = last_data_id_;
+    FinishWith(core::ToGrpcStatus(core::WithErrorInfo(
+        absl::Status(st.code(), absl::StrCat(st.message(), " (last chunk acknowledged upstream: ",
+                                             last_acked_ < 0 ? std::string("none")
+                                                             : absl::StrCat(last_acked_),
+                                             ")")),
+        reason, kErrorDomain, md)));
+  }
+
+  void Release() {
+    if (!lease_) return;
+    if (chunk_op_ != 0) {
+      lease_->Cancel(chunk_op_);
+      chunk_op_ = 0;
+    }
+    if (subscribed_) {
+      lease_->Unsubscribe(*mid_, sub_id_);
+      subscribed_ = false;
+    }
+  }
+
+  // --- Session news, on the strand under the lock. ---
+  void Subscribed() {
+    if (sub_active_) return;
+    sub_active_ = true;
+    if (held_.has_value()) {
+      core::Request c = std::move(*held_);
+      held_.reset();
+      Send(std::move(c));
+    }
+  }
+
+  void Event(const core::Payload& event, bool after_gap) {
+    const auto& r = static_cast<const Result&>(event);
+    if (r.info.chunk_order.has_value()) seen_orders_.insert(*r.info.chunk_order);
+    if (!r.info.measurement_data_id.empty()) seen_ids_.insert(r.info.measurement_data_id);
+    if (queued() >= dfx_->options().subscriber_queue) {
+      Fail(core::SlowConsumer(dfx_->options().subscriber_queue, "events", kErrorDomain));
+      return;
+    }
+    MeasurementEvent ev;
+    *ev.mutable_result() = *r.result;
+    if (after_gap) ev.mutable_result()->set_after_reconnect(true);
+    Push(std::move(ev));
+    MaybeComplete();
+  }
+
+  void Ended(const absl::Status& status) {
+    subscribed_ = false;
+    if (finishing()) return;
+    Fail(status);
+  }
+
+  void Send(core::Request c) {
+    in_flight_ = true;
+    chunk_op_ = lease_->Send(std::move(c), [w = weak_from_this()](absl::StatusOr<core::Reply> r) {
+      if (auto s = w.lock()) s->Locked([&](MeasurementStream& m) { m.ChunkAnswered(std::move(r)); });
+    });
+  }
+
+  void ChunkAnswered(absl::StatusOr<core::Reply> reply) {
+    in_flight_ = false;
+    chunk_op_ = 0;
+    if (!reply.ok()) {
+      Fail(reply.status());
+      return;
+    }
+    const ChunkAnswer& answer = static_cast<const ChunkAccepted&>(*reply->payload).answer;
+    last_acked_ = static_cast<int64_t>(next_index_);
+    last_data_id_ = answer.measurement_data_id;
+    MeasurementEvent ev;
+    v1::ChunkAccepted* acc = ev.mutable_chunk_accepted();
+    acc->set_chunk_order(next_index_);
+    acc->set_measurement_data_id(answer.measurement_data_id);
+    if (answer.chunk_order.has_value()) acc->set_upstream_chunk_order(*answer.chunk_order);
+    ++next_index_;
+    Push(std::move(ev));
+    if (current_is_last_) {
+      last_sent_ = true;
+      last_upstream_order_ = answer.chunk_order;
+      // On the strand, before the next frame: that may be LAST's result, which result
+      // streams look up here.
+      dfx_->last_chunks().Record(*mid_, answer.chunk_order, answer.measurement_data_id);
+      awaiting_final_ = subscribe_ && !current_ignore_;
+    }
+    // Keep reading: after LAST a further chunk is refused (FAILED_PRECONDITION), and
+    // a half-close is noticed.
+    if (!half_closed_) StartRead();
+    MaybeComplete();
   }
 
   DfxBridge* dfx_;
-  std::string mid_;
+  // Set by the first valid chunk; shared with its chunks' encoders on the strand.
+  std::shared_ptr<const std::string> mid_;
   bool subscribe_ = false;
   bool sub_requested_ = false;
   bool subscribed_ = false;  // we hold a sink id on the session
@@ -579,11 +572,14 @@ class MeasurementStream final
   std::set<std::string> seen_ids_;
 };
 
-grpc::ServerBidiReactor<v1::MeasurementChunk, MeasurementEvent>* DfxBridge::StreamMeasurement(
-    grpc::CallbackServerContext* ctx) {
-  auto r = std::make_shared<MeasurementStream>(this, ctx);
-  r->Begin();
-  return r.get();
+void DfxBridge::ServeAsync(const std::vector<core::CqLoop*>& loops) {
+  // A few requests outstanding per queue, so that a burst of new subscribers does not
+  // wait for each match to request the next.
+  for (core::CqLoop* loop : loops) {
+    for (int i = 0; i < kOutstandingSubscribeRequests; ++i) AsyncResultsStream::Request(this, loop);
+    for (int i = 0; i < kOutstandingCallRequests; ++i) AsyncCall::Request(this, loop);
+    for (int i = 0; i < kOutstandingMeasurementRequests; ++i) MeasurementStream::Request(this, loop);
+  }
 }
 
 }  // namespace

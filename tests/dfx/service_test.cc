@@ -563,6 +563,53 @@ TEST_F(DfxBridgeTest, AChunkWaitingForPacingIsDroppedAtTheCallsDeadline) {
   EXPECT_EQ(emulator_->frames_received("0506"), 1);
 }
 
+// A caller that goes while its chunk is in the session (here waiting for pacing) and its
+// results subscription is open: the chunk is dropped, never sent later, the subscription
+// released, the call counted CANCELLED and no longer held by the drain.
+TEST_F(DfxBridgeTest, ACancelledStreamReleasesItsChunkInFlightAndItsSubscription) {
+  Start();  // pacing on, 5 s window
+  std::string mid = CreateMeasurement();
+  grpc::ClientContext ctx;
+  auto stream = stub_->StreamMeasurement(&ctx);
+  v1::MeasurementChunk first = Chunk(v1::STAGE_FIRST, 0, 5000);
+  first.set_measurement_id(mid);
+  first.set_subscribe_results(true);
+  ASSERT_TRUE(stream->Write(first));
+  v1::MeasurementEvent ev;
+  ASSERT_TRUE(stream->Read(&ev));
+  ASSERT_TRUE(ev.has_chunk_accepted());
+  ASSERT_TRUE(stream->Write(Chunk(v1::STAGE_CHUNK, 1, 1000)));
+  // The second chunk is taken by the session (its pacing gate holds it).
+  ASSERT_TRUE(WaitFor([&] {
+    for (const auto& s : bridge_->ListSessions()) {
+      if (s.in_flight_requests() != 0) return true;
+    }
+    return false;
+  }));
+  EXPECT_EQ(Subscribers(), 1u);
+  ctx.TryCancel();
+  while (stream->Read(&ev)) {
+  }
+  EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(WaitFor([&] {
+    for (const auto& s : bridge_->ListSessions()) {
+      if (s.in_flight_requests() != 0) return false;
+    }
+    return Subscribers() == 0;
+  }));
+  auto cancelled = [&] {
+    return daemon_->metrics()
+        .GetCounter("wsbridge_grpc_requests_total", "",
+                    {{"method", "/wsbridge.dfx.v1.DfxService/StreamMeasurement"}, {"code", "CANCELLED"}})
+        .value();
+  };
+  EXPECT_TRUE(WaitFor([&] { return cancelled() == 1; }));
+  EXPECT_TRUE(WaitFor([&] {
+    return daemon_->metrics().Render().find("wsbridge_grpc_calls_in_flight 0\n") != std::string::npos;
+  }));
+  EXPECT_EQ(emulator_->frames_received("0506"), 1);
+}
+
 // The shutdown drain ends an open measurement stream like any other error: with the
 // measurement id and the last chunk the upstream acknowledged.
 TEST_F(DfxBridgeTest, DrainedStreamsNameTheLastAcknowledgedChunk) {
