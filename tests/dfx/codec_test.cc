@@ -107,9 +107,9 @@ TEST(DfxCodec, MeasurementDataFrameIsTheSerializedObject) {
         std::string frame = EncodeMeasurementData("0506abcDEF", mid, "CHUNK", ignore, payload);
         ASSERT_EQ(frame, reference(mid, "CHUNK", ignore, payload)) << mid << " " << n;
         ASSERT_EQ(frame.substr(14), MeasurementDataBody(mid, "CHUNK", ignore, payload));
-        // One allocation, of the frame's exact size (libstdc++ may round up by its own
-        // growth rule only when appending past the reserve, which never happens).
-        EXPECT_EQ(frame.capacity(), std::max<size_t>(frame.size(), 15)) << mid << " " << n;
+        // Reserved once at its exact size: never grown by appending past the reserve
+        // (which doubles the capacity). A standard library may round a reserve up a little.
+        EXPECT_LT(frame.capacity(), frame.size() + 32) << mid << " " << n;
       }
     }
   }
