@@ -70,6 +70,10 @@ struct Options {
   int rt_samples = 5000;
   int warmup = 300;
   double step_seconds = 1.0;   // one fan-out rate step
+  // --fanout-rate: one fixed rate (total deliveries/s) instead of the ladder, e.g. to
+  // measure CPU per delivery at 100,000/s; --fanout-subscribers: which N to run.
+  std::vector<double> fanout_rates;
+  std::vector<int> fanout_subscribers;
   double dfx_seconds = 2.0;
 };
 
@@ -492,10 +496,12 @@ json::array FanoutSection(Env& e) {
   const Options& o = e.o;
   auto control = WsLoggedIn(e);
   std::vector<int> ns = o.quick ? std::vector<int>{1, 10} : std::vector<int>{1, 10, 100};
+  if (!o.fanout_subscribers.empty()) ns = o.fanout_subscribers;
   std::vector<double> ladder = o.quick ? std::vector<double>{2000}
                                        : std::vector<double>{10000, 25000, 50000, 75000, 100000,
                                                              150000, 200000, 300000, 400000,
                                                              500000, 750000, 1000000};
+  if (!o.fanout_rates.empty()) ladder = o.fanout_rates;
   json::array out;
   static int64_t next_tag = 1;
   for (int n : ns) {
@@ -1124,13 +1130,17 @@ constexpr const char* kUsage =
     R"(Usage: wsbridge-bench [--quick] [--runs N] [--json FILE] [--wsbridged PATH]
                       [--alloc-lib PATH] [--sections rt,fanout,dfx,sessions,alloc,emogg,nlx,nexora,throughput]
                       [--no-plain] [--max-sessions N] [--io-threads N] [--direct-only]
-                      [--daemon-log FILE]
+                      [--daemon-log FILE] [--fanout-rate D[,D...]] [--fanout-subscribers N[,N...]]
+                      [--step-seconds S]
 
 Measures wsbridged against a direct WebSocket round trip plus a direct gRPC round
 trip, on loopback, with the upstream over TLS (and a round-trip run without it).
 Prints a table and writes JSON (default bench-results.json). --quick: tiny counts, for
 smoke tests; its figures mean nothing. --direct-only: only the direct legs (no
-wsbridged), i.e. the floor the bridge is measured against.
+wsbridged), i.e. the floor the bridge is measured against. --fanout-rate: the fan-out
+section runs these total deliveries/s instead of its ladder (each for --step-seconds,
+default 1), e.g. `--sections fanout --fanout-rate 100000 --fanout-subscribers 10,100
+--step-seconds 5` for the CPU per delivery at a fixed rate.
 )";
 
 }  // namespace
@@ -1182,6 +1192,12 @@ int main(int argc, char** argv) {
       o.io_threads = std::clamp(std::stoi(next()), 1, 256);
     } else if (a == "--max-sessions") {
       o.max_sessions = std::max(1000, std::stoi(next()));
+    } else if (a == "--fanout-rate") {
+      for (auto r : absl::StrSplit(next(), ',')) o.fanout_rates.push_back(std::stod(std::string(r)));
+    } else if (a == "--fanout-subscribers") {
+      for (auto n : absl::StrSplit(next(), ',')) o.fanout_subscribers.push_back(std::max(1, std::stoi(std::string(n))));
+    } else if (a == "--step-seconds") {
+      o.step_seconds = std::max(0.1, std::stod(next()));
     } else if (a == "--help" || a == "-h") {
       std::cout << kUsage;
       return 0;
