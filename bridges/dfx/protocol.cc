@@ -1,10 +1,26 @@
 #include "bridges/dfx/protocol.h"
 
+#include <google/protobuf/io/coded_stream.h>
+
 #include "absl/strings/str_cat.h"
 #include "bridges/core/log.h"
 #include "bridges/core/status.h"
 
 namespace wsbridge::dfx {
+
+std::shared_ptr<const EncodedResult> EncodeResult(const v1::MeasurementResult& result) {
+  // SubscribeResultsResponse.results is field 1, length-delimited.
+  constexpr uint32_t kResultsKey = (1 << 3) | 2;
+  const size_t size = result.ByteSizeLong();
+  auto e = std::make_shared<EncodedResult>();
+  e->body_bytes = result.json_body().size();
+  e->bytes.resize(1 + google::protobuf::io::CodedOutputStream::VarintSize64(size) + size);
+  auto* out = reinterpret_cast<uint8_t*>(e->bytes.data());
+  out = google::protobuf::io::CodedOutputStream::WriteVarint32ToArray(kResultsKey, out);
+  out = google::protobuf::io::CodedOutputStream::WriteVarint64ToArray(size, out);
+  result.SerializeWithCachedSizesToArray(out);
+  return e;
+}
 
 Protocol::Protocol(ProtocolOptions options)
     : Protocol(std::make_shared<const ProtocolOptions>(options), options.token) {}
@@ -83,6 +99,7 @@ core::Inbound Protocol::Decode(std::string_view payload, bool /*binary*/) {
     result->set_json_body(std::string(frame->body));
     auto r = std::make_shared<Result>();
     r->info = ResultInfoOf(*frame);
+    r->encoded = EncodeResult(*result);
     r->result = std::move(result);
     in.payload = std::move(r);
     return in;

@@ -31,9 +31,21 @@ struct Answer final : core::Payload {
 struct ChunkAccepted final : core::Payload {
   ChunkAnswer answer;
 };
-// One result of a 0510 subscription, serialized once and shared by every subscriber.
+// A result as one element of SubscribeResultsResponse.results on the wire (field key,
+// length, the serialized MeasurementResult): encoded once per event and shared by every
+// subscriber's stream, whose messages are these elements concatenated. `body_bytes`:
+// the JSON body's size (what the message limits count).
+struct EncodedResult {
+  std::string bytes;
+  size_t body_bytes = 0;
+};
+std::shared_ptr<const EncodedResult> EncodeResult(const v1::MeasurementResult& result);
+
+// One result of a 0510 subscription, built and encoded once and shared by every
+// subscriber.
 struct Result final : core::Payload {
   std::shared_ptr<const v1::MeasurementResult> result;
+  std::shared_ptr<const EncodedResult> encoded;
   ResultInfo info;
 };
 

@@ -1,11 +1,16 @@
 // DfxBridge: the wsbridge.dfx.v1.DfxService handlers on the bridge toolkit. Sessions,
 // pool, admission, drain and the call state machines are core's; what is here is DFX:
 // which action each RPC sends, how answers map to messages, measurement streams.
+#include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <memory>
 #include <optional>
 #include <set>
+#include <vector>
+
+#include <google/protobuf/descriptor.h>
 
 #include <grpcpp/grpcpp.h>
 
@@ -21,6 +26,47 @@
 #include "bridges/dfx/dfx_bridge.h"
 #include "bridges/dfx/protocol.h"
 #include "wsbridge/dfx/v1/dfx.grpc.pb.h"
+
+namespace wsbridge::dfx {
+namespace {
+
+// One SubscribeResultsResponse as SubscribeResults writes it: results encoded once per
+// event (EncodedResult) and shared by every subscriber, concatenated into the message's
+// bytes when it is written. Building a SubscribeResultsResponse instead copied each
+// result into every subscriber's message and serialized it again per message.
+struct ResultsBatch {
+  std::vector<std::shared_ptr<const EncodedResult>> results;
+  void Clear() { results.clear(); }
+};
+
+}  // namespace
+}  // namespace wsbridge::dfx
+
+template <>
+class grpc::SerializationTraits<wsbridge::dfx::ResultsBatch, void> {
+ public:
+  // gRPC serializes a message when the write starts, so the batch may change after.
+  static grpc::Status Serialize(const wsbridge::dfx::ResultsBatch& batch, grpc::ByteBuffer* bb,
+                                bool* own_buffer) {
+    size_t total = 0;
+    for (const auto& r : batch.results) total += r->bytes.size();
+    grpc_slice slice = grpc_slice_malloc(total);
+    uint8_t* out = GRPC_SLICE_START_PTR(slice);
+    for (const auto& r : batch.results) {
+      std::memcpy(out, r->bytes.data(), r->bytes.size());
+      out += r->bytes.size();
+    }
+    grpc::Slice s(slice, grpc::Slice::STEAL_REF);
+    grpc::ByteBuffer buffer(&s, 1);
+    bb->Swap(&buffer);
+    *own_buffer = true;
+    return grpc::Status::OK;
+  }
+  // Only written, never read.
+  static grpc::Status Deserialize(grpc::ByteBuffer* /*bb*/, wsbridge::dfx::ResultsBatch* /*batch*/) {
+    return grpc::Status(grpc::StatusCode::INTERNAL, "ResultsBatch is never read");
+  }
+};
 
 namespace wsbridge::dfx {
 namespace {
@@ -118,6 +164,16 @@ class DfxBridge final : public core::BridgeBase, public DfxServiceBase {
   const DfxBridgeOptions& options() const { return options_; }
   LastChunks& last_chunks() { return last_chunks_; }
 
+  // Asks for the next SubscribeResults call like the generated RequestSubscribeResults,
+  // but with a writer of any message type `W` that has grpc::SerializationTraits (the
+  // stream writes ResultsBatch, the same bytes as a SubscribeResultsResponse).
+  template <typename W>
+  void RequestSubscribeResultsAs(grpc::ServerContext* ctx, v1::SubscribeResultsRequest* req,
+                                 grpc::ServerAsyncWriter<W>* writer, core::CqLoop* loop, void* tag) {
+    static const int index = SubscribeResultsIndex();
+    RequestAsyncServerStreaming(index, ctx, req, writer, loop->cq(), loop->cq(), tag);
+  }
+
  private:
   std::shared_ptr<core::UpstreamSession> NewSession(const std::string& id,
                                                     std::shared_ptr<core::SecretSource> token,
@@ -130,6 +186,20 @@ class DfxBridge final : public core::BridgeBase, public DfxServiceBase {
     so.max_pending = options_.max_pending_requests;
     return core::UpstreamSession::Create(SessionExecutor(), std::move(so),
                                          std::make_unique<Protocol>(protocol_options_, std::move(token)));
+  }
+
+  // The method's index in the service, as the generated code numbers them (the order in
+  // dfx.proto).
+  static int SubscribeResultsIndex() {
+    const google::protobuf::ServiceDescriptor* service =
+        v1::SubscribeResultsRequest::descriptor()->file()->FindServiceByName("DfxService");
+    const google::protobuf::MethodDescriptor* method =
+        service == nullptr ? nullptr : service->FindMethodByName("SubscribeResults");
+    if (method == nullptr) {
+      log::Error("dfx", "wsbridge.dfx.v1.DfxService/SubscribeResults is missing from the descriptor");
+      std::abort();
+    }
+    return method->index();
   }
 
   // What every session's protocol shares (URL, headers, pacing): one copy per bridge.
@@ -266,13 +336,13 @@ grpc::ServerUnaryReactor* DfxBridge::CreateMeasurement(grpc::CallbackServerConte
 
 // ---------------------------------------------------------------------------------
 // SubscribeResults on the completion-queue API: the session's strand pushes results
-// into the stream (one shared, serialized-once result per subscriber); core's
+// into the stream (one shared, encoded-once result per subscriber); core's
 // AsyncServerStream batches and writes them on the loop thread.
-using ResultPtr = std::shared_ptr<const v1::MeasurementResult>;
+using EncodedPtr = std::shared_ptr<const EncodedResult>;
 
 class AsyncResultsStream final
-    : public core::AsyncServerStream<AsyncResultsStream, v1::SubscribeResultsRequest,
-                                     v1::SubscribeResultsResponse, ResultPtr>,
+    : public core::AsyncServerStream<AsyncResultsStream, v1::SubscribeResultsRequest, ResultsBatch,
+                                     EncodedPtr>,
       public core::EventSink {
  public:
   AsyncResultsStream(DfxBridge* bridge, core::CqLoop* loop)
@@ -283,17 +353,16 @@ class AsyncResultsStream final
     auto* dfx = static_cast<DfxBridge*>(bridge);
     auto s = std::make_shared<AsyncResultsStream>(dfx, loop);
     Start(s, s->done_tag(), [&] {
-      dfx->RequestSubscribeResults(&s->ctx_, &s->req_, &s->writer_, loop->cq(), loop->cq(),
-                                   s->matched_tag());
+      dfx->RequestSubscribeResultsAs(&s->ctx_, &s->req_, &s->writer_, loop, s->matched_tag());
     });
   }
 
   // SubscribeResultsResponse limits (documented in dfx.proto).
-  static bool Append(v1::SubscribeResultsResponse* m, const ResultPtr& r, size_t* bytes) {
-    if (m->results_size() >= kMaxResultsPerMessage) return false;
-    if (m->results_size() > 0 && *bytes + r->json_body().size() > kMaxBatchBytes) return false;
-    *bytes += r->json_body().size();
-    *m->add_results() = *r;
+  static bool Append(ResultsBatch* m, const EncodedPtr& r, size_t* bytes) {
+    if (m->results.size() >= kMaxResultsPerMessage) return false;
+    if (!m->results.empty() && *bytes + r->body_bytes > kMaxBatchBytes) return false;
+    *bytes += r->body_bytes;
+    m->results.push_back(r);
     return true;
   }
 
@@ -319,14 +388,14 @@ class AsyncResultsStream final
   void OnSubscribed(const core::SubscribedInfo& /*info*/) override { Activated(); }
   void OnEvent(const core::PayloadPtr& event, bool after_gap) override {
     const auto& r = static_cast<const Result&>(*event);
-    ResultPtr result = r.result;
+    EncodedPtr encoded = r.encoded;
     if (after_gap) {
       // Rare: this subscriber's copy says results may be missing before it.
-      auto copy = std::make_shared<v1::MeasurementResult>(*result);
-      copy->set_after_reconnect(true);
-      result = std::move(copy);
+      v1::MeasurementResult copy = *r.result;
+      copy.set_after_reconnect(true);
+      encoded = EncodeResult(copy);
     }
-    Push(std::move(result), static_cast<DfxBridge*>(bridge_)->last_chunks().IsLast(mid_, r.info));
+    Push(std::move(encoded), static_cast<DfxBridge*>(bridge_)->last_chunks().IsLast(mid_, r.info));
   }
   void OnEnded(const absl::Status& status) override { End(status); }
 

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "bridges/core/status.h"
 
 namespace wsbridge::dfx {
@@ -53,6 +54,12 @@ TEST(DfxProtocolObjectTest, ChunkAnswersRateLimitsAndResultsAreTyped) {
   ASSERT_NE(result.payload, nullptr);
   const auto& r = static_cast<const Result&>(*result.payload);
   EXPECT_EQ(r.result->measurement_id(), "meas-1");
+  ASSERT_NE(r.encoded, nullptr);
+  v1::SubscribeResultsResponse one;
+  ASSERT_TRUE(one.ParseFromString(r.encoded->bytes));
+  ASSERT_EQ(one.results_size(), 1);
+  EXPECT_EQ(one.results(0).measurement_id(), "meas-1");
+  EXPECT_EQ(one.results(0).json_body(), r.result->json_body());
   EXPECT_EQ(r.info.chunk_order, 1);
   EXPECT_EQ(r.info.measurement_data_id, "d9");
 
@@ -63,6 +70,32 @@ TEST(DfxProtocolObjectTest, ChunkAnswersRateLimitsAndResultsAreTyped) {
   EXPECT_EQ(p.Decode("short", true).kind, core::Inbound::Kind::kMalformed);
   EXPECT_NE(p.gate(), nullptr);
   EXPECT_EQ(Make(/*pacing=*/false).gate(), nullptr);
+}
+
+// SubscribeResults writes results encoded once per event, concatenated: the bytes must be
+// exactly a SubscribeResultsResponse's, whatever the sizes (1- and 2-byte lengths).
+TEST(DfxProtocolObjectTest, EncodedResultsConcatenateIntoASubscribeResultsResponse) {
+  v1::SubscribeResultsResponse expected;
+  std::string wire;
+  size_t body_bytes = 0;
+  for (size_t body : {0u, 10u, 127u, 128u, 300u, 70000u}) {
+    v1::MeasurementResult r;
+    r.set_measurement_id(absl::StrCat("meas-", body));
+    r.set_json_body(std::string(body, 'x'));
+    r.set_after_reconnect(body == 128u);
+    *expected.add_results() = r;
+    auto e = EncodeResult(r);
+    EXPECT_EQ(e->body_bytes, body);
+    body_bytes += e->body_bytes;
+    wire += e->bytes;
+  }
+  EXPECT_EQ(wire, expected.SerializeAsString());
+  v1::SubscribeResultsResponse parsed;
+  ASSERT_TRUE(parsed.ParseFromString(wire));
+  ASSERT_EQ(parsed.results_size(), 6);
+  EXPECT_EQ(parsed.results(4).json_body().size(), 300u);
+  EXPECT_TRUE(parsed.results(3).after_reconnect());
+  EXPECT_EQ(body_bytes, 0u + 10 + 127 + 128 + 300 + 70000);
 }
 
 }  // namespace
