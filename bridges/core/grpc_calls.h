@@ -392,10 +392,15 @@ class AsyncServerStream : public AsyncCallBase<Derived> {
   }
 
   void Drain() {
-    std::deque<Queued> items;
-    inbox_.Take(&items);
+    // taken_ keeps its storage between drains (Take swaps it with the inbox's, so both
+    // keep theirs): a local deque allocated and freed its node map and a node each time.
+    inbox_.Take(&taken_);
+    struct Clear {
+      std::deque<Queued>& q;
+      ~Clear() { q.clear(); }
+    } clear{taken_};
     if (this->finished_ || finish_after_.has_value()) return;
-    for (Queued& q : items) {
+    for (Queued& q : taken_) {
       if (!q.end.has_value()) pending_.push_back(std::move(q.item));
       if (q.last) {
         finish_after_ = q.end.value_or(grpc::Status::OK);
@@ -449,6 +454,7 @@ class AsyncServerStream : public AsyncCallBase<Derived> {
   bool finish_started_ = false;
   // The status to finish with once nothing is left to write.
   std::optional<grpc::Status> finish_after_;
+  std::deque<Queued> taken_;  // Drain's batch from the inbox (empty between drains)
   std::deque<Item> pending_;  // not yet in a message
   ResponseMsg batch_;         // the message in flight
 };

@@ -942,10 +942,15 @@ class SessionImpl final : public UpstreamSession,
     if (event == nullptr) return;
     const bool after_gap = sub.after_gap;
     sub.after_gap = false;
-    std::vector<std::shared_ptr<EventSink>> sinks;
-    sinks.reserve(sub.sinks.size());
+    // A copy, because a sink may unsubscribe from inside OnEvent. Its storage is kept
+    // between events (one allocation per event otherwise); a nested Deliver finds it
+    // taken and uses its own.
+    std::vector<std::shared_ptr<EventSink>> sinks = std::move(deliver_sinks_);
+    sinks.clear();
     for (auto& [sid, sink] : sub.sinks) sinks.push_back(sink);
     for (auto& sink : sinks) sink->OnEvent(event, after_gap);
+    sinks.clear();
+    deliver_sinks_ = std::move(sinks);
   }
 
   // --- Close. ---
@@ -1024,6 +1029,8 @@ class SessionImpl final : public UpstreamSession,
   std::list<uint64_t> ordered_;  // in flight without a route, in send order
   std::map<std::string, Sub> subs_;
   std::map<std::string, std::string, std::less<>> sub_routes_;  // route -> subscription key
+  // Deliver's copy of a subscription's sinks, kept for its capacity (strand only).
+  std::vector<std::shared_ptr<EventSink>> deliver_sinks_;
   asio::steady_timer login_timer_;
   asio::steady_timer deadline_timer_;
   asio::steady_timer gate_timer_;

@@ -47,6 +47,11 @@ struct Result final : core::Payload {
   std::shared_ptr<const v1::MeasurementResult> result;
   std::shared_ptr<const EncodedResult> encoded;
   ResultInfo info;
+  // Whether this is the last result of measurement `last_checked_for`, asked once per
+  // event rather than once per subscriber (a lock and a map lookup each). Strand only:
+  // every sink of one event runs on the session's strand.
+  mutable std::string last_checked_for;
+  mutable bool last = false;
 };
 
 struct ProtocolOptions {

@@ -395,7 +395,11 @@ class AsyncResultsStream final
       copy.set_after_reconnect(true);
       encoded = EncodeResult(copy);
     }
-    Push(std::move(encoded), static_cast<DfxBridge*>(bridge_)->last_chunks().IsLast(mid_, r.info));
+    if (r.last_checked_for != mid_) {
+      r.last = static_cast<DfxBridge*>(bridge_)->last_chunks().IsLast(mid_, r.info);
+      r.last_checked_for = mid_;
+    }
+    Push(std::move(encoded), r.last);
   }
   void OnEnded(const absl::Status& status) override { End(status); }
 
