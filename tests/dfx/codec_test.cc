@@ -1,6 +1,9 @@
 #include "bridges/dfx/codec.h"
 
+#include <optional>
 #include <random>
+#include <string>
+#include <vector>
 
 #include <boost/json/serialize.hpp>
 
@@ -182,6 +185,52 @@ TEST(DfxCodec, MapsUpstreamErrors) {
       "measurement data");
   EXPECT_NE(st.message().find("bad magic"), absl::string_view::npos);
   EXPECT_NE(st.message().find("measurement data"), absl::string_view::npos);
+}
+
+// ParseResponse reads the body's fields with a SAX parser: every answer must match
+// reading them from the parsed DOM (top-level members only, last duplicate wins, a
+// non-string reads "", ChunkOrder as core::JsonInt), and invalid bodies must fail alike.
+TEST(DfxCodec, ResponseFieldsMatchTheParsedDocument) {
+  const std::vector<std::string> bodies = {
+      "{}", " { } ", "[]", "[{\"Code\":\"X\"}]", "3", "\"s\"", "null", "true",
+      R"({"Code":"RATE_LIMIT","Message":"slow down","ID":"m-1"})",
+      R"({"MeasurementDataID":"d2","ChunkOrder":4,"Results":{"Code":"inner","ChunkOrder":9}})",
+      R"({"ChunkOrder":"0003"})", R"({"ChunkOrder":"12345678901234567890"})",
+      R"({"ChunkOrder":""})", R"({"ChunkOrder":4.0})", R"({"ChunkOrder":-7})",
+      R"({"ChunkOrder":18446744073709551615})", R"({"ChunkOrder":9223372036854775807})",
+      R"({"ChunkOrder":"12a"})", R"({"ChunkOrder":null})", R"({"ChunkOrder":[1]})",
+      R"({"Code":"A","Code":"B"})", R"({"Code":"A","Code":1})", R"({"Code":1,"Code":"A"})",
+      R"({"Code":{"Code":"x"},"ID":["y"]})", R"({"ChunkOrder":2,"ChunkOrder":"x"})",
+      R"({"C\u006fde":"esc\u00e9\n\"q\"","ID":"a\/b"})", R"({"Message":""})",
+      R"({"MeasurementDataID":"d9","pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"})",
+      R"({"Other":{"a":[1,2,{"b":null}]},"ID":"after-nesting"})",
+      "{bad", "{\"Code\":\"x\"} trailing", "{\"Code\":}", "{\"a\":1,}", "{} ",
+      std::string(40, '[') + std::string(40, ']'),
+  };
+  for (const std::string& body : bodies) {
+    SCOPED_TRACE(body);
+    absl::StatusOr<ResponseFrame> f = ParseResponse("0510abcdef200" + body);
+    std::string why;
+    std::optional<boost::json::value> v = core::ParseJson(body, &why);
+    ASSERT_EQ(f.ok(), v.has_value()) << f.status();
+    if (!v.has_value()) {
+      EXPECT_EQ(f.status().message(), absl::StrCat("body is not valid JSON: ", why));
+      continue;
+    }
+    if (!v->is_object()) {
+      EXPECT_FALSE(f->empty);
+      EXPECT_EQ(f->code, "");
+      EXPECT_EQ(f->chunk_order, std::nullopt);
+      continue;
+    }
+    const boost::json::object& o = v->get_object();
+    EXPECT_EQ(f->empty, o.empty());
+    EXPECT_EQ(f->code, core::JsonString(o, "Code"));
+    EXPECT_EQ(f->message, core::JsonString(o, "Message"));
+    EXPECT_EQ(f->id, core::JsonString(o, "ID"));
+    EXPECT_EQ(f->measurement_data_id, core::JsonString(o, "MeasurementDataID"));
+    EXPECT_EQ(f->chunk_order, core::JsonInt(o.if_contains("ChunkOrder")));
+  }
 }
 
 }  // namespace
