@@ -794,6 +794,17 @@ class ConnectionImpl final : public Connection {
     }
     log::Debug(kLog, "connecting", {{"name", name_}, {"target", Target()}});
 
+    // An address needs no lookup: the resolver hands every lookup to its one background
+    // thread and the answer back (two thread wake-ups per attempt, all attempts in line).
+    error_code not_literal;
+    const net::ip::address literal = net::ip::make_address(url_.host, not_literal);
+    uint32_t port = 0;
+    if (!not_literal && absl::SimpleAtoi(AV(url_.port), &port) && port <= 65535) {
+      const auto results = tcp::resolver::results_type::create(
+          tcp::endpoint(literal, static_cast<uint16_t>(port)), url_.host, url_.port);
+      return WithAttempt([&](auto& a) { OnResolve(a, {}, results); });
+    }
+
     const uint64_t gen = gen_;
     auto self = Self();
     resolve_timer_.expires_after(options_.connect_timeout);

@@ -1009,6 +1009,19 @@ TEST_F(ConnectionTest, ConnectionRefusedIsRetried) {
   EXPECT_GE(conn_->stats().attempts.load(), 2u);
 }
 
+// A host name goes through the resolver (an address is dialled without one); "localhost"
+// may also resolve to ::1, where nothing listens: the next address is tried.
+TEST_F(ConnectionTest, HostNameIsResolved) {
+  upstream_.Start();
+  SetUrl(absl::StrCat("ws://localhost:", upstream_.server->port(), "/by-name"));
+  StartConnection(PlainOptions());
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
+      << conn_->last_error();
+  absl::MutexLock lock(&upstream_.mu);
+  ASSERT_EQ(upstream_.handshakes.size(), 1u);
+  EXPECT_EQ(upstream_.handshakes[0].target, "/by-name");
+}
+
 TEST_F(ConnectionTest, NoReconnectWhenDisabled) {
   upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int) { c->Drop(); };
   upstream_.Start();
