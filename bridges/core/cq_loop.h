@@ -12,6 +12,7 @@
 // per-call state owned by one loop needs no lock.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <thread>
@@ -63,6 +64,13 @@ class CqLoop {
   // are held without a heap allocation.
   using Task = InplaceFunction<void(), 64>;
   void Post(Task fn);
+  // Unary calls of this loop that were matched and wait for their answer. Kept by
+  // AsyncUnaryCall: an answer for the only waiting call is finished on the answering
+  // thread; with others waiting, the loop finishes it (see AsyncUnaryCall::Respond).
+  void UnaryStarted() { unary_waiting_.fetch_add(1, std::memory_order_relaxed); }
+  void UnaryEnded() { unary_waiting_.fetch_sub(1, std::memory_order_relaxed); }
+  int unary_waiting() const { return unary_waiting_.load(std::memory_order_relaxed); }
+
   // Call after the gRPC server has shut down: shuts the queue down, lets the thread
   // drain every remaining tag (ok = false) and joins it. Idempotent.
   void Shutdown();
@@ -102,6 +110,7 @@ class CqLoop {
   bool alarm_set_ ABSL_GUARDED_BY(mu_) = false;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   bool joined_ = false;
+  std::atomic<int> unary_waiting_{0};
 };
 
 }  // namespace wsbridge::core

@@ -210,11 +210,31 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
   // resp_ (and may release what the call holds) and returns the status to finish with,
   // on the calling thread, unless the call is over by then. The caller holds a reference
   // to the call (the strand's callback captures it).
+  //
+  // When other unary calls of this loop are waiting for their answers too, only the
+  // Finish is handed to the loop thread: answers that arrive together (several calls in
+  // flight) are then finished in one wake-up of the loop, and their completions come
+  // back to a thread that is awake. Finishing each on the strand made the loop wake for
+  // every completion (measured at 32 calls in flight: 2.0 instead of 1.0 context
+  // switches and ~20 % more CPU per call).
   template <typename F>
   void Respond(F&& fn) {
     absl::MutexLock lock(&mu_);
     if (!this->matched_ || this->finished_ || this->done_) return;
-    FinishLocked(fn(static_cast<Derived&>(*this)));
+    grpc::Status status = fn(static_cast<Derived&>(*this));
+    if (this->loop_->unary_waiting() <= 1) {
+      FinishLocked(status);
+      return;
+    }
+    this->finished_ = true;  // decided: nobody else finishes it
+    Uncount();
+    deferred_ = std::move(status);
+    this->loop_->Post([c = this->shared_from_this()] {
+      absl::MutexLock lock(&c->mu_);
+      // Gone meanwhile (the caller cancelled, the server shut down): nothing to send, and
+      // no operation may start on a call whose done tag has come back.
+      if (!c->done_) c->StartFinish(c->deferred_);
+    });
   }
 
   // Runs `fn(call)` on this call's loop thread, unless the call is over by then, holding
@@ -244,11 +264,25 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
  private:
   friend Base;
   void OnMatched(bool ok) {
+    if (ok) {
+      absl::MutexLock lock(&mu_);
+      this->loop_->UnaryStarted();
+      counted_ = true;
+    }
     if (this->AdmitMatched(ok)) static_cast<Derived&>(*this).OnAdmitted();
+  }
+  // This call no longer waits for an answer (CqLoop::unary_waiting).
+  void Uncount() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (counted_) this->loop_->UnaryEnded();
+    counted_ = false;
   }
   void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!this->matched_ || this->finished_ || this->done_) return;
     this->finished_ = true;
+    Uncount();
+    StartFinish(status);
+  }
+  void StartFinish(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     this->Finishing(status);
     this->OpStarted();
     if (status.ok()) {
@@ -269,9 +303,12 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
     auto keep = this->shared_from_this();
     absl::MutexLock lock(&mu_);
     if (!this->finished_ && upstream_op_ != 0 && lease_) lease_->Cancel(upstream_op_);
+    Uncount();
     this->EndCall(lease_);
   }
   absl::Mutex mu_;
+  bool counted_ ABSL_GUARDED_BY(mu_) = false;  // in CqLoop::unary_waiting
+  grpc::Status deferred_ ABSL_GUARDED_BY(mu_);  // Respond's status, for the loop's Finish
   // The call whose OnLoop function this thread runs (FinishWith then holds mu_ already).
   static inline thread_local const AsyncUnaryCall* held_ = nullptr;
   MemberTag<AsyncUnaryCall, &AsyncUnaryCall::OnMatched> matched_tag_{this};
