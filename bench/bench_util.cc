@@ -278,4 +278,24 @@ uint64_t RaiseFdLimit() {
   return rl.rlim_cur;
 }
 
+absl::StatusOr<WsUrl> ParseWsUrl(const std::string& url) {
+  WsUrl u;
+  std::string rest;
+  if (url.rfind("wss://", 0) == 0) {
+    u.tls = true;
+    rest = url.substr(6);
+  } else if (url.rfind("ws://", 0) == 0) {
+    rest = url.substr(5);
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("not a ws/wss url: ", url));
+  }
+  size_t colon = rest.rfind(':');
+  if (colon == std::string::npos) return absl::InvalidArgumentError(absl::StrCat("url needs a port: ", url));
+  u.host = rest.substr(0, colon);
+  u.port = rest.substr(colon + 1);
+  size_t slash = u.port.find('/');
+  if (slash != std::string::npos) u.port.resize(slash);
+  return u;
+}
+
 }  // namespace wsbridge::bench

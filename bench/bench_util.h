@@ -84,4 +84,11 @@ std::string JsonField(const std::string& line, const std::string& key);
 // Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit.
 uint64_t RaiseFdLimit();
 
+// A ws:// or wss:// URL of a bench upstream or emulator: ws[s]://HOST:PORT[/path].
+struct WsUrl {
+  bool tls = false;
+  std::string host, port;
+};
+absl::StatusOr<WsUrl> ParseWsUrl(const std::string& url);
+
 }  // namespace wsbridge::bench

@@ -133,12 +133,11 @@ class DirectImpl : public DirectClient {
 
 std::unique_ptr<DirectClient> DirectClient::Connect(const std::string& url, const std::string& ca_file,
                                                     const std::string& target) {
-  bool tls = url.rfind("wss://", 0) == 0;
-  std::string rest = url.substr(tls ? 6 : 5);
-  size_t colon = rest.rfind(':');
-  if (colon == std::string::npos) Die(absl::StrCat("emulator url without a port: ", url));
-  std::string host = rest.substr(0, colon), port = rest.substr(colon + 1);
-  if (size_t slash = port.find('/'); slash != std::string::npos) port.resize(slash);
+  absl::StatusOr<WsUrl> u = ParseWsUrl(url);
+  if (!u.ok()) Die(absl::StrCat("emulator url: ", u.status().message()));
+  const bool tls = u->tls;
+  const std::string& host = u->host;
+  const std::string& port = u->port;
   // Blocking calls never run the io_context; one that is never destroyed suffices.
   static asio::io_context& ioc = *new asio::io_context;
   tcp::resolver resolver(ioc);

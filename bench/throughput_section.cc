@@ -391,12 +391,11 @@ class PipelinedWsImpl : public PipelinedWs {
 
 std::unique_ptr<PipelinedWs> PipelinedWs::Connect(const std::string& url, const std::string& ca_file,
                                                   const std::string& body) {
-  bool tls = url.rfind("wss://", 0) == 0;
-  std::string rest = url.substr(tls ? 6 : 5);
-  size_t colon = rest.rfind(':');
-  if (colon == std::string::npos) Die(absl::StrCat("upstream url without a port: ", url));
-  std::string host = rest.substr(0, colon), port = rest.substr(colon + 1);
-  if (size_t slash = port.find('/'); slash != std::string::npos) port.resize(slash);
+  absl::StatusOr<WsUrl> u = ParseWsUrl(url);
+  if (!u.ok()) Die(absl::StrCat("upstream url: ", u.status().message()));
+  const bool tls = u->tls;
+  const std::string& host = u->host;
+  const std::string& port = u->port;
   auto open = [&](auto& client) {
     tcp::resolver resolver(client.ioc());
     beast::error_code ec;

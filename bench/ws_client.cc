@@ -13,6 +13,7 @@
 #include <boost/beast/websocket/ssl.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "bench/bench_util.h"
 
 namespace wsbridge::bench {
 namespace {
@@ -53,31 +54,6 @@ class Impl : public WsClient {
   beast::flat_buffer buffer_;
 };
 
-struct Url {
-  bool tls = false;
-  std::string host, port;
-};
-
-absl::StatusOr<Url> ParseUrl(const std::string& url) {
-  Url u;
-  std::string rest;
-  if (url.rfind("wss://", 0) == 0) {
-    u.tls = true;
-    rest = url.substr(6);
-  } else if (url.rfind("ws://", 0) == 0) {
-    rest = url.substr(5);
-  } else {
-    return absl::InvalidArgumentError(absl::StrCat("not a ws/wss url: ", url));
-  }
-  size_t colon = rest.rfind(':');
-  if (colon == std::string::npos) return absl::InvalidArgumentError("url needs a port");
-  u.host = rest.substr(0, colon);
-  u.port = rest.substr(colon + 1);
-  size_t slash = u.port.find('/');
-  if (slash != std::string::npos) u.port.resize(slash);
-  return u;
-}
-
 template <typename Ws>
 absl::Status Handshake(Ws& ws, const std::string& host) {
   beast::error_code ec;
@@ -94,7 +70,7 @@ absl::Status Handshake(Ws& ws, const std::string& host) {
 
 absl::StatusOr<std::unique_ptr<WsClient>> WsClient::Connect(const std::string& url,
                                                             const std::string& ca_file) {
-  auto u = ParseUrl(url);
+  auto u = ParseWsUrl(url);
   if (!u.ok()) return u.status();
   // Blocking calls never run the io_context; one shared (never destroyed) one suffices.
   static asio::io_context& ioc = *new asio::io_context;
