@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "bridges/core/status.h"
+#include "daemon/async_unary.h"
 
 namespace wsbridge::daemon {
 
@@ -23,61 +24,74 @@ std::string AdminServiceImpl::BridgeNames() const {
   });
 }
 
-grpc::ServerUnaryReactor* AdminServiceImpl::ListSessions(grpc::CallbackServerContext* context,
-                                                         const ListSessionsRequest* request,
-                                                         ListSessionsResponse* response) {
-  auto* reactor = context->DefaultReactor();
-  if (grpc::Status auth = authorize_(*context); !auth.ok()) {
-    reactor->Finish(auth);
-    return reactor;
+void AdminServiceImpl::Serve(const std::vector<core::CqLoop*>& loops) {
+  using ListCall = InlineUnaryCall<ListSessionsRequest, ListSessionsResponse>;
+  using CloseCall = InlineUnaryCall<CloseSessionRequest, CloseSessionResponse>;
+  auto list = std::make_shared<const ListCall::Method>(ListCall::Method{
+      [this](grpc::ServerContext* ctx, ListSessionsRequest* req,
+             grpc::ServerAsyncResponseWriter<ListSessionsResponse>* responder,
+             grpc::ServerCompletionQueue* cq, void* tag) {
+        RequestListSessions(ctx, req, responder, cq, cq, tag);
+      },
+      [this](grpc::ServerContext& ctx, const ListSessionsRequest& req, ListSessionsResponse* resp) {
+        return ListSessions(ctx, req, resp);
+      }});
+  auto close = std::make_shared<const CloseCall::Method>(CloseCall::Method{
+      [this](grpc::ServerContext* ctx, CloseSessionRequest* req,
+             grpc::ServerAsyncResponseWriter<CloseSessionResponse>* responder,
+             grpc::ServerCompletionQueue* cq, void* tag) {
+        RequestCloseSession(ctx, req, responder, cq, cq, tag);
+      },
+      [this](grpc::ServerContext& ctx, const CloseSessionRequest& req, CloseSessionResponse*) {
+        return CloseSession(ctx, req);
+      }});
+  for (core::CqLoop* loop : loops) {
+    ListCall::Serve(list, loop);
+    CloseCall::Serve(close, loop);
   }
-  bool found = request->bridge().empty();
+}
+
+grpc::Status AdminServiceImpl::ListSessions(const grpc::ServerContext& context,
+                                            const ListSessionsRequest& request,
+                                            ListSessionsResponse* response) const {
+  if (grpc::Status auth = authorize_(context); !auth.ok()) return auth;
+  bool found = request.bridge().empty();
   for (core::Bridge* bridge : bridges_) {
-    if (!request->bridge().empty() && bridge->name() != request->bridge()) continue;
+    if (!request.bridge().empty() && bridge->name() != request.bridge()) continue;
     found = true;
     for (auto& session : bridge->ListSessions()) {
       *response->add_sessions() = std::move(session);
     }
   }
   if (!found) {
-    reactor->Finish(grpc::Status(
+    return grpc::Status(
         grpc::StatusCode::NOT_FOUND,
-        absl::StrCat("no bridge named \"", request->bridge(), "\"; bridges: ", BridgeNames())));
-    return reactor;
+        absl::StrCat("no bridge named \"", request.bridge(), "\"; bridges: ", BridgeNames()));
   }
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  return grpc::Status::OK;
 }
 
-grpc::ServerUnaryReactor* AdminServiceImpl::CloseSession(grpc::CallbackServerContext* context,
-                                                         const CloseSessionRequest* request,
-                                                         CloseSessionResponse* /*response*/) {
-  auto* reactor = context->DefaultReactor();
-  if (grpc::Status auth = authorize_(*context); !auth.ok()) {
-    reactor->Finish(auth);
-    return reactor;
-  }
-  const std::string& id = request->id();
+grpc::Status AdminServiceImpl::CloseSession(const grpc::ServerContext& context,
+                                            const CloseSessionRequest& request) const {
+  if (grpc::Status auth = authorize_(context); !auth.ok()) return auth;
+  const std::string& id = request.id();
   if (id.empty()) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                 "id is empty: pass a session id from ListSessions, e.g. "
-                                 "\"<bridge>/<session>\""));
-    return reactor;
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "id is empty: pass a session id from ListSessions, e.g. "
+                        "\"<bridge>/<session>\"");
   }
   // Session ids are "<bridge>/<rest>": the prefix picks the bridge.
   size_t slash = id.find('/');
   const std::string bridge_name = slash == std::string::npos ? "" : id.substr(0, slash);
   for (core::Bridge* bridge : bridges_) {
     if (bridge->name() != bridge_name) continue;
-    reactor->Finish(core::ToGrpcStatus(bridge->CloseSession(std::string_view(id))));
-    return reactor;
+    return core::ToGrpcStatus(bridge->CloseSession(std::string_view(id)));
   }
-  reactor->Finish(grpc::Status(
+  return grpc::Status(
       grpc::StatusCode::NOT_FOUND,
       absl::StrCat("no session \"", id,
                    "\": ids have the form \"<bridge>/<session>\" (see ListSessions); bridges: ",
-                   BridgeNames())));
-  return reactor;
+                   BridgeNames()));
 }
 
 }  // namespace wsbridge::daemon

@@ -1,25 +1,30 @@
 // wsbridge.admin.v1.AdminService: lists and closes the bridges' upstream sessions.
+// Served on the daemon's CqLoops (see async_unary.h for why).
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "bridges/core/bridge.h"
+#include "bridges/core/cq_loop.h"
 #include "daemon/auth.h"
 #include "wsbridge/admin/v1/admin.grpc.pb.h"
 
 namespace wsbridge::daemon {
 
-class AdminServiceImpl final : public wsbridge::admin::v1::AdminService::CallbackService {
+class AdminServiceImpl final : public wsbridge::admin::v1::AdminService::AsyncService {
  public:
   // `bridges` must outlive the service.
   AdminServiceImpl(std::vector<core::Bridge*> bridges, Authorizer authorize);
 
-  grpc::ServerUnaryReactor* ListSessions(grpc::CallbackServerContext* context,
-                                         const wsbridge::admin::v1::ListSessionsRequest* request,
-                                         wsbridge::admin::v1::ListSessionsResponse* response) override;
-  grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* context,
-                                         const wsbridge::admin::v1::CloseSessionRequest* request,
-                                         wsbridge::admin::v1::CloseSessionResponse* response) override;
+  // Starts taking calls on `loops` (once the server has started; they outlive it).
+  void Serve(const std::vector<core::CqLoop*>& loops);
+
+  grpc::Status ListSessions(const grpc::ServerContext& context,
+                            const wsbridge::admin::v1::ListSessionsRequest& request,
+                            wsbridge::admin::v1::ListSessionsResponse* response) const;
+  grpc::Status CloseSession(const grpc::ServerContext& context,
+                            const wsbridge::admin::v1::CloseSessionRequest& request) const;
 
  private:
   std::string BridgeNames() const;

@@ -29,7 +29,6 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/json.hpp>
-#include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
@@ -48,6 +47,7 @@
 #include "daemon/auth.h"
 #include "daemon/caller_listener.h"
 #include "daemon/config/config.h"
+#include "daemon/health_service.h"
 #include "daemon/reflection_service.h"
 #include "daemon/rpc_metrics.h"
 
@@ -330,8 +330,9 @@ struct Daemon::Impl {
   std::vector<std::unique_ptr<core::Bridge>> bridges;
   std::unique_ptr<AdminServiceImpl> admin_service;
   std::unique_ptr<ReflectionService> reflection_service;
-  // The completion queues of bridges serving on the async API, each with its thread;
-  // shut down after the server and before the bridges whose calls they hold.
+  std::unique_ptr<HealthService> health_service = std::make_unique<HealthService>();
+  // The completion queues every service is served on, each with its thread; shut down
+  // after the server and before the bridges whose calls they hold.
   std::vector<std::unique_ptr<core::CqLoop>> cq_loops;
   // Accepts callers and hands their connections to `server`; stopped before it.
   std::unique_ptr<CallerListener> listener;
@@ -505,7 +506,6 @@ absl::Status Daemon::Impl::StartServer() {
     return absl::InvalidArgumentError(
         "server: set `listen` (host:port) and/or `unix_socket` (path); neither is set");
   }
-  grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   // The daemon listens itself, so that it can cap the caller connections (see
   // caller_listener.h); gRPC gets each accepted connection with the listener's
@@ -616,6 +616,7 @@ absl::Status Daemon::Impl::StartServer() {
           ? WithMetadataLimit(MakeBearerAuthorizer(""), MaxMetadataBytes(config))
           : authorize);
   builder.RegisterService(reflection_service.get());
+  builder.RegisterService(health_service.get());
 
   std::set<std::string, std::less<>> self_observed;
   for (const auto& bridge : bridges) {
@@ -628,13 +629,12 @@ absl::Status Daemon::Impl::StartServer() {
   factories.push_back(MakeRpcMetricsInterceptorFactory(rpc_tracker, std::move(self_observed)));
   builder.experimental().SetInterceptorCreators(std::move(factories));
 
-  const bool wants_cqs = std::any_of(bridges.begin(), bridges.end(),
-                                     [](const auto& b) { return b->UsesCompletionQueues(); });
+  // Every service of the daemon (health, admin, reflection) and every method of the
+  // bundled bridges is served on these queues: with no callback-API or synchronous
+  // method registered, gRPC starts no poller threads of its own (see async_unary.h).
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs;  // CqLoops own them once started
-  if (wants_cqs) {
-    const uint32_t n = config.runtime().grpc_cq_threads() != 0 ? config.runtime().grpc_cq_threads() : 1;
-    for (uint32_t i = 0; i < n; ++i) cqs.push_back(builder.AddCompletionQueue());
-  }
+  const uint32_t n = config.runtime().grpc_cq_threads() != 0 ? config.runtime().grpc_cq_threads() : 1;
+  for (uint32_t i = 0; i < n; ++i) cqs.push_back(builder.AddCompletionQueue());
 
   server = builder.BuildAndStart();
   if (server == nullptr) {
@@ -642,16 +642,17 @@ absl::Status Daemon::Impl::StartServer() {
   }
   listener->Start();
   health_server.store(server.get(), std::memory_order_release);
-  if (!cqs.empty()) {
-    std::vector<core::CqLoop*> loops;
-    for (auto& cq : cqs) {
-      cq_loops.push_back(std::make_unique<core::CqLoop>(std::move(cq)));
-      cq_loops.back()->Start();
-      loops.push_back(cq_loops.back().get());
-    }
-    for (const auto& bridge : bridges) {
-      if (bridge->UsesCompletionQueues()) bridge->ServeAsync(loops);
-    }
+  std::vector<core::CqLoop*> loops;
+  for (auto& cq : cqs) {
+    cq_loops.push_back(std::make_unique<core::CqLoop>(std::move(cq)));
+    cq_loops.back()->Start();
+    loops.push_back(cq_loops.back().get());
+  }
+  health_service->Serve(loops);
+  admin_service->Serve(loops);
+  reflection_service->Serve(loops);
+  for (const auto& bridge : bridges) {
+    if (bridge->UsesCompletionQueues()) bridge->ServeAsync(loops);
   }
   if (!server_config.listen().empty()) grpc_address = WithPort(server_config.listen(), grpc_port);
   if (!unix_path.empty() && chmod(unix_path.c_str(), socket_mode) != 0) {
@@ -751,7 +752,7 @@ absl::Status Daemon::Impl::Start() {
 void Daemon::Impl::PublishHealth() {
   grpc::Server* const started = health_server.load(std::memory_order_acquire);
   if (draining.load() || started == nullptr) return;
-  grpc::HealthCheckServiceInterface* health = started->GetHealthCheckService();
+  HealthService* health = health_service.get();
   bool all = true;
   for (const auto& bridge : bridges) {
     const bool serving = bridge->Serving();
@@ -833,7 +834,7 @@ void Daemon::Impl::BeginShutdown() {
   ready = false;
   health_timer.cancel();
   // Health goes NOT_SERVING at once for everything, and stays so.
-  if (server != nullptr) server->GetHealthCheckService()->Shutdown();
+  health_service->Shutdown();
   log::Info("server", "draining: health is NOT_SERVING, new calls are refused",
             {{"drain_timeout", absl::FormatDuration(drain_timeout)},
              {"deadline", absl::FormatDuration(deadline)}});

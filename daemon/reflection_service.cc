@@ -30,8 +30,8 @@ void AddFile(const pb::FileDescriptor* file, ServerReflectionResponse& response,
   for (int i = 0; i < file->dependency_count(); ++i) AddFile(file->dependency(i), response, seen);
 }
 
-void Answer(const ServerReflectionRequest& request, const std::vector<std::string>& services,
-            ServerReflectionResponse& response) {
+void AnswerInto(const ServerReflectionRequest& request, const std::vector<std::string>& services,
+                ServerReflectionResponse& response) {
   // Every descriptor linked into the binary (wsbridged links all of its protos whole).
   const pb::DescriptorPool* pool = pb::DescriptorPool::generated_pool();
   std::set<std::string> seen;
@@ -80,24 +80,81 @@ void Answer(const ServerReflectionRequest& request, const std::vector<std::strin
   SetError(response, grpc::StatusCode::UNIMPLEMENTED, "Unknown reflection request.");
 }
 
+// One ServerReflectionInfo stream: admitted once, then each request read is answered
+// and written before the next read. Runs on its loop thread only, with one operation in
+// flight at a time, so it owns itself from its request to its Finish's completion: a
+// caller that goes away fails the read or write in flight, which finishes the stream.
+class ReflectionStream final : public core::CqTag {
+ public:
+  static void Serve(ReflectionService* service, core::CqLoop* loop) {
+    auto* s = new ReflectionStream(service, loop);
+    const bool asked = loop->RunIfAccepting([s, loop] {
+      s->service_->RequestServerReflectionInfo(&s->ctx_, &s->stream_, loop->cq(), loop->cq(), s);
+    });
+    if (!asked) delete s;
+  }
+
+  void Run(bool ok) override {
+    switch (step_) {
+      case Step::kMatching:
+        if (!ok) break;  // the server shut down before a caller came
+        Serve(service_, loop_);  // the next caller
+        if (grpc::Status auth = service_->authorize()(ctx_); !auth.ok()) return Finish(auth);
+        return Read();
+      case Step::kReading:
+        if (!ok) return Finish(grpc::Status::OK);  // the caller is done (or gone)
+        response_ = service_->Answer(request_);
+        step_ = Step::kWriting;
+        stream_.Write(response_, this);
+        return;
+      case Step::kWriting:
+        if (!ok) return Finish(grpc::Status::OK);  // the caller is gone
+        return Read();
+      case Step::kFinishing:
+        break;
+    }
+    delete this;
+  }
+
+ private:
+  enum class Step { kMatching, kReading, kWriting, kFinishing };
+  ReflectionStream(ReflectionService* service, core::CqLoop* loop)
+      : service_(service), loop_(loop), stream_(&ctx_) {}
+  ~ReflectionStream() = default;
+
+  void Read() {
+    step_ = Step::kReading;
+    stream_.Read(&request_, this);
+  }
+  void Finish(const grpc::Status& status) {
+    step_ = Step::kFinishing;
+    stream_.Finish(status, this);
+  }
+
+  ReflectionService* service_;
+  core::CqLoop* loop_;
+  grpc::ServerContext ctx_;
+  grpc::ServerAsyncReaderWriter<ServerReflectionResponse, ServerReflectionRequest> stream_;
+  ServerReflectionRequest request_;
+  ServerReflectionResponse response_;
+  Step step_ = Step::kMatching;
+};
+
 }  // namespace
 
 ReflectionService::ReflectionService(std::vector<std::string> services, Authorizer authorize)
     : services_(std::move(services)), authorize_(std::move(authorize)) {}
 
-grpc::Status ReflectionService::ServerReflectionInfo(
-    grpc::ServerContext* context,
-    grpc::ServerReaderWriter<ServerReflectionResponse, ServerReflectionRequest>* stream) {
-  if (grpc::Status auth = authorize_(*context); !auth.ok()) return auth;
-  ServerReflectionRequest request;
-  while (stream->Read(&request)) {
-    ServerReflectionResponse response;
-    response.set_valid_host(request.host());
-    *response.mutable_original_request() = request;
-    Answer(request, services_, response);
-    if (!stream->Write(response)) break;
-  }
-  return grpc::Status::OK;
+void ReflectionService::Serve(const std::vector<core::CqLoop*>& loops) {
+  for (core::CqLoop* loop : loops) ReflectionStream::Serve(this, loop);
+}
+
+ServerReflectionResponse ReflectionService::Answer(const ServerReflectionRequest& request) const {
+  ServerReflectionResponse response;
+  response.set_valid_host(request.host());
+  *response.mutable_original_request() = request;
+  AnswerInto(request, services_, response);
+  return response;
 }
 
 }  // namespace wsbridge::daemon

@@ -88,11 +88,13 @@ std::string_view StageName(v1::Stage stage) {
   }
 }
 
-// The hot paths on the completion-queue API: Call (latency, AsyncCall), SubscribeResults
-// (fan-out, AsyncResultsStream) and StreamMeasurement (chunks, MeasurementStream);
-// CreateMeasurement (once per measurement) on the callback API.
+// Every method on the completion-queue API: Call (latency, AsyncCall), SubscribeResults
+// (fan-out, AsyncResultsStream), StreamMeasurement (chunks, MeasurementStream) and
+// CreateMeasurement (AsyncCreateMeasurement). None on the callback API: registering one
+// makes gRPC start its own poller threads, which then read our connections too and hand
+// the polling role among themselves (docs/performance.md, round 6).
 using DfxServiceBase = v1::DfxService::WithAsyncMethod_Call<
-    v1::DfxService::WithCallbackMethod_CreateMeasurement<v1::DfxService::WithAsyncMethod_SubscribeResults<
+    v1::DfxService::WithAsyncMethod_CreateMeasurement<v1::DfxService::WithAsyncMethod_SubscribeResults<
         v1::DfxService::WithAsyncMethod_StreamMeasurement<v1::DfxService::Service>>>>;
 
 // Calls requested ahead on each completion queue, per async method.
@@ -213,10 +215,6 @@ class DfxBridge final : public core::BridgeBase, public DfxServiceBase {
     return po;
   }
 
-  grpc::ServerUnaryReactor* CreateMeasurement(grpc::CallbackServerContext* ctx,
-                                              const v1::CreateMeasurementRequest* req,
-                                              v1::CreateMeasurementResponse* resp) override;
-
   DfxBridgeOptions options_;
   const std::shared_ptr<const ProtocolOptions> protocol_options_;
   LastChunks last_chunks_;
@@ -296,43 +294,54 @@ class AsyncCall final
   }
 };
 
-grpc::ServerUnaryReactor* DfxBridge::CreateMeasurement(grpc::CallbackServerContext* ctx,
-                                                       const v1::CreateMeasurementRequest* req,
-                                                       v1::CreateMeasurementResponse* resp) {
-  auto* r = new core::UnaryCall(this, kCreateMeasurementMethod);
-  if (!r->Begin(ctx, [req] {
-        return req->study_id().empty()
-                   ? absl::InvalidArgumentError("study_id is required: the DFX study to measure with")
-                   : absl::OkStatus();
-      })) {
-    return r;
+// CreateMeasurement on the completion-queue API, like Call.
+class AsyncCreateMeasurement final
+    : public core::AsyncUnaryCall<AsyncCreateMeasurement, v1::CreateMeasurementRequest,
+                                  v1::CreateMeasurementResponse> {
+ public:
+  AsyncCreateMeasurement(DfxBridge* bridge, core::CqLoop* loop)
+      : AsyncUnaryCall(bridge, loop, kCreateMeasurementMethod) {}
+
+  static void Request(core::BridgeBase* bridge, core::CqLoop* loop) {
+    auto* dfx = static_cast<DfxBridge*>(bridge);
+    auto c = std::make_shared<AsyncCreateMeasurement>(dfx, loop);
+    Start(c, c->done_tag(), [&] {
+      dfx->RequestCreateMeasurement(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(),
+                                    c->matched_tag());
+    });
   }
-  CreateMeasurementParams p;
-  p.study_id = req->study_id();
-  p.resolution = req->resolution();
-  p.user_profile_id = req->user_profile_id();
-  p.partner_id = req->partner_id();
-  r->state()->op_id.store(r->session()->Send(
-      ActionRequest(std::string(kActionCreateMeasurement), CreateMeasurementBody(p),
-                    core::SteadyDeadline(*ctx)),
-      [s = r->state(), resp](absl::StatusOr<core::Reply> reply) {
-        if (!reply.ok()) {
-          s->Finish(core::ToGrpcStatus(reply.status()));
-          return;
-        }
-        const auto& a = static_cast<const Answer&>(*reply->payload);
-        if (a.status / 100 != 2) {
-          s->Finish(core::ToGrpcStatus(a.error));
-          return;
-        }
-        if (a.id.empty()) {
-          s->Finish(core::ToGrpcStatus(absl::InternalError("upstream answered 0504 without an ID")));
-          return;
-        }
-        s->Finish(grpc::Status::OK, [&] { resp->set_measurement_id(a.id); });
-      }));
-  return r;
-}
+
+  void OnAdmitted() {
+    if (req_.study_id().empty()) {
+      FinishWith(core::ToGrpcStatus(
+          absl::InvalidArgumentError("study_id is required: the DFX study to measure with")));
+      return;
+    }
+    std::optional<Lease> lease = TakeSession();
+    if (!lease.has_value()) return;
+    lease_ = std::move(*lease);
+    CreateMeasurementParams p;
+    p.study_id = req_.study_id();
+    p.resolution = req_.resolution();
+    p.user_profile_id = req_.user_profile_id();
+    p.partner_id = req_.partner_id();
+    upstream_op_ = lease_->Send(
+        ActionRequest(std::string(kActionCreateMeasurement), CreateMeasurementBody(p),
+                      core::SteadyDeadline(ctx_)),
+        [c = shared_from_this()](absl::StatusOr<core::Reply> reply) {
+          c->Respond([&reply](AsyncCreateMeasurement& call) {
+            if (!reply.ok()) return core::ToGrpcStatus(reply.status());
+            const auto& a = static_cast<const Answer&>(*reply->payload);
+            if (a.status / 100 != 2) return core::ToGrpcStatus(a.error);
+            if (a.id.empty()) {
+              return core::ToGrpcStatus(absl::InternalError("upstream answered 0504 without an ID"));
+            }
+            call.resp_.set_measurement_id(a.id);
+            return grpc::Status::OK;
+          });
+        });
+  }
+};
 
 // ---------------------------------------------------------------------------------
 // SubscribeResults on the completion-queue API: the session's strand pushes results
@@ -652,6 +661,7 @@ void DfxBridge::ServeAsync(const std::vector<core::CqLoop*>& loops) {
     for (int i = 0; i < kOutstandingSubscribeRequests; ++i) AsyncResultsStream::Request(this, loop);
     for (int i = 0; i < kOutstandingCallRequests; ++i) AsyncCall::Request(this, loop);
     for (int i = 0; i < kOutstandingMeasurementRequests; ++i) MeasurementStream::Request(this, loop);
+    AsyncCreateMeasurement::Request(this, loop);
   }
 }
 

@@ -145,6 +145,54 @@ TEST_F(DaemonTest, HealthAndReadinessFollowBridgeServing) {
   }));
 }
 
+// grpc.health.v1.Health/Watch (served by the daemon on its completion queues): the
+// current status at once, then each change, and NOT_SERVING once the drain begins; the
+// stream ends when the server stops.
+TEST_F(DaemonTest, HealthWatchSendsEachChangeAndTheDrain) {
+  StartOrDie();
+  auto stub = grpc::health::v1::Health::NewStub(Channel());
+  struct Watch {
+    grpc::ClientContext context;
+    std::unique_ptr<grpc::ClientReader<HealthCheckResponse>> reader;
+    // The next status sent (UNKNOWN when the stream ended).
+    HealthCheckResponse::ServingStatus Next() {
+      HealthCheckResponse response;
+      return reader->Read(&response) ? response.status() : HealthCheckResponse::UNKNOWN;
+    }
+  };
+  auto open = [&](const std::string& service) {
+    auto w = std::make_unique<Watch>();
+    // The deadline bounds every Read below.
+    w->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    grpc::health::v1::HealthCheckRequest request;
+    request.set_service(service);
+    w->reader = stub->Watch(&w->context, request);
+    return w;
+  };
+  auto overall = open("");
+  auto service = open(kTestService);
+  auto unknown = open("no.such.Service");
+  EXPECT_EQ(overall->Next(), HealthCheckResponse::SERVING);
+  EXPECT_EQ(service->Next(), HealthCheckResponse::SERVING);
+  EXPECT_EQ(unknown->Next(), HealthCheckResponse::SERVICE_UNKNOWN);
+
+  bridge().SetServing(false);
+  EXPECT_EQ(overall->Next(), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(service->Next(), HealthCheckResponse::NOT_SERVING);
+  bridge().SetServing(true);
+  EXPECT_EQ(overall->Next(), HealthCheckResponse::SERVING);
+  EXPECT_EQ(service->Next(), HealthCheckResponse::SERVING);
+
+  daemon_->RequestShutdown();
+  EXPECT_EQ(overall->Next(), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(service->Next(), HealthCheckResponse::NOT_SERVING);
+  daemon_->Wait();
+  for (Watch* w : {overall.get(), service.get(), unknown.get()}) {
+    EXPECT_EQ(w->Next(), HealthCheckResponse::UNKNOWN);  // ended
+    EXPECT_NE(w->reader->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+}
+
 TEST_F(DaemonTest, ReflectionListsServicesAndResolvesSymbols) {
   StartOrDie();
   auto channel = Channel();
