@@ -29,9 +29,9 @@ constexpr std::string_view kWatchMethod = "/wsbridge.coretest.v1.FakeService/Wat
 constexpr std::string_view kChatMethod = "/wsbridge.coretest.v1.FakeService/Chat";
 constexpr int kEventsPerMessage = 4;
 
-// Echo and Watch on the completion-queue API (hot paths), Get and Chat on the callback API.
-using FakeServiceBase = v1::FakeService::WithAsyncMethod_Echo<v1::FakeService::WithCallbackMethod_Get<
-    v1::FakeService::WithAsyncMethod_Watch<v1::FakeService::WithCallbackMethod_Chat<v1::FakeService::Service>>>>;
+// Every method on the completion-queue API, as in the bundled bridges.
+using FakeServiceBase = v1::FakeService::WithAsyncMethod_Echo<v1::FakeService::WithAsyncMethod_Get<
+    v1::FakeService::WithAsyncMethod_Watch<v1::FakeService::WithAsyncMethod_Chat<v1::FakeService::Service>>>>;
 
 absl::Status RequireText(const v1::EchoRequest& req) {
   return req.text().empty() ? absl::InvalidArgumentError("text is required: the body to send upstream")
@@ -69,11 +69,6 @@ class FakeBridge final : public BridgeBase, public FakeServiceBase {
   const std::vector<CqLoop*>& loops() const { return loops_; }
 
  private:
-  grpc::ServerUnaryReactor* Get(grpc::CallbackServerContext* ctx, const v1::EchoRequest* req,
-                                v1::EchoResponse* resp) override;
-  grpc::ServerBidiReactor<v1::EchoRequest, v1::EchoResponse>* Chat(
-      grpc::CallbackServerContext* ctx) override;
-
   FakeBridgeOptions options_;
   std::vector<CqLoop*> loops_;
 };
@@ -120,23 +115,38 @@ class EchoCall final : public AsyncUnaryCall<EchoCall, v1::EchoRequest, v1::Echo
   std::vector<std::string> parts_;  // loop thread
 };
 
-// --- Get: UnaryCall (callback API) -----------------------------------------------------
-grpc::ServerUnaryReactor* FakeBridge::Get(grpc::CallbackServerContext* ctx,
-                                          const v1::EchoRequest* req, v1::EchoResponse* resp) {
-  auto* r = new UnaryCall(this, kGetMethod);
-  if (!r->Begin(ctx, [req] { return RequireText(*req); })) return r;
-  core::Request q = FakeRequest(req->text(), /*ordered=*/true);
-  q.deadline = SteadyDeadline(*ctx);
-  r->state()->op_id.store(r->session()->Send(
-      std::move(q), [s = r->state(), resp](absl::StatusOr<Reply> reply) {
-        if (!reply.ok()) {
-          s->Finish(ToGrpcStatus(reply.status()));
-          return;
-        }
-        s->Finish(grpc::Status::OK, [&] { resp->set_text(BodyOf(reply->payload)); });
-      }));
-  return r;
-}
+// --- Get: AsyncUnaryCall answered on the session strand (Respond) -----------------------
+class GetCall final : public AsyncUnaryCall<GetCall, v1::EchoRequest, v1::EchoResponse> {
+ public:
+  GetCall(FakeBridge* bridge, CqLoop* loop) : AsyncUnaryCall(bridge, loop, kGetMethod) {}
+
+  static void Request(BridgeBase* bridge, CqLoop* loop) {
+    auto* fake = static_cast<FakeBridge*>(bridge);
+    auto c = std::make_shared<GetCall>(fake, loop);
+    Start(c, c->done_tag(), [&] {
+      fake->RequestGet(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(), c->matched_tag());
+    });
+  }
+
+  void OnAdmitted() {
+    if (absl::Status st = RequireText(req_); !st.ok()) {
+      FinishWith(ToGrpcStatus(st));
+      return;
+    }
+    std::optional<Lease> lease = TakeSession();
+    if (!lease.has_value()) return;
+    lease_ = std::move(*lease);
+    core::Request q = FakeRequest(req_.text(), /*ordered=*/true);
+    q.deadline = SteadyDeadline(ctx_);
+    upstream_op_ = lease_->Send(std::move(q), [c = shared_from_this()](absl::StatusOr<Reply> reply) {
+      c->Respond([&reply](GetCall& call) {
+        if (!reply.ok()) return ToGrpcStatus(reply.status());
+        call.resp_.set_text(BodyOf(reply->payload));
+        return grpc::Status::OK;
+      });
+    });
+  }
+};
 
 // --- Watch: AsyncServerStream + EventSink ----------------------------------------------
 class WatchCall final
@@ -190,81 +200,76 @@ class WatchCall final
   uint64_t sink_id_ = 0;
 };
 
-// --- Chat: CallbackBidiStream ----------------------------------------------------------
-class ChatStream final
-    : public CallbackBidiStream<ChatStream, v1::EchoRequest, v1::EchoResponse> {
+// --- Chat: AsyncBidiStream --------------------------------------------------------------
+// Each message a send-order request; answers are written from the session strand under
+// the stream's lock (Locked), in send order.
+class ChatStream final : public AsyncBidiStream<ChatStream, v1::EchoRequest, v1::EchoResponse> {
  public:
-  friend CallbackBidiStream;  // calls the Locked hooks
-  ChatStream(FakeBridge* bridge, grpc::CallbackServerContext* ctx)
-      : CallbackBidiStream(bridge, ctx, kChatMethod) {}
+  friend AsyncBidiStream;  // calls the hooks
+  ChatStream(FakeBridge* bridge, CqLoop* loop) : AsyncBidiStream(bridge, loop, kChatMethod) {}
 
-  void FailLocked(const absl::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    FinishNowLocked(ToGrpcStatus(st), a);
+  static void Request(BridgeBase* bridge, CqLoop* loop) {
+    auto* fake = static_cast<FakeBridge*>(bridge);
+    auto s = std::make_shared<ChatStream>(fake, loop);
+    Start(s, s->done_tag(), [&] {
+      fake->RequestChat(&s->ctx_, &s->stream_, loop->cq(), loop->cq(), s->matched_tag());
+    });
   }
+
+ private:
+  // --- AsyncBidiStream hooks (under its lock). ---
+  void Fail(const absl::Status& st) { FinishWith(ToGrpcStatus(st)); }
   // Requests not answered yet are dropped (a late answer is ignored).
-  void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void Release() {
     if (lease_) {
       for (uint64_t op : open_) lease_->Cancel(op);
     }
     open_.clear();
   }
-
- private:
   // The first valid message takes the session: invalid streams hold none.
-  absl::Status AcceptLocked(Actions& /*a*/) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  absl::Status Accept() {
     if (absl::Status st = RequireText(read_); !st.ok()) return st;
     if (!lease_) {
-      absl::StatusOr<Lease> lease = bridge_->SessionFor(*ctx_);
+      absl::StatusOr<Lease> lease = bridge_->SessionFor(ctx_);
       if (!lease.ok()) return lease.status();
       lease_ = std::move(*lease);
     }
     core::Request r = FakeRequest(read_.text(), /*ordered=*/true);
-    r.deadline = SteadyDeadline(*ctx_);
+    r.deadline = SteadyDeadline(ctx_);
     open_.push_back(lease_->Send(std::move(r), [w = weak_from_this()](absl::StatusOr<Reply> reply) {
-      if (auto s = w.lock()) s->OnReply(std::move(reply));
+      if (auto s = w.lock()) s->Locked([&](ChatStream& c) { c.OnReply(std::move(reply)); });
     }));
     return absl::OkStatus();
   }
+  void MaybeComplete() {
+    if (half_closed_ && open_.empty() && !finishing()) Complete(grpc::Status::OK);
+  }
 
-  // Session strand: answers come in send order.
+  // Session strand, under the lock: answers come in send order.
   void OnReply(absl::StatusOr<Reply> reply) {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_ || open_.empty()) return;
-      if (!reply.ok()) {
-        FailLocked(reply.status(), a);
-      } else if (reply->final) {
-        open_.pop_front();
-        auto msg = std::make_shared<v1::EchoResponse>();
-        msg->set_text(BodyOf(reply->payload));
-        PushLocked(std::move(msg), a);
-        MaybeCompleteLocked(a);
-      }
+    if (open_.empty()) return;
+    if (!reply.ok()) {
+      Fail(reply.status());
+    } else if (reply->final) {
+      open_.pop_front();
+      v1::EchoResponse msg;
+      msg.set_text(BodyOf(reply->payload));
+      Push(std::move(msg));
+      MaybeComplete();
     }
-    Run(a);
   }
 
-  void MaybeCompleteLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (half_closed_ && open_.empty() && !finishing()) CompleteLocked(grpc::Status::OK, a);
-  }
-
-  std::deque<uint64_t> open_ ABSL_GUARDED_BY(mu_);
+  std::deque<uint64_t> open_;  // under the stream's lock
 };
-
-grpc::ServerBidiReactor<v1::EchoRequest, v1::EchoResponse>* FakeBridge::Chat(
-    grpc::CallbackServerContext* ctx) {
-  auto s = std::make_shared<ChatStream>(this, ctx);
-  s->Begin();
-  return s.get();
-}
 
 void FakeBridge::ServeAsync(const std::vector<CqLoop*>& loops) {
   loops_ = loops;
   for (CqLoop* loop : loops) {
     for (int i = 0; i < 2; ++i) {
       EchoCall::Request(this, loop);
+      GetCall::Request(this, loop);
       WatchCall::Request(this, loop);
+      ChatStream::Request(this, loop);
     }
   }
 }

@@ -1,6 +1,6 @@
 // The call helpers of grpc_calls.h through the fake bridge (fake_bridge.h) in the real
-// daemon, over a real WebSocket fake upstream: AsyncUnaryCall (Echo), UnaryCall (Get),
-// AsyncServerStream (Watch) and CallbackBidiStream (Chat).
+// daemon, over a real WebSocket fake upstream: AsyncUnaryCall answered on the loop (Echo)
+// and on the session strand (Get), AsyncServerStream (Watch) and AsyncBidiStream (Chat).
 #include "bridges/core/grpc_calls.h"
 
 #include <memory>
@@ -57,15 +57,16 @@ class GrpcCallsTest : public ::testing::Test {
     ASSERT_TRUE(st.ok()) << st;
   }
 
-  grpc::Status Unary(bool callback_api, const std::string& text, std::string* out,
+  // `respond`: Get (answered on the strand) instead of Echo (answered on the loop).
+  grpc::Status Unary(bool respond, const std::string& text, std::string* out,
                      std::chrono::milliseconds deadline = 10s) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + deadline);
     v1::EchoRequest req;
     req.set_text(text);
     v1::EchoResponse resp;
-    grpc::Status st = callback_api ? daemon_.stub().Get(&ctx, req, &resp)
-                                   : daemon_.stub().Echo(&ctx, req, &resp);
+    grpc::Status st = respond ? daemon_.stub().Get(&ctx, req, &resp)
+                              : daemon_.stub().Echo(&ctx, req, &resp);
     if (out != nullptr) *out = resp.text();
     return st;
   }
@@ -143,9 +144,9 @@ TEST_F(GrpcCallsTest, AsyncUnaryServesManyConcurrentCalls) {
   }
 }
 
-// --- UnaryCall (callback API) ----------------------------------------------------------
+// --- AsyncUnaryCall answered on the strand (Respond) -----------------------------------
 
-TEST_F(GrpcCallsTest, CallbackUnaryValidatesAnswersAndGivesUp) {
+TEST_F(GrpcCallsTest, RespondedUnaryValidatesAnswersAndGivesUp) {
   Start();
   std::string out;
   ASSERT_TRUE(Unary(true, "first", &out).ok());
@@ -270,7 +271,7 @@ TEST_F(GrpcCallsTest, SlowConsumerIsEndedAloneAndOthersGetEverything) {
   EXPECT_EQ(ErrorInfoOf(slow_st).reason(), "SLOW_CONSUMER");
 }
 
-// --- CallbackBidiStream ----------------------------------------------------------------
+// --- AsyncBidiStream -------------------------------------------------------------------
 
 TEST_F(GrpcCallsTest, BidiAnswersInOrderAndCompletesAfterHalfClose) {
   Start();
