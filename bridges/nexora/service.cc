@@ -38,11 +38,13 @@ constexpr size_t kMaxAgentIdSize = 128;
 // Calls requested ahead on each completion queue, per async method.
 constexpr int kOutstandingSendRequests = 8;
 constexpr int kOutstandingCreateRequests = 2;
+constexpr int kOutstandingChatRequests = 4;
 
-// SendMessage and CreateChat on the completion-queue API; Chat on the callback API.
+// Every method on the completion-queue API: a callback-API method would make gRPC start
+// its own poller threads, which then take turns reading every connection of the server.
 using NexoraServiceBase = v1::NexoraService::WithAsyncMethod_SendMessage<
     v1::NexoraService::WithAsyncMethod_CreateChat<
-        v1::NexoraService::WithCallbackMethod_Chat<v1::NexoraService::Service>>>;
+        v1::NexoraService::WithAsyncMethod_Chat<v1::NexoraService::Service>>>;
 
 // The chat a pool Acquire on this thread is for. The pool's session factory gets the
 // session's admin id and credential but not its key; Acquire calls the factory
@@ -224,7 +226,6 @@ class NexoraBridge final : public core::BridgeBase, public NexoraServiceBase {
   std::vector<grpc::Service*> Services() override { return {this}; }
   bool UsesCompletionQueues() const override { return true; }
   void ServeAsync(const std::vector<core::CqLoop*>& loops) override;
-  grpc::ServerBidiReactor<v1::ChatRequest, ChatEvent>* Chat(grpc::CallbackServerContext* ctx) override;
   void Start() override {
     BridgeBase::Start();
     // Log in now, so the first call does not wait for it.
@@ -605,62 +606,44 @@ class CreateChatCall final
 };
 
 // ---------------------------------------------------------------------------------
-// Chat (callback API, bidi): messages in, answered one after another on the chat's
-// socket; every event out; upstream errors are events. Events arriving while no message
-// is in flight come through the chat sink (client_message_id empty).
-class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatRequest, ChatEvent>,
+// Chat on the completion-queue API (bidi): messages in, answered one after another on
+// the chat's socket; every event out; upstream errors are events. Events arriving while
+// no message is in flight come through the chat sink (client_message_id empty).
+// Messages are read on its CqLoop thread; the answers' events and the chat sink's are
+// handled on the session's strand, in its order, under the stream's lock
+// (core::AsyncBidiStream::Locked), which starts their writes right there.
+class ChatStream final : public core::AsyncBidiStream<ChatStream, v1::ChatRequest, ChatEvent>,
                          public core::EventSink {
  public:
-  friend CallbackBidiStream;  // calls the Locked hooks
-  ChatStream(NexoraBridge* bridge, grpc::CallbackServerContext* ctx)
-      : CallbackBidiStream(bridge, ctx, kChatMethod), nexora_(bridge) {}
+  friend AsyncBidiStream;  // calls the hooks
+  ChatStream(NexoraBridge* bridge, core::CqLoop* loop)
+      : AsyncBidiStream(bridge, loop, kChatMethod), nexora_(bridge) {}
+
+  static void Request(core::BridgeBase* bridge, core::CqLoop* loop) {
+    auto* b = static_cast<NexoraBridge*>(bridge);
+    auto s = std::make_shared<ChatStream>(b, loop);
+    Start(s, s->done_tag(), [&] {
+      b->RequestChat(&s->ctx_, &s->stream_, loop->cq(), loop->cq(), s->matched_tag());
+    });
+  }
 
   // core::EventSink (session strand): events while no message is in flight.
   void OnSubscribed(const core::SubscribedInfo&) override {}
   void OnEvent(const core::PayloadPtr& event, bool /*after_gap*/) override {
-    const Event& ev = static_cast<const EventPayload&>(*event).event;
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_ || finishing()) return;
-      PushEventLocked(ToChatEvent(ev, nullptr), a);
-    }
-    Run(a);
+    Locked([&](ChatStream& s) {
+      s.PushEvent(ToChatEvent(static_cast<const EventPayload&>(*event).event, nullptr));
+    });
   }
   void OnEnded(const absl::Status& status) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      subscribed_ = false;
-      if (finished_ || finishing()) return;
-      FailLocked(status, a);
-    }
-    Run(a);
-  }
-
-  void FailLocked(const absl::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    FinishNowLocked(core::ToGrpcStatus(st), a);
-  }
-
-  // Drops what has not been sent and leaves the chat sink. Messages already sent run to
-  // the end of their answers (see MessageRequest).
-  void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!lease_) return;
-    for (auto& [op, m] : open_) {
-      if (!m->sent.load()) {
-        lease_->Cancel(op);
-        link_->Remove(m->waiter);
-      }
-    }
-    open_.clear();
-    if (subscribed_) {
-      lease_->Unsubscribe(std::string(kChatRoute), sink_id_);
-      subscribed_ = false;
-    }
+    EndingFromSession([status](ChatStream& s) {
+      s.subscribed_ = false;
+      if (!s.finishing()) s.Fail(status);
+    });
   }
 
  private:
-  absl::Status AcceptLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // --- core::AsyncBidiStream hooks (under its lock). ---
+  absl::Status Accept() {
     const NexoraBridgeOptions& o = nexora_->options();
     if (chat_.empty()) {
       if (absl::Status st = CheckChatId(read_.chat_id()); !st.ok()) {
@@ -679,9 +662,9 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
       }
     }
     if (first) {
-      absl::StatusOr<CallCredential> cred = nexora_->CredentialFor(*ctx_);
+      absl::StatusOr<CallCredential> cred = nexora_->CredentialFor(ctx_);
       if (!cred.ok()) return cred.status();
-      absl::StatusOr<NexoraBridge::ChatLease> chat = nexora_->AcquireChat(read_.chat_id(), *cred, *ctx_);
+      absl::StatusOr<NexoraBridge::ChatLease> chat = nexora_->AcquireChat(read_.chat_id(), *cred, ctx_);
       if (!chat.ok()) return chat.status();
       lease_ = std::move(chat->lease);
       link_ = std::move(chat->link);
@@ -692,16 +675,16 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
     ++received_;
     if (read_.content().empty()) return absl::OkStatus();  // opened the conversation only
     std::shared_ptr<MessageState> m = nexora_->NewMessage(read_.client_message_id());
-    PushEventLocked(Accepted(*m), a);
+    PushEvent(Accepted(*m));
     std::weak_ptr<ChatStream> w = weak_from_this();
     std::shared_ptr<ChatLink> link = link_;
     core::UpstreamSession* session = lease_.get();
     // As in SendMessage; a message that cannot be sent ends the stream, like any
     // transport failure (upstream errors are events).
-    m->waiter = link->Add(core::CallerAsksToWait(*ctx_), &m->sent, [w, m, session](const absl::Status& st) {
+    m->waiter = link->Add(core::CallerAsksToWait(ctx_), &m->sent, [w, m, session](const absl::Status& st) {
       if (m->ended.exchange(true)) return;
       if (const uint64_t op = m->op.load(); op != 0) session->Cancel(op);  // else: below
-      if (auto s = w.lock()) s->Fail(NotReopened(*m, st));
+      if (auto s = w.lock()) s->EndingFromSession([m, st](ChatStream& c) { c.Fail(NotReopened(*m, st)); });
     });
     const uint64_t op = lease_->Send(
         nexora_->MessageRequest(m, std::move(*read_.mutable_content()), link,
@@ -715,7 +698,7 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
           auto s = w.lock();
           if (s == nullptr) return;
           if (!reply.ok()) {
-            s->Fail(reply.status());
+            s->EndingFromSession([st = reply.status()](ChatStream& c) { c.Fail(st); });
             return;
           }
           const Event& ev = static_cast<const EventPayload&>(*reply->payload).event;
@@ -727,55 +710,81 @@ class ChatStream final : public core::CallbackBidiStream<ChatStream, v1::ChatReq
     return absl::OkStatus();
   }
 
+  // Ends OK once the caller half-closed and every answer ended.
+  void MaybeComplete() {
+    if (finishing() || !half_closed_ || !open_.empty()) return;
+    Complete(grpc::Status::OK);
+  }
+
+  void Fail(const absl::Status& st) { FinishWith(core::ToGrpcStatus(st)); }
+
+  // Drops what has not been sent and leaves the chat sink. Messages already sent run to
+  // the end of their answers (see MessageRequest).
+  void Release() {
+    if (!lease_) return;
+    for (auto& [op, m] : open_) {
+      if (!m->sent.load()) {
+        lease_->Cancel(op);
+        link_->Remove(m->waiter);
+      }
+    }
+    open_.clear();
+    if (subscribed_) {
+      lease_->Unsubscribe(std::string(kChatRoute), sink_id_);
+      subscribed_ = false;
+    }
+  }
+
   // From the strand: one event of a message; `ended` is the message whose answer ended.
   void Deliver(ChatEvent e, const MessageState* ended) {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      if (ended != nullptr) open_.erase(ended->op.load());
-      PushEventLocked(std::move(e), a);
-      MaybeCompleteLocked(a);
-    }
-    Run(a);
+    Locked([&](ChatStream& s) {
+      if (ended != nullptr) s.open_.erase(ended->op.load());
+      s.PushEvent(std::move(e));
+      s.MaybeComplete();
+    });
   }
 
-  void PushEventLocked(ChatEvent e, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (finishing()) return;
-    if (queued() >= nexora_->options().stream_queue) {
-      FailLocked(core::SlowConsumer(nexora_->options().stream_queue, "events", kErrorDomain), a);
+  // From the strand: `fn` ends the stream for the session's side (the chat's socket is
+  // gone, a message could not be sent or answered). While the bridge drains, that is
+  // the drain closing the sessions, and the drain's own end (which names it) is already
+  // on its way to this stream through the loop (ActiveCalls' abort is posted there):
+  // `fn` then runs on the loop behind it, so the caller is told the drain's status, not
+  // the socket's.
+  template <typename F>
+  void EndingFromSession(F fn) {
+    if (!nexora_->draining()) {
+      Locked(fn);
       return;
     }
-    PushLocked(std::make_shared<const ChatEvent>(std::move(e)), a);
+    loop_->Post([s = shared_from_this(), fn = std::move(fn)]() mutable { s->Locked(fn); });
   }
 
-  // Ends OK once the caller half-closed and every answer ended.
-  void MaybeCompleteLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (finishing() || !half_closed_ || !open_.empty()) return;
-    CompleteLocked(grpc::Status::OK, a);
+  // Under the lock.
+  void PushEvent(ChatEvent e) {
+    if (finishing()) return;
+    if (queued() >= nexora_->options().stream_queue) {
+      Fail(core::SlowConsumer(nexora_->options().stream_queue, "events", kErrorDomain));
+      return;
+    }
+    Push(std::move(e));
   }
 
   NexoraBridge* nexora_;
+  // The rest is touched under the stream's lock.
   std::shared_ptr<ChatLink> link_;  // set with lease_
-  std::string chat_ ABSL_GUARDED_BY(mu_);
-  uint32_t received_ ABSL_GUARDED_BY(mu_) = 0;
-  bool subscribed_ ABSL_GUARDED_BY(mu_) = false;
-  uint64_t sink_id_ ABSL_GUARDED_BY(mu_) = 0;
+  std::string chat_;
+  uint32_t received_ = 0;
+  bool subscribed_ = false;
+  uint64_t sink_id_ = 0;
   // Messages whose answers have not ended, by request id.
-  std::map<uint64_t, std::shared_ptr<MessageState>> open_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::shared_ptr<MessageState>> open_;
 };
-
-grpc::ServerBidiReactor<v1::ChatRequest, ChatEvent>* NexoraBridge::Chat(
-    grpc::CallbackServerContext* ctx) {
-  auto r = std::make_shared<ChatStream>(this, ctx);
-  r->Begin();
-  return r.get();
-}
 
 void NexoraBridge::ServeAsync(const std::vector<core::CqLoop*>& loops) {
   for (core::CqLoop* loop : loops) {
     for (int i = 0; i < kOutstandingSendRequests; ++i) SendMessageCall::Request(this, loop);
     for (int i = 0; i < kOutstandingCreateRequests; ++i) CreateChatCall::Request(this, loop);
+    for (int i = 0; i < kOutstandingChatRequests; ++i) ChatStream::Request(this, loop);
   }
 }
 

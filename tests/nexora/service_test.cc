@@ -161,6 +161,13 @@ class NexoraServiceTest : public ::testing::Test {
     return n;
   }
 
+  // Chat sinks held on the sessions (one per open Chat stream).
+  uint32_t Subscribers() {
+    uint32_t n = 0;
+    for (const auto& s : bridge_->ListSessions()) n += s.subscribers();
+    return n;
+  }
+
   testing::TestPki pki_;
   testing::CertAndKey ca_;
   std::unique_ptr<emulator::NexoraEmulator> emulator_;
@@ -627,6 +634,59 @@ TEST_F(NexoraServiceTest, ChatRefusesAnotherChatIdOnTheSameStream) {
   grpc::Status st = stream->Finish();
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_TRUE(absl::StrContains(st.error_message(), "chat-b")) << st.error_message();
+}
+
+// A Chat caller that goes mid-answer with a second message waiting behind it: the
+// waiting message is dropped (never sent), the chat sink released, the call counted
+// CANCELLED and no longer held by the drain; the answer in flight runs to its end
+// upstream, so the chat's next message gets only its own.
+TEST_F(NexoraServiceTest, ACancelledChatDropsItsWaitingMessageAndReleasesTheChat) {
+  Start();
+  emulator_->SetScript(
+      {{R"({"type":"chunk","content":"first"})"}, {R"({"type":"chunk","content":"held"})", 1500ms}});
+  {
+    grpc::ClientContext ctx;
+    auto stream = stub_->Chat(&ctx);
+    v1::ChatRequest r;
+    r.set_chat_id("chat-cancel");
+    r.set_content("answered");
+    r.set_client_message_id("cancel-1");
+    ASSERT_TRUE(stream->Write(r));
+    r.set_content("waiting");
+    r.set_client_message_id("cancel-2");
+    ASSERT_TRUE(stream->Write(r));
+    // The first answer has begun and the second message is taken (it waits for the chat).
+    bool chunk = false, second = false;
+    v1::ChatEvent ev;
+    while (!(chunk && second) && stream->Read(&ev)) {
+      chunk |= ev.has_chunk() && ev.client_message_id() == "cancel-1";
+      second |= ev.has_accepted() && ev.client_message_id() == "cancel-2";
+    }
+    ASSERT_TRUE(chunk && second);
+    EXPECT_EQ(Subscribers(), 1u);  // the chat sink
+    ctx.TryCancel();
+    while (stream->Read(&ev)) {
+    }
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  EXPECT_TRUE(WaitFor([&] { return Subscribers() == 0; }));
+  auto cancelled = [&] {
+    return daemon_->metrics()
+        .GetCounter("wsbridge_grpc_requests_total", "",
+                    {{"method", "/wsbridge.nexora.v1.NexoraService/Chat"}, {"code", "CANCELLED"}})
+        .value();
+  };
+  EXPECT_TRUE(WaitFor([&] { return cancelled() == 1; }));
+  EXPECT_TRUE(WaitFor([&] {
+    return daemon_->metrics().Render().find("wsbridge_grpc_calls_in_flight 0\n") != std::string::npos;
+  }));
+  emulator_->SetScript({{R"({"type":"chunk","content":"fresh"})"}});
+  Outcome next = Send("chat-cancel", "next", "cancel-next");
+  ASSERT_TRUE(next.status.ok()) << next.status.error_message();
+  EXPECT_EQ(next.Text(), "fresh");  // never the abandoned answer's "held"
+  for (const auto& e : next.events) EXPECT_EQ(e.client_message_id(), "cancel-next");
+  EXPECT_EQ(emulator_->received_ids(), (std::vector<std::string>{"cancel-1", "cancel-next"}));
+  EXPECT_EQ(Reconnects(), 0u);
 }
 
 }  // namespace
