@@ -3,14 +3,16 @@
 // what is here is NLX: which keys a call uses, how conversations are found by id, how
 // frames become ConverseEvents, and how failures map to statuses and turn_failed events.
 #include <algorithm>
+#include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/base/call_once.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "bridges/core/bridge_base.h"
 #include "bridges/core/cq_loop.h"
 #include "bridges/core/grpc_calls.h"
@@ -29,11 +31,13 @@ using v1::ConverseEvent;
 
 constexpr std::string_view kSendMethod = "/wsbridge.nlx.v1.NlxService/Send";
 constexpr std::string_view kConverseMethod = "/wsbridge.nlx.v1.NlxService/Converse";
+// Calls requested ahead on each completion queue, per method.
 constexpr int kOutstandingSendRequests = 8;
+constexpr int kOutstandingConverseRequests = 4;
 
-// Send on the completion-queue API; Converse on the callback API.
+// Both methods on the completion-queue API (see core/cq_loop.h for why).
 using NlxServiceBase =
-    v1::NlxService::WithAsyncMethod_Send<v1::NlxService::WithCallbackMethod_Converse<v1::NlxService::Service>>;
+    v1::NlxService::WithAsyncMethod_Send<v1::NlxService::WithAsyncMethod_Converse<v1::NlxService::Service>>;
 
 // What the pool's session factory needs beyond the id: the pool's factory gets no key,
 // and Acquire calls it synchronously on the calling thread, so this travels beside it.
@@ -124,8 +128,20 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
   std::vector<grpc::Service*> Services() override { return {this}; }
   bool UsesCompletionQueues() const override { return true; }
   void ServeAsync(const std::vector<core::CqLoop*>& loops) override;
-  grpc::ServerBidiReactor<v1::ConverseRequest, ConverseEvent>* Converse(
-      grpc::CallbackServerContext* ctx) override;
+
+  // The daemon's shutdown ends every open call (its drain abort) and then closes the
+  // sessions. A Converse stream gets the abort on its loop thread but hears of its
+  // session's close on the session strand, possibly first: it reads the shutdown's
+  // status here so that it ends with that status either way (ConverseStream::OnStrand).
+  void Shutdown(const grpc::Status& status, std::function<void()> done) override {
+    absl::call_once(shutdown_once_, [&] {
+      shutdown_status_ = status;
+      shutdown_.store(&shutdown_status_, std::memory_order_release);
+    });
+    BridgeBase::Shutdown(status, std::move(done));
+  }
+  // The status Shutdown ends calls with; null before it.
+  const grpc::Status* shutdown_status() const { return shutdown_.load(std::memory_order_acquire); }
 
   const NlxBridgeOptions& options() const { return options_; }
   Registry& registry() { return *registry_; }
@@ -358,6 +374,9 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
   const NlxBridgeOptions options_;
   std::shared_ptr<Registry> registry_;
   core::SecretRefresher refresher_;
+  absl::once_flag shutdown_once_;
+  grpc::Status shutdown_status_;  // written once, before shutdown_ points to it
+  std::atomic<const grpc::Status*> shutdown_{nullptr};
 };
 
 // ---------------------------------------------------------------------------------
@@ -462,39 +481,31 @@ class SendCall final : public core::AsyncUnaryCall<SendCall, v1::SendRequest, v1
 };
 
 // ---------------------------------------------------------------------------------
-// Converse (callback API, bidi): the first message opens or resumes; turns in, events
-// out, in order; half-close ends it after the last response, cancel at once.
+// Converse (completion-queue API, bidi): the first message opens or resumes; turns in,
+// events out, in order; half-close ends it after the last response, cancel at once.
+// Messages are read on its CqLoop thread; turn answers, conversation events and the
+// session's news are handled on the session strand under the stream's lock (OnStrand,
+// through core::AsyncBidiStream::Locked), which writes the event and resumes a paused
+// read right there. Every member below is touched under that lock only.
 class ConverseStream final
-    : public core::CallbackBidiStream<ConverseStream, v1::ConverseRequest, ConverseEvent>,
+    : public core::AsyncBidiStream<ConverseStream, v1::ConverseRequest, ConverseEvent>,
       public core::EventSink {
  public:
-  friend CallbackBidiStream;  // calls the Locked hooks
-  ConverseStream(NlxBridge* bridge, grpc::CallbackServerContext* ctx)
-      : CallbackBidiStream(bridge, ctx, kConverseMethod), nlx_(bridge) {}
+  friend AsyncBidiStream;  // calls the hooks
+  ConverseStream(NlxBridge* bridge, core::CqLoop* loop)
+      : AsyncBidiStream(bridge, loop, kConverseMethod), nlx_(bridge) {}
+
+  static void Request(core::BridgeBase* bridge, core::CqLoop* loop) {
+    auto* b = static_cast<NlxBridge*>(bridge);
+    auto s = std::make_shared<ConverseStream>(b, loop);
+    Start(s, s->done_tag(), [&] {
+      b->RequestConverse(&s->ctx_, &s->stream_, loop->cq(), loop->cq(), s->matched_tag());
+    });
+  }
 
   // core::EventSink (session strand).
   void OnSubscribed(const core::SubscribedInfo& info) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_ || finishing()) return;
-      ConverseEvent e;
-      if (!opened_) {
-        opened_ = true;
-        e.mutable_opened()->set_conversation_id(conv_->id());
-        e.mutable_opened()->set_resumed(resumed_);
-        if (watch_ != 0) conv_->Unwatch(watch_);
-        watch_ = 0;
-      } else if (info.restored) {
-        e.mutable_reconnected()->set_attempt(++reconnects_);
-        e.mutable_reconnected()->set_conversation_id(conv_->id());
-      } else {
-        return;
-      }
-      PushEventLocked(std::move(e), a);
-      MaybeCompleteLocked(a);
-    }
-    Run(a);
+    OnStrand([&](ConverseStream& s) { s.Subscribed(info); });
   }
   void OnEvent(const core::PayloadPtr& event, bool /*after_gap*/) override {
     const Frame& f = static_cast<const FramePayload&>(*event).frame;
@@ -504,53 +515,30 @@ class ConverseStream final
     } else {
       e.mutable_unknown()->set_json(f.json());
     }
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_ || finishing()) return;
-      PushEventLocked(std::move(e), a);
-    }
-    Run(a);
+    OnStrand([&](ConverseStream& s) { s.PushEvent(std::move(e)); });
   }
   void OnEnded(const absl::Status& status) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      subscribed_ = false;
-      if (finished_ || finishing()) return;
-      FailLocked(status, a);
-    }
-    Run(a);
-  }
-
-  void FailLocked(const absl::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    FinishNowLocked(core::ToGrpcStatus(nlx_->CallStatus(st, keys_, conv_.get())), a);
-  }
-
-  // Drops unsent turns, leaves the conversation's sinks, and closes its socket when no
-  // other call holds it. Core calls it when the stream completes and again when the call is done (another
-  // call may have let go of the socket by then). The socket is closed at most once: after
-  // that a resume may have opened a new one under the same pool key (and admin id).
-  void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!lease_ || closed_) return;
-    if (released_) {
-      closed_ = nlx_->CloseIfUnused(lease_, *conv_, "the Converse call ended");
-      return;
-    }
-    released_ = true;
-    for (const auto& [op, turn] : open_) lease_->Cancel(op);
-    open_.clear();
-    if (watch_ != 0) conv_->Unwatch(watch_);
-    watch_ = 0;
-    if (subscribed_) {
-      lease_->Unsubscribe(std::string(kConversationRoute), sink_id_);
-      subscribed_ = false;
-    }
-    closed_ = nlx_->CloseIfUnused(lease_, *conv_, "the Converse call ended");
+    OnStrand([&](ConverseStream& s) { s.Ended(status); });
   }
 
  private:
-  absl::Status AcceptLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Runs `fn(stream)` under the stream's lock on the calling session strand (Locked).
+  // Once the bridge shuts down the stream ends with the shutdown's status instead, as
+  // the drain's abort (on its way to the loop thread) would: news the shutdown itself
+  // causes (the session's close, turns it fails) never reaches the caller before it.
+  template <typename F>
+  void OnStrand(F&& fn) {
+    Locked([&](ConverseStream& s) {
+      if (const grpc::Status* down = s.nlx_->shutdown_status(); down != nullptr) {
+        s.Fail(core::FromGrpcStatus(*down));
+        return;
+      }
+      fn(s);
+    });
+  }
+
+  // --- core::AsyncBidiStream hooks (under its lock). ---
+  absl::Status Accept() {
     const bool first = conv_ == nullptr;
     ++received_;
     if (first) {
@@ -564,21 +552,21 @@ class ConverseStream final
           return absl::Status(st.code(), absl::StrCat("the first message's turn: ", st.message()));
         }
       }
-      absl::StatusOr<CallKeys> keys = nlx_->KeysFor(*ctx_);
+      absl::StatusOr<CallKeys> keys = nlx_->KeysFor(ctx_);
       if (!keys.ok()) return keys.status();
       keys_ = *std::move(keys);
       std::shared_ptr<Conversation> conv;
-      absl::StatusOr<Lease> lease =
-          nlx_->AcquireConversation(*ctx_, read_.conversation_id(), keys_, &conv);
+      absl::StatusOr<Lease> lease = nlx_->AcquireConversation(ctx_, read_.conversation_id(), keys_, &conv);
       if (!lease.ok()) return lease.status();
       lease_ = *std::move(lease);
       conv_ = std::move(conv);
       resumed_ = !read_.conversation_id().empty();
       asked_ = read_.conversation_id();
-      waits_ = core::CallerAsksToWait(*ctx_);
+      waits_ = core::CallerAsksToWait(ctx_);
       std::weak_ptr<ConverseStream> w = weak_from_this();
       watch_ = conv_->WatchOpen([w](const absl::Status& st) {
-        if (auto s = w.lock()) s->OpenFailed(st);
+        // The first open failed: the stream ends with why (Release closes the socket).
+        if (auto s = w.lock()) s->OnStrand([&](ConverseStream& c) { c.Fail(st); });
       });
       if (absl::Status open = conv_->open_error(); !open.ok()) return open;
       subscribed_ = true;
@@ -608,7 +596,7 @@ class ConverseStream final
       st = Unreachable(lease_->Unreachable());
     }
     if (!st.ok()) {
-      PushEventLocked(TurnFailedEvent(n, st), a);  // the bridge refused it; the stream goes on
+      PushEvent(TurnFailedEvent(n, st));  // the bridge refused it; the stream goes on
       return absl::OkStatus();
     }
     auto turn = std::make_shared<v1::Turn>(std::move(*read_.mutable_turn()));
@@ -629,98 +617,139 @@ class ConverseStream final
                 TurnStatus(reply.status(), absl::StrCat("turn ", n), s->nlx_->options().turn_timeout),
                 *conv);
             if (st.code() == absl::StatusCode::kUnauthenticated) {
-              s->Fail(st);  // keys refused: the conversation is unusable
+              // Keys refused: the conversation is unusable.
+              s->OnStrand([&](ConverseStream& c) { c.Fail(st); });
               return;
             }
             e = TurnFailedEvent(n, st);
           }
-          s->Deliver(std::move(e), n);
+          s->OnStrand([&](ConverseStream& c) { c.TurnEnded(std::move(e), n); });
         });
     open_[op] = n;
     ops_by_turn_[n] = op;
     return absl::OkStatus();
   }
 
-  // The first open failed: the stream ends with why (ReleaseLocked closes the socket).
-  void OpenFailed(const absl::Status& st) { Fail(st); }
-
-  // From the strand: turn `n` ended with `e`.
-  void Deliver(ConverseEvent e, uint64_t n) {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      if (auto it = ops_by_turn_.find(n); it != ops_by_turn_.end()) {
-        open_.erase(it->second);
-        ops_by_turn_.erase(it);
-      }
-      PushEventLocked(std::move(e), a);
-      if (!finishing() && read_paused_ && !half_closed_ && open_.size() < nlx_->options().max_pending_turns) {
-        read_paused_ = false;
-        a.read = true;
-      }
-      MaybeCompleteLocked(a);
-    }
-    Run(a);
-  }
-
   // Reads the next message only while the conversation has room for another turn.
-  void ReadMoreLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void ReadMore() {
     if (open_.size() < nlx_->options().max_pending_turns) {
-      a.read = true;
+      StartRead();
     } else {
       read_paused_ = true;
     }
   }
 
-  void PushEventLocked(ConverseEvent e, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (finishing()) return;
-    if (queued() >= nlx_->options().stream_queue) {
-      FailLocked(core::SlowConsumer(nlx_->options().stream_queue, "events", kErrorDomain), a);
-      return;
-    }
-    PushLocked(std::make_shared<const ConverseEvent>(std::move(e)), a);
-  }
-
   // Ends OK once the caller half-closed and every turn was answered or failed (after
   // `opened`, when the call opened a conversation at all).
-  void MaybeCompleteLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void MaybeComplete() {
     if (finishing() || !half_closed_ || !open_.empty()) return;
     if (conv_ != nullptr && !opened_) return;
-    CompleteLocked(grpc::Status::OK, a);
+    Complete(grpc::Status::OK);
+  }
+
+  void Fail(const absl::Status& st) {
+    FinishWith(core::ToGrpcStatus(nlx_->CallStatus(st, keys_, conv_.get())));
+  }
+
+  // Drops unsent turns, leaves the conversation's sinks, and closes its socket when no
+  // other call holds it. Core calls it when the stream completes or fails and again when
+  // the call is done (another call may have let go of the socket by then). The socket is
+  // closed at most once: after that a resume may have opened a new one under the same
+  // pool key (and admin id).
+  void Release() {
+    if (!lease_ || closed_) return;
+    if (released_) {
+      closed_ = nlx_->CloseIfUnused(lease_, *conv_, "the Converse call ended");
+      return;
+    }
+    released_ = true;
+    for (const auto& [op, turn] : open_) lease_->Cancel(op);
+    open_.clear();
+    if (watch_ != 0) conv_->Unwatch(watch_);
+    watch_ = 0;
+    if (subscribed_) {
+      lease_->Unsubscribe(std::string(kConversationRoute), sink_id_);
+      subscribed_ = false;
+    }
+    closed_ = nlx_->CloseIfUnused(lease_, *conv_, "the Converse call ended");
+  }
+
+  // --- Session news, on the strand under the lock. ---
+  void Subscribed(const core::SubscribedInfo& info) {
+    if (finishing()) return;
+    ConverseEvent e;
+    if (!opened_) {
+      opened_ = true;
+      e.mutable_opened()->set_conversation_id(conv_->id());
+      e.mutable_opened()->set_resumed(resumed_);
+      if (watch_ != 0) conv_->Unwatch(watch_);
+      watch_ = 0;
+    } else if (info.restored) {
+      e.mutable_reconnected()->set_attempt(++reconnects_);
+      e.mutable_reconnected()->set_conversation_id(conv_->id());
+    } else {
+      return;
+    }
+    PushEvent(std::move(e));
+    MaybeComplete();
+  }
+
+  void Ended(const absl::Status& status) {
+    subscribed_ = false;
+    if (finishing()) return;
+    Fail(status);
+  }
+
+  // Turn `n` ended with `e`.
+  void TurnEnded(ConverseEvent e, uint64_t n) {
+    if (auto it = ops_by_turn_.find(n); it != ops_by_turn_.end()) {
+      open_.erase(it->second);
+      ops_by_turn_.erase(it);
+    }
+    PushEvent(std::move(e));
+    if (!finishing() && read_paused_ && !half_closed_ && open_.size() < nlx_->options().max_pending_turns) {
+      read_paused_ = false;
+      StartRead();
+    }
+    MaybeComplete();
+  }
+
+  // Queues `e` unless the stream is ending; a caller `stream_queue` events behind ends
+  // it (SLOW_CONSUMER).
+  void PushEvent(ConverseEvent e) {
+    if (finishing()) return;
+    if (queued() >= nlx_->options().stream_queue) {
+      Fail(core::SlowConsumer(nlx_->options().stream_queue, "events", kErrorDomain));
+      return;
+    }
+    Push(std::move(e));
   }
 
   NlxBridge* nlx_;
-  CallKeys keys_ ABSL_GUARDED_BY(mu_);
-  std::shared_ptr<Conversation> conv_ ABSL_GUARDED_BY(mu_);
-  std::string asked_ ABSL_GUARDED_BY(mu_);
-  bool resumed_ ABSL_GUARDED_BY(mu_) = false;
-  bool waits_ ABSL_GUARDED_BY(mu_) = false;  // x-wsbridge-wait-for-ready: true
-  bool opened_ ABSL_GUARDED_BY(mu_) = false;
-  uint32_t reconnects_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t received_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t turns_ ABSL_GUARDED_BY(mu_) = 0;
-  bool released_ ABSL_GUARDED_BY(mu_) = false;  // turns dropped, sink left
-  bool closed_ ABSL_GUARDED_BY(mu_) = false;    // the socket was closed
-  bool read_paused_ ABSL_GUARDED_BY(mu_) = false;
-  bool subscribed_ ABSL_GUARDED_BY(mu_) = false;
-  uint64_t sink_id_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t watch_ ABSL_GUARDED_BY(mu_) = 0;
+  CallKeys keys_;
+  std::shared_ptr<Conversation> conv_;
+  std::string asked_;
+  bool resumed_ = false;
+  bool waits_ = false;  // x-wsbridge-wait-for-ready: true
+  bool opened_ = false;
+  uint32_t reconnects_ = 0;
+  uint64_t received_ = 0;
+  uint64_t turns_ = 0;
+  bool released_ = false;  // turns dropped, sink left
+  bool closed_ = false;    // the socket was closed
+  bool read_paused_ = false;
+  bool subscribed_ = false;
+  uint64_t sink_id_ = 0;
+  uint64_t watch_ = 0;
   // Turns not yet answered: request id -> turn number, and back.
-  std::map<uint64_t, uint64_t> open_ ABSL_GUARDED_BY(mu_);
-  std::map<uint64_t, uint64_t> ops_by_turn_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, uint64_t> open_;
+  std::map<uint64_t, uint64_t> ops_by_turn_;
 };
-
-grpc::ServerBidiReactor<v1::ConverseRequest, ConverseEvent>* NlxBridge::Converse(
-    grpc::CallbackServerContext* ctx) {
-  auto r = std::make_shared<ConverseStream>(this, ctx);
-  r->Begin();
-  return r.get();
-}
 
 void NlxBridge::ServeAsync(const std::vector<core::CqLoop*>& loops) {
   for (core::CqLoop* loop : loops) {
     for (int i = 0; i < kOutstandingSendRequests; ++i) SendCall::Request(this, loop);
+    for (int i = 0; i < kOutstandingConverseRequests; ++i) ConverseStream::Request(this, loop);
   }
 }
 
