@@ -567,5 +567,36 @@ TEST_F(NlxServiceTest, CancelClosesTheSocketAtOnce) {
   EXPECT_TRUE(WaitFor([&] { return emulator_->connections_for(id) == 0; }, 5s));
 }
 
+// A caller that goes with a turn in flight: the turn is dropped (never resent), the
+// conversation's socket closed, the call counted CANCELLED and no longer held open.
+TEST_F(NlxServiceTest, ACancelledStreamDropsItsTurnInFlightAndCountsCancelled) {
+  Start();
+  auto c = Converse();
+  ASSERT_TRUE(c->stream->Write(Msg("hello")));
+  v1::ConverseEvent e = c->Next();
+  ASSERT_TRUE(e.has_opened());
+  const std::string id = e.opened().conversation_id();
+  ASSERT_TRUE(c->Next().has_response());
+  ASSERT_TRUE(c->stream->Write(Msg("silent")));
+  ASSERT_TRUE(WaitFor([&] { return emulator_->turns_received(id) == 2; }, 5s));
+  c->ctx.TryCancel();
+  while (c->stream->Read(&e)) {
+  }
+  EXPECT_EQ(c->stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(WaitFor([&] { return emulator_->connections_for(id) == 0; }, 5s));
+  EXPECT_TRUE(WaitFor([&] { return bridge_->ListSessions().empty(); }, 5s));
+  auto cancelled = [&] {
+    return daemon_->metrics()
+        .GetCounter("wsbridge_grpc_requests_total", "",
+                    {{"method", "/wsbridge.nlx.v1.NlxService/Converse"}, {"code", "CANCELLED"}})
+        .value();
+  };
+  EXPECT_TRUE(WaitFor([&] { return cancelled() == 1; }, 5s));
+  EXPECT_TRUE(WaitFor([&] {
+    return daemon_->metrics().Render().find("wsbridge_grpc_calls_in_flight 0\n") != std::string::npos;
+  }, 5s));
+  EXPECT_EQ(emulator_->turns_received(id), 2);
+}
+
 }  // namespace
 }  // namespace wsbridge::nlx
