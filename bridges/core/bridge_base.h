@@ -145,6 +145,13 @@ class CallAccount {
     int unset = -1;
     code_.compare_exchange_strong(unset, static_cast<int>(code));
   }
+  // The caller cancelled (its deadline, its cancel, a broken connection) before the
+  // status reached it: an OK decided meanwhile is counted CANCELLED (an error the server
+  // decided is kept; no status at all counts CANCELLED already).
+  void CancelledByCaller() {
+    int ok = static_cast<int>(grpc::StatusCode::OK);
+    code_.compare_exchange_strong(ok, static_cast<int>(grpc::StatusCode::CANCELLED));
+  }
   void Done() {
     const int c = code_.load();
     bridge_->CallFinished(method_, c < 0 ? grpc::StatusCode::CANCELLED

@@ -99,7 +99,12 @@ class AsyncCallBase : public std::enable_shared_from_this<Derived> {
     finished_ = true;
     lease.Release();
     if (call_id_ != 0) bridge_->calls().Remove(call_id_);
-    if (account_.has_value()) account_->Done();
+    if (account_.has_value()) {
+      // Valid once the done tag is back. A stream the caller cancels with nothing
+      // outstanding sees its read fail as if half-closed and may finish OK meanwhile.
+      if (ctx_.IsCancelled()) account_->CancelledByCaller();
+      account_->Done();
+    }
     MaybeRelease();
   }
 

@@ -324,5 +324,31 @@ TEST_F(GrpcCallsTest, BidiCancelGivesUpOpenRequests) {
   EXPECT_TRUE(WaitFor([&] { return InFlight() == 0; }, 10s));
 }
 
+// A caller that cancels a stream with nothing outstanding: the read that fails looks
+// like a half-close to the server, which then finishes OK; the call must still count as
+// CANCELLED (the caller never got that OK).
+TEST_F(GrpcCallsTest, BidiCancelledWithNothingOpenCountsCancelled) {
+  Start();
+  auto count = [&](const char* code) {
+    return daemon_.daemon()
+        .metrics()
+        .GetCounter("wsbridge_grpc_requests_total", "",
+                    {{"method", "/wsbridge.coretest.v1.FakeService/Chat"}, {"code", code}})
+        .value();
+  };
+  grpc::ClientContext ctx;
+  auto chat = daemon_.stub().Chat(&ctx);
+  v1::EchoRequest r;
+  r.set_text("a");
+  ASSERT_TRUE(chat->Write(r));
+  v1::EchoResponse m;
+  ASSERT_TRUE(chat->Read(&m));
+  EXPECT_EQ(m.text(), "a");
+  ctx.TryCancel();
+  EXPECT_EQ(chat->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(WaitFor([&] { return count("CANCELLED") == 1; }, 10s));
+  EXPECT_EQ(count("OK"), 0u);
+}
+
 }  // namespace
 }  // namespace wsbridge::core
