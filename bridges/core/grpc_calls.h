@@ -1,24 +1,26 @@
-// gRPC call helpers every bridge's handlers build on.
+// gRPC call helpers every bridge's handlers build on, all on the completion-queue API
+// (see cq_loop.h for why). Every method the daemon serves is on it: registering a
+// callback-API or synchronous method makes gRPC start poller threads of its own, which
+// then also poll the connections every call arrives on (docs/architecture.md).
 //
-//  - AsyncCallBase: a call served on the completion-queue API (see cq_loop.h for why):
-//    it owns itself from its request until gRPC has returned every tag, keeps one request
-//    outstanding for the next caller, is counted (CallAccount) and registered with the
-//    drain (ActiveCalls), admitted (drain, caller auth) and touched only on its CqLoop
-//    thread. The derived call then validates its request and only then takes a session,
-//    so bad requests never occupy one.
-//  - AsyncStreamWriter: the server-streaming half: items queued from a session strand are
-//    handed to the loop thread through ONE pending post per stream (so a CqLoop's mailbox
-//    holds at most one entry per open stream), bounded per stream (the slow-consumer
-//    rule: past the bound the stream ends RESOURCE_EXHAUSTED SLOW_CONSUMER and nobody
-//    else is held back), batched into messages with one write in flight, finished
-//    exactly once after what was queued before an OK finish is written.
-//  - UnaryCall: finish-exactly-once for callback-API unary calls.
+//  - AsyncCallBase: a call owns itself from its request until gRPC has returned every
+//    tag, keeps one request outstanding for the next caller, is counted (CallAccount)
+//    and registered with the drain (ActiveCalls), admitted (drain, caller auth) on its
+//    CqLoop thread. The derived call then validates its request and only then takes a
+//    session, so bad requests never occupy one.
+//  - AsyncUnaryCall: answered on the loop thread or from the session strand (Respond).
+//  - AsyncServerStream: items queued from a session strand are handed to the loop thread
+//    through ONE pending post per stream (StreamInbox: a CqLoop's mailbox holds at most
+//    one entry per open stream), bounded per stream (the slow-consumer rule: past the
+//    bound the stream ends RESOURCE_EXHAUSTED SLOW_CONSUMER and nobody else is held
+//    back), batched into messages with one write in flight, finished exactly once after
+//    what was queued before an OK finish is written.
+//  - AsyncBidiStream: a read loop and an outbox; the session's news handled on its strand
+//    under the stream's lock (Locked).
 #pragma once
 
 #include <deque>
-#include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string_view>
 #include <utility>
@@ -39,6 +41,15 @@ absl::Status SlowConsumer(size_t limit, std::string_view items, std::string_view
 
 template <typename Derived>
 class AsyncCallBase : public std::enable_shared_from_this<Derived> {
+ public:
+  // Whether the drain's abort (ActiveCalls::AbortAll, on the thread that shuts the bridge
+  // down) may run Abort on that thread. False: it is posted to the call's loop, where
+  // everything else of the call runs. A call whose session news is handled on the
+  // strand under its lock (AsyncBidiStream) says true, or that news (the session being
+  // closed by the same shutdown, right after the abort) would overtake the drain's
+  // status on the strand.
+  static constexpr bool kAbortsOnAnyThread = false;
+
  protected:
   AsyncCallBase(BridgeBase* bridge, CqLoop* loop, std::string_view method)
       : bridge_(bridge), loop_(loop), method_(method) {}
@@ -64,9 +75,13 @@ class AsyncCallBase : public std::enable_shared_from_this<Derived> {
     Derived::Request(bridge_, loop_);  // keep a request outstanding for the next caller
     account_.emplace(bridge_, method_);
     call_id_ = bridge_->calls().Add([w = this->weak_from_this(), loop = loop_](const grpc::Status& st) {
-      loop->Post([w, st] {
+      if constexpr (Derived::kAbortsOnAnyThread) {
         if (auto c = w.lock()) c->Abort(st);
-      });
+      } else {
+        loop->Post([w, st] {
+          if (auto c = w.lock()) c->Abort(st);
+        });
+      }
     });
     if (call_id_ == 0) {
       Self().FinishWith(ToGrpcStatus(bridge_->ShuttingDown()));
@@ -501,286 +516,6 @@ class AsyncServerStream : public AsyncCallBase<Derived> {
   ResponseMsg batch_;         // the message in flight
 };
 
-// What a callback-API stream does with gRPC once its mutex is released (reactions may
-// run inline, so operations are never started under the lock).
-template <typename Resp>
-struct StreamActions {
-  const Resp* write = nullptr;
-  bool read = false;
-  std::optional<grpc::Status> finish;
-};
-
-// A callback-API bidi stream: admission, accounting, drain registration, the read loop,
-// an outbox with one write in flight, finish exactly once (after what was queued, for an
-// OK finish). The first read starts once the call is admitted. Derived has
-//   absl::Status AcceptLocked(Actions&)    takes the message just read (in read_, which it
-//                                          may move from); an error ends the stream
-//                                          through FailLocked;
-//   void MaybeCompleteLocked(Actions&)     after the caller's half-close (half_closed_ is
-//                                          set) and whenever Derived's work may be done:
-//                                          CompleteLocked once nothing is left;
-//   void FailLocked(const absl::Status&, Actions&)   ends the stream with an error (e.g.
-//                                          adding details); the drain uses it;
-//   void ReleaseLocked()                   drops upstream work once the stream finishes;
-// and may hide
-//   void ReadMoreLocked(Actions&)          after an accepted message: reads the next one
-//                                          (default), or not yet (flow control).
-// Everything marked Locked runs under mu_.
-template <typename Derived, typename Req, typename Resp>
-class CallbackBidiStream : public grpc::ServerBidiReactor<Req, Resp>,
-                           public std::enable_shared_from_this<Derived> {
- public:
-  using Actions = StreamActions<Resp>;
-
-  // Starts the call (the handler returns the reactor right after).
-  void Begin() {
-    self_ = this->shared_from_this();
-    call_id_ = bridge_->calls().Add([w = this->weak_from_this()](const grpc::Status& st) {
-      if (auto s = w.lock()) s->Fail(FromGrpcStatus(st));
-    });
-    if (call_id_ == 0) {
-      FinishWith(ToGrpcStatus(bridge_->ShuttingDown()));
-      return;
-    }
-    if (absl::Status st = bridge_->Admit(*ctx_); !st.ok()) {
-      FinishWith(ToGrpcStatus(st));
-      return;
-    }
-    std::lock_guard<std::recursive_mutex> lock(ops_mu_);
-    if (!finish_called_) this->StartRead(&read_);
-  }
-
-  void OnReadDone(bool ok) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      if (!ok) {
-        half_closed_ = true;
-        Self().MaybeCompleteLocked(a);
-      } else if (absl::Status st = Self().AcceptLocked(a); !st.ok()) {
-        Self().FailLocked(st, a);
-      } else if (!finishing()) {
-        Self().ReadMoreLocked(a);
-      }
-    }
-    Run(a);
-  }
-
-  void OnWriteDone(bool ok) override {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      if (!ok) {
-        a.finish = grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke");
-        MarkFinishedLocked();
-      } else {
-        outbox_.pop_front();
-        writing_ = false;
-        NextWriteLocked(a);
-      }
-    }
-    Run(a);
-  }
-
-  void OnCancel() override {
-    FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
-  }
-
-  void OnDone() override {
-    {
-      absl::MutexLock lock(&mu_);
-      MarkFinishedLocked();
-      lease_.Release();
-    }
-    account_.Done();
-    if (call_id_ != 0) bridge_->calls().Remove(call_id_);
-    self_.reset();
-  }
-
- protected:
-  CallbackBidiStream(BridgeBase* bridge, grpc::CallbackServerContext* ctx, std::string_view method)
-      : bridge_(bridge), ctx_(ctx), account_(bridge, method) {}
-
-  // Ends the stream with `st` from any thread (through Derived::FailLocked).
-  void Fail(const absl::Status& st) {
-    Actions a;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      Self().FailLocked(st, a);
-    }
-    Run(a);
-  }
-
-  // Ends the stream now with `st`, dropping what is queued.
-  void FinishNowLocked(const grpc::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    a.write = nullptr;
-    a.read = false;
-    a.finish = st;
-    MarkFinishedLocked();
-  }
-  // Finishes with `st` once everything queued is written.
-  void CompleteLocked(const grpc::Status& st, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    pending_finish_ = st;
-    Self().ReleaseLocked();
-    NextWriteLocked(a);
-  }
-  void PushLocked(std::shared_ptr<const Resp> msg, Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    outbox_.push_back(std::move(msg));
-    NextWriteLocked(a);
-  }
-  void ReadMoreLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { a.read = true; }
-  size_t queued() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return outbox_.size(); }
-  bool finishing() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return pending_finish_.has_value(); }
-
-  // Starts what `a` says. Decisions are taken under mu_, operations started here without
-  // it (reactions may run inline), so a session thread's StartRead could otherwise race
-  // a Finish from a gRPC thread and start an operation on a call that is already done.
-  // ops_mu_ orders them: once Finish is called no operation starts. It is recursive
-  // because an inline reaction may come back here on the same thread.
-  void Run(const Actions& a) {
-    if (a.write == nullptr && !a.read && !a.finish.has_value()) return;
-    std::shared_ptr<Derived> keep = this->shared_from_this();  // OnDone may run inline
-    std::lock_guard<std::recursive_mutex> lock(ops_mu_);
-    if (finish_called_) return;
-    if (a.write != nullptr) this->StartWrite(a.write);
-    if (a.read) this->StartRead(&read_);
-    if (a.finish.has_value()) {
-      finish_called_ = true;
-      account_.Finishing(a.finish->error_code());
-      this->Finish(*a.finish);
-    }
-  }
-
-  BridgeBase* bridge_;
-  grpc::CallbackServerContext* ctx_;
-  absl::Mutex mu_;
-  bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  Lease lease_ ABSL_GUARDED_BY(mu_);
-  Req read_;  // the message just read (one read in flight at a time)
-  bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
-
- private:
-  Derived& Self() { return static_cast<Derived&>(*this); }
-
-  void FinishWith(const grpc::Status& st) {
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_) return;
-      MarkFinishedLocked();
-    }
-    Actions a;
-    a.finish = st;
-    Run(a);
-  }
-  void MarkFinishedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    finished_ = true;
-    Self().ReleaseLocked();
-  }
-  // Starts the next write, or the pending finish once everything is written.
-  void NextWriteLocked(Actions& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || a.write != nullptr) return;
-    if (!outbox_.empty()) {
-      writing_ = true;
-      a.write = outbox_.front().get();
-      return;
-    }
-    if (pending_finish_.has_value() && !finished_) {
-      a.finish = *pending_finish_;
-      MarkFinishedLocked();
-    }
-  }
-
-  CallAccount account_;
-  std::shared_ptr<Derived> self_;
-  ActiveCalls::Id call_id_ = 0;
-  std::recursive_mutex ops_mu_;
-  bool finish_called_ = false;  // guarded by ops_mu_
-  bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  std::optional<grpc::Status> pending_finish_ ABSL_GUARDED_BY(mu_);
-  std::deque<std::shared_ptr<const Resp>> outbox_ ABSL_GUARDED_BY(mu_);
-};
-
-// Finishes a callback-API unary call exactly once, from whichever thread gets there
-// first; a session's callback may outlive the reactor, so it holds this, not the reactor.
-class UnaryFinisher {
- public:
-  explicit UnaryFinisher(grpc::ServerUnaryReactor* r) : reactor_(r) {}
-  // `fill` writes the response before finishing OK; skipped when already finished.
-  void Finish(const grpc::Status& status, const std::function<void()>& fill = nullptr) {
-    grpc::ServerUnaryReactor* r;
-    {
-      absl::MutexLock lock(&mu_);
-      if (reactor_ == nullptr) return;
-      r = reactor_;
-      reactor_ = nullptr;
-      if (status.ok() && fill) fill();
-      code_.store(static_cast<int>(status.error_code()));
-    }
-    r->Finish(status);
-  }
-  // The status the call was finished with; -1 while unfinished.
-  int code() const { return code_.load(); }
-  std::atomic<uint64_t> op_id{0};
-
- private:
-  absl::Mutex mu_;
-  grpc::ServerUnaryReactor* reactor_ ABSL_GUARDED_BY(mu_);
-  std::atomic<int> code_{-1};
-};
-
-// A callback-API unary call: admitted, counted, registered with the drain; `Begin`
-// validates first (through `validate`) and only then takes the session.
-class UnaryCall final : public grpc::ServerUnaryReactor {
- public:
-  UnaryCall(BridgeBase* bridge, std::string_view method)
-      : bridge_(bridge), state_(std::make_shared<UnaryFinisher>(this)), account_(bridge, method) {}
-
-  // Admits the call, runs `validate`, takes the session. False when finished already.
-  bool Begin(grpc::CallbackServerContext* ctx, const std::function<absl::Status()>& validate) {
-    call_id_ = bridge_->calls().Add([s = state_](const grpc::Status& st) { s->Finish(st); });
-    if (call_id_ == 0) {
-      state_->Finish(ToGrpcStatus(bridge_->ShuttingDown()));
-      return false;
-    }
-    absl::Status st = bridge_->Admit(*ctx);
-    if (st.ok() && validate) st = validate();
-    if (!st.ok()) {
-      state_->Finish(ToGrpcStatus(st));
-      return false;
-    }
-    absl::StatusOr<Lease> lease = bridge_->SessionFor(*ctx);
-    if (!lease.ok()) {
-      state_->Finish(ToGrpcStatus(lease.status()));
-      return false;
-    }
-    lease_ = std::move(*lease);
-    return true;
-  }
-  const std::shared_ptr<UnaryFinisher>& state() const { return state_; }
-  UpstreamSession* session() const { return lease_.get(); }
-
-  void OnCancel() override {
-    if (lease_ && state_->op_id.load() != 0) lease_->Cancel(state_->op_id.load());
-    state_->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
-  }
-  void OnDone() override {
-    if (state_->code() >= 0) account_.Finishing(static_cast<grpc::StatusCode>(state_->code()));
-    account_.Done();
-    if (call_id_ != 0) bridge_->calls().Remove(call_id_);
-    delete this;
-  }
-
- private:
-  BridgeBase* bridge_;
-  std::shared_ptr<UnaryFinisher> state_;
-  ActiveCalls::Id call_id_ = 0;
-  Lease lease_;
-  CallAccount account_;
-};
-
 // A bidi-streaming call on the completion-queue API. Its completions come to its CqLoop
 // thread; a session strand's news (an answer, an event) is handled on the strand's own
 // thread under the stream's lock (Locked), which starts the write (and the next read)
@@ -809,7 +544,9 @@ class UnaryCall final : public grpc::ServerUnaryReactor {
 template <typename Derived, typename RequestMsg, typename ResponseMsg>
 class AsyncBidiStream : public AsyncCallBase<Derived> {
  public:
-  // The drain (or shutdown) ends the stream through Derived::Fail.
+  // The drain (or shutdown) ends the stream through Derived::Fail, on its own thread,
+  // before the sessions are closed (see AsyncCallBase::kAbortsOnAnyThread).
+  static constexpr bool kAbortsOnAnyThread = true;
   void Abort(const grpc::Status& st) {
     absl::MutexLock lock(&mu_);
     if (!this->finished_) Self().Fail(FromGrpcStatus(st));

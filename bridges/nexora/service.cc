@@ -635,7 +635,7 @@ class ChatStream final : public core::AsyncBidiStream<ChatStream, v1::ChatReques
     });
   }
   void OnEnded(const absl::Status& status) override {
-    EndingFromSession([status](ChatStream& s) {
+    Locked([status](ChatStream& s) {
       s.subscribed_ = false;
       if (!s.finishing()) s.Fail(status);
     });
@@ -684,7 +684,7 @@ class ChatStream final : public core::AsyncBidiStream<ChatStream, v1::ChatReques
     m->waiter = link->Add(core::CallerAsksToWait(ctx_), &m->sent, [w, m, session](const absl::Status& st) {
       if (m->ended.exchange(true)) return;
       if (const uint64_t op = m->op.load(); op != 0) session->Cancel(op);  // else: below
-      if (auto s = w.lock()) s->EndingFromSession([m, st](ChatStream& c) { c.Fail(NotReopened(*m, st)); });
+      if (auto s = w.lock()) s->Locked([m, st](ChatStream& c) { c.Fail(NotReopened(*m, st)); });
     });
     const uint64_t op = lease_->Send(
         nexora_->MessageRequest(m, std::move(*read_.mutable_content()), link,
@@ -698,7 +698,7 @@ class ChatStream final : public core::AsyncBidiStream<ChatStream, v1::ChatReques
           auto s = w.lock();
           if (s == nullptr) return;
           if (!reply.ok()) {
-            s->EndingFromSession([st = reply.status()](ChatStream& c) { c.Fail(st); });
+            s->Locked([st = reply.status()](ChatStream& c) { c.Fail(st); });
             return;
           }
           const Event& ev = static_cast<const EventPayload&>(*reply->payload).event;
@@ -742,21 +742,6 @@ class ChatStream final : public core::AsyncBidiStream<ChatStream, v1::ChatReques
       s.PushEvent(std::move(e));
       s.MaybeComplete();
     });
-  }
-
-  // From the strand: `fn` ends the stream for the session's side (the chat's socket is
-  // gone, a message could not be sent or answered). While the bridge drains, that is
-  // the drain closing the sessions, and the drain's own end (which names it) is already
-  // on its way to this stream through the loop (ActiveCalls' abort is posted there):
-  // `fn` then runs on the loop behind it, so the caller is told the drain's status, not
-  // the socket's.
-  template <typename F>
-  void EndingFromSession(F fn) {
-    if (!nexora_->draining()) {
-      Locked(fn);
-      return;
-    }
-    loop_->Post([s = shared_from_this(), fn = std::move(fn)]() mutable { s->Locked(fn); });
   }
 
   // Under the lock.

@@ -3,15 +3,12 @@
 // what is here is NLX: which keys a call uses, how conversations are found by id, how
 // frames become ConverseEvents, and how failures map to statuses and turn_failed events.
 #include <algorithm>
-#include <atomic>
-#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
 
 #include <grpcpp/grpcpp.h>
 
-#include "absl/base/call_once.h"
 #include "absl/strings/str_cat.h"
 #include "bridges/core/bridge_base.h"
 #include "bridges/core/cq_loop.h"
@@ -128,20 +125,6 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
   std::vector<grpc::Service*> Services() override { return {this}; }
   bool UsesCompletionQueues() const override { return true; }
   void ServeAsync(const std::vector<core::CqLoop*>& loops) override;
-
-  // The daemon's shutdown ends every open call (its drain abort) and then closes the
-  // sessions. A Converse stream gets the abort on its loop thread but hears of its
-  // session's close on the session strand, possibly first: it reads the shutdown's
-  // status here so that it ends with that status either way (ConverseStream::OnStrand).
-  void Shutdown(const grpc::Status& status, std::function<void()> done) override {
-    absl::call_once(shutdown_once_, [&] {
-      shutdown_status_ = status;
-      shutdown_.store(&shutdown_status_, std::memory_order_release);
-    });
-    BridgeBase::Shutdown(status, std::move(done));
-  }
-  // The status Shutdown ends calls with; null before it.
-  const grpc::Status* shutdown_status() const { return shutdown_.load(std::memory_order_acquire); }
 
   const NlxBridgeOptions& options() const { return options_; }
   Registry& registry() { return *registry_; }
@@ -374,9 +357,6 @@ class NlxBridge final : public core::BridgeBase, public NlxServiceBase {
   const NlxBridgeOptions options_;
   std::shared_ptr<Registry> registry_;
   core::SecretRefresher refresher_;
-  absl::once_flag shutdown_once_;
-  grpc::Status shutdown_status_;  // written once, before shutdown_ points to it
-  std::atomic<const grpc::Status*> shutdown_{nullptr};
 };
 
 // ---------------------------------------------------------------------------------
@@ -484,9 +464,9 @@ class SendCall final : public core::AsyncUnaryCall<SendCall, v1::SendRequest, v1
 // Converse (completion-queue API, bidi): the first message opens or resumes; turns in,
 // events out, in order; half-close ends it after the last response, cancel at once.
 // Messages are read on its CqLoop thread; turn answers, conversation events and the
-// session's news are handled on the session strand under the stream's lock (OnStrand,
-// through core::AsyncBidiStream::Locked), which writes the event and resumes a paused
-// read right there. Every member below is touched under that lock only.
+// session's news are handled on the session strand under the stream's lock
+// (core::AsyncBidiStream::Locked), which writes the event and resumes a paused read
+// right there. Every member below is touched under that lock only.
 class ConverseStream final
     : public core::AsyncBidiStream<ConverseStream, v1::ConverseRequest, ConverseEvent>,
       public core::EventSink {
@@ -505,7 +485,7 @@ class ConverseStream final
 
   // core::EventSink (session strand).
   void OnSubscribed(const core::SubscribedInfo& info) override {
-    OnStrand([&](ConverseStream& s) { s.Subscribed(info); });
+    Locked([&](ConverseStream& s) { s.Subscribed(info); });
   }
   void OnEvent(const core::PayloadPtr& event, bool /*after_gap*/) override {
     const Frame& f = static_cast<const FramePayload&>(*event).frame;
@@ -515,28 +495,13 @@ class ConverseStream final
     } else {
       e.mutable_unknown()->set_json(f.json());
     }
-    OnStrand([&](ConverseStream& s) { s.PushEvent(std::move(e)); });
+    Locked([&](ConverseStream& s) { s.PushEvent(std::move(e)); });
   }
   void OnEnded(const absl::Status& status) override {
-    OnStrand([&](ConverseStream& s) { s.Ended(status); });
+    Locked([&](ConverseStream& s) { s.Ended(status); });
   }
 
  private:
-  // Runs `fn(stream)` under the stream's lock on the calling session strand (Locked).
-  // Once the bridge shuts down the stream ends with the shutdown's status instead, as
-  // the drain's abort (on its way to the loop thread) would: news the shutdown itself
-  // causes (the session's close, turns it fails) never reaches the caller before it.
-  template <typename F>
-  void OnStrand(F&& fn) {
-    Locked([&](ConverseStream& s) {
-      if (const grpc::Status* down = s.nlx_->shutdown_status(); down != nullptr) {
-        s.Fail(core::FromGrpcStatus(*down));
-        return;
-      }
-      fn(s);
-    });
-  }
-
   // --- core::AsyncBidiStream hooks (under its lock). ---
   absl::Status Accept() {
     const bool first = conv_ == nullptr;
@@ -566,7 +531,7 @@ class ConverseStream final
       std::weak_ptr<ConverseStream> w = weak_from_this();
       watch_ = conv_->WatchOpen([w](const absl::Status& st) {
         // The first open failed: the stream ends with why (Release closes the socket).
-        if (auto s = w.lock()) s->OnStrand([&](ConverseStream& c) { c.Fail(st); });
+        if (auto s = w.lock()) s->Locked([&](ConverseStream& c) { c.Fail(st); });
       });
       if (absl::Status open = conv_->open_error(); !open.ok()) return open;
       subscribed_ = true;
@@ -618,12 +583,12 @@ class ConverseStream final
                 *conv);
             if (st.code() == absl::StatusCode::kUnauthenticated) {
               // Keys refused: the conversation is unusable.
-              s->OnStrand([&](ConverseStream& c) { c.Fail(st); });
+              s->Locked([&](ConverseStream& c) { c.Fail(st); });
               return;
             }
             e = TurnFailedEvent(n, st);
           }
-          s->OnStrand([&](ConverseStream& c) { c.TurnEnded(std::move(e), n); });
+          s->Locked([&](ConverseStream& c) { c.TurnEnded(std::move(e), n); });
         });
     open_[op] = n;
     ops_by_turn_[n] = op;
