@@ -58,7 +58,7 @@ CC=clang CXX=clang++ cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWit
 tsan_bins=(tests/core/connection_test tests/core/upstream_session_test tests/core/session_pool_test
            tests/core/bridge_base_test
            tests/core/grpc_calls_test tests/daemon/daemon_test tests/faults/fault_proxy_test
-           tests/dfx/dfx_service_test)
+           tests/dfx/dfx_service_test tests/nlx/nlx_service_test tests/nexora/nexora_service_test)
 ninja -C build/tsan "${tsan_bins[@]}"
 step "TSan tests"
 # Only these binaries' tests (the other test binaries are not built here): their suites.
