@@ -24,7 +24,7 @@ std::string AdminServiceImpl::BridgeNames() const {
   });
 }
 
-void AdminServiceImpl::Serve(const std::vector<core::CqLoop*>& loops) {
+void AdminServiceImpl::Serve(const std::vector<core::CqLoop*>& loops, RpcTracker* tracker) {
   using ListCall = InlineUnaryCall<ListSessionsRequest, ListSessionsResponse>;
   using CloseCall = InlineUnaryCall<CloseSessionRequest, CloseSessionResponse>;
   auto list = std::make_shared<const ListCall::Method>(ListCall::Method{
@@ -35,7 +35,8 @@ void AdminServiceImpl::Serve(const std::vector<core::CqLoop*>& loops) {
       },
       [this](grpc::ServerContext& ctx, const ListSessionsRequest& req, ListSessionsResponse* resp) {
         return ListSessions(ctx, req, resp);
-      }});
+      },
+      "/wsbridge.admin.v1.AdminService/ListSessions", tracker});
   auto close = std::make_shared<const CloseCall::Method>(CloseCall::Method{
       [this](grpc::ServerContext* ctx, CloseSessionRequest* req,
              grpc::ServerAsyncResponseWriter<CloseSessionResponse>* responder,
@@ -44,7 +45,8 @@ void AdminServiceImpl::Serve(const std::vector<core::CqLoop*>& loops) {
       },
       [this](grpc::ServerContext& ctx, const CloseSessionRequest& req, CloseSessionResponse*) {
         return CloseSession(ctx, req);
-      }});
+      },
+      "/wsbridge.admin.v1.AdminService/CloseSession", tracker});
   for (core::CqLoop* loop : loops) {
     ListCall::Serve(list, loop);
     CloseCall::Serve(close, loop);

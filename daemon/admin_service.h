@@ -8,6 +8,7 @@
 #include "bridges/core/bridge.h"
 #include "bridges/core/cq_loop.h"
 #include "daemon/auth.h"
+#include "daemon/rpc_metrics.h"
 #include "wsbridge/admin/v1/admin.grpc.pb.h"
 
 namespace wsbridge::daemon {
@@ -17,8 +18,9 @@ class AdminServiceImpl final : public wsbridge::admin::v1::AdminService::AsyncSe
   // `bridges` must outlive the service.
   AdminServiceImpl(std::vector<core::Bridge*> bridges, Authorizer authorize);
 
-  // Starts taking calls on `loops` (once the server has started; they outlive it).
-  void Serve(const std::vector<core::CqLoop*>& loops);
+  // Starts taking calls on `loops` (once the server has started; they outlive it), each
+  // counted by `tracker`.
+  void Serve(const std::vector<core::CqLoop*>& loops, RpcTracker* tracker);
 
   grpc::Status ListSessions(const grpc::ServerContext& context,
                             const wsbridge::admin::v1::ListSessionsRequest& request,

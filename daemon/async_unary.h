@@ -11,11 +11,14 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
+#include <string>
 #include <utility>
 
 #include <grpcpp/grpcpp.h>
 
 #include "bridges/core/cq_loop.h"
+#include "daemon/rpc_metrics.h"
 
 namespace wsbridge::daemon {
 
@@ -35,6 +38,8 @@ class InlineUnaryCall final : public core::CqTag {
   struct Method {
     RequestFn request;
     Handler handle;
+    std::string path;               // "/pkg.Service/Method", for the metrics
+    RpcTracker* tracker = nullptr;  // counts the calls (see CountedCall)
   };
 
   // Keeps one request for `method` outstanding on `loop` (which outlives the server).
@@ -52,7 +57,9 @@ class InlineUnaryCall final : public core::CqTag {
       return;
     }
     Serve(method_, loop_);  // the next caller
+    counted_.emplace(method_->tracker, method_->path);
     const grpc::Status status = method_->handle(ctx_, req_, &resp_);
+    counted_->Sent(status.error_code());
     finishing_ = true;
     if (status.ok()) {
       responder_.Finish(resp_, status, this);
@@ -72,6 +79,7 @@ class InlineUnaryCall final : public core::CqTag {
   Req req_;
   Resp resp_;
   grpc::ServerAsyncResponseWriter<Resp> responder_;
+  std::optional<CountedCall> counted_;  // from the match to the Finish's completion
   bool finishing_ = false;
 };
 

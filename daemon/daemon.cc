@@ -618,7 +618,12 @@ absl::Status Daemon::Impl::StartServer() {
   builder.RegisterService(reflection_service.get());
   builder.RegisterService(health_service.get());
 
-  std::set<std::string, std::less<>> self_observed;
+  // The daemon's own services count their calls themselves (CountedCall: why, in
+  // rpc_metrics.h); so do bridges that say so. The interceptor counts the rest (calls of
+  // unknown methods).
+  std::set<std::string, std::less<>> self_observed = {
+      std::string(kAdminServiceName), "grpc.health.v1.Health",
+      "grpc.reflection.v1alpha.ServerReflection"};
   for (const auto& bridge : bridges) {
     if (!bridge->ObservesOwnCalls()) continue;
     for (const auto& name : bridge->ServiceNames()) self_observed.insert(name);
@@ -648,9 +653,9 @@ absl::Status Daemon::Impl::StartServer() {
     cq_loops.back()->Start();
     loops.push_back(cq_loops.back().get());
   }
-  health_service->Serve(loops);
-  admin_service->Serve(loops);
-  reflection_service->Serve(loops);
+  health_service->Serve(loops, rpc_tracker.get());
+  admin_service->Serve(loops, rpc_tracker.get());
+  reflection_service->Serve(loops, rpc_tracker.get());
   for (const auto& bridge : bridges) {
     if (bridge->UsesCompletionQueues()) bridge->ServeAsync(loops);
   }

@@ -1,5 +1,6 @@
 #include "daemon/health_service.h"
 
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -44,6 +45,7 @@ class HealthWatch final : public std::enable_shared_from_this<HealthWatch> {
       return;
     }
     matched_ = true;
+    counted_.emplace(service_->tracker_, "/grpc.health.v1.Health/Watch");
     Serve(service_, loop_);  // the next caller
     id_ = service_->AddWatch(req_.service(), weak_from_this());
     WriteLatest();
@@ -87,6 +89,8 @@ class HealthWatch final : public std::enable_shared_from_this<HealthWatch> {
   HealthCheckResponse response_;
   grpc::ServerAsyncWriter<HealthCheckResponse> writer_;
   std::shared_ptr<HealthWatch> self_;
+  // The daemon ends a watch only by cancelling it (counted CANCELLED), as gRPC's did.
+  std::optional<CountedCall> counted_;
   uint64_t id_ = 0;
   bool matched_ = false;
   bool done_ = false;
@@ -106,7 +110,8 @@ HealthService::HealthService() {
 
 HealthService::~HealthService() = default;
 
-void HealthService::Serve(const std::vector<core::CqLoop*>& loops) {
+void HealthService::Serve(const std::vector<core::CqLoop*>& loops, RpcTracker* tracker) {
+  tracker_ = tracker;
   using CheckCall = InlineUnaryCall<HealthCheckRequest, HealthCheckResponse>;
   auto check = std::make_shared<const CheckCall::Method>(CheckCall::Method{
       [this](grpc::ServerContext* ctx, HealthCheckRequest* req,
@@ -114,7 +119,8 @@ void HealthService::Serve(const std::vector<core::CqLoop*>& loops) {
              grpc::ServerCompletionQueue* cq, void* tag) { RequestCheck(ctx, req, responder, cq, cq, tag); },
       [this](grpc::ServerContext&, const HealthCheckRequest& req, HealthCheckResponse* resp) {
         return Check(req.service(), resp);
-      }});
+      },
+      "/grpc.health.v1.Health/Check", tracker});
   for (core::CqLoop* loop : loops) {
     CheckCall::Serve(check, loop);
     HealthWatch::Serve(this, loop);

@@ -18,6 +18,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "bridges/core/cq_loop.h"
+#include "daemon/rpc_metrics.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace wsbridge::daemon {
@@ -31,8 +32,9 @@ class HealthService final : public grpc::health::v1::Health::AsyncService {
   HealthService();
   ~HealthService() override;
 
-  // Starts taking calls on `loops` (once the server has started; they outlive it).
-  void Serve(const std::vector<core::CqLoop*>& loops);
+  // Starts taking calls on `loops` (once the server has started; they outlive it), each
+  // counted by `tracker`.
+  void Serve(const std::vector<core::CqLoop*>& loops, RpcTracker* tracker);
 
   // Any thread. Ignored after Shutdown().
   void SetServingStatus(const std::string& service, bool serving);
@@ -51,6 +53,7 @@ class HealthService final : public grpc::health::v1::Health::AsyncService {
   // Tells the watches of `service` (of every name when null) that it may have changed.
   void Notify(const std::string* service);
 
+  RpcTracker* tracker_ = nullptr;  // set by Serve, before any call
   mutable absl::Mutex mu_;
   std::map<std::string, ServingStatus> statuses_ ABSL_GUARDED_BY(mu_);
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;

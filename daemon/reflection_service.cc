@@ -1,5 +1,6 @@
 #include "daemon/reflection_service.h"
 
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -98,6 +99,8 @@ class ReflectionStream final : public core::CqTag {
     switch (step_) {
       case Step::kMatching:
         if (!ok) break;  // the server shut down before a caller came
+        counted_.emplace(service_->tracker(),
+                         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo");
         Serve(service_, loop_);  // the next caller
         if (grpc::Status auth = service_->authorize()(ctx_); !auth.ok()) return Finish(auth);
         return Read();
@@ -127,6 +130,7 @@ class ReflectionStream final : public core::CqTag {
     stream_.Read(&request_, this);
   }
   void Finish(const grpc::Status& status) {
+    counted_->Sent(status.error_code());
     step_ = Step::kFinishing;
     stream_.Finish(status, this);
   }
@@ -137,6 +141,7 @@ class ReflectionStream final : public core::CqTag {
   grpc::ServerAsyncReaderWriter<ServerReflectionResponse, ServerReflectionRequest> stream_;
   ServerReflectionRequest request_;
   ServerReflectionResponse response_;
+  std::optional<CountedCall> counted_;  // from the match to the end
   Step step_ = Step::kMatching;
 };
 
@@ -145,7 +150,8 @@ class ReflectionStream final : public core::CqTag {
 ReflectionService::ReflectionService(std::vector<std::string> services, Authorizer authorize)
     : services_(std::move(services)), authorize_(std::move(authorize)) {}
 
-void ReflectionService::Serve(const std::vector<core::CqLoop*>& loops) {
+void ReflectionService::Serve(const std::vector<core::CqLoop*>& loops, RpcTracker* tracker) {
+  tracker_ = tracker;
   for (core::CqLoop* loop : loops) ReflectionStream::Serve(this, loop);
 }
 

@@ -9,6 +9,7 @@
 
 #include "bridges/core/cq_loop.h"
 #include "daemon/auth.h"
+#include "daemon/rpc_metrics.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 
 namespace wsbridge::daemon {
@@ -19,8 +20,10 @@ class ReflectionService final : public grpc::reflection::v1alpha::ServerReflecti
   // checked once when the stream opens (a failure ends it before any answer).
   ReflectionService(std::vector<std::string> services, Authorizer authorize);
 
-  // Starts taking streams on `loops` (once the server has started; they outlive it).
-  void Serve(const std::vector<core::CqLoop*>& loops);
+  // Starts taking streams on `loops` (once the server has started; they outlive it),
+  // each counted by `tracker`.
+  void Serve(const std::vector<core::CqLoop*>& loops, RpcTracker* tracker);
+  RpcTracker* tracker() const { return tracker_; }
 
   // The answer to one request.
   grpc::reflection::v1alpha::ServerReflectionResponse Answer(
@@ -30,6 +33,7 @@ class ReflectionService final : public grpc::reflection::v1alpha::ServerReflecti
  private:
   std::vector<std::string> services_;
   Authorizer authorize_;
+  RpcTracker* tracker_ = nullptr;  // set by Serve, before any call
 };
 
 }  // namespace wsbridge::daemon

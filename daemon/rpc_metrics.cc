@@ -112,6 +112,25 @@ void RpcTracker::Record(const std::string& method_label, grpc::StatusCode code) 
       .Inc();
 }
 
+CountedCall::CountedCall(RpcTracker* tracker, std::string_view path)
+    : tracker_(tracker), holds_drain_(RpcTracker::HoldsDrain(path)) {
+  if (tracker_ == nullptr) return;
+  label_ = tracker_->MethodLabel(path);
+  tracker_->Started(holds_drain_);
+}
+
+void CountedCall::Sent(grpc::StatusCode code) {
+  if (tracker_ == nullptr || recorded_) return;
+  recorded_ = true;
+  tracker_->Record(label_, code);
+}
+
+CountedCall::~CountedCall() {
+  if (tracker_ == nullptr) return;
+  if (!recorded_) tracker_->Record(label_, grpc::StatusCode::CANCELLED);
+  tracker_->Finished(holds_drain_);
+}
+
 std::string_view StatusCodeName(grpc::StatusCode code) {
   switch (code) {
     case grpc::StatusCode::OK: return "OK";

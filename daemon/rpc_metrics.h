@@ -48,6 +48,31 @@ class RpcTracker final : public core::CallObserver {
   std::atomic<int64_t> draining_calls_{0};
 };
 
+// One call of the daemon's own services (health, admin, reflection), counted like the
+// interceptor counts others: those services are served without the interceptor. With a
+// server interceptor, gRPC 1.51 hands every completion of a completion-queue call back
+// to its queue a second time (an empty batch after the interception), and when that
+// completion is drained after the queue's shutdown the empty batch aborts the process
+// (health Watch streams, cancelled by the server's shutdown, met it). Started when
+// made; recorded when its status is sent (as the interceptor does, before the caller
+// can see it), or CANCELLED when destroyed without one; finished when destroyed.
+class CountedCall {
+ public:
+  // `tracker` may be null (nothing is counted).
+  CountedCall(RpcTracker* tracker, std::string_view path);
+  ~CountedCall();
+  CountedCall(const CountedCall&) = delete;
+  CountedCall& operator=(const CountedCall&) = delete;
+  // The status the call is finished with, just before it is sent (the first counts).
+  void Sent(grpc::StatusCode code);
+
+ private:
+  RpcTracker* tracker_;
+  std::string label_;
+  bool holds_drain_;
+  bool recorded_ = false;
+};
+
 // "OK", "UNAVAILABLE", ...
 std::string_view StatusCodeName(grpc::StatusCode code);
 

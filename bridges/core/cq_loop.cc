@@ -4,6 +4,9 @@
 
 #include <grpc/support/time.h>
 
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+
 namespace wsbridge::core {
 
 CqLoop::CqLoop(std::unique_ptr<grpc::ServerCompletionQueue> cq) : cq_(std::move(cq)) {}
@@ -17,7 +20,23 @@ void CqLoop::Start() {
 void CqLoop::Loop() {
   void* tag = nullptr;
   bool ok = false;
-  while (cq_->Next(&tag, &ok)) static_cast<CqTag*>(tag)->Run(ok);
+  while (cq_->Next(&tag, &ok)) {
+    static_cast<CqTag*>(tag)->Run(ok);
+    handled_.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+void CqLoop::WaitQuiet(absl::Duration limit) {
+  const absl::Time deadline = absl::Now() + limit;
+  int quiet = 0;
+  while (quiet < 2 && absl::Now() < deadline) {
+    const uint64_t before = handled_.load(std::memory_order_relaxed);
+    auto marker = std::make_shared<absl::Notification>();
+    Post([marker] { marker->Notify(); });
+    if (!marker->WaitForNotificationWithDeadline(deadline)) return;
+    // The marker alone: its mailbox tag and its task.
+    quiet = handled_.load(std::memory_order_relaxed) - before <= 2 ? quiet + 1 : 0;
+  }
 }
 
 void CqLoop::Post(Task fn) {
@@ -40,11 +59,25 @@ void CqLoop::RunMailbox(bool /*ok*/) {
     alarm_set_ = false;
     batch_.swap(mailbox_);
   }
-  for (auto& fn : batch_) fn();
+  for (auto& fn : batch_) {
+    fn();
+    handled_.fetch_add(1, std::memory_order_relaxed);
+  }
   batch_.clear();
 }
 
 void CqLoop::Shutdown() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (joined_ || shutting_down_) return;
+  }
+  // The server has shut down: every call's last completions (failed reads and writes,
+  // done tags) are queued or about to be, and handling one may start another operation
+  // (a Finish after a failed read; with a server interceptor, gRPC's own empty batch
+  // that returns each completion). gRPC aborts the process on an operation started on a
+  // queue that is shut down with nothing pending, so the queue is shut down only once
+  // the loop has gone quiet.
+  if (thread_.joinable()) WaitQuiet(absl::Seconds(2));
   {
     absl::MutexLock lock(&mu_);
     if (joined_) return;

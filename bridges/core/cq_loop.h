@@ -22,6 +22,7 @@
 #include <grpcpp/completion_queue.h>
 
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "bridges/core/inplace_function.h"
 
 namespace wsbridge::core {
@@ -71,7 +72,8 @@ class CqLoop {
   void UnaryEnded() { unary_waiting_.fetch_sub(1, std::memory_order_relaxed); }
   int unary_waiting() const { return unary_waiting_.load(std::memory_order_relaxed); }
 
-  // Call after the gRPC server has shut down: shuts the queue down, lets the thread
+  // Call after the gRPC server has shut down: waits until the loop is quiet (at most
+  // 2 s; see the .cc), shuts the queue down, lets the thread
   // drain every remaining tag (ok = false) and joins it. Idempotent.
   void Shutdown();
   // Runs `fn` (which starts a gRPC operation on cq()) unless Shutdown() has begun,
@@ -96,6 +98,9 @@ class CqLoop {
   };
   void Loop();
   void RunMailbox(bool ok);
+  // Returns once two markers posted one after the other ran with nothing else handled
+  // between them (or `limit` passed).
+  void WaitQuiet(absl::Duration limit);
 
   std::unique_ptr<grpc::ServerCompletionQueue> cq_;
   std::thread thread_;
@@ -111,6 +116,8 @@ class CqLoop {
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   bool joined_ = false;
   std::atomic<int> unary_waiting_{0};
+  // Tags and posted functions the loop has handled (WaitQuiet).
+  std::atomic<uint64_t> handled_{0};
 };
 
 }  // namespace wsbridge::core
