@@ -56,8 +56,7 @@ void WsServer::Impl::OnAccept(error_code ec, tcp::socket socket) {
     // Under the lock so that Stop() either sees this session or refuses it here.
     std::lock_guard<std::mutex> lock(mu);
     if (stopped) return;
-    session = options.tls ? MakeTlsSession(this, std::move(socket), id)
-                          : MakePlainSession(this, std::move(socket), id);
+    session = MakeSession(this, std::move(socket), id);
     sessions.emplace(id, session);
   }
   session->Start();

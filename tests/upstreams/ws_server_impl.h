@@ -84,13 +84,10 @@ struct WsServer::Impl {
     const uint64_t id_;
     const std::shared_ptr<std::atomic<bool>> alive_;
   };
-  template <bool kTls>
+  // ws_server_session.cc; over a plain or TLS transport (ws_server_stream.h) as
+  // options.tls says.
   class Session;
-  // Each defined in its own file (ws_server_plain.cc, ws_server_tls.cc): the two
-  // WebSocket stream types are the heaviest code to compile here, and two files build
-  // side by side.
-  static std::shared_ptr<SessionBase> MakePlainSession(Impl* core, tcp::socket socket, uint64_t id);
-  static std::shared_ptr<SessionBase> MakeTlsSession(Impl* core, tcp::socket socket, uint64_t id);
+  static std::shared_ptr<SessionBase> MakeSession(Impl* core, tcp::socket socket, uint64_t id);
 
   Impl(WsServerOptions o, WsServerHandler h) : options(std::move(o)), handler(std::move(h)) {}
 

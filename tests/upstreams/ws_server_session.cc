@@ -1,107 +1,23 @@
-// One WebSocket (or plain HTTP) connection of the test server, over TCP or TLS; each
-// stream type is compiled in its own file (ws_server_plain.cc, ws_server_tls.cc).
-#ifndef WSBRIDGE_TESTS_UPSTREAMS_WS_SERVER_SESSION_H_
-#define WSBRIDGE_TESTS_UPSTREAMS_WS_SERVER_SESSION_H_
-
+// One WebSocket (or plain HTTP) connection of the test server, over either transport
+// (ws_server_stream.h): the WebSocket and HTTP code is compiled once, here.
 #include <deque>
-#include <type_traits>
+#include <optional>
 
 #include <boost/asio/post.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket.hpp>
-#include <boost/beast/websocket/ssl.hpp>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "tests/upstreams/ws_server_impl.h"
+#include "tests/upstreams/ws_server_stream.h"
 
 namespace wsbridge::upstreams {
 
 namespace http = beast::http;
 namespace websocket = beast::websocket;
-
-// A stream layer that can hold reads and writes back ("silent" peer). Cancelling a
-// pending WebSocket read would fail the stream, so the gate sits below it instead: a
-// gated operation waits on a timer that ungating cancels, then proceeds.
-template <class Next>
-class GatedStream {
- public:
-  using executor_type = typename Next::executor_type;
-  using lowest_layer_type = typename Next::socket_type;  // for asio::ssl::stream
-
-  template <class... Args>
-  explicit GatedStream(Args&&... args)
-      : next_(std::forward<Args>(args)...), timer_(next_.get_executor()) {
-    timer_.expires_at(net::steady_timer::time_point::max());
-  }
-
-  executor_type get_executor() noexcept { return next_.get_executor(); }
-  Next& next_layer() { return next_; }
-  const Next& next_layer() const { return next_; }
-  lowest_layer_type& lowest_layer() { return next_.socket(); }
-  const lowest_layer_type& lowest_layer() const { return next_.socket(); }
-
-  void SetGated(bool gated) {
-    gated_ = gated;
-    if (!gated) timer_.cancel();
-  }
-
-  template <class Buffers, class Token>
-  auto async_read_some(const Buffers& buffers, Token&& token) {
-    return net::async_compose<Token, void(error_code, std::size_t)>(
-        Op<Buffers, true>{this, buffers}, token, next_);
-  }
-  template <class Buffers, class Token>
-  auto async_write_some(const Buffers& buffers, Token&& token) {
-    return net::async_compose<Token, void(error_code, std::size_t)>(
-        Op<Buffers, false>{this, buffers}, token, next_);
-  }
-
- private:
-  template <class Buffers, bool kRead>
-  struct Op {
-    GatedStream* s;
-    Buffers buffers;
-    bool started = false;
-
-    template <class Self>
-    void operator()(Self& self, error_code ec = {}, std::size_t n = 0) {
-      if (!started) {
-        if (s->gated_) {
-          s->timer_.async_wait(std::move(self));
-          return;
-        }
-        started = true;
-        if constexpr (kRead) {
-          s->next_.async_read_some(buffers, std::move(self));
-        } else {
-          s->next_.async_write_some(buffers, std::move(self));
-        }
-        return;
-      }
-      self.complete(ec, n);
-    }
-  };
-
-  Next next_;
-  net::steady_timer timer_;
-  bool gated_ = false;
-};
-
-// WebSocket teardown hooks, found by ADL: forward to the wrapped layer.
-template <class Next>
-void teardown(beast::role_type role, GatedStream<Next>& s, error_code& ec) {
-  using websocket::teardown;
-  teardown(role, s.next_layer(), ec);
-}
-template <class Next, class Handler>
-void async_teardown(beast::role_type role, GatedStream<Next>& s, Handler&& handler) {
-  using websocket::async_teardown;
-  async_teardown(role, s.next_layer(), std::forward<Handler>(handler));
-}
 
 inline int HttpStatusFor(const absl::Status& s) {
   switch (s.code()) {
@@ -125,11 +41,8 @@ inline std::string RetryAfterOf(const absl::Status& s) {
   return v ? std::string(*v) : std::string();
 }
 
-template <bool kTls>
 class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
-                                public std::enable_shared_from_this<Session<kTls>> {
-  using Gated = GatedStream<beast::tcp_stream>;
-  using Next = std::conditional_t<kTls, beast::ssl_stream<Gated>, Gated>;
+                                public std::enable_shared_from_this<Session> {
 
  public:
   Session(Impl* core, tcp::socket socket, uint64_t id)
@@ -138,17 +51,16 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
         id_(id),
         handle_(std::make_shared<Handle>(id, core->alive)),
         info_(handle_->info_),
-        ws_(MakeWs(core, std::move(socket))) {}
+        ws_(MakeTransport(core, std::move(socket))) {}
 
   // Called right after construction (shared_from_this needs a live shared_ptr).
   void Attach() { handle_->session_ = this->weak_from_this(); }
 
   void Start() override {
     net::dispatch(strand(), [self = this->shared_from_this()] {
-      if constexpr (kTls) {
-        beast::get_lowest_layer(self->ws_).expires_after(kHandshakeTimeout);
-        self->ws_.next_layer().async_handshake(
-            ssl::stream_base::server, [self](error_code ec) { self->OnTls(ec); });
+      if (self->core_->options.tls) {
+        self->tcp().expires_after(kHandshakeTimeout);
+        self->ws_.next_layer().transport().Handshake([self](error_code ec) { self->OnTls(ec); });
       } else {
         self->DoReadRequest();
       }
@@ -193,27 +105,18 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
   void SetSilent(bool silent) override {
     Post([silent](Session& s) {
       if (s.finished_) return;
-      s.gate().SetGated(silent);
+      s.ws_.next_layer().transport().SetGated(silent);
     });
   }
 
  private:
-  static websocket::stream<Next> MakeWs(Impl* core, tcp::socket socket) {
-    if constexpr (kTls) {
-      return websocket::stream<Next>(std::move(socket), *core->ssl_ctx);
-    } else {
-      return websocket::stream<Next>(std::move(socket));
-    }
+  static std::unique_ptr<Transport> MakeTransport(Impl* core, tcp::socket socket) {
+    if (core->options.tls) return MakeTlsTransport(std::move(socket), *core->ssl_ctx);
+    return MakePlainTransport(std::move(socket));
   }
 
-  auto strand() { return ws_.get_executor(); }
-  Gated& gate() {
-    if constexpr (kTls) {
-      return ws_.next_layer().next_layer();
-    } else {
-      return ws_.next_layer();
-    }
-  }
+  net::any_io_executor strand() { return ws_.get_executor(); }
+  beast::tcp_stream& tcp() { return ws_.next_layer().transport().tcp(); }
 
   template <class F>
   void Post(F&& f) {
@@ -229,7 +132,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
   }
 
   void DoReadRequest() {
-    beast::get_lowest_layer(ws_).expires_after(kHandshakeTimeout);
+    tcp().expires_after(kHandshakeTimeout);
     parser_.emplace();
     parser_->header_limit(16 * 1024);
     parser_->body_limit(core_->options.max_http_body_bytes);
@@ -251,7 +154,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
       return Refuse(400, "expected a WebSocket upgrade request");
     }
     info_.target = std::string(request_.target());
-    if constexpr (kTls) info_.tls_resumed = SSL_session_reused(ws_.next_layer().native_handle()) == 1;
+    info_.tls_resumed = ws_.next_layer().transport().Resumed();
     for (const auto& field : request_) {
       info_.headers.emplace_back(std::string(field.name_string()), std::string(field.value()));
     }
@@ -268,7 +171,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
       absl::Status st = core_->handler.on_handshake(info_, &subprotocol);
       if (!st.ok()) return Refuse(HttpStatusFor(st), std::string(st.message()), RetryAfterOf(st));
     }
-    beast::get_lowest_layer(ws_).expires_never();
+    tcp().expires_never();
     websocket::stream_base::timeout timeouts{};
     timeouts.handshake_timeout = kHandshakeTimeout;
     timeouts.idle_timeout = websocket::stream_base::none();
@@ -404,10 +307,10 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
   void Finish(absl::Status status) {
     if (finished_) return;
     finished_ = true;
-    gate().SetGated(false);
+    ws_.next_layer().transport().SetGated(false);
     error_code ignored;
-    beast::get_lowest_layer(ws_).socket().shutdown(tcp::socket::shutdown_both, ignored);
-    beast::get_lowest_layer(ws_).close();
+    tcp().socket().shutdown(tcp::socket::shutdown_both, ignored);
+    tcp().close();
     queue_.clear();
     if (opened_) {
       core_->open.fetch_sub(1);
@@ -421,7 +324,7 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
   const uint64_t id_;
   const std::shared_ptr<Handle> handle_;
   HandshakeInfo& info_;  // the handle's, filled in during the upgrade
-  websocket::stream<Next> ws_;
+  websocket::stream<ServerStream> ws_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   http::request<http::string_body> request_;
@@ -437,6 +340,12 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
   bool drop_after_writes_ = false;
 };
 
-}  // namespace wsbridge::upstreams
+std::shared_ptr<WsServer::Impl::SessionBase> WsServer::Impl::MakeSession(Impl* core,
+                                                                         tcp::socket socket,
+                                                                         uint64_t id) {
+  auto s = std::make_shared<Session>(core, std::move(socket), id);
+  s->Attach();
+  return s;
+}
 
-#endif  // WSBRIDGE_TESTS_UPSTREAMS_WS_SERVER_SESSION_H_
+}  // namespace wsbridge::upstreams
