@@ -7,36 +7,24 @@
 namespace wsbridge::daemon {
 namespace {
 
+// The call is counted by the CountedCall it holds: the interceptor lives as long as the
+// call.
 class RpcMetricsInterceptor final : public grpc::experimental::Interceptor {
  public:
-  RpcMetricsInterceptor(std::shared_ptr<RpcTracker> tracker, std::string label, bool holds_drain)
-      : tracker_(std::move(tracker)), label_(std::move(label)), holds_drain_(holds_drain) {
-    tracker_->Started(holds_drain_);
-  }
-  // The interceptor lives as long as the call, so this is when the call is over.
-  ~RpcMetricsInterceptor() override {
-    // A call that ended without sending a status was cancelled.
-    if (!recorded_.load(std::memory_order_acquire)) tracker_->Record(label_, grpc::StatusCode::CANCELLED);
-    tracker_->Finished(holds_drain_);
-  }
+  RpcMetricsInterceptor(std::shared_ptr<RpcTracker> tracker, std::string_view path)
+      : tracker_(std::move(tracker)), call_(tracker_.get(), path) {}
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     if (methods->QueryInterceptionHookPoint(
-            grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS) &&
-        !recorded_.exchange(true, std::memory_order_acq_rel)) {
-      tracker_->Record(label_, methods->GetSendStatus().error_code());
+            grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+      call_.Sent(methods->GetSendStatus().error_code());
     }
     methods->Proceed();
   }
 
  private:
-  std::shared_ptr<RpcTracker> tracker_;
-  std::string label_;
-  bool holds_drain_;
-  // gRPC runs a call's interceptor for each batch on whichever thread completes it: the
-  // send-status batch and the call's completion (POST_RECV_CLOSE) can run at the same
-  // time on two threads, and the destructor on a third.
-  std::atomic<bool> recorded_{false};
+  std::shared_ptr<RpcTracker> tracker_;  // outlives call_
+  CountedCall call_;
 };
 
 class RpcMetricsInterceptorFactory final
@@ -53,8 +41,7 @@ class RpcMetricsInterceptorFactory final
     if (path.size() > 1 && self_observed_.contains(path.substr(1, path.find('/', 1) - 1))) {
       return nullptr;
     }
-    return new RpcMetricsInterceptor(tracker_, tracker_->MethodLabel(path),
-                                     RpcTracker::HoldsDrain(path));
+    return new RpcMetricsInterceptor(tracker_, path);
   }
 
  private:
@@ -120,14 +107,15 @@ CountedCall::CountedCall(RpcTracker* tracker, std::string_view path)
 }
 
 void CountedCall::Sent(grpc::StatusCode code) {
-  if (tracker_ == nullptr || recorded_) return;
-  recorded_ = true;
+  if (tracker_ == nullptr || recorded_.exchange(true, std::memory_order_acq_rel)) return;
   tracker_->Record(label_, code);
 }
 
 CountedCall::~CountedCall() {
   if (tracker_ == nullptr) return;
-  if (!recorded_) tracker_->Record(label_, grpc::StatusCode::CANCELLED);
+  if (!recorded_.load(std::memory_order_acquire)) {
+    tracker_->Record(label_, grpc::StatusCode::CANCELLED);
+  }
   tracker_->Finished(holds_drain_);
 }
 

@@ -48,8 +48,9 @@ class RpcTracker final : public core::CallObserver {
   std::atomic<int64_t> draining_calls_{0};
 };
 
-// One call of the daemon's own services (health, admin, reflection), counted like the
-// interceptor counts others: those services are served without the interceptor. With a
+// One counted call: a call of the daemon's own services (health, admin, reflection),
+// which are served without the interceptor, or, held by the interceptor, a call of an
+// unknown method. With a
 // server interceptor, gRPC 1.51 hands every completion of a completion-queue call back
 // to its queue a second time (an empty batch after the interception), and when that
 // completion is drained after the queue's shutdown the empty batch aborts the process
@@ -70,7 +71,10 @@ class CountedCall {
   RpcTracker* tracker_;
   std::string label_;
   bool holds_drain_;
-  bool recorded_ = false;
+  // Atomic for the interceptor: gRPC runs a call's interceptor for each batch on
+  // whichever thread completes it, so the send-status batch and the call's completion can
+  // run at once on two threads, and the destructor on a third.
+  std::atomic<bool> recorded_{false};
 };
 
 // "OK", "UNAVAILABLE", ...

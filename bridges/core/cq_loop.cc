@@ -22,7 +22,7 @@ void CqLoop::Loop() {
   bool ok = false;
   while (cq_->Next(&tag, &ok)) {
     static_cast<CqTag*>(tag)->Run(ok);
-    handled_.fetch_add(1, std::memory_order_relaxed);
+    CountHandled();
   }
 }
 
@@ -61,7 +61,7 @@ void CqLoop::RunMailbox(bool /*ok*/) {
   }
   for (auto& fn : batch_) {
     fn();
-    handled_.fetch_add(1, std::memory_order_relaxed);
+    CountHandled();
   }
   batch_.clear();
 }

@@ -116,8 +116,13 @@ class CqLoop {
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   bool joined_ = false;
   std::atomic<int> unary_waiting_{0};
-  // Tags and posted functions the loop has handled (WaitQuiet).
+  // Tags and posted functions the loop has handled (WaitQuiet). Only the loop thread
+  // writes it, so a plain load and store count, without a locked read-modify-write on
+  // every tag.
   std::atomic<uint64_t> handled_{0};
+  void CountHandled() {
+    handled_.store(handled_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  }
 };
 
 }  // namespace wsbridge::core
