@@ -34,7 +34,7 @@ void AdminServiceImpl::Serve(const std::vector<core::CqLoop*>& loops, RpcTracker
         RequestListSessions(ctx, req, responder, cq, cq, tag);
       },
       [this](grpc::ServerContext& ctx, const ListSessionsRequest& req, ListSessionsResponse* resp) {
-        return ListSessions(ctx, req, resp);
+        return AnswerListSessions(ctx, req, resp);
       },
       "/wsbridge.admin.v1.AdminService/ListSessions", tracker});
   auto close = std::make_shared<const CloseCall::Method>(CloseCall::Method{
@@ -44,7 +44,7 @@ void AdminServiceImpl::Serve(const std::vector<core::CqLoop*>& loops, RpcTracker
         RequestCloseSession(ctx, req, responder, cq, cq, tag);
       },
       [this](grpc::ServerContext& ctx, const CloseSessionRequest& req, CloseSessionResponse*) {
-        return CloseSession(ctx, req);
+        return AnswerCloseSession(ctx, req);
       },
       "/wsbridge.admin.v1.AdminService/CloseSession", tracker});
   for (core::CqLoop* loop : loops) {
@@ -53,9 +53,9 @@ void AdminServiceImpl::Serve(const std::vector<core::CqLoop*>& loops, RpcTracker
   }
 }
 
-grpc::Status AdminServiceImpl::ListSessions(const grpc::ServerContext& context,
-                                            const ListSessionsRequest& request,
-                                            ListSessionsResponse* response) const {
+grpc::Status AdminServiceImpl::AnswerListSessions(const grpc::ServerContext& context,
+                                                  const ListSessionsRequest& request,
+                                                  ListSessionsResponse* response) const {
   if (grpc::Status auth = authorize_(context); !auth.ok()) return auth;
   bool found = request.bridge().empty();
   for (core::Bridge* bridge : bridges_) {
@@ -73,8 +73,8 @@ grpc::Status AdminServiceImpl::ListSessions(const grpc::ServerContext& context,
   return grpc::Status::OK;
 }
 
-grpc::Status AdminServiceImpl::CloseSession(const grpc::ServerContext& context,
-                                            const CloseSessionRequest& request) const {
+grpc::Status AdminServiceImpl::AnswerCloseSession(const grpc::ServerContext& context,
+                                                  const CloseSessionRequest& request) const {
   if (grpc::Status auth = authorize_(context); !auth.ok()) return auth;
   const std::string& id = request.id();
   if (id.empty()) {

@@ -22,11 +22,11 @@ class AdminServiceImpl final : public wsbridge::admin::v1::AdminService::AsyncSe
   // counted by `tracker`.
   void Serve(const std::vector<core::CqLoop*>& loops, RpcTracker* tracker);
 
-  grpc::Status ListSessions(const grpc::ServerContext& context,
-                            const wsbridge::admin::v1::ListSessionsRequest& request,
-                            wsbridge::admin::v1::ListSessionsResponse* response) const;
-  grpc::Status CloseSession(const grpc::ServerContext& context,
-                            const wsbridge::admin::v1::CloseSessionRequest& request) const;
+  grpc::Status AnswerListSessions(const grpc::ServerContext& context,
+                                  const wsbridge::admin::v1::ListSessionsRequest& request,
+                                  wsbridge::admin::v1::ListSessionsResponse* response) const;
+  grpc::Status AnswerCloseSession(const grpc::ServerContext& context,
+                                  const wsbridge::admin::v1::CloseSessionRequest& request) const;
 
  private:
   std::string BridgeNames() const;

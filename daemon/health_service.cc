@@ -118,7 +118,7 @@ void HealthService::Serve(const std::vector<core::CqLoop*>& loops, RpcTracker* t
              grpc::ServerAsyncResponseWriter<HealthCheckResponse>* responder,
              grpc::ServerCompletionQueue* cq, void* tag) { RequestCheck(ctx, req, responder, cq, cq, tag); },
       [this](grpc::ServerContext&, const HealthCheckRequest& req, HealthCheckResponse* resp) {
-        return Check(req.service(), resp);
+        return AnswerCheck(req.service(), resp);
       },
       "/grpc.health.v1.Health/Check", tracker});
   for (core::CqLoop* loop : loops) {
@@ -151,7 +151,7 @@ void HealthService::Shutdown() {
   Notify(nullptr);
 }
 
-grpc::Status HealthService::Check(const std::string& service, HealthCheckResponse* response) const {
+grpc::Status HealthService::AnswerCheck(const std::string& service, HealthCheckResponse* response) const {
   absl::MutexLock lock(&mu_);
   auto it = statuses_.find(service);
   if (it == statuses_.end()) {

@@ -42,7 +42,7 @@ class HealthService final : public grpc::health::v1::Health::AsyncService {
   void Shutdown();
 
   // Check's answer for `service`.
-  grpc::Status Check(const std::string& service, grpc::health::v1::HealthCheckResponse* response) const;
+  grpc::Status AnswerCheck(const std::string& service, grpc::health::v1::HealthCheckResponse* response) const;
 
  private:
   friend class HealthWatch;

@@ -76,6 +76,7 @@ class AsyncCallBase : public std::enable_shared_from_this<Derived> {
     account_.emplace(bridge_, method_);
     call_id_ = bridge_->calls().Add([w = this->weak_from_this(), loop = loop_](const grpc::Status& st) {
       if constexpr (Derived::kAbortsOnAnyThread) {
+        (void)loop;
         if (auto c = w.lock()) c->Abort(st);
       } else {
         loop->Post([w, st] {

@@ -508,6 +508,11 @@ TEST_F(NlxServiceTest, ConcurrentConversationsStayIsolatedAndTheirSocketsClose) 
   Start([](NlxBridgeOptions& o) {
     o.idle_conversation_timeout = 200ms;
     o.max_conversations = kConversations;
+    // Not a test of timeouts: under TSan on a busy machine, 1,000 conversations opening
+    // at once keep some turns waiting longer than the fixture's 5 s (the calls' 60 s
+    // deadline still ends a hung run).
+    o.ack_timeout = 60s;
+    o.turn_timeout = 60s;
   });
   std::vector<std::unique_ptr<Call>> calls;
   for (int i = 0; i < kConversations; ++i) {
