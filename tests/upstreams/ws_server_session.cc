@@ -58,12 +58,9 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
 
   void Start() override {
     net::dispatch(strand(), [self = this->shared_from_this()] {
-      if (self->core_->options.tls) {
-        self->tcp().expires_after(kHandshakeTimeout);
-        self->ws_.next_layer().transport().Handshake([self](error_code ec) { self->OnTls(ec); });
-      } else {
-        self->DoReadRequest();
-      }
+      self->tcp().expires_after(kHandshakeTimeout);
+      self->ws_.next_layer().transport().Handshake(
+          OnStrand<void(error_code)>(self->strand(), [self](error_code ec) { self->OnHandshake(ec); }));
     });
   }
 
@@ -126,7 +123,8 @@ class WsServer::Impl::Session : public WsServer::Impl::SessionBase,
     });
   }
 
-  void OnTls(error_code ec) {
+  // Only a TLS handshake can fail: a plain transport completes it at once.
+  void OnHandshake(error_code ec) {
     if (ec) return Finish(absl::UnavailableError(absl::StrCat("TLS handshake: ", ec.message())));
     DoReadRequest();
   }

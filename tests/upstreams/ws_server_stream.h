@@ -17,6 +17,7 @@
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/buffer.hpp>
 #include <boost/beast/core/role.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
@@ -50,8 +51,20 @@ struct BufferList {
 };
 using MutableBuffers = BufferList<net::mutable_buffer>;
 using ConstBuffers = BufferList<net::const_buffer>;
-using IoHandler = net::any_completion_handler<void(error_code, std::size_t)>;
-using DoneHandler = net::any_completion_handler<void(error_code)>;
+// An erased handler bound to the session's strand, where every handler of a session
+// runs. The binding is needed, not only tidy: Boost 1.81's any_completion_executor does
+// not take blocking.never, which Asio's and Beast's operations ask of a handler's
+// executor when they post a completion.
+template <class Signature>
+using StrandHandler =
+    net::executor_binder<net::any_completion_handler<Signature>, net::any_io_executor>;
+using IoHandler = StrandHandler<void(error_code, std::size_t)>;
+using DoneHandler = StrandHandler<void(error_code)>;
+template <class Signature, class Handler>
+StrandHandler<Signature> OnStrand(const net::any_io_executor& strand, Handler&& handler) {
+  return net::bind_executor(strand,
+                            net::any_completion_handler<Signature>(std::forward<Handler>(handler)));
+}
 
 // One transport, plain or TLS.
 class Transport {
@@ -60,7 +73,7 @@ class Transport {
   virtual beast::tcp_stream& tcp() = 0;
   virtual void ReadSome(MutableBuffers buffers, IoHandler handler) = 0;
   virtual void WriteSome(ConstBuffers buffers, IoHandler handler) = 0;
-  // The server side of the TLS handshake; plain transports complete it at once.
+  // The server side of the TLS handshake; plain transports complete it at once (posted).
   virtual void Handshake(DoneHandler handler) = 0;
   // The WebSocket layer's teardown after a close: TLS close_notify, then the TCP shutdown.
   virtual void Teardown(beast::role_type role, DoneHandler handler) = 0;
@@ -86,18 +99,18 @@ class ServerStream {
   template <class Buffers, class Token>
   auto async_read_some(const Buffers& buffers, Token&& token) {
     return net::async_initiate<Token, void(error_code, std::size_t)>(
-        [](auto handler, Transport* t, MutableBuffers b) {
-          t->ReadSome(b, IoHandler(std::move(handler)));
+        [this](auto handler, MutableBuffers b) {
+          t_->ReadSome(b, OnStrand<void(error_code, std::size_t)>(ex_, std::move(handler)));
         },
-        token, t_.get(), MutableBuffers::From(buffers));
+        token, MutableBuffers::From(buffers));
   }
   template <class Buffers, class Token>
   auto async_write_some(const Buffers& buffers, Token&& token) {
     return net::async_initiate<Token, void(error_code, std::size_t)>(
-        [](auto handler, Transport* t, ConstBuffers b) {
-          t->WriteSome(b, IoHandler(std::move(handler)));
+        [this](auto handler, ConstBuffers b) {
+          t_->WriteSome(b, OnStrand<void(error_code, std::size_t)>(ex_, std::move(handler)));
         },
-        token, t_.get(), ConstBuffers::From(buffers));
+        token, ConstBuffers::From(buffers));
   }
 
  private:
@@ -110,7 +123,8 @@ class ServerStream {
 inline void beast_close_socket(ServerStream& s) { s.transport().tcp().close(); }
 template <class Handler>
 void async_teardown(beast::role_type role, ServerStream& s, Handler&& handler) {
-  s.transport().Teardown(role, DoneHandler(std::forward<Handler>(handler)));
+  s.transport().Teardown(role, OnStrand<void(error_code)>(s.get_executor(),
+                                                         std::forward<Handler>(handler)));
 }
 
 }  // namespace wsbridge::upstreams

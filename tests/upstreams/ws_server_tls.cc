@@ -2,8 +2,6 @@
 #include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket/ssl.hpp>
 
-#include <boost/asio/bind_executor.hpp>
-
 #include "tests/upstreams/ws_server_gate.h"
 #include "tests/upstreams/ws_server_stream.h"
 
@@ -16,30 +14,22 @@ class TlsTransport final : public Transport {
 
   beast::tcp_stream& tcp() override { return s_.next_layer().next_layer(); }
   void ReadSome(MutableBuffers buffers, IoHandler handler) override {
-    s_.async_read_some(buffers, Bound(std::move(handler)));
+    s_.async_read_some(buffers, std::move(handler));
   }
   void WriteSome(ConstBuffers buffers, IoHandler handler) override {
-    s_.async_write_some(buffers, Bound(std::move(handler)));
+    s_.async_write_some(buffers, std::move(handler));
   }
   void Handshake(DoneHandler handler) override {
-    s_.async_handshake(ssl::stream_base::server, Bound(std::move(handler)));
+    s_.async_handshake(ssl::stream_base::server, std::move(handler));
   }
   void Teardown(beast::role_type role, DoneHandler handler) override {
     using beast::websocket::async_teardown;
-    async_teardown(role, s_, Bound(std::move(handler)));
+    async_teardown(role, s_, std::move(handler));
   }
   void SetGated(bool gated) override { s_.next_layer().SetGated(gated); }
   bool Resumed() override { return SSL_session_reused(s_.native_handle()) == 1; }
 
  private:
-  // Boost 1.81's any_completion_executor does not take blocking.never, which the
-  // operations below ask of their handler's executor when they post a completion: the
-  // handler runs on the session's strand, as every handler of the session does.
-  template <class Handler>
-  net::executor_binder<Handler, net::any_io_executor> Bound(Handler h) {
-    return net::bind_executor(s_.get_executor(), std::move(h));
-  }
-
   beast::ssl_stream<GatedStream<beast::tcp_stream>> s_;
 };
 
