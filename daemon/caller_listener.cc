@@ -21,8 +21,31 @@
 #include "absl/strings/str_cat.h"
 #include "bridges/core/log.h"
 
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define WSBRIDGE_UNDER_TSAN 1
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+#endif
+#endif
+
 namespace wsbridge::daemon {
 namespace {
+
+// fstat of a descriptor number this listener handed to gRPC. The number may have been
+// closed and reused by any thread since (that is what the sweep checks, by inode), and
+// ThreadSanitizer reports such a reuse as a race on the descriptor; the probe is racy by
+// design, so TSan is told to ignore it.
+int ProbeHanded(int fd, struct stat* st) {
+#ifdef WSBRIDGE_UNDER_TSAN
+  __tsan_ignore_thread_begin();
+  const int rc = fstat(fd, st);
+  __tsan_ignore_thread_end();
+  return rc;
+#else
+  return fstat(fd, st);
+#endif
+}
 
 // How often the accept thread checks which handed-over connections gRPC has closed, for
 // the gauge (the cap itself checks at once when it is reached).
@@ -236,7 +259,7 @@ void CallerListener::SweepLocked() {
   for (const Handed& h : handed_) {
     struct stat st {};
     // Gone: the descriptor is closed, or its number now names another file.
-    if (fstat(h.fd, &st) != 0 || st.st_ino != h.ino || st.st_dev != h.dev) continue;
+    if (ProbeHanded(h.fd, &st) != 0 || st.st_ino != h.ino || st.st_dev != h.dev) continue;
     handed_[kept++] = h;
   }
   handed_.resize(kept);
