@@ -41,6 +41,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "bridges/core/cq_loop.h"
+#include "bridges/core/loop_executor.h"
 #include "bridges/core/log.h"
 #include "daemon/admin_http.h"
 #include "daemon/admin_service.h"
@@ -404,9 +405,10 @@ absl::Status Daemon::Impl::BuildBridges() {
     core::BridgeContext context;
     context.name = bridge_config.name();
     context.executor = io.get_executor();
+    // Sessions' strands may be entered by a completion-queue thread (core::InlineScope).
     context.session_executor = [this]() -> asio::any_io_executor {
-      return io_loops[next_loop.fetch_add(1, std::memory_order_relaxed) % io_loops.size()]
-          ->get_executor();
+      return core::LoopExecutor(
+          io_loops[next_loop.fetch_add(1, std::memory_order_relaxed) % io_loops.size()]->get_executor());
     };
     context.metrics = &metrics;
     context.calls = &bridge_calls;

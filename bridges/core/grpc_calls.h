@@ -32,6 +32,7 @@
 #include "absl/synchronization/mutex.h"
 #include "bridges/core/bridge_base.h"
 #include "bridges/core/cq_loop.h"
+#include "bridges/core/loop_executor.h"
 #include "bridges/core/status.h"
 
 namespace wsbridge::core {
@@ -200,6 +201,8 @@ class StreamInbox {
 // A unary call on the completion-queue API. Derived has
 //   static void Request(BridgeBase*, CqLoop*)   asks gRPC for the next call (see Start);
 //   void OnAdmitted()                           validates req_, takes a session, sends;
+//                                               runs in an InlineScope, so it must hold
+//                                               no lock a session callback may take;
 // and answers with FinishWith on the loop thread, or from a session strand with Respond
 // (finishes on the strand's thread) or OnLoop (runs on the loop thread).
 // `upstream_op_` and `lease_`, when set, are cancelled and released if the caller goes.
@@ -227,7 +230,8 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
     FinishLocked(status);
   }
 
-  // From a session strand (any thread but inside the loop's own tags): `fn(call)` fills
+  // From a session strand (any thread; the loop thread itself when the strand ran inline
+  // from OnAdmitted and answered at once, e.g. a full send queue): `fn(call)` fills
   // resp_ (and may release what the call holds) and returns the status to finish with,
   // on the calling thread, unless the call is over by then. The caller holds a reference
   // to the call (the strand's callback captures it).
@@ -290,7 +294,11 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
       this->loop_->UnaryStarted();
       counted_ = true;
     }
-    if (this->AdmitMatched(ok)) static_cast<Derived&>(*this).OnAdmitted();
+    if (!this->AdmitMatched(ok)) return;
+    // OnAdmitted holds no lock, so the session's strand may take the request on this
+    // thread and write it upstream without waking its io thread (loop_executor.h).
+    InlineScope inline_scope;
+    static_cast<Derived&>(*this).OnAdmitted();
   }
   // This call no longer waits for an answer (CqLoop::unary_waiting).
   void Uncount() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

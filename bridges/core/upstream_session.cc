@@ -5,6 +5,7 @@
 #include <map>
 
 #include <boost/asio/bind_executor.hpp>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
@@ -13,6 +14,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "bridges/core/log.h"
+#include "bridges/core/loop_executor.h"
 #include "bridges/core/status.h"
 #include "bridges/core/strings.h"
 
@@ -103,7 +105,14 @@ class SessionImpl final : public UpstreamSession,
     op->req = std::move(request);
     op->done = std::move(done);
     uint64_t id = op->id;
-    Post([op = std::move(op)](SessionImpl& s) mutable { s.AddOp(std::move(op)); });
+    // Inside an InlineScope an idle strand takes the request on this thread (see
+    // loop_executor.h); the io thread is not woken to write it.
+    auto add = [self = shared_from_this(), op = std::move(op)]() mutable { self->AddOp(std::move(op)); };
+    if (InlineScope::Active()) {
+      asio::dispatch(strand_, std::move(add));
+    } else {
+      asio::post(strand_, std::move(add));
+    }
     return id;
   }
 

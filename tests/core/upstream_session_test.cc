@@ -2,6 +2,7 @@
 // WebSocket server on 127.0.0.1: everything the session does for every bridge.
 #include "bridges/core/upstream_session.h"
 
+#include <atomic>
 #include <future>
 #include <memory>
 #include <string>
@@ -9,12 +10,17 @@
 #include <vector>
 
 #include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
 #include <gtest/gtest.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "bridges/core/loop_executor.h"
 #include "bridges/core/metrics.h"
 #include "tests/core/fake_protocol.h"
 #include "tests/core/fake_upstream.h"
@@ -121,8 +127,10 @@ class UpstreamSessionTest : public ::testing::Test {
     o.unrouted_frames = &unrouted_;
     o.health_changed = [this] { health_changes_.fetch_add(1); };
     if (tweak) tweak(o);
+    net::any_io_executor executor = io_.get_executor();
+    if (inline_executor_) executor = LoopExecutor(io_.get_executor());
     session_ = UpstreamSession::Create(
-        io_.get_executor(), o,
+        executor, o,
         std::make_unique<FakeProtocol>(upstream_.url(), SecretSource::Fixed(token), login));
     return session_;
   }
@@ -138,6 +146,7 @@ class UpstreamSessionTest : public ::testing::Test {
   Counter malformed_;
   Counter unrouted_;
   std::atomic<int> health_changes_{0};
+  bool inline_executor_ = false;  // the daemon's session executor (LoopExecutor)
   std::shared_ptr<UpstreamSession> session_;
 };
 
@@ -412,6 +421,184 @@ TEST_F(UpstreamSessionTest, CloseEndsEverythingAndIsIdempotent) {
   absl::MutexLock lock(&sink->mu);
   ASSERT_TRUE(sink->ended.has_value());
   EXPECT_EQ(sink->ended->code(), absl::StatusCode::kUnavailable);
+}
+
+// A request sent from a completion-queue thread inside an InlineScope (what a unary call
+// does) enters the idle strand on that thread and leaves for the upstream from there: it
+// gets out while the session's io thread is busy, and its answer comes back on the io
+// thread.
+TEST_F(UpstreamSessionTest, ASendInsideAnInlineScopeLeavesWhileTheIoThreadIsBusy) {
+  inline_executor_ = true;
+  auto s = Make();
+  Replies& first = R();
+  s->Send(FakeRequest("first"), first.callback());  // logged in and ready
+  ASSERT_TRUE(first.WaitFinal());
+
+  absl::Notification busy, release;
+  std::promise<std::thread::id> io_thread;
+  net::post(io_, [&] {
+    io_thread.set_value(std::this_thread::get_id());
+    busy.Notify();
+    release.WaitForNotification();
+  });
+  busy.WaitForNotification();
+  std::atomic<std::thread::id> answered_on{};
+  Replies& r = R();
+  {
+    InlineScope scope;
+    s->Send(FakeRequest("while busy"), [&answered_on, cb = r.callback()](absl::StatusOr<Reply> a) {
+      answered_on.store(std::this_thread::get_id());
+      cb(std::move(a));
+    });
+  }
+  const bool left = WaitFor([&] {
+    for (const std::string& m : upstream_.messages()) {
+      if (absl::StrContains(m, "while busy")) return true;
+    }
+    return false;
+  });
+  EXPECT_EQ(r.size(), 0u);  // the answer waits for the io thread
+  release.Notify();
+  ASSERT_TRUE(left) << "the request waited for the busy io thread";
+  ASSERT_TRUE(r.WaitFinal());
+  EXPECT_EQ(BodyOf(r.at(0)->payload), "while busy");
+  EXPECT_EQ(answered_on.load(), io_thread.get_future().get());
+}
+
+// LoopExecutor's rules, on strands like a session's (bridges/core/loop_executor.h).
+class LoopExecutorTest : public ::testing::Test {
+ protected:
+  LoopExecutorTest()
+      : work_(net::make_work_guard(io_)), thread_([this] {
+          io_thread_.set_value(std::this_thread::get_id());
+          io_.run();
+        }) {
+    io_id_ = io_thread_.get_future().get();
+  }
+  ~LoopExecutorTest() override {
+    work_.reset();
+    io_.stop();
+    thread_.join();
+  }
+  net::strand<net::any_io_executor> MakeStrand() {
+    return net::make_strand(net::any_io_executor(LoopExecutor(io_.get_executor())));
+  }
+  // Where `post_or_dispatch` runs a function, and whether it ran before returning.
+  template <typename Start>
+  std::pair<std::thread::id, bool> RunVia(Start start) {
+    std::promise<std::thread::id> where;
+    std::atomic<bool> returned{false};
+    std::atomic<bool> ran_first{false};
+    start([&] {
+      ran_first.store(!returned.load());
+      where.set_value(std::this_thread::get_id());
+    });
+    returned.store(true);
+    std::thread::id id = where.get_future().get();
+    return {id, ran_first.load()};
+  }
+
+  net::io_context io_;
+  net::executor_work_guard<net::io_context::executor_type> work_;
+  std::promise<std::thread::id> io_thread_;
+  std::thread thread_;
+  std::thread::id io_id_;
+};
+
+TEST_F(LoopExecutorTest, AnIdleStrandRunsOnTheCallingThreadOnlyInsideAScope) {
+  auto strand = MakeStrand();
+  const std::thread::id me = std::this_thread::get_id();
+  auto [in_scope, at_once] = RunVia([&](auto f) {
+    InlineScope scope;
+    net::dispatch(strand, std::move(f));
+  });
+  EXPECT_EQ(in_scope, me);
+  EXPECT_TRUE(at_once);
+  EXPECT_FALSE(InlineScope::Active());  // the scope ended with its block
+
+  auto [outside, unused1] = RunVia([&](auto f) { net::dispatch(strand, std::move(f)); });
+  EXPECT_EQ(outside, io_id_);
+  // A post never runs inside the caller, scope or not.
+  auto [posted, unused2] = RunVia([&](auto f) {
+    InlineScope scope;
+    net::post(strand, std::move(f));
+  });
+  EXPECT_EQ(posted, io_id_);
+}
+
+TEST_F(LoopExecutorTest, ABusyStrandIsNotEnteredAndKeepsItsOrder) {
+  auto strand = MakeStrand();
+  absl::Notification entered, release;
+  std::vector<int> order;  // only touched inside the strand
+  net::post(strand, [&] {
+    entered.Notify();
+    release.WaitForNotification();
+    order.push_back(1);
+  });
+  entered.WaitForNotification();
+  std::promise<std::thread::id> where;
+  {
+    InlineScope scope;
+    net::dispatch(strand, [&] {
+      order.push_back(2);
+      where.set_value(std::this_thread::get_id());
+    });
+  }
+  release.Notify();
+  EXPECT_EQ(where.get_future().get(), io_id_);
+  EXPECT_EQ(order, (std::vector<int>{1, 2}));
+}
+
+TEST_F(LoopExecutorTest, WhatAnInlineRunDispatchesElsewhereGoesToTheIoThread) {
+  auto a = MakeStrand();
+  auto b = MakeStrand();
+  std::thread::id outer;
+  std::promise<std::thread::id> inner;
+  {
+    InlineScope scope;
+    net::dispatch(a, [&] {
+      outer = std::this_thread::get_id();
+      EXPECT_FALSE(InlineScope::Active());  // switched off while the function runs
+      net::dispatch(b, [&] { inner.set_value(std::this_thread::get_id()); });
+    });
+    EXPECT_TRUE(InlineScope::Active());
+  }
+  EXPECT_EQ(outer, std::this_thread::get_id());
+  EXPECT_EQ(inner.get_future().get(), io_id_);
+}
+
+// What the inline function posts (to the io executor, to idle strands, to its own
+// strand) runs on the calling thread right after it, in the order posted, up to
+// kMaxDeferred (8); the rest goes to the io thread. The strand's own queue is handed on
+// when the function returns, so it comes last.
+TEST_F(LoopExecutorTest, WhatAnInlineRunPostsRunsAfterItOnTheCallingThreadUpToTheCap) {
+  auto a = MakeStrand();
+  std::vector<net::strand<net::any_io_executor>> others;
+  for (int i = 0; i < 10; ++i) others.push_back(MakeStrand());
+  net::any_io_executor io = LoopExecutor(io_.get_executor());
+  const std::thread::id me = std::this_thread::get_id();
+  std::vector<int> here;  // only the calling thread appends
+  std::vector<std::promise<std::thread::id>> where(12);
+  bool returned = false;
+  auto record = [&](int id) {
+    if (std::this_thread::get_id() == me) {
+      EXPECT_TRUE(returned);
+      here.push_back(id);
+    }
+    where[id].set_value(std::this_thread::get_id());
+  };
+  {
+    InlineScope scope;
+    net::dispatch(a, [&] {
+      net::post(a, [&] { record(11); });  // queued on the running strand
+      net::post(io, [&] { record(0); });  // the io executor (a TLS write done at once)
+      for (int i = 0; i < 10; ++i) net::post(others[i], [&, i] { record(1 + i); });
+      returned = true;
+    });
+  }
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(where[i].get_future().get(), me) << i;
+  for (int i = 8; i < 12; ++i) EXPECT_EQ(where[i].get_future().get(), io_id_) << i;
+  EXPECT_EQ(here, (std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7}));
 }
 
 }  // namespace
