@@ -296,8 +296,9 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
     }
     if (!this->AdmitMatched(ok)) return;
     // OnAdmitted holds no lock, so the session's strand may take the request on this
-    // thread and write it upstream without waking its io thread (loop_executor.h).
-    InlineScope inline_scope;
+    // thread and write it upstream without waking its io thread (loop_executor.h); the
+    // write's completion runs here too unless other calls of this loop are waiting.
+    InlineScope inline_scope(this->loop_->unary_waiting() <= 1);
     static_cast<Derived&>(*this).OnAdmitted();
   }
   // This call no longer waits for an answer (CqLoop::unary_waiting).

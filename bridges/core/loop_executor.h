@@ -15,10 +15,13 @@
 // What it posts (blocking.never: a write that completed at once, the strand's own queue)
 // runs on this same thread right after it returns, once: a TLS write that completes at
 // once then finishes here too, instead of waking the io thread for its completion. What
-// those post in turn goes to the io threads as usual. A never-blocking execution is never
-// run inside its caller. Only callers that hold no lock a session callback could take may
-// open a scope (a unary call's OnAdmitted, for instance; not a bidi stream's handler,
-// which holds the stream's lock the session's news takes).
+// those post in turn goes to the io threads as usual, and so does everything posted when
+// the scope says this thread has other work waiting (several unary calls in flight: the
+// gRPC thread then stays with the calls, and measured fewer calls/s when it also ran the
+// sessions' write completions). A never-blocking execution is never run inside its
+// caller. Only callers that hold no lock a session callback could take may open a scope
+// (a unary call's OnAdmitted, for instance; not a bidi stream's handler, which holds the
+// stream's lock the session's news takes).
 #pragma once
 
 #include <type_traits>
@@ -36,8 +39,18 @@ namespace wsbridge::core {
 
 class InlineScope {
  public:
-  InlineScope() noexcept : previous_(active_) { active_ = true; }
-  ~InlineScope() { active_ = previous_; }
+  // `run_posts_here`: false when this thread has other work waiting (several calls in
+  // flight); what an inline function posts then goes to the io threads, so the gRPC
+  // thread does not also take over their write completions and queued writes.
+  explicit InlineScope(bool run_posts_here = true) noexcept
+      : previous_(active_), previous_posts_(run_posts_) {
+    active_ = true;
+    run_posts_ = run_posts_here;
+  }
+  ~InlineScope() {
+    active_ = previous_;
+    run_posts_ = previous_posts_;
+  }
   InlineScope(const InlineScope&) = delete;
   InlineScope& operator=(const InlineScope&) = delete;
 
@@ -53,9 +66,11 @@ class InlineScope {
   // rest go to their io threads (a long send queue is not drained on a gRPC thread).
   static constexpr size_t kMaxDeferred = 8;
   static inline thread_local bool active_ = false;
+  static inline thread_local bool run_posts_ = true;
   static inline thread_local bool collecting_ = false;      // an inline function runs
   static inline thread_local Deferred* deferred_ = nullptr;  // the outermost run's list
   bool previous_;
+  bool previous_posts_;
 };
 
 template <typename Inner>
@@ -122,7 +137,7 @@ class LoopExecutor {
       struct Collect {
         Collect() {
           InlineScope::active_ = false;
-          InlineScope::collecting_ = true;
+          InlineScope::collecting_ = InlineScope::run_posts_;
         }
         ~Collect() {
           InlineScope::collecting_ = false;

@@ -601,5 +601,23 @@ TEST_F(LoopExecutorTest, WhatAnInlineRunPostsRunsAfterItOnTheCallingThreadUpToTh
   EXPECT_EQ(here, (std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7}));
 }
 
+// A scope that says the thread has other work waiting still enters an idle strand, but
+// what the inline function posts goes to the io thread.
+TEST_F(LoopExecutorTest, AScopeWithOtherWorkWaitingLeavesThePostsToTheIoThread) {
+  auto a = MakeStrand();
+  net::any_io_executor io = LoopExecutor(io_.get_executor());
+  std::thread::id ran;
+  std::promise<std::thread::id> posted;
+  {
+    InlineScope scope(/*run_posts_here=*/false);
+    net::dispatch(a, [&] {
+      ran = std::this_thread::get_id();
+      net::post(io, [&] { posted.set_value(std::this_thread::get_id()); });
+    });
+  }
+  EXPECT_EQ(ran, std::this_thread::get_id());
+  EXPECT_EQ(posted.get_future().get(), io_id_);
+}
+
 }  // namespace
 }  // namespace wsbridge::core
