@@ -114,8 +114,6 @@ class LoopExecutor {
     return LoopExecutor<Next>(boost::asio::require(inner_, p));
   }
 
-  const Inner& inner() const noexcept { return inner_; }
-
   friend bool operator==(const LoopExecutor& a, const LoopExecutor& b) noexcept {
     return a.inner_ == b.inner_;
   }
