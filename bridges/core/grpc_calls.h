@@ -629,6 +629,11 @@ class AsyncBidiStream : public AsyncCallBase<Derived> {
   }
   void OnRead(bool ok) {
     auto keep = this->shared_from_this();
+    // What Accept hands to a session (a request, a subscription) is held until the lock
+    // below is released; then an idle session strand takes a request on this thread, as
+    // for a unary call (loop_executor.h). Under the lock it could not: the session's
+    // news takes this lock. What the strand posts still goes to its io thread.
+    InlineAfterScope hand_off_after_unlock;
     absl::MutexLock lock(&mu_);
     reading_ = false;
     if (!this->finished_) {

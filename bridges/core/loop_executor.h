@@ -20,8 +20,10 @@
 // gRPC thread then stays with the calls, and measured fewer calls/s when it also ran the
 // sessions' write completions). A never-blocking execution is never run inside its
 // caller. Only callers that hold no lock a session callback could take may open a scope
-// (a unary call's OnAdmitted, for instance; not a bidi stream's handler, which holds the
-// stream's lock the session's news takes).
+// (a unary call's OnAdmitted, for instance). A bidi stream's read handler holds the
+// stream's lock, which the session's news takes: it opens an InlineAfterScope instead,
+// which holds the hand-offs made inside it until it closes, after the lock is released,
+// and runs them then as an InlineScope would.
 #pragma once
 
 #include <type_traits>
@@ -73,6 +75,44 @@ class InlineScope {
   bool previous_posts_;
 };
 
+// Opened before a lock that a session callback may take (declared before the lock
+// guard, so it closes after the guard is released). Every function handed to a
+// LoopExecutor on this thread while it is open (a strand's run, posted or dispatched:
+// the strand has queued the work itself, in order) is held, and when the scope closes
+// each is handed over again inside an InlineScope(run_posts_here): an idle strand that
+// was dispatched to then runs on this thread, lock-free, while a post still goes to its
+// io thread. Holding only delays the strand's run: what other threads queue behind the
+// held work runs with it, in order. Nested scopes: the outermost one holds.
+class InlineAfterScope {
+ public:
+  explicit InlineAfterScope(bool run_posts_here = false) noexcept
+      : outermost_(held_ == nullptr), run_posts_(run_posts_here) {
+    if (outermost_) held_ = &list_;
+  }
+  ~InlineAfterScope() {
+    if (!outermost_) return;
+    held_ = nullptr;
+    if (list_.empty()) return;
+    InlineScope scope(run_posts_);
+    for (Held& h : list_) std::move(h)();
+  }
+  InlineAfterScope(const InlineAfterScope&) = delete;
+  InlineAfterScope& operator=(const InlineAfterScope&) = delete;
+
+  // A hand-off made now is held until the outermost scope closes.
+  static bool Holding() noexcept { return held_ != nullptr; }
+
+ private:
+  template <typename>
+  friend class LoopExecutor;
+  using Held = InplaceFunction<void(), 128>;
+  using List = absl::InlinedVector<Held, 2>;
+  static inline thread_local List* held_ = nullptr;
+  List list_;
+  bool outermost_;
+  bool run_posts_;
+};
+
 template <typename Inner>
 class LoopExecutor {
  public:
@@ -80,6 +120,12 @@ class LoopExecutor {
 
   template <typename F>
   void execute(F&& f) const {
+    if (InlineAfterScope::held_ != nullptr) {
+      // Handed over again, as made, when the scope closes.
+      InlineAfterScope::held_->emplace_back(
+          [ex = *this, fn = std::decay_t<F>(std::forward<F>(f))]() mutable { ex.execute(std::move(fn)); });
+      return;
+    }
     const bool never = boost::asio::query(inner_, boost::asio::execution::blocking) ==
                        boost::asio::execution::blocking.never;
     if (never && InlineScope::collecting_) {

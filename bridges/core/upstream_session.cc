@@ -105,10 +105,11 @@ class SessionImpl final : public UpstreamSession,
     op->req = std::move(request);
     op->done = std::move(done);
     uint64_t id = op->id;
-    // Inside an InlineScope an idle strand takes the request on this thread (see
-    // loop_executor.h); the io thread is not woken to write it.
+    // Inside an InlineScope (or once an InlineAfterScope closes) an idle strand takes
+    // the request on this thread (see loop_executor.h); the io thread is not woken to
+    // write it.
     auto add = [self = shared_from_this(), op = std::move(op)]() mutable { self->AddOp(std::move(op)); };
-    if (InlineScope::Active()) {
+    if (InlineScope::Active() || InlineAfterScope::Holding()) {
       asio::dispatch(strand_, std::move(add));
     } else {
       asio::post(strand_, std::move(add));

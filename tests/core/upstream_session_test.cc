@@ -465,6 +465,51 @@ TEST_F(UpstreamSessionTest, ASendInsideAnInlineScopeLeavesWhileTheIoThreadIsBusy
   EXPECT_EQ(answered_on.load(), io_thread.get_future().get());
 }
 
+// A request sent under a lock that its answer's callback takes (a bidi stream's read
+// handler: the session's news takes the stream's lock) inside an InlineAfterScope is held
+// until the scope closes, after the lock is released, and then leaves from this thread
+// while the session's io thread is busy.
+TEST_F(UpstreamSessionTest, ASendInsideAnInlineAfterScopeLeavesOnceTheLockIsReleased) {
+  inline_executor_ = true;
+  auto s = Make();
+  Replies& first = R();
+  s->Send(FakeRequest("first"), first.callback());  // logged in and ready
+  ASSERT_TRUE(first.WaitFinal());
+
+  absl::Notification busy, release;
+  net::post(io_, [&] {
+    busy.Notify();
+    release.WaitForNotification();
+  });
+  busy.WaitForNotification();
+  auto sent = [&] {
+    for (const std::string& m : upstream_.messages()) {
+      if (absl::StrContains(m, "under the lock")) return true;
+    }
+    return false;
+  };
+  // Shared with the callback, which may run after the test body (the session's close).
+  auto stream_lock = std::make_shared<absl::Mutex>();
+  Replies& r = R();
+  {
+    InlineAfterScope after;
+    absl::MutexLock lock(stream_lock.get());
+    s->Send(FakeRequest("under the lock"), [stream_lock, cb = r.callback()](absl::StatusOr<Reply> a) {
+      absl::MutexLock answer_lock(stream_lock.get());  // what Locked() does
+      cb(std::move(a));
+    });
+    EXPECT_TRUE(InlineAfterScope::Holding());
+  }
+  EXPECT_FALSE(InlineAfterScope::Holding());
+  // Written from this thread as the scope closed: the io thread is still held.
+  const bool left = WaitFor(sent);
+  EXPECT_EQ(r.size(), 0u);  // the answer waits for the io thread
+  release.Notify();
+  ASSERT_TRUE(left) << "the request waited for the busy io thread";
+  ASSERT_TRUE(r.WaitFinal());
+  EXPECT_EQ(BodyOf(r.at(0)->payload), "under the lock");
+}
+
 // LoopExecutor's rules, on strands like a session's (bridges/core/loop_executor.h).
 class LoopExecutorTest : public ::testing::Test {
  protected:
@@ -617,6 +662,64 @@ TEST_F(LoopExecutorTest, AScopeWithOtherWorkWaitingLeavesThePostsToTheIoThread) 
   }
   EXPECT_EQ(ran, std::this_thread::get_id());
   EXPECT_EQ(posted.get_future().get(), io_id_);
+}
+
+// Inside an InlineAfterScope nothing handed to a strand runs; when it closes, what was
+// dispatched to an idle strand runs on the calling thread (the lock declared after the
+// scope already released), what was posted goes to the io thread, and what another
+// thread queued on a held strand meanwhile runs after the held work, in order.
+TEST_F(LoopExecutorTest, AnInlineAfterScopeHoldsHandOffsUntilItClosesThenRunsThemHere) {
+  auto a = MakeStrand();
+  auto b = MakeStrand();
+  auto c = MakeStrand();
+  const std::thread::id me = std::this_thread::get_id();
+  absl::Mutex mu;
+  std::atomic<bool> a_ran{false};
+  std::vector<int> order;  // only touched inside strand c
+  std::thread::id a_on;
+  std::promise<std::thread::id> b_on;
+  std::promise<void> c_done;
+  {
+    InlineAfterScope after;
+    absl::MutexLock lock(&mu);
+    net::dispatch(a, [&] {
+      EXPECT_TRUE(mu.TryLock()) << "ran before the lock was released";
+      mu.Unlock();
+      a_on = std::this_thread::get_id();
+      a_ran.store(true);
+    });
+    net::post(b, [&] { b_on.set_value(std::this_thread::get_id()); });
+    net::dispatch(c, [&] { order.push_back(1); });
+    // Another thread queues on c while its run is held: it runs after 1.
+    std::thread([&] {
+      net::post(c, [&] {
+        order.push_back(2);
+        c_done.set_value();
+      });
+    }).join();
+    EXPECT_FALSE(a_ran.load());
+  }
+  EXPECT_TRUE(a_ran.load());  // ran as the scope closed
+  EXPECT_EQ(a_on, me);
+  EXPECT_EQ(b_on.get_future().get(), io_id_);
+  c_done.get_future().wait();
+  EXPECT_EQ(order, (std::vector<int>{1, 2}));
+}
+
+// Nested scopes: the outermost one holds and runs everything when it closes.
+TEST_F(LoopExecutorTest, NestedInlineAfterScopesRunWhenTheOutermostCloses) {
+  auto a = MakeStrand();
+  bool ran = false;
+  {
+    InlineAfterScope outer;
+    {
+      InlineAfterScope inner;
+      net::dispatch(a, [&] { ran = true; });
+    }
+    EXPECT_FALSE(ran);
+    EXPECT_TRUE(InlineAfterScope::Holding());
+  }
+  EXPECT_TRUE(ran);
 }
 
 }  // namespace
