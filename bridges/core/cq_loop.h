@@ -71,6 +71,12 @@ class CqLoop {
   void UnaryStarted() { unary_waiting_.fetch_add(1, std::memory_order_relaxed); }
   void UnaryEnded() { unary_waiting_.fetch_sub(1, std::memory_order_relaxed); }
   int unary_waiting() const { return unary_waiting_.load(std::memory_order_relaxed); }
+  // Calls of this loop (any kind) matched and not yet done. Kept by AsyncCallBase: a
+  // bidi stream that is its loop's only call lets the loop thread finish the session
+  // work its read hands over (AsyncBidiStream::OnRead).
+  void CallOpened() { calls_open_.fetch_add(1, std::memory_order_relaxed); }
+  void CallClosed() { calls_open_.fetch_sub(1, std::memory_order_relaxed); }
+  int calls_open() const { return calls_open_.load(std::memory_order_relaxed); }
 
   // Call after the gRPC server has shut down: waits until the loop is quiet (at most
   // 2 s; see the .cc), shuts the queue down, lets the thread
@@ -116,6 +122,7 @@ class CqLoop {
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   bool joined_ = false;
   std::atomic<int> unary_waiting_{0};
+  std::atomic<int> calls_open_{0};
   // Tags and posted functions the loop has handled (WaitQuiet). Only the loop thread
   // writes it, so a plain load and store count, without a locked read-modify-write on
   // every tag.

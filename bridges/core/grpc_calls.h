@@ -73,6 +73,7 @@ class AsyncCallBase : public std::enable_shared_from_this<Derived> {
       return false;
     }
     matched_ = true;
+    loop_->CallOpened();
     Derived::Request(bridge_, loop_);  // keep a request outstanding for the next caller
     account_.emplace(bridge_, method_);
     call_id_ = bridge_->calls().Add([w = this->weak_from_this(), loop = loop_](const grpc::Status& st) {
@@ -114,6 +115,7 @@ class AsyncCallBase : public std::enable_shared_from_this<Derived> {
   void EndCall(Lease& lease) {
     done_ = true;
     finished_ = true;
+    if (matched_) loop_->CallClosed();
     lease.Release();
     if (call_id_ != 0) bridge_->calls().Remove(call_id_);
     if (account_.has_value()) {
@@ -632,8 +634,9 @@ class AsyncBidiStream : public AsyncCallBase<Derived> {
     // What Accept hands to a session (a request, a subscription) is held until the lock
     // below is released; then an idle session strand takes a request on this thread, as
     // for a unary call (loop_executor.h). Under the lock it could not: the session's
-    // news takes this lock. What the strand posts still goes to its io thread.
-    InlineAfterScope hand_off_after_unlock;
+    // news takes this lock. What the strand posts (a TLS write's completion) runs here
+    // too when this stream is its loop's only call, and goes to its io thread otherwise.
+    InlineAfterScope hand_off_after_unlock(this->loop_->calls_open() <= 1);
     absl::MutexLock lock(&mu_);
     reading_ = false;
     if (!this->finished_) {

@@ -8,6 +8,8 @@
 #include <utility>
 #include <vector>
 
+#include <boost/asio/post.hpp>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "bridges/core/bridge_base.h"
@@ -286,6 +288,20 @@ void FakeDaemon::HoldLoops(std::shared_ptr<absl::Notification> release) {
   for (CqLoop* loop : static_cast<FakeBridge*>(bridge_)->loops()) {
     loop->Post([release] { release->WaitForNotification(); });
   }
+}
+
+int FakeDaemon::CallsOpen() const {
+  int n = 0;
+  for (CqLoop* loop : static_cast<FakeBridge*>(bridge_)->loops()) n += loop->calls_open();
+  return n;
+}
+
+void FakeDaemon::HoldIoThread(std::shared_ptr<absl::Notification> busy,
+                              std::shared_ptr<absl::Notification> release) {
+  boost::asio::post(static_cast<FakeBridge*>(bridge_)->SessionExecutor(), [busy, release] {
+    busy->Notify();
+    release->WaitForNotification();
+  });
 }
 
 absl::Status FakeDaemon::Start(FakeBridgeOptions options,

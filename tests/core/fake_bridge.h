@@ -63,6 +63,12 @@ class FakeDaemon {
   // Blocks every completion-queue loop of the bridge until `release` is notified: calls
   // arriving meanwhile wait to be matched, as on a saturated daemon.
   void HoldLoops(std::shared_ptr<absl::Notification> release);
+  // Blocks the io thread the bridge's next session would run on (with runtime.io_threads
+  // = 1: every session's) until `release` is notified; `busy` is notified once it holds.
+  void HoldIoThread(std::shared_ptr<absl::Notification> busy,
+                    std::shared_ptr<absl::Notification> release);
+  // Calls matched and not yet done on the bridge's completion-queue loops.
+  int CallsOpen() const;
   // Upstream sessions the bridge holds (admin view).
   size_t sessions() const { return bridge_->ListSessions().size(); }
 

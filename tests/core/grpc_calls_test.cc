@@ -291,6 +291,70 @@ TEST_F(GrpcCallsTest, BidiAnswersInOrderAndCompletesAfterHalfClose) {
   EXPECT_EQ(absl::StrJoin(got, ","), "a,b,c");
 }
 
+// A message read on a bidi stream goes upstream from the completion-queue thread that
+// read it once the stream's lock is released (AsyncBidiStream::OnRead): it leaves while
+// the session's io thread is busy, and its answer follows when that thread is free.
+TEST_F(GrpcCallsTest, BidiMessageLeavesWhileTheSessionsIoThreadIsBusy) {
+  FakeBridgeOptions o;
+  o.url = upstream_.url();
+  o.connection.allow_plaintext = true;
+  o.default_token = SecretSource::Fixed("default-token");
+  // One io thread: the one to hold is the session's.
+  absl::Status st = daemon_.Start(
+      o, [](config::v1::DaemonConfig& c) { c.mutable_runtime()->set_io_threads(1); });
+  ASSERT_TRUE(st.ok()) << st;
+  grpc::ClientContext ctx;
+  auto chat = daemon_.stub().Chat(&ctx);
+  v1::EchoRequest r;
+  r.set_text("first");
+  ASSERT_TRUE(chat->Write(r));
+  v1::EchoResponse m;
+  ASSERT_TRUE(chat->Read(&m));  // logged in and idle
+  EXPECT_EQ(m.text(), "first");
+
+  auto busy = std::make_shared<absl::Notification>();
+  auto release = std::make_shared<absl::Notification>();
+  daemon_.HoldIoThread(busy, release);
+  busy->WaitForNotification();
+  r.set_text("while busy");
+  ASSERT_TRUE(chat->Write(r));
+  const bool left = WaitFor([&] { return upstream_.Count("ord|while busy") == 1; }, 10s);
+  release->Notify();
+  EXPECT_TRUE(left) << "the message waited for the busy io thread";
+  ASSERT_TRUE(chat->Read(&m));
+  EXPECT_EQ(m.text(), "while busy");
+  ASSERT_TRUE(chat->WritesDone());
+  EXPECT_TRUE(chat->Finish().ok());
+}
+
+// The loops count their open calls (CqLoop::calls_open: a bidi stream alone on its loop
+// lets the loop thread finish what its read hands over): streams and unary calls count
+// from their match until done, however they end.
+TEST_F(GrpcCallsTest, LoopsCountOpenCallsUntilTheyAreDone) {
+  Start();
+  EXPECT_EQ(daemon_.CallsOpen(), 0);
+  grpc::ClientContext a_ctx, b_ctx;
+  auto a = daemon_.stub().Chat(&a_ctx);
+  auto b = daemon_.stub().Chat(&b_ctx);
+  v1::EchoRequest r;
+  v1::EchoResponse m;
+  r.set_text("a");
+  ASSERT_TRUE(a->Write(r));
+  ASSERT_TRUE(a->Read(&m));
+  r.set_text("b");
+  ASSERT_TRUE(b->Write(r));
+  ASSERT_TRUE(b->Read(&m));
+  EXPECT_EQ(daemon_.CallsOpen(), 2);
+  ASSERT_TRUE(a->WritesDone());
+  EXPECT_TRUE(a->Finish().ok());
+  b_ctx.TryCancel();
+  EXPECT_EQ(b->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  std::string out;
+  EXPECT_TRUE(Unary(false, "x", &out).ok());
+  EXPECT_TRUE(Unary(false, "", &out).error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(WaitFor([&] { return daemon_.CallsOpen() == 0; }, 10s)) << daemon_.CallsOpen();
+}
+
 TEST_F(GrpcCallsTest, BidiEndsOnAnInvalidMessageAfterWhatWasAnswered) {
   Start();
   grpc::ClientContext ctx;
