@@ -45,7 +45,9 @@ google::rpc::ErrorInfo ErrorInfoOf(const grpc::Status& st) {
 
 class GrpcCallsTest : public ::testing::Test {
  protected:
-  void Start(std::function<void(FakeBridgeOptions&)> tweak = nullptr) {
+  // `daemon_tweak` may change the daemon's config (e.g. runtime.io_threads).
+  void Start(std::function<void(FakeBridgeOptions&)> tweak = nullptr,
+             const std::function<void(config::v1::DaemonConfig&)>& daemon_tweak = nullptr) {
     FakeBridgeOptions o;
     o.url = upstream_.url();
     o.connection.allow_plaintext = true;
@@ -53,7 +55,7 @@ class GrpcCallsTest : public ::testing::Test {
     o.connection.backoff.max = 200ms;
     o.default_token = SecretSource::Fixed("default-token");
     if (tweak) tweak(o);
-    absl::Status st = daemon_.Start(o);
+    absl::Status st = daemon_.Start(o, daemon_tweak);
     ASSERT_TRUE(st.ok()) << st;
   }
 
@@ -295,21 +297,14 @@ TEST_F(GrpcCallsTest, BidiAnswersInOrderAndCompletesAfterHalfClose) {
 // read it once the stream's lock is released (AsyncBidiStream::OnRead): it leaves while
 // the session's io thread is busy, and its answer follows when that thread is free.
 TEST_F(GrpcCallsTest, BidiMessageLeavesWhileTheSessionsIoThreadIsBusy) {
-  FakeBridgeOptions o;
-  o.url = upstream_.url();
-  o.connection.allow_plaintext = true;
-  o.default_token = SecretSource::Fixed("default-token");
   // One io thread: the one to hold is the session's.
-  absl::Status st = daemon_.Start(
-      o, [](config::v1::DaemonConfig& c) { c.mutable_runtime()->set_io_threads(1); });
-  ASSERT_TRUE(st.ok()) << st;
+  Start(nullptr, [](config::v1::DaemonConfig& c) { c.mutable_runtime()->set_io_threads(1); });
   grpc::ClientContext ctx;
   auto chat = daemon_.stub().Chat(&ctx);
   v1::EchoRequest r;
-  r.set_text("first");
-  ASSERT_TRUE(chat->Write(r));
   v1::EchoResponse m;
-  ASSERT_TRUE(chat->Read(&m));  // logged in and idle
+  r.set_text("first");
+  ASSERT_TRUE(chat->Write(r) && chat->Read(&m));  // logged in and idle
   EXPECT_EQ(m.text(), "first");
 
   auto busy = std::make_shared<absl::Notification>();

@@ -110,6 +110,16 @@ class UpstreamSessionTest : public ::testing::Test {
     thread_.join();
   }
 
+  // A session on the daemon's executor (LoopExecutor), logged in and idle.
+  std::shared_ptr<UpstreamSession> MakeReadyOnLoopExecutor() {
+    inline_executor_ = true;
+    auto s = Make();
+    Replies& first = R();
+    s->Send(FakeRequest("first"), first.callback());
+    EXPECT_TRUE(first.WaitFinal());
+    return s;
+  }
+
   std::shared_ptr<UpstreamSession> Make(std::function<void(SessionOptions&)> tweak = nullptr,
                                         std::string token = "good-token", bool login = true) {
     SessionOptions o;
@@ -428,11 +438,8 @@ TEST_F(UpstreamSessionTest, CloseEndsEverythingAndIsIdempotent) {
 // gets out while the session's io thread is busy, and its answer comes back on the io
 // thread.
 TEST_F(UpstreamSessionTest, ASendInsideAnInlineScopeLeavesWhileTheIoThreadIsBusy) {
-  inline_executor_ = true;
-  auto s = Make();
-  Replies& first = R();
-  s->Send(FakeRequest("first"), first.callback());  // logged in and ready
-  ASSERT_TRUE(first.WaitFinal());
+  auto s = MakeReadyOnLoopExecutor();
+  ASSERT_FALSE(::testing::Test::HasFailure());
 
   absl::Notification busy, release;
   std::promise<std::thread::id> io_thread;
@@ -470,11 +477,8 @@ TEST_F(UpstreamSessionTest, ASendInsideAnInlineScopeLeavesWhileTheIoThreadIsBusy
 // until the scope closes, after the lock is released, and then leaves from this thread
 // while the session's io thread is busy.
 TEST_F(UpstreamSessionTest, ASendInsideAnInlineAfterScopeLeavesOnceTheLockIsReleased) {
-  inline_executor_ = true;
-  auto s = Make();
-  Replies& first = R();
-  s->Send(FakeRequest("first"), first.callback());  // logged in and ready
-  ASSERT_TRUE(first.WaitFinal());
+  auto s = MakeReadyOnLoopExecutor();
+  ASSERT_FALSE(::testing::Test::HasFailure());
 
   absl::Notification busy, release;
   net::post(io_, [&] {
