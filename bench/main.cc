@@ -662,7 +662,7 @@ std::string SdkChunk(uint32_t order, uint32_t duration_ms, size_t body) {
 }
 
 struct DfxRun {
-  double chunks_per_s = 0, cpu_us_per_chunk = 0;
+  double chunks_per_s = 0, cpu_us_per_chunk = 0, cs_per_chunk = 0;
   Latency rtt;
 };
 
@@ -671,6 +671,7 @@ DfxRun StreamChunks(Env& e, double seconds_budget, int max_chunks) {
   auto stream = e.daemon().stub->StreamMeasurement(&ctx);
   std::vector<int64_t> rtt;
   double cpu0 = e.daemon().Cpu();
+  int64_t cs0 = ProcessContextSwitches(e.daemon().child.pid());
   auto t0 = Clock::now();
   auto until = t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds_budget));
   dfx::MeasurementChunk chunk;
@@ -702,6 +703,7 @@ DfxRun StreamChunks(Env& e, double seconds_budget, int max_chunks) {
   DfxRun r;
   r.chunks_per_s = i / elapsed;
   r.cpu_us_per_chunk = (e.daemon().Cpu() - cpu0) / i * 1e6;
+  r.cs_per_chunk = static_cast<double>(ProcessContextSwitches(e.daemon().child.pid()) - cs0) / i;
   stream->WritesDone();
   ctx.TryCancel();
   stream->Finish();
@@ -734,14 +736,20 @@ json::object DfxSection(Env& e) {
   }
   stream->WritesDone();
   stream->Finish();
-  std::vector<double> rate, cpu;
+  std::vector<double> rate, cpu, cs;
   std::vector<Latency> rtts;
-  for (auto& r : runs) rate.push_back(r.chunks_per_s), cpu.push_back(r.cpu_us_per_chunk), rtts.push_back(r.rtt);
+  for (auto& r : runs) {
+    rate.push_back(r.chunks_per_s);
+    cpu.push_back(r.cpu_us_per_chunk);
+    cs.push_back(r.cs_per_chunk);
+    rtts.push_back(r.rtt);
+  }
   Latency w = MedianOf(ws_runs), g = MedianOf(grpc_runs), b = MedianOf(rtts);
   double share = b.p50_us > 0 ? (b.p50_us - w.p50_us - g.p50_us) / b.p50_us : 0;
   return {{"chunk_payload_bytes", o.chunk_bytes},
           {"chunks_per_s", Median(rate)},
           {"wsbridged_cpu_us_per_chunk", Median(cpu)},
+          {"wsbridged_context_switches_per_chunk", Median(cs)},
           {"bridged_chunk_rtt", LatencyJson(b)},
           {"ws_direct_0506_rtt", LatencyJson(w)},
           {"grpc_stream_direct_rtt", LatencyJson(g)},
@@ -986,11 +994,11 @@ void PrintTable(const json::object& result) {
       std::printf("\n3. DFX StreamMeasurement, pacing off (%d B chunks)\n",
                   static_cast<int>(Num(d->at("chunk_payload_bytes"))));
       std::printf("   chunks/s %.0f | chunk RTT p50 %.1f us p99 %.1f us | direct ws %.1f + grpc %.1f us p50"
-                  " | bridge share %.0f%% | CPU %.1f us/chunk\n",
+                  " | bridge share %.0f%% | CPU %.1f us/chunk | %.2f context switches/chunk\n",
                   Num(d->at("chunks_per_s")), Num(d->at("bridged_chunk_rtt").at("p50_us")),
                   Num(d->at("bridged_chunk_rtt").at("p99_us")), Num(d->at("ws_direct_0506_rtt").at("p50_us")),
                   Num(d->at("grpc_stream_direct_rtt").at("p50_us")), Num(d->at("bridge_share_of_rtt_p50")) * 100,
-                  Num(d->at("wsbridged_cpu_us_per_chunk")));
+                  Num(d->at("wsbridged_cpu_us_per_chunk")), Num(d->at("wsbridged_context_switches_per_chunk")));
     }
     if (auto* s = Find(run, {"sessions"})) {
       std::printf("\n4. Idle upstream sessions (%s)\n", s->at("tls").as_bool() ? "TLS" : "plain");

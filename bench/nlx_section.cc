@@ -281,7 +281,7 @@ json::object NlxSection(const NlxSectionOptions& o) {
   converse_once();
 
   std::vector<Latency> ws_runs, unary_runs, stream_runs, send_runs, conv_runs;
-  std::vector<double> cpu_send, cpu_conv;
+  std::vector<double> cpu_send, cpu_conv, cs_send, cs_conv;
   for (int run = 0; run < o.runs; ++run) {
     ws_runs.push_back(Summarize(Sample(o.warmup, o.samples, [&] { direct->Turn(frame); })));
     unary_runs.push_back(Summarize(Sample(o.warmup, o.samples, [&] {
@@ -295,12 +295,16 @@ json::object NlxSection(const NlxSectionOptions& o) {
     })));
     for (int i = 0; i < o.warmup; ++i) send_once();
     double cpu0 = ProcessCpuSeconds(d.pid());
+    int64_t cs0 = ProcessContextSwitches(d.pid());
     send_runs.push_back(Summarize(Sample(0, o.samples, send_once)));
     cpu_send.push_back((ProcessCpuSeconds(d.pid()) - cpu0) / o.samples * 1e6);
+    cs_send.push_back(static_cast<double>(ProcessContextSwitches(d.pid()) - cs0) / o.samples);
     for (int i = 0; i < o.warmup; ++i) converse_once();
     cpu0 = ProcessCpuSeconds(d.pid());
+    cs0 = ProcessContextSwitches(d.pid());
     conv_runs.push_back(Summarize(Sample(0, o.samples, converse_once)));
     cpu_conv.push_back((ProcessCpuSeconds(d.pid()) - cpu0) / o.samples * 1e6);
+    cs_conv.push_back(static_cast<double>(ProcessContextSwitches(d.pid()) - cs0) / o.samples);
   }
   echo_stream->WritesDone();
   echo_stream->Finish();
@@ -349,6 +353,8 @@ json::object NlxSection(const NlxSectionOptions& o) {
           {"added_converse_over_ws_plus_grpc_stream", Added(b_conv, w, s)},
           {"wsbridged_cpu_us_per_send", Median(cpu_send)},
           {"wsbridged_cpu_us_per_converse_turn", Median(cpu_conv)},
+          {"wsbridged_context_switches_per_send", Median(cs_send)},
+          {"wsbridged_context_switches_per_converse_turn", Median(cs_conv)},
           {"memory", {{"conversations", o.conversations},
                       {"baseline_rss_kib", base_rss},
                       {"rss_kib", rss},
@@ -380,8 +386,11 @@ void PrintNlxTable(const json::value& n) {
     std::printf("   %-46s %9.1f %9.1f %9.1f\n", label, num(l.at("p50_us")), num(l.at("p99_us")),
                 num(l.at("p999_us")));
   }
-  std::printf("   wsbridged CPU per Send %.1f us, per Converse turn %.1f us\n",
-              num(n.at("wsbridged_cpu_us_per_send")), num(n.at("wsbridged_cpu_us_per_converse_turn")));
+  std::printf("   wsbridged CPU per Send %.1f us, per Converse turn %.1f us;"
+              " context switches per Send %.2f, per Converse turn %.2f\n",
+              num(n.at("wsbridged_cpu_us_per_send")), num(n.at("wsbridged_cpu_us_per_converse_turn")),
+              num(n.at("wsbridged_context_switches_per_send")),
+              num(n.at("wsbridged_context_switches_per_converse_turn")));
   auto& m = n.at("memory");
   std::printf("   %d open conversations: RSS %.0f MiB (baseline %.0f MiB), %.1f KiB/conversation"
               " (opened in %.2f s)\n",
