@@ -346,7 +346,7 @@ TEST_F(GrpcCallsTest, LoopsCountOpenCallsUntilTheyAreDone) {
   EXPECT_EQ(b->Finish().error_code(), grpc::StatusCode::CANCELLED);
   std::string out;
   EXPECT_TRUE(Unary(false, "x", &out).ok());
-  EXPECT_TRUE(Unary(false, "", &out).error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Unary(false, "", &out).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_TRUE(WaitFor([&] { return daemon_.CallsOpen() == 0; }, 10s)) << daemon_.CallsOpen();
 }
 

@@ -110,6 +110,14 @@ class UpstreamSessionTest : public ::testing::Test {
     thread_.join();
   }
 
+  // Whether the upstream received a message containing `text`.
+  bool UpstreamGot(absl::string_view text) const {
+    for (const std::string& m : upstream_.messages()) {
+      if (absl::StrContains(m, text)) return true;
+    }
+    return false;
+  }
+
   // A session on the daemon's executor (LoopExecutor), logged in and idle.
   std::shared_ptr<UpstreamSession> MakeReadyOnLoopExecutor() {
     inline_executor_ = true;
@@ -458,12 +466,7 @@ TEST_F(UpstreamSessionTest, ASendInsideAnInlineScopeLeavesWhileTheIoThreadIsBusy
       cb(std::move(a));
     });
   }
-  const bool left = WaitFor([&] {
-    for (const std::string& m : upstream_.messages()) {
-      if (absl::StrContains(m, "while busy")) return true;
-    }
-    return false;
-  });
+  const bool left = WaitFor([&] { return UpstreamGot("while busy"); });
   EXPECT_EQ(r.size(), 0u);  // the answer waits for the io thread
   release.Notify();
   ASSERT_TRUE(left) << "the request waited for the busy io thread";
@@ -486,12 +489,6 @@ TEST_F(UpstreamSessionTest, ASendInsideAnInlineAfterScopeLeavesOnceTheLockIsRele
     release.WaitForNotification();
   });
   busy.WaitForNotification();
-  auto sent = [&] {
-    for (const std::string& m : upstream_.messages()) {
-      if (absl::StrContains(m, "under the lock")) return true;
-    }
-    return false;
-  };
   // Shared with the callback, which may run after the test body (the session's close).
   auto stream_lock = std::make_shared<absl::Mutex>();
   Replies& r = R();
@@ -506,7 +503,7 @@ TEST_F(UpstreamSessionTest, ASendInsideAnInlineAfterScopeLeavesOnceTheLockIsRele
   }
   EXPECT_FALSE(InlineAfterScope::Holding());
   // Written from this thread as the scope closed: the io thread is still held.
-  const bool left = WaitFor(sent);
+  const bool left = WaitFor([&] { return UpstreamGot("under the lock"); });
   EXPECT_EQ(r.size(), 0u);  // the answer waits for the io thread
   release.Notify();
   ASSERT_TRUE(left) << "the request waited for the busy io thread";
