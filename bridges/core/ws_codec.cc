@@ -79,7 +79,7 @@ std::string ClosePayload(uint16_t code, std::string_view reason) {
   return out;
 }
 
-bool IsValidUtf8(std::string_view s) {
+std::size_t ValidUtf8Prefix(std::string_view s) {
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());
   const std::size_t n = s.size();
   std::size_t i = 0;
@@ -98,33 +98,36 @@ bool IsValidUtf8(std::string_view s) {
       continue;
     }
     std::size_t len;
-    uint32_t cp;
     if (c >= 0xC2 && c <= 0xDF) {
       len = 2;
-      cp = c & 0x1F;
     } else if (c >= 0xE0 && c <= 0xEF) {
       len = 3;
-      cp = c & 0x0F;
     } else if (c >= 0xF0 && c <= 0xF4) {
       len = 4;
-      cp = c & 0x07;
     } else {
-      return false;  // continuation byte, overlong lead (C0, C1) or beyond U+10FFFF (F5..)
+      return std::string_view::npos;  // continuation byte, overlong lead (C0, C1), beyond U+10FFFF
     }
-    if (n - i < len) return false;
+    // The second byte's range rules out overlong forms, surrogates and code points above
+    // U+10FFFF as soon as it is there (RFC 3629's table), so a truncated sequence that
+    // can never become valid is refused at once.
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c == 0xE0) lo = 0xA0;
+    if (c == 0xED) hi = 0x9F;
+    if (c == 0xF0) lo = 0x90;
+    if (c == 0xF4) hi = 0x8F;
     for (std::size_t k = 1; k < len; ++k) {
+      if (i + k >= n) return i;  // truncated: valid so far
       const unsigned char cc = p[i + k];
-      if ((cc & 0xC0) != 0x80) return false;
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-        (cp >= 0xD800 && cp <= 0xDFFF)) {
-      return false;  // overlong, out of range or a surrogate
+      if (k == 1 ? (cc < lo || cc > hi) : (cc & 0xC0) != 0x80) return std::string_view::npos;
     }
     i += len;
   }
-  return true;
+  return n;
 }
+
+bool IsValidUtf8(std::string_view s) { return ValidUtf8Prefix(s) == s.size(); }
+
+
 
 bool IsValidReceivedCloseCode(uint16_t code) {
   if (code >= 1000 && code <= 1003) return true;
@@ -243,6 +246,7 @@ Reader::Event Reader::Next(std::string_view& in) {
         if (op != 0x0) {
           in_message_ = true;
           binary_ = op == 0x2;
+          utf8_valid_ = 0;
           // A whole message in one frame, all of it here: hand out a view, no copy.
           if (fin && in.size() >= len) {
             const std::string_view payload = in.substr(0, static_cast<std::size_t>(len));
@@ -274,6 +278,14 @@ Reader::Event Reader::Next(std::string_view& in) {
       } else {
         if (message_.empty() && remaining_ > take) message_.reserve(static_cast<std::size_t>(remaining_));
         message_.append(in.data(), take);
+        if (!binary_) {
+          // Text is checked as it arrives, so a bad byte fails the connection at once.
+          const std::size_t valid = ValidUtf8Prefix(std::string_view(message_).substr(utf8_valid_));
+          if (valid == std::string_view::npos) {
+            return Fail(1007, "the server sent a text message that is not valid UTF-8");
+          }
+          utf8_valid_ += valid;
+        }
       }
       in.remove_prefix(take);
       remaining_ -= take;
@@ -312,12 +324,9 @@ Reader::Event Reader::Next(std::string_view& in) {
       e.kind = Event::kClose;
       return e;
     }
-    if (!fin_) {
-      if (in.empty() && header_bytes_ == 0) return {};
-      continue;
-    }
+    if (!fin_) continue;
     in_message_ = false;
-    if (!binary_ && !IsValidUtf8(message_)) {
+    if (!binary_ && utf8_valid_ != message_.size()) {
       return Fail(1007, "the server sent a text message that is not valid UTF-8");
     }
     Event e;

@@ -47,6 +47,9 @@ std::string ClientFrame(Opcode op, std::string_view payload, uint32_t mask_key);
 std::string ClosePayload(uint16_t code, std::string_view reason);
 
 bool IsValidUtf8(std::string_view s);
+// The length of the longest prefix of `s` made of whole valid UTF-8 sequences, or npos
+// when `s` holds a byte that can never be valid (a truncated last sequence is not).
+std::size_t ValidUtf8Prefix(std::string_view s);
 
 // Close codes a peer may send (RFC 6455 7.4): 1000-1003, 1007-1011 (and 1012-1014, which
 // IANA registered since), 3000-4999.
@@ -100,6 +103,7 @@ class Reader {
   bool in_message_ = false;
   bool binary_ = false;
   std::string message_;
+  std::size_t utf8_valid_ = 0;  // text: how much of message_ is known to be valid UTF-8
   // The frame being read: its header bytes while incomplete, then its payload.
   char header_[kMaxClientHeaderBytes] = {};
   std::size_t header_bytes_ = 0;
