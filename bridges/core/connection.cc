@@ -3,6 +3,8 @@
 #include "bridges/core/connection.h"
 
 #include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <sys/socket.h>
@@ -11,6 +13,7 @@
 #include <bit>
 #include <array>
 #include <cerrno>
+#include <cstring>
 #include <ctime>
 #include <list>
 #include <map>
@@ -22,23 +25,27 @@
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/bind_executor.hpp>
+#include <boost/asio/connect.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/ssl/context.hpp>
 #include <boost/asio/ssl/error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <boost/beast/websocket.hpp>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "bridges/core/log.h"
+#include "bridges/core/rng.h"
 #include "bridges/core/url.h"
+#include "bridges/core/ws_codec.h"
 
 namespace wsbridge::core {
 
@@ -103,17 +110,20 @@ namespace {
 namespace net = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
-namespace websocket = beast::websocket;
 namespace ssl = net::ssl;
 using tcp = net::ip::tcp;
 using beast::error_code;
 using Clock = std::chrono::steady_clock;
 
 constexpr std::string_view kLog = "connection";
-// First part of every incoming message (see DoRead): the buffer an idle session holds.
-constexpr std::size_t kFirstReadBytes = 512;
-// Largest masking buffer a connection keeps between messages (see DoWrite).
-constexpr std::size_t kMaxWriteBufferBytes = 8192;
+// Reads go into a buffer of this size per io thread (see ReadNow): one TLS record is at
+// most 16 KiB; a plain socket hands over what has arrived, up to this.
+constexpr std::size_t kReadChunk = 64 * 1024;
+// Reads in a row before the connection lets the io thread's other work run.
+constexpr int kReadsPerTurn = 8;
+// The longest handshake answer read (header and a refusal's body).
+constexpr std::size_t kHandshakeHeaderLimit = 16 * 1024;
+constexpr std::size_t kHandshakeBodyLimit = 64 * 1024;
 
 // Debian's abseil has its own string_view type.
 absl::string_view AV(std::string_view s) { return absl::string_view(s.data(), s.size()); }
@@ -322,7 +332,7 @@ absl::StatusOr<std::shared_ptr<TlsClientContext>> GetTlsContext(const TlsOptions
 
 // Retry-After of a refused upgrade, seconds form only (RFC 9110 10.2.3 also allows an
 // HTTP-date, which WebSocket services do not use in practice; it reads as none).
-Duration RetryAfterOf(const websocket::response_type& res) {
+Duration RetryAfterOf(const http::response<http::string_body>& res) {
   const auto it = res.find(http::field::retry_after);
   if (it == res.end()) return Duration::zero();
   const auto v = it->value();
@@ -355,18 +365,18 @@ absl::Status StatusFromHttp(unsigned status, std::string message) {
 // two 17 KiB vectors plus a BIO pair with two 17 KiB rings: 68 KiB per connection, idle
 // or not. Here OpenSSL reads and writes the socket itself (SSL_set_fd), so its own record
 // buffers are the only ones and SSL_MODE_RELEASE_BUFFERS frees them while idle. Waiting
-// is socket.async_wait on SSL_ERROR_WANT_READ/WRITE. Implements what Beast's
-// websocket::stream needs from its next layer (AsyncStream plus async_teardown; the
-// connection never closes synchronously).
+// is socket.async_wait on SSL_ERROR_WANT_READ/WRITE. It is an AsyncStream (for the
+// handshake's HTTP exchange and for writes); the connection reads frames with
+// SSL_read_ex itself (ReadNow).
 
 class TlsStream {
  public:
-  using executor_type = beast::tcp_stream::executor_type;
-  using next_layer_type = beast::tcp_stream;
+  using executor_type = tcp::socket::executor_type;
+  using next_layer_type = tcp::socket;
 
   template <class Executor>
   TlsStream(Executor&& ex, ssl::context& ctx)
-      : tcp_(std::forward<Executor>(ex)), ssl_(SSL_new(ctx.native_handle())) {
+      : socket_(std::forward<Executor>(ex)), ssl_(SSL_new(ctx.native_handle())) {
     if (ssl_ != nullptr) {
       // Retried writes may come from another linearization buffer (same bytes).
       SSL_set_mode(ssl_.get(), SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
@@ -378,8 +388,8 @@ class TlsStream {
   TlsStream(const TlsStream&) = delete;
   TlsStream& operator=(const TlsStream&) = delete;
 
-  executor_type get_executor() noexcept { return tcp_.get_executor(); }
-  beast::tcp_stream& next_layer() noexcept { return tcp_; }
+  executor_type get_executor() noexcept { return socket_.get_executor(); }
+  tcp::socket& next_layer() noexcept { return socket_; }
   SSL* native_handle() noexcept { return ssl_.get(); }
 
   template <class Handler>
@@ -410,8 +420,8 @@ class TlsStream {
 
   template <class Buffers, class Handler>
   auto async_write_some(const Buffers& buffers, Handler&& handler) {
-    // Beast hands over frame header and payload as separate buffers: gather up to one
-    // record so they leave in one TLS record and one send().
+    // A frame is handed over as header and payload: gather up to one record so they
+    // leave in one TLS record and one send().
     return Run([buffers](SSL* s, std::size_t& n) {
       const std::size_t total = net::buffer_size(buffers);
       if (total == 0) {
@@ -428,12 +438,50 @@ class TlsStream {
     }, std::forward<Handler>(handler));
   }
 
+  // Points OpenSSL at the socket (non-blocking) once it is connected.
+  error_code Attach() {
+    if (ssl_ == nullptr) return net::error::no_memory;
+    if (!socket_.is_open()) return net::error::bad_descriptor;
+    if (SSL_get_fd(ssl_.get()) == socket_.native_handle()) return {};
+    error_code ec;
+    socket_.non_blocking(true, ec);
+    if (!ec) SSL_set_fd(ssl_.get(), static_cast<int>(socket_.native_handle()));
+    return ec;
+  }
+
   // Sends close_notify without waiting for the peer's (the TCP close follows).
   void SendCloseNotify() {
-    if (ssl_ == nullptr || !tcp_.socket().is_open() || !SSL_is_init_finished(ssl_.get())) return;
+    if (ssl_ == nullptr || !socket_.is_open() || !SSL_is_init_finished(ssl_.get())) return;
     ERR_clear_error();
     SSL_shutdown(ssl_.get());
     ERR_clear_error();
+  }
+
+  // The error an SSL call's failure `ret` means; `want` is set (0 otherwise) to
+  // SSL_ERROR_WANT_READ or SSL_ERROR_WANT_WRITE when it only has to wait.
+  error_code ErrorOf(int ret, int& want) {
+    want = 0;
+    const int err = SSL_get_error(ssl_.get(), ret);
+    switch (err) {
+      case SSL_ERROR_WANT_READ:
+      case SSL_ERROR_WANT_WRITE:
+        want = err;
+        return {};
+      case SSL_ERROR_ZERO_RETURN:
+        return net::error::eof;
+      case SSL_ERROR_SYSCALL: {
+        const int e = errno;
+        const unsigned long code = ERR_get_error();
+        if (code != 0) return error_code(static_cast<int>(code), net::error::get_ssl_category());
+        if (e == 0) return net::error::eof;
+        return error_code(e, net::error::get_system_category());
+      }
+      default: {
+        const unsigned long code = ERR_get_error();
+        if (ERR_GET_REASON(code) == SSL_R_UNEXPECTED_EOF_WHILE_READING) return net::error::eof;
+        return error_code(static_cast<int>(code), net::error::get_ssl_category());
+      }
+    }
   }
 
  private:
@@ -456,43 +504,22 @@ class TlsStream {
       if (result) return self.complete(result->first, result->second);
       if (ec) return self.complete(ec, 0);
       std::size_t n = 0;
-      if (s.ssl_ == nullptr) return Done(self, net::error::no_memory, 0);
       // Never touch a descriptor number after the socket was closed (it may be reused).
-      if (!s.tcp_.socket().is_open()) return Done(self, net::error::bad_descriptor, 0);
-      if (SSL_get_fd(s.ssl_.get()) != s.tcp_.socket().native_handle()) {
-        error_code nb;
-        s.tcp_.socket().non_blocking(true, nb);
-        if (nb) return Done(self, nb, 0);
-        SSL_set_fd(s.ssl_.get(), static_cast<int>(s.tcp_.socket().native_handle()));
-      }
+      if (const error_code attach = s.Attach()) return Done(self, attach, 0);
       ERR_clear_error();
       const int ret = fn(s.ssl_.get(), n);
       if (ret > 0) return Done(self, {}, n);
-      const int err = SSL_get_error(s.ssl_.get(), ret);
-      switch (err) {
-        case SSL_ERROR_WANT_READ:
-          async = true;
-          return s.tcp_.socket().async_wait(net::socket_base::wait_read, std::move(self));
-        case SSL_ERROR_WANT_WRITE:
-          async = true;
-          return s.tcp_.socket().async_wait(net::socket_base::wait_write, std::move(self));
-        case SSL_ERROR_ZERO_RETURN:
-          return Done(self, net::error::eof, 0);
-        case SSL_ERROR_SYSCALL: {
-          const int e = errno;
-          const unsigned long code = ERR_get_error();
-          if (code != 0) return Done(self, error_code(static_cast<int>(code), net::error::get_ssl_category()), 0);
-          if (e == 0) return Done(self, net::error::eof, 0);
-          return Done(self, error_code(e, net::error::get_system_category()), 0);
-        }
-        default: {
-          const unsigned long code = ERR_get_error();
-          if (ERR_GET_REASON(code) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
-            return Done(self, net::error::eof, 0);
-          }
-          return Done(self, error_code(static_cast<int>(code), net::error::get_ssl_category()), 0);
-        }
+      int want = 0;
+      const error_code err = s.ErrorOf(ret, want);
+      if (want == SSL_ERROR_WANT_READ) {
+        async = true;
+        return s.socket_.async_wait(net::socket_base::wait_read, std::move(self));
       }
+      if (want == SSL_ERROR_WANT_WRITE) {
+        async = true;
+        return s.socket_.async_wait(net::socket_base::wait_write, std::move(self));
+      }
+      return Done(self, err, 0);
     }
 
     // A completion may not run inside the initiating call: defer it once when no
@@ -508,42 +535,111 @@ class TlsStream {
   template <class Fn, class Handler>
   auto Run(Fn fn, Handler&& handler) {
     return net::async_compose<Handler, void(error_code, std::size_t)>(
-        Op<Fn>{*this, std::move(fn), false, std::nullopt}, handler, tcp_);
+        Op<Fn>{*this, std::move(fn), false, std::nullopt}, handler, socket_);
   }
 
-  beast::tcp_stream tcp_;
+  tcp::socket socket_;
   std::unique_ptr<SSL, SslFree> ssl_;
 };
 
-template <class Handler>
-void async_teardown(beast::role_type role, TlsStream& stream, Handler&& handler) {
-  stream.SendCloseNotify();
-  using websocket::async_teardown;
-  async_teardown(role, stream.next_layer(), std::forward<Handler>(handler));
+// Random mask keys (RFC 6455 5.3 asks for unpredictable ones) and handshake nonces,
+// drawn from OpenSSL's generator 64 keys at a time per thread.
+uint32_t MaskKey() {
+  thread_local std::array<uint32_t, 64> keys;
+  thread_local std::size_t next = keys.size();
+  if (next == keys.size()) {
+    if (RAND_bytes(reinterpret_cast<unsigned char*>(keys.data()), sizeof keys) != 1) {
+      thread_local Rng fallback = Rng::FromEntropy();
+      for (uint32_t& k : keys) k = static_cast<uint32_t>(fallback());
+    }
+    next = 0;
+  }
+  return keys[next++];
 }
 
-using PlainWs = websocket::stream<beast::tcp_stream>;
-using TlsWs = websocket::stream<TlsStream>;
+// Sec-WebSocket-Key: 16 random bytes, base64 (RFC 6455 4.1).
+std::string HandshakeKey() {
+  unsigned char raw[16];
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t k = MaskKey();
+    std::memcpy(raw + 4 * i, &k, 4);
+  }
+  unsigned char b64[25];
+  const int n = EVP_EncodeBlock(b64, raw, sizeof raw);
+  return std::string(reinterpret_cast<const char*>(b64), static_cast<std::size_t>(n));
+}
+
+// RFC 9110 5.6.2 token characters (header names).
+bool IsToken(std::string_view s) {
+  if (s.empty()) return false;
+  for (const char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u <= 0x20 || u >= 0x7F) return false;
+    if (std::string_view("\"(),/:;<=>?@[\\]{}").find(c) != std::string_view::npos) return false;
+  }
+  return true;
+}
+
+// A header value must not end the line or the header early.
+bool IsFieldValue(std::string_view s) {
+  return s.find_first_of(std::string_view("\r\n\0", 3)) == std::string_view::npos;
+}
+
+// `value` (a comma-separated header list) holds `token`, compared without case.
+bool HasToken(std::string_view value, std::string_view token) {
+  for (absl::string_view part : absl::StrSplit(AV(value), ',')) {
+    if (absl::EqualsIgnoreCase(absl::StripAsciiWhitespace(part), AV(token))) return true;
+  }
+  return false;
+}
+
+// What the WebSocket handshake needs while it runs; dropped once the connection opens.
+struct Handshake {
+  std::string key;
+  std::string request;
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+};
 
 // One connection attempt: the stream and what its in-flight operations need. Held by
 // shared_ptr from every pending handler, so the stream outlives its operations even
 // after the connection moved on to the next attempt.
-template <class Ws>
+template <class Stream>
 struct Attempt {
   template <class... Args>
-  explicit Attempt(uint64_t g, Args&&... args) : gen(g), ws(std::forward<Args>(args)...) {}
+  explicit Attempt(uint64_t g, std::size_t max_message_bytes, Args&&... args)
+      : gen(g), stream(std::forward<Args>(args)...), reader(max_message_bytes) {}
+
+  tcp::socket& socket() {
+    if constexpr (std::is_same_v<Stream, tcp::socket>) {
+      return stream;
+    } else {
+      return stream.next_layer();
+    }
+  }
 
   const uint64_t gen;
-  Ws ws;
-  websocket::response_type response;
-  beast::flat_buffer read_buffer;
+  Stream stream;
+  ws::Reader reader;
+  // Bytes read but not yet handed to `reader` (only when reads paused in the middle of
+  // them); empty, with no capacity, otherwise.
+  std::string rx;
+  std::unique_ptr<Handshake> handshake;
+  // The frame being written: a data frame's header (its payload is the queue's front,
+  // masked in place) or a whole control frame.
+  std::array<char, ws::kMaxClientHeaderBytes> header{};
+  std::string control;
+  // Control frames waiting for the write in flight.
+  std::optional<std::string> pong_due;  // the latest ping's payload (RFC 6455 5.5.3)
+  bool ping_due = false;
   Clock::time_point last_rx{};
-  bool reading = false;
+  bool reading = false;  // a read is running, posted or waiting for readable
   bool writing = false;
-  bool pinging = false;
-  bool tls_done = false;       // the TLS handshake finished (either way)
-  bool tls_timed_out = false;  // its deadline cancelled it
+  bool timed_out = false;  // the connect, TLS or WebSocket handshake deadline fired
 };
+
+using PlainAttempt = Attempt<tcp::socket>;
+using TlsAttempt = Attempt<TlsStream>;
 
 class ConnectionImpl final : public Connection {
  public:
@@ -637,7 +733,8 @@ class ConnectionImpl final : public Connection {
     resolve_timer_.cancel();
     resolver_.cancel();
     if (!open_) return EndClosedByUs(absl::CancelledError("closed before the connection opened"));
-    close_reason_ = websocket::close_reason(static_cast<websocket::close_code>(code), reason);
+    close_code_ = code;
+    close_text_ = std::string(reason);
     const uint64_t gen = gen_;
     auto self = Self();
     close_timer_.expires_after(options_.close_timeout);
@@ -647,9 +744,7 @@ class ConnectionImpl final : public Connection {
                 {{"name", self->name_}, {"timeout", Fmt(self->options_.close_timeout)}});
       self->EndClosedByUs(absl::CancelledError("connection closed (close handshake timed out)"));
     }));
-    WithAttempt([&](auto& a) {
-      if (!a->writing) DoClose(a);
-    });
+    WithAttempt([&](auto& a) { DoWrite(a); });
   }
 
   void PauseReads() override { paused_ = true; }
@@ -771,8 +866,9 @@ class ConnectionImpl final : public Connection {
       absl::StatusOr<std::shared_ptr<TlsClientContext>> ctx = GetTlsContext(options_.tls);
       if (!ctx.ok()) return FailAttempt(ctx.status());
       tls_ctx_ = *ctx;
-      tls_ = std::make_shared<Attempt<TlsWs>>(gen_, strand_, tls_ctx_->ctx);
-      SSL* native = tls_->ws.next_layer().native_handle();
+      tls_ = std::make_shared<TlsAttempt>(gen_, options_.max_message_bytes, strand_.get_inner_executor(),
+                                          tls_ctx_->ctx);
+      SSL* native = tls_->stream.native_handle();
       if (native == nullptr) {
         return FailAttempt(absl::ResourceExhaustedError("cannot create a TLS session (out of memory)"));
       }
@@ -790,7 +886,7 @@ class ConnectionImpl final : public Connection {
         }
       }
     } else {
-      plain_ = std::make_shared<Attempt<PlainWs>>(gen_, strand_);
+      plain_ = std::make_shared<PlainAttempt>(gen_, options_.max_message_bytes, strand_.get_inner_executor());
     }
     log::Debug(kLog, "connecting", {{"name", name_}, {"target", Target()}});
 
@@ -830,18 +926,40 @@ class ConnectionImpl final : public Connection {
       }
       return FailAttempt(absl::UnavailableError(absl::StrCat("resolving ", url_.host, ": ", ec.message())));
     }
-    auto& lowest = beast::get_lowest_layer(a->ws);
-    lowest.expires_after(options_.connect_timeout);
-    lowest.async_connect(results, [self = Self(), a](error_code ec, const tcp::endpoint&) {
-      self->OnConnect(a, ec);
-    });
+    ArmDeadline(a, options_.connect_timeout);
+    net::async_connect(a->socket(), results,
+                       net::bind_executor(strand_, [self = Self(), a](error_code ec, const tcp::endpoint&) {
+                         self->OnConnect(a, ec);
+                       }));
+  }
+
+  // The connect, TLS and WebSocket handshakes each run under a deadline that cancels
+  // the socket's operations; `timed_out` tells the failure it caused.
+  template <class A>
+  void ArmDeadline(const std::shared_ptr<A>& a, Duration timeout) {
+    resolve_timer_.expires_after(timeout);
+    resolve_timer_.async_wait(net::bind_executor(strand_, [a](error_code ec) {
+      if (ec) return;
+      a->timed_out = true;
+      error_code ignored;
+      a->socket().cancel(ignored);
+    }));
+  }
+
+  // The deadline's step finished: true when it is still the current attempt's and the
+  // deadline did not fire.
+  template <class A>
+  bool StepDone(const std::shared_ptr<A>& a) {
+    if (!Current(a)) return false;
+    resolve_timer_.cancel();
+    return true;
   }
 
   template <class A>
   void OnConnect(std::shared_ptr<A> a, error_code ec) {
-    if (!Current(a)) return;
+    if (!StepDone(a)) return;
     if (ec) {
-      if (ec == beast::error::timeout) {
+      if (a->timed_out) {
         return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
             "connecting to ", url_.host_header, " timed out after ", Fmt(options_.connect_timeout))));
       }
@@ -849,37 +967,29 @@ class ConnectionImpl final : public Connection {
           absl::UnavailableError(absl::StrCat("connecting to ", url_.host_header, ": ", ec.message())));
     }
     error_code ignored;
-    beast::get_lowest_layer(a->ws).socket().set_option(tcp::no_delay(true), ignored);
-    if constexpr (std::is_same_v<A, Attempt<TlsWs>>) {
-      // The TLS stream waits on the socket directly, so the deadline cancels that wait.
-      resolve_timer_.expires_after(options_.handshake_timeout);
-      resolve_timer_.async_wait(net::bind_executor(strand_, [a](error_code ec) {
-        if (ec || a->tls_done) return;
-        a->tls_timed_out = true;
-        error_code ignored;
-        beast::get_lowest_layer(a->ws).socket().cancel(ignored);
+    a->socket().set_option(tcp::no_delay(true), ignored);
+    if constexpr (std::is_same_v<A, TlsAttempt>) {
+      ArmDeadline(a, options_.handshake_timeout);
+      tls_ctx_->sessions.Resume(a->stream.native_handle(), static_cast<int>(a->socket().native_handle()));
+      a->stream.async_handshake(net::bind_executor(strand_, [self = Self(), a](error_code ec, std::size_t) {
+        if (self->StepDone(a)) self->OnTlsHandshake(a, ec);
       }));
-      tls_ctx_->sessions.Resume(a->ws.next_layer().native_handle(),
-                                static_cast<int>(beast::get_lowest_layer(a->ws).socket().native_handle()));
-      a->ws.next_layer().async_handshake([self = Self(), a](error_code ec, std::size_t) {
-        a->tls_done = true;
-        if (self->Current(a)) self->resolve_timer_.cancel();
-        self->OnTlsHandshake(a, ec);
-      });
     } else {
+      error_code nb;
+      a->socket().non_blocking(true, nb);
+      if (nb) return FailAttempt(absl::UnavailableError(absl::StrCat("socket setup failed: ", nb.message())));
       DoWsHandshake(a);
     }
   }
 
-  void OnTlsHandshake(std::shared_ptr<Attempt<TlsWs>> a, error_code ec) {
-    if (!Current(a)) return;
+  void OnTlsHandshake(std::shared_ptr<TlsAttempt> a, error_code ec) {
     if (ec) {
-      if (a->tls_timed_out) {
+      if (a->timed_out) {
         return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
             "TLS handshake with ", url_.host_header, " timed out after ", Fmt(options_.handshake_timeout))));
       }
       std::string detail = ec.message();
-      const long verify = SSL_get_verify_result(a->ws.next_layer().native_handle());
+      const long verify = SSL_get_verify_result(a->stream.native_handle());
       if (verify != X509_V_OK) {
         absl::StrAppend(&detail, " (", X509_verify_cert_error_string(verify),
                         "; check tls.ca_file / tls.server_name)");
@@ -890,55 +1000,58 @@ class ConnectionImpl final : public Connection {
     DoWsHandshake(a);
   }
 
+  // --- WebSocket handshake (RFC 6455 4.1) ---------------------------------------------
+
   template <class A>
   void DoWsHandshake(std::shared_ptr<A> a) {
-    beast::get_lowest_layer(a->ws).expires_never();
-    websocket::stream_base::timeout timeouts{};
-    timeouts.handshake_timeout = options_.handshake_timeout;  // also bounds the close handshake
-    timeouts.idle_timeout = websocket::stream_base::none();   // our own keepalive does this
-    timeouts.keep_alive_pings = false;
-    a->ws.set_option(timeouts);
-    a->ws.read_message_max(options_.max_message_bytes);
-    a->ws.auto_fragment(false);
-    websocket::permessage_deflate pmd;
-    pmd.client_enable = false;
-    pmd.server_enable = false;
-    a->ws.set_option(pmd);
-    a->ws.set_option(websocket::stream_base::decorator(
-        [headers = request_.headers, protocols = absl::StrJoin(request_.subprotocols, ", ")](
-            websocket::request_type& req) {
-          req.set(http::field::user_agent, "wsbridge");
-          for (const auto& [name, value] : headers) req.insert(name, value);
-          if (!protocols.empty()) req.set(http::field::sec_websocket_protocol, protocols);
-        }));
-    A* raw = a.get();
-    a->ws.control_callback([raw](websocket::frame_type, beast::string_view) {
-      raw->last_rx = Clock::now();
-    });
-    a->ws.async_handshake(a->response, url_.host_header, url_.target,
-                          [self = Self(), a](error_code ec) { self->OnWsHandshake(a, ec); });
+    auto hs = std::make_unique<Handshake>();
+    hs->key = HandshakeKey();
+    std::string& r = hs->request;
+    absl::StrAppend(&r, "GET ", url_.target, " HTTP/1.1\r\nHost: ", url_.host_header,
+                    "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ", hs->key,
+                    "\r\nSec-WebSocket-Version: 13\r\nUser-Agent: wsbridge\r\n");
+    for (const auto& [name, value] : request_.headers) {
+      // A line break in a header would end the request early or smuggle in another
+      // header; credentials come from files and the environment, so say which one.
+      if (!IsToken(name) || !IsFieldValue(value)) {
+        return FailAttempt(absl::InvalidArgumentError(absl::StrCat(
+            "handshake header \"", log::Redact(name), "\" has ",
+            IsToken(name) ? "a line break or NUL in its value" : "a name that is not an HTTP token",
+            "; check the bridge's headers and secrets")));
+      }
+      absl::StrAppend(&r, name, ": ", value, "\r\n");
+    }
+    if (!request_.subprotocols.empty()) {
+      const std::string protocols = absl::StrJoin(request_.subprotocols, ", ");
+      if (!IsFieldValue(protocols)) {
+        return FailAttempt(absl::InvalidArgumentError("a subprotocol has a line break or NUL"));
+      }
+      absl::StrAppend(&r, "Sec-WebSocket-Protocol: ", protocols, "\r\n");
+    }
+    r.append("\r\n");
+    hs->parser.header_limit(kHandshakeHeaderLimit);
+    hs->parser.body_limit(kHandshakeBodyLimit);
+    a->handshake = std::move(hs);
+    ArmDeadline(a, options_.handshake_timeout);
+    net::async_write(a->stream, net::buffer(a->handshake->request),
+                     net::bind_executor(strand_, [self = Self(), a](error_code ec, std::size_t) {
+                       if (!self->Current(a)) return;
+                       if (ec) return self->OnWsHandshake(a, ec);
+                       http::async_read(a->stream, a->handshake->buffer, a->handshake->parser,
+                                        net::bind_executor(self->strand_, [self, a](error_code ec, std::size_t) {
+                                          self->OnWsHandshake(a, ec);
+                                        }));
+                     }));
   }
 
   template <class A>
   void OnWsHandshake(std::shared_ptr<A> a, error_code ec) {
-    if (!Current(a)) return;
-    if (ec) {
-      if (ec == websocket::error::upgrade_declined && a->response.result_int() != 101) {
-        DisconnectInfo info;
-        info.http_status = static_cast<int>(a->response.result_int());
-        info.retry_after = RetryAfterOf(a->response);
-        std::string body = a->response.body().substr(0, 200);
-        absl::StripAsciiWhitespace(&body);
-        info.http_body = log::Redact(body);
-        const std::string retry_after =
-            info.retry_after > Duration::zero() ? absl::StrCat(" (Retry-After ", Fmt(info.retry_after), ")") : "";
-        info.reason = StatusFromHttp(
-            a->response.result_int(),
-            log::Redact(absl::StrCat("WebSocket upgrade refused by ", url_.host_header, " with HTTP ",
-                                     a->response.result_int(), retry_after, body.empty() ? "" : ": ", body)));
-        return FailAttempt(std::move(info));
-      }
-      if (ec == beast::error::timeout) {
+    if (!StepDone(a)) return;
+    Handshake& hs = *a->handshake;
+    // A refusal whose body is longer than we read still has its status.
+    const bool have_header = hs.parser.is_header_done();
+    if (ec && !(have_header && hs.parser.get().result_int() != 101)) {
+      if (a->timed_out) {
         return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
             "WebSocket handshake with ", url_.host_header, " timed out after ",
             Fmt(options_.handshake_timeout))));
@@ -946,7 +1059,43 @@ class ConnectionImpl final : public Connection {
       return FailAttempt(absl::UnavailableError(
           absl::StrCat("WebSocket handshake with ", url_.host_header, " failed: ", ec.message())));
     }
-    const std::string negotiated(a->response[http::field::sec_websocket_protocol]);
+    const http::response<http::string_body>& res = hs.parser.get();
+    if (res.result_int() != 101) {
+      DisconnectInfo info;
+      info.http_status = static_cast<int>(res.result_int());
+      info.retry_after = RetryAfterOf(res);
+      std::string body = res.body().substr(0, 200);
+      absl::StripAsciiWhitespace(&body);
+      info.http_body = log::Redact(body);
+      const std::string retry_after =
+          info.retry_after > Duration::zero() ? absl::StrCat(" (Retry-After ", Fmt(info.retry_after), ")") : "";
+      info.reason = StatusFromHttp(
+          res.result_int(),
+          log::Redact(absl::StrCat("WebSocket upgrade refused by ", url_.host_header, " with HTTP ",
+                                   res.result_int(), retry_after, body.empty() ? "" : ": ", body)));
+      return FailAttempt(std::move(info));
+    }
+    auto field = [&](http::field f) {
+      const auto v = res[f];
+      return std::string_view(v.data(), v.size());
+    };
+    std::string_view bad;
+    if (res.version() != 11) {
+      bad = "the answer is not HTTP/1.1";
+    } else if (!HasToken(field(http::field::upgrade), "websocket")) {
+      bad = "the answer has no \"Upgrade: websocket\"";
+    } else if (!HasToken(field(http::field::connection), "upgrade")) {
+      bad = "the answer has no \"Connection: Upgrade\"";
+    } else if (field(http::field::sec_websocket_accept) != ws::AcceptKey(hs.key)) {
+      bad = "Sec-WebSocket-Accept does not match the key sent";
+    } else if (!field(http::field::sec_websocket_extensions).empty()) {
+      bad = "the server chose an extension that was not offered";
+    }
+    if (!bad.empty()) {
+      return FailAttempt(absl::UnavailableError(
+          absl::StrCat("WebSocket handshake with ", url_.host_header, " failed: ", AV(bad))));
+    }
+    const std::string negotiated(field(http::field::sec_websocket_protocol));
     const auto& requested = request_.subprotocols;
     if (!requested.empty() && negotiated.empty()) {
       return FailAttempt(absl::FailedPreconditionError(absl::StrCat(
@@ -956,12 +1105,13 @@ class ConnectionImpl final : public Connection {
       return FailAttempt(absl::FailedPreconditionError(
           absl::StrCat("upstream selected subprotocol \"", negotiated, "\" that was not requested")));
     }
-    // Keep nothing of the handshake for the connection's lifetime: the response's
-    // header fields, the request (which may carry credentials) and the decorator's copy
-    // of its headers are rebuilt on every attempt anyway.
-    a->response = {};
+    // Frames the server sent right behind its answer are read first.
+    const auto rest = hs.buffer.cdata();
+    if (rest.size() != 0) a->rx.assign(static_cast<const char*>(rest.data()), rest.size());
+    // Keep nothing of the handshake for the connection's lifetime: the answer, the
+    // request (which may carry credentials) are rebuilt on every attempt anyway.
+    a->handshake.reset();
     request_ = {};
-    a->ws.set_option(websocket::stream_base::decorator([](websocket::request_type&) {}));
     open_ = true;
     if (opened_before_) stats_.reconnects.fetch_add(1);
     opened_before_ = true;
@@ -975,97 +1125,267 @@ class ConnectionImpl final : public Connection {
   }
 
   // --- Reading ------------------------------------------------------------------------
+  //
+  // No read operation is pending while the connection is idle: it waits for readable on
+  // the socket (a small reactor operation), then ReadNow reads what has arrived with
+  // non-blocking calls and hands every complete event out, until the socket would block.
+  // An idle connection so holds no read buffer and no operation chain (docs/performance.md,
+  // round 9).
 
+  // Starts reading (after the handshake, or once reads resume). Never reads in the
+  // calling frame: the handler may be inside a callback of this connection.
   template <class A>
   void DoRead(std::shared_ptr<A> a) {
-    if (paused_ || a->reading || !Current(a)) return;
+    if (paused_ || a->reading || !Current(a) || !open_) return;
     a->reading = true;
-    // A message is read in parts: the first with a small limit, so an idle session's
-    // pending read holds kFirstReadBytes of buffer instead of Beast's 1,536-byte frame
-    // hint; the rest (if any) in one more part sized from the frame header.
-    const std::size_t limit = a->read_buffer.size() == 0 ? kFirstReadBytes : 0;
-    a->ws.async_read_some(a->read_buffer, limit, [self = Self(), a](error_code ec, std::size_t n) {
-      self->OnRead(a, ec, n);
+    net::post(strand_, [self = Self(), a] {
+      a->reading = false;
+      self->ReadNow(a);
     });
   }
 
   template <class A>
-  void OnRead(std::shared_ptr<A> a, error_code ec, std::size_t /*part_bytes*/) {
+  void WaitReadable(const std::shared_ptr<A>& a, net::socket_base::wait_type what) {
+    a->reading = true;
+    a->socket().async_wait(what, net::bind_executor(strand_, [self = Self(), a](error_code ec) {
+      a->reading = false;
+      if (!self->Current(a) || self->paused_) return;
+      if (ec) return self->OnReadError(ec);
+      self->ReadNow(a);
+    }));
+  }
+
+  // Reads into one buffer per io thread. A callback may run another connection's reads
+  // on this thread (a strand run inline); that one then uses a buffer of its own.
+  struct ReadBuffer {
+    ReadBuffer() {
+      if (!busy) {
+        busy = true;
+        owner = true;
+        if (!shared) shared.reset(new char[kReadChunk]);
+        data = shared.get();
+      } else {
+        own.reset(new char[kReadChunk]);
+        data = own.get();
+      }
+    }
+    ~ReadBuffer() {
+      if (owner) busy = false;
+    }
+    static inline thread_local std::unique_ptr<char[]> shared;
+    static inline thread_local bool busy = false;
+    bool owner = false;
+    std::unique_ptr<char[]> own;
+    char* data = nullptr;
+  };
+
+  template <class A>
+  void ReadNow(std::shared_ptr<A> a) {
+    if (a->reading || !Current(a) || paused_) return;
+    a->reading = true;  // nothing else starts a read of `a` meanwhile
+    // Bytes left over from a pause first.
+    if (!a->rx.empty()) {
+      std::string rx = std::move(a->rx);
+      std::string_view in(rx);
+      if (!Deliver(a, in)) return Stopped(a, in);
+    }
+    ReadBuffer buffer;
+    for (int turn = 0; turn < kReadsPerTurn; ++turn) {
+      std::size_t n = 0;
+      int want = 0;
+      error_code ec = ReadSome(a, buffer.data, n, want);
+      if (want != 0) {
+        a->reading = false;
+        a->reader.ReleaseMemory();
+        return WaitReadable(a, want == SSL_ERROR_WANT_WRITE ? net::socket_base::wait_write
+                                                            : net::socket_base::wait_read);
+      }
+      if (ec) {
+        a->reading = false;
+        return OnReadError(ec);
+      }
+      a->last_rx = Clock::now();
+      std::string_view in(buffer.data, n);
+      if (!Deliver(a, in)) return Stopped(a, in);
+    }
+    // A busy connection lets the thread's other work run between its turns.
+    a->reading = false;
+    DoRead(a);
+  }
+
+  // Delivery stopped before `in` was used up: keep the rest if the connection is still
+  // this attempt's (paused reads resume with it).
+  template <class A>
+  void Stopped(const std::shared_ptr<A>& a, std::string_view in) {
     a->reading = false;
     if (!Current(a)) return;
-    if (ec) return OnReadError(a, ec);
-    a->last_rx = Clock::now();
-    if (!a->ws.is_message_done()) return DoRead(a);
-    stats_.frames_in.fetch_add(1, std::memory_order_relaxed);
-    stats_.bytes_in.fetch_add(a->read_buffer.size(), std::memory_order_relaxed);
-    const auto data = a->read_buffer.cdata();
-    const std::string_view payload(static_cast<const char*>(data.data()), data.size());
-    const bool binary = a->ws.got_binary();
-    if (!Notify([&](ConnectionHandler& h) { h.OnMessage(payload, binary); })) return;
-    // Release the message's storage rather than keep the largest message's capacity
-    // for the life of the session: an idle session then holds no read buffer at all
-    // (one allocation per message in exchange; see docs/performance.md).
-    a->read_buffer.consume(a->read_buffer.size());
-    a->read_buffer.shrink_to_fit();
-    DoRead(a);  // no-op if the handler paused, reconnected or closed
+    if (!in.empty()) a->rx.assign(in.data(), in.size());
+    if (!paused_ && !a->reader.done()) DoRead(a);
+  }
+
+  // One non-blocking read: n bytes, or `want` (SSL_ERROR_WANT_READ/WRITE) when it would
+  // block, or an error (eof when the peer closed the stream).
+  template <class A>
+  error_code ReadSome(const std::shared_ptr<A>& a, char* data, std::size_t& n, int& want) {
+    want = 0;
+    if constexpr (std::is_same_v<A, TlsAttempt>) {
+      if (const error_code attach = a->stream.Attach()) return attach;
+      ERR_clear_error();
+      const int ret = SSL_read_ex(a->stream.native_handle(), data, kReadChunk, &n);
+      if (ret > 0) return {};
+      return a->stream.ErrorOf(ret, want);
+    } else {
+      error_code ec;
+      n = a->socket().read_some(net::buffer(data, kReadChunk), ec);
+      if (ec == net::error::would_block || ec == net::error::try_again) {
+        want = SSL_ERROR_WANT_READ;
+        return {};
+      }
+      return ec;
+    }
+  }
+
+  // Hands out every complete event in `in`. False when the connection stopped reading
+  // (paused, closed, failed or moved on); `in` then holds what was not used.
+  template <class A>
+  bool Deliver(const std::shared_ptr<A>& a, std::string_view& in) {
+    for (;;) {
+      ws::Reader::Event e = a->reader.Next(in);
+      switch (e.kind) {
+        case ws::Reader::Event::kNeedMore:
+          return true;
+        case ws::Reader::Event::kMessage:
+          stats_.frames_in.fetch_add(1, std::memory_order_relaxed);
+          stats_.bytes_in.fetch_add(e.payload.size(), std::memory_order_relaxed);
+          if (!Notify([&](ConnectionHandler& h) { h.OnMessage(e.payload, e.binary); })) return false;
+          if (!Current(a) || paused_) return false;
+          break;
+        case ws::Reader::Event::kPing:
+          a->pong_due.emplace(e.payload);
+          if (!a->writing) DoWrite(a);
+          if (!Current(a)) return false;
+          break;
+        case ws::Reader::Event::kPong:
+          break;
+        case ws::Reader::Event::kClose:
+          OnPeerClose(a, e.close_code, e.payload);
+          return false;
+        case ws::Reader::Event::kError:
+          OnProtocolError(a, e);
+          return false;
+      }
+    }
+    return true;
+  }
+
+  // The upstream's close frame: the answer to ours, or its own close.
+  template <class A>
+  void OnPeerClose(const std::shared_ptr<A>& a, uint16_t code, std::string_view reason) {
+    if (closing_) {
+      // Our close handshake finished.
+      SendCloseNotify(a);
+      return EndClosedByUs(CloseStatus());
+    }
+    DisconnectInfo info;
+    info.was_open = true;
+    info.close_code = code;
+    info.close_reason = log::Redact(reason);
+    info.reason = absl::UnavailableError(absl::StrCat("upstream closed the connection (code ", info.close_code,
+                                                      info.close_reason.empty() ? "" : ": ", info.close_reason,
+                                                      ")"));
+    // Echo the close (RFC 6455 5.5.1) when no other frame is being written; the write
+    // starts at once, so it leaves before the socket closes.
+    SendFinalFrame(a, code == 1005 ? 0 : code);
+    Lost(std::move(info));
   }
 
   template <class A>
-  void OnReadError(std::shared_ptr<A> a, error_code ec) {
+  void OnProtocolError(const std::shared_ptr<A>& a, const ws::Reader::Event& e) {
+    SendFinalFrame(a, e.close_code);
+    if (e.close_code == 1009) {
+      return Lost(absl::ResourceExhaustedError(absl::StrCat(
+          "upstream sent a message larger than max_message_bytes (", options_.max_message_bytes,
+          " bytes); raise the limit if such messages are expected")));
+    }
+    Lost(absl::UnavailableError(
+        absl::StrCat("upstream connection lost: ", e.error.message(), " (closed with code ", e.close_code, ")")));
+  }
+
+  // A close frame written as the connection ends (best effort: not when another frame
+  // is half written), then close_notify.
+  template <class A>
+  void SendFinalFrame(const std::shared_ptr<A>& a, uint16_t code) {
+    if (a->writing) return;
+    a->writing = true;
+    a->control = ws::ClientFrame(ws::Opcode::kClose, ws::ClosePayload(code, ""), MaskKey());
+    net::async_write(a->stream, net::buffer(a->control), net::bind_executor(strand_, [a](error_code, std::size_t) {
+      a->writing = false;
+    }));
+    SendCloseNotify(a);
+  }
+
+  template <class A>
+  void SendCloseNotify(const std::shared_ptr<A>& a) {
+    if constexpr (std::is_same_v<A, TlsAttempt>) a->stream.SendCloseNotify();
+  }
+
+  void OnReadError(error_code ec) {
     if (closing_) {
-      // Our close handshake finished (or the socket died during it).
+      // Our close handshake ended with the stream (or the socket died during it).
       return EndClosedByUs(CloseStatus());
     }
-    absl::Status st;
-    if (ec == websocket::error::closed) {
-      const auto& r = a->ws.reason();
-      DisconnectInfo info;
-      info.was_open = true;
-      // A close frame without a code reads as close_code::none (0); RFC 6455 7.1.5 calls
-      // that 1005, and it is still a close by the peer.
-      info.close_code = r.code == websocket::close_code::none ? uint16_t{1005} : static_cast<uint16_t>(r.code);
-      info.close_reason = log::Redact(std::string_view(r.reason.data(), r.reason.size()));
-      info.reason = absl::UnavailableError(absl::StrCat("upstream closed the connection (code ", info.close_code,
-                                                        info.close_reason.empty() ? "" : ": ", info.close_reason,
-                                                        ")"));
-      return Lost(std::move(info));
-    } else if (ec == websocket::error::message_too_big) {
-      st = absl::ResourceExhaustedError(absl::StrCat(
-          "upstream sent a message larger than max_message_bytes (", options_.max_message_bytes,
-          " bytes); raise the limit if such messages are expected"));
-    } else {
-      st = absl::UnavailableError(absl::StrCat("upstream connection lost: ", ec.message()));
-    }
-    Lost(st);
+    Lost(absl::UnavailableError(absl::StrCat("upstream connection lost: ", ec.message())));
   }
 
   // --- Writing ------------------------------------------------------------------------
 
+  // One frame in flight: a pong or ping first, then the queue's messages, then (closing)
+  // our close frame.
   template <class A>
   void DoWrite(std::shared_ptr<A> a) {
-    if (queue_.empty() || a->writing) return;
+    if (a->writing || !Current(a) || close_started_) return;
+    if (a->pong_due || a->ping_due) {
+      if (a->pong_due) {
+        a->control = ws::ClientFrame(ws::Opcode::kPong, *a->pong_due, MaskKey());
+        a->pong_due.reset();
+      } else {
+        a->control = ws::ClientFrame(ws::Opcode::kPing, {}, MaskKey());
+        a->ping_due = false;
+      }
+      a->writing = true;
+      net::async_write(a->stream, net::buffer(a->control),
+                       net::bind_executor(strand_, [self = Self(), a](error_code ec, std::size_t) {
+                         a->writing = false;
+                         if (!self->Current(a)) return;
+                         if (ec) return self->OnWriteError(ec);
+                         self->DoWrite(a);
+                       }));
+      return;
+    }
+    if (queue_.empty()) {
+      if (closing_) DoClose(a);
+      return;
+    }
     a->writing = true;
-    a->ws.binary(queue_.front().binary);
-    // Beast masks a client message through a write buffer of this size, which it keeps
-    // between messages. Sizing it to the message (a power of two, 64 B .. 8 KiB) keeps
-    // an idle session's buffer as small as its last message, not a fixed 4 KiB; Beast
-    // reallocates only when the size class changes.
-    a->ws.write_buffer_bytes(std::clamp<std::size_t>(
-        std::bit_ceil(queue_.front().payload.size()), 64, kMaxWriteBufferBytes));
-    a->ws.async_write(net::buffer(queue_.front().payload),
-                      [self = Self(), a](error_code ec, std::size_t n) { self->OnWrite(a, ec, n); });
+    Outgoing& m = queue_.front();
+    // The payload is ours: mask it in place rather than through a copy.
+    const uint32_t key = MaskKey();
+    const std::size_t h = ws::WriteClientHeader(m.binary ? ws::Opcode::kBinary : ws::Opcode::kText, true,
+                                                m.payload.size(), key, a->header.data());
+    ws::ApplyMask(m.payload.data(), m.payload.size(), key);
+    const std::array<net::const_buffer, 2> frame{net::buffer(a->header.data(), h), net::buffer(m.payload)};
+    net::async_write(a->stream, frame, net::bind_executor(strand_, [self = Self(), a](error_code ec, std::size_t) {
+      self->OnWrite(a, ec);
+    }));
   }
 
   template <class A>
-  void OnWrite(std::shared_ptr<A> a, error_code ec, std::size_t n) {
+  void OnWrite(std::shared_ptr<A> a, error_code ec) {
     a->writing = false;
     if (!Current(a)) return;
-    if (ec) {
-      if (closing_) return EndClosedByUs(CloseStatus());
-      return Lost(absl::UnavailableError(absl::StrCat("writing to upstream failed: ", ec.message())));
-    }
+    if (ec) return OnWriteError(ec);
     stats_.frames_out.fetch_add(1, std::memory_order_relaxed);
-    stats_.bytes_out.fetch_add(n, std::memory_order_relaxed);
+    stats_.bytes_out.fetch_add(queue_.front().payload.size(), std::memory_order_relaxed);
     queued_bytes_ -= queue_.front().payload.size();
     queue_.pop_front();
     if (want_writable_ && !closing_ && queue_.size() <= options_.send_queue_max_messages / 2 &&
@@ -1074,24 +1394,34 @@ class ConnectionImpl final : public Connection {
       if (!Notify([](ConnectionHandler& h) { h.OnWritable(); })) return;
       if (!Current(a)) return;
     }
-    if (!queue_.empty()) return DoWrite(a);
-    if (closing_) DoClose(a);
+    DoWrite(a);
   }
 
+  void OnWriteError(error_code ec) {
+    if (closing_) return EndClosedByUs(CloseStatus());
+    Lost(absl::UnavailableError(absl::StrCat("writing to upstream failed: ", ec.message())));
+  }
+
+  // Our close frame, once everything queued before Close() has left. The connection
+  // then reads on until the upstream answers with its own close frame (or the stream
+  // ends, or close_timeout).
   template <class A>
   void DoClose(std::shared_ptr<A> a) {
     if (close_started_) return;
     close_started_ = true;
-    a->ws.async_close(close_reason_, [self = Self(), a](error_code) {
-      if (!self->Current(a)) return;
-      // Wait for the pending read to see the end of the stream, unless none is pending.
-      if (!a->reading) self->EndClosedByUs(self->CloseStatus());
-    });
+    a->writing = true;
+    a->control = ws::ClientFrame(ws::Opcode::kClose, ws::ClosePayload(close_code_, close_text_), MaskKey());
+    net::async_write(a->stream, net::buffer(a->control),
+                     net::bind_executor(strand_, [self = Self(), a](error_code ec, std::size_t) {
+                       a->writing = false;
+                       if (!self->Current(a)) return;
+                       // Nothing will read the answer while reads are paused.
+                       if (ec || self->paused_) self->EndClosedByUs(self->CloseStatus());
+                     }));
   }
 
   absl::Status CloseStatus() const {
-    return absl::CancelledError(
-        absl::StrCat("connection closed by the client (code ", close_reason_.code, ")"));
+    return absl::CancelledError(absl::StrCat("connection closed by the client (code ", close_code_, ")"));
   }
 
   // --- Keepalive ----------------------------------------------------------------------
@@ -1126,10 +1456,8 @@ class ConnectionImpl final : public Connection {
     if (!ping_sent_ && now - last_ping_ >= ka.ping_interval) {
       last_ping_ = now;
       if (!paused_) ping_sent_ = now;
-      if (!a->pinging) {
-        a->pinging = true;
-        a->ws.async_ping({}, [a](error_code) { a->pinging = false; });
-      }
+      a->ping_due = true;
+      if (!a->writing) DoWrite(a);
     }
     ArmKeepalive(a);
   }
@@ -1198,9 +1526,8 @@ class ConnectionImpl final : public Connection {
     resolver_.cancel();
     error_code ignored;
     WithAttempt([&](auto& a) {
-      auto& lowest = beast::get_lowest_layer(a->ws);
-      lowest.socket().shutdown(tcp::socket::shutdown_both, ignored);
-      lowest.close();
+      a->socket().shutdown(tcp::socket::shutdown_both, ignored);
+      a->socket().close(ignored);
     });
     plain_.reset();
     tls_.reset();
@@ -1303,14 +1630,15 @@ class ConnectionImpl final : public Connection {
   HandshakeRequest request_;
   ParsedUrl url_;
   std::shared_ptr<TlsClientContext> tls_ctx_;
-  std::shared_ptr<Attempt<PlainWs>> plain_;
-  std::shared_ptr<Attempt<TlsWs>> tls_;
+  std::shared_ptr<PlainAttempt> plain_;
+  std::shared_ptr<TlsAttempt> tls_;
   bool open_ = false;
   bool opened_before_ = false;
   bool closing_ = false;
   bool close_started_ = false;
   bool paused_ = false;
-  websocket::close_reason close_reason_;
+  uint16_t close_code_ = 1000;  // what Close() sends
+  std::string close_text_;
   // A list, not a deque: libstdc++'s deque allocates ~580 bytes even when empty, and
   // this queue is empty for almost all of an idle session's life.
   std::list<Outgoing> queue_;

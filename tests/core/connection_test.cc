@@ -132,6 +132,8 @@ class TestHandler : public ConnectionHandler {
   // Builds the request for the n-th attempt (1-based).
   std::function<absl::StatusOr<HandshakeRequest>(int n)> make_request;
   bool auto_ready = true;
+  // Pauses reads from inside every message's callback.
+  std::atomic<bool> pause_on_message{false};
   std::weak_ptr<Connection> conn;
   // When set, overrides Classify; it also sees what Classify was given.
   std::function<DisconnectKind(const DisconnectInfo&)> classify;
@@ -153,8 +155,11 @@ class TestHandler : public ConnectionHandler {
     if (auto c = conn.lock(); c && auto_ready) c->MarkReady();
   }
   void OnMessage(std::string_view payload, bool binary) override {
-    absl::MutexLock lock(&mu_);
-    messages_.emplace_back(std::string(payload), binary);
+    {
+      absl::MutexLock lock(&mu_);
+      messages_.emplace_back(std::string(payload), binary);
+    }
+    if (auto c = conn.lock(); c && pause_on_message) c->PauseReads();
   }
   void OnDisconnected(const DisconnectInfo& info, bool will_retry) override {
     // On the strand: the scheduled attempt cannot start before this returns, so the
@@ -925,18 +930,31 @@ TEST_F(ConnectionTest, PausedReadsDeliverNothingUntilResumed) {
   ConnectionOptions o = PlainOptions();
   StartConnection(o);
   ASSERT_TRUE(WaitFor([&] { return handler_->opens().size() == 1; }, kDeadline));
-  // Pause, then let one message in flight complete the read that was already pending.
+  // Paused before anything arrived: no read is waiting, so nothing is delivered.
   OnStrand([&] { conn_->PauseReads(); });
   ASSERT_TRUE(WaitServerConn(0));
   upstream_.conn(0)->Send("first", false);
-  ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 1; }, kDeadline));
   upstream_.conn(0)->Send("second", false);
   upstream_.conn(0)->Send("third", false);
-  EXPECT_EQ(handler_->messages().size(), 1u);
+  OnStrand([] {});
+  EXPECT_EQ(handler_->messages().size(), 0u);
   OnStrand([&] { conn_->ResumeReads(); });
   ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 3; }, kDeadline));
+  EXPECT_EQ(handler_->messages()[0].first, "first");
   EXPECT_EQ(handler_->messages()[1].first, "second");
   EXPECT_EQ(handler_->messages()[2].first, "third");
+  // Paused inside a message's callback: the messages already read wait, in order.
+  handler_->pause_on_message = true;
+  upstream_.conn(0)->Send("fourth", false);
+  upstream_.conn(0)->Send("fifth", false);
+  ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 4; }, kDeadline));
+  OnStrand([] {});
+  EXPECT_EQ(handler_->messages().size(), 4u);
+  handler_->pause_on_message = false;
+  OnStrand([&] { conn_->ResumeReads(); });
+  ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 5; }, kDeadline));
+  EXPECT_EQ(handler_->messages()[3].first, "fourth");
+  EXPECT_EQ(handler_->messages()[4].first, "fifth");
 }
 
 TEST_F(ConnectionTest, BackoffResetsAfterAHealthyPeriod) {
