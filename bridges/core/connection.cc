@@ -657,12 +657,9 @@ class ConnectionImpl final : public Connection {
         // type-erased executor's inline storage, so a timer built on the strand costs a
         // heap allocation for its whole life (7 of them per connection).
         resolver_(strand_.get_inner_executor()),
-        resolve_timer_(strand_.get_inner_executor()),
-        retry_timer_(strand_.get_inner_executor()),
-        keepalive_timer_(strand_.get_inner_executor()),
-        heartbeat_timer_(strand_.get_inner_executor()),
-        healthy_timer_(strand_.get_inner_executor()),
-        close_timer_(strand_.get_inner_executor()) {}
+        timer_(strand_.get_inner_executor()) {
+    due_.fill(Clock::time_point::max());
+  }
 
   // --- Strand only. ---
   void Start() override {
@@ -699,14 +696,7 @@ class ConnectionImpl final : public Connection {
     state_.store(ConnectionState::kReady);
     stats_.ready_since_unix_ms.store(absl::ToUnixMillis(absl::Now()));
     log::Info(kLog, "upstream ready", {{"name", name_}, {"target", Target()}});
-    const uint64_t gen = gen_;
-    auto self = Self();
-    healthy_timer_.expires_after(options_.backoff.reset_after);
-    healthy_timer_.async_wait(net::bind_executor(strand_, [self, gen](error_code ec) {
-      if (ec || gen != self->gen_ || self->state_.load() != ConnectionState::kReady) return;
-      self->backoff_.Reset();
-      self->auth_backoff_.Reset();
-    }));
+    Arm(kHealthy, Later(options_.backoff.reset_after), gen_);
     if (options_.keepalive.heartbeat_interval > Duration::zero()) ArmHeartbeat();
   }
 
@@ -729,21 +719,13 @@ class ConnectionImpl final : public Connection {
     if (s == ConnectionState::kClosed || closing_) return;
     closing_ = true;
     ++retry_gen_;
-    retry_timer_.cancel();
-    resolve_timer_.cancel();
+    Disarm(kRetry);
+    Disarm(kStep);
     resolver_.cancel();
     if (!open_) return EndClosedByUs(absl::CancelledError("closed before the connection opened"));
     close_code_ = code;
     close_text_ = std::string(reason);
-    const uint64_t gen = gen_;
-    auto self = Self();
-    close_timer_.expires_after(options_.close_timeout);
-    close_timer_.async_wait(net::bind_executor(strand_, [self, gen](error_code ec) {
-      if (ec || gen != self->gen_ || self->state_.load() == ConnectionState::kClosed) return;
-      log::Warn(kLog, "close handshake timed out",
-                {{"name", self->name_}, {"timeout", Fmt(self->options_.close_timeout)}});
-      self->EndClosedByUs(absl::CancelledError("connection closed (close handshake timed out)"));
-    }));
+    Arm(kClose, Later(options_.close_timeout), gen_);
     WithAttempt([&](auto& a) { DoWrite(a); });
   }
 
@@ -823,8 +805,7 @@ class ConnectionImpl final : public Connection {
     closing_ = true;
     stats_.retry_delay_ms.store(0);
     ++retry_gen_;
-    retry_timer_.cancel();
-    resolve_timer_.cancel();
+    Disarm(kRetry);
     resolver_.cancel();
     Teardown();
     state_.store(ConnectionState::kClosed);
@@ -903,15 +884,12 @@ class ConnectionImpl final : public Connection {
 
     const uint64_t gen = gen_;
     auto self = Self();
-    resolve_timer_.expires_after(options_.connect_timeout);
-    resolve_timer_.async_wait(net::bind_executor(strand_, [self, gen](error_code ec) {
-      if (!ec && gen == self->gen_) self->resolver_.cancel();
-    }));
+    Arm(kStep, Later(options_.connect_timeout), gen_);
     resolver_.async_resolve(url_.host, url_.port,
                             net::bind_executor(strand_, [self, gen](error_code ec,
                                                                     tcp::resolver::results_type results) {
                               if (gen != self->gen_) return;
-                              self->resolve_timer_.cancel();
+                              self->Disarm(kStep);
                               self->WithAttempt([&](auto& a) { self->OnResolve(a, ec, results); });
                             }));
   }
@@ -937,13 +915,7 @@ class ConnectionImpl final : public Connection {
   // the socket's operations; `timed_out` tells the failure it caused.
   template <class A>
   void ArmDeadline(const std::shared_ptr<A>& a, Duration timeout) {
-    resolve_timer_.expires_after(timeout);
-    resolve_timer_.async_wait(net::bind_executor(strand_, [a](error_code ec) {
-      if (ec) return;
-      a->timed_out = true;
-      error_code ignored;
-      a->socket().cancel(ignored);
-    }));
+    Arm(kStep, Later(timeout), a->gen);
   }
 
   // The deadline's step finished: true when it is still the current attempt's and the
@@ -951,7 +923,7 @@ class ConnectionImpl final : public Connection {
   template <class A>
   bool StepDone(const std::shared_ptr<A>& a) {
     if (!Current(a)) return false;
-    resolve_timer_.cancel();
+    Disarm(kStep);
     return true;
   }
 
@@ -1432,11 +1404,7 @@ class ConnectionImpl final : public Connection {
     if (ka.ping_interval <= Duration::zero()) return;
     const Clock::time_point next =
         ping_sent_ ? *ping_sent_ + ka.pong_timeout : last_ping_ + ka.ping_interval;
-    keepalive_timer_.expires_at(next);
-    keepalive_timer_.async_wait(net::bind_executor(strand_, [self = Self(), a](error_code ec) {
-      if (ec || !self->Current(a)) return;
-      self->OnKeepalive(a);
-    }));
+    Arm(kKeepalive, next, a->gen);
   }
 
   template <class A>
@@ -1462,16 +1430,100 @@ class ConnectionImpl final : public Connection {
     ArmKeepalive(a);
   }
 
-  void ArmHeartbeat() {
-    const uint64_t gen = gen_;
-    heartbeat_timer_.expires_after(options_.keepalive.heartbeat_interval);
-    heartbeat_timer_.async_wait(net::bind_executor(strand_, [self = Self(), gen](error_code ec) {
-      if (ec || gen != self->gen_ || self->state_.load() != ConnectionState::kReady || self->closing_) return;
-      if (!self->Notify([](ConnectionHandler& h) { h.OnHeartbeat(); })) return;
-      if (gen == self->gen_ && self->state_.load() == ConnectionState::kReady && !self->closing_) {
-        self->ArmHeartbeat();
-      }
-    }));
+  void ArmHeartbeat() { Arm(kHeartbeat, Later(options_.keepalive.heartbeat_interval), gen_); }
+
+  // --- Timers -------------------------------------------------------------------------
+  //
+  // One timer serves every deadline of the connection (a handshake step's, the retry's,
+  // keepalive, heartbeat, the healthy period, the close handshake): each is a slot with
+  // its time and the generation it belongs to, and the timer waits for the earliest.
+  // Seven timers cost ~0.8 KiB per connection and an idle one kept two or three waits
+  // pending (~290 bytes each); now one wait at most (docs/performance.md, round 9).
+  // Disarming is lazy: a wait that comes too early finds nothing due and waits again.
+
+  enum Slot : uint8_t { kStep, kRetry, kKeepalive, kHeartbeat, kHealthy, kClose, kSlots };
+
+  // Now + d, saturating (a configured duration may be very long).
+  static Clock::time_point Later(Duration d) {
+    const Clock::time_point now = Clock::now();
+    const auto left = Clock::time_point::max() - now - std::chrono::seconds(1);
+    return d >= left ? now + left : now + std::chrono::duration_cast<Clock::duration>(d);
+  }
+
+  void Arm(Slot slot, Clock::time_point at, uint64_t gen) {
+    due_[slot] = at;
+    due_gen_[slot] = gen;
+    if (!waiting_ || at < waiting_until_) Wait(at);
+  }
+
+  void Disarm(Slot slot) {
+    due_[slot] = Clock::time_point::max();
+    // Nothing left: release the wait (and the connection it holds) now.
+    if (waiting_ && *std::min_element(due_.begin(), due_.end()) == Clock::time_point::max()) {
+      waiting_ = false;
+      ++wait_seq_;
+      timer_.cancel();
+    }
+  }
+
+  void Wait(Clock::time_point at) {
+    waiting_ = true;
+    waiting_until_ = at;
+    const uint64_t seq = ++wait_seq_;
+    timer_.expires_at(at);  // cancels the wait it replaces (stale by its sequence)
+    timer_.async_wait(net::bind_executor(strand_, [self = Self(), seq](error_code) { self->OnTimer(seq); }));
+  }
+
+  void OnTimer(uint64_t seq) {
+    if (seq != wait_seq_) return;
+    waiting_ = false;
+    for (int fired = 0; fired < 4 * kSlots; ++fired) {
+      const auto it = std::min_element(due_.begin(), due_.end());
+      if (*it > Clock::now()) break;
+      const Slot slot = static_cast<Slot>(it - due_.begin());
+      *it = Clock::time_point::max();
+      Fire(slot, due_gen_[slot]);
+    }
+    const Clock::time_point next = *std::min_element(due_.begin(), due_.end());
+    if (!waiting_ && next != Clock::time_point::max()) Wait(next);
+  }
+
+  void Fire(Slot slot, uint64_t gen) {
+    switch (slot) {
+      case kStep:
+        // A handshake step's deadline: cancel what the attempt is waiting for.
+        if (gen != gen_) return;
+        resolver_.cancel();
+        WithAttempt([](auto& a) {
+          a->timed_out = true;
+          error_code ignored;
+          a->socket().cancel(ignored);
+        });
+        return;
+      case kRetry:
+        if (gen == retry_gen_ && state_.load() == ConnectionState::kBackingOff) StartAttempt();
+        return;
+      case kKeepalive:
+        if (gen == gen_) WithAttempt([&](auto& a) { OnKeepalive(a); });
+        return;
+      case kHeartbeat:
+        if (gen != gen_ || state_.load() != ConnectionState::kReady || closing_) return;
+        if (!Notify([](ConnectionHandler& h) { h.OnHeartbeat(); })) return;
+        if (gen == gen_ && state_.load() == ConnectionState::kReady && !closing_) ArmHeartbeat();
+        return;
+      case kHealthy:
+        if (gen != gen_ || state_.load() != ConnectionState::kReady) return;
+        backoff_.Reset();
+        auth_backoff_.Reset();
+        return;
+      case kClose:
+        if (gen != gen_ || state_.load() == ConnectionState::kClosed) return;
+        log::Warn(kLog, "close handshake timed out", {{"name", name_}, {"timeout", Fmt(options_.close_timeout)}});
+        EndClosedByUs(absl::CancelledError("connection closed (close handshake timed out)"));
+        return;
+      case kSlots:
+        return;
+    }
   }
 
   // --- Failure and retry --------------------------------------------------------------
@@ -1519,10 +1571,10 @@ class ConnectionImpl final : public Connection {
   // Drops the current attempt's socket; its pending operations complete as stale.
   void Teardown() {
     ++gen_;
-    keepalive_timer_.cancel();
-    heartbeat_timer_.cancel();
-    healthy_timer_.cancel();
-    resolve_timer_.cancel();
+    Disarm(kKeepalive);
+    Disarm(kHeartbeat);
+    Disarm(kHealthy);
+    Disarm(kStep);
     resolver_.cancel();
     error_code ignored;
     WithAttempt([&](auto& a) {
@@ -1561,12 +1613,7 @@ class ConnectionImpl final : public Connection {
     const Duration delay = NextDelay(info);
     state_.store(ConnectionState::kBackingOff);
     stats_.retry_delay_ms.store(std::max<int64_t>(1, std::chrono::ceil<std::chrono::milliseconds>(delay).count()));
-    const uint64_t retry = ++retry_gen_;
-    retry_timer_.expires_after(delay);
-    retry_timer_.async_wait(net::bind_executor(strand_, [self = Self(), retry](error_code ec) {
-      if (ec || retry != self->retry_gen_ || self->state_.load() != ConnectionState::kBackingOff) return;
-      self->StartAttempt();
-    }));
+    Arm(kRetry, Later(delay), ++retry_gen_);
     log::Info(kLog, "upstream reconnect scheduled",
               {{"name", name_},
                {"kind", std::string(ToString(info.kind))},
@@ -1595,9 +1642,9 @@ class ConnectionImpl final : public Connection {
     if (state_.load() == ConnectionState::kClosed) return;
     state_.store(ConnectionState::kClosed);
     stats_.retry_delay_ms.store(0);
-    close_timer_.cancel();
     ++retry_gen_;
-    retry_timer_.cancel();
+    Disarm(kClose);
+    Disarm(kRetry);
     log::Info(kLog, "upstream connection closed", {{"name", name_}, {"kind", std::string(ToString(info.kind))}});
     if (auto h = handler_.lock()) h->OnDisconnected(info, false);
   }
@@ -1619,12 +1666,12 @@ class ConnectionImpl final : public Connection {
 
   // Strand-only state.
   tcp::resolver resolver_;
-  net::steady_timer resolve_timer_;
-  net::steady_timer retry_timer_;
-  net::steady_timer keepalive_timer_;
-  net::steady_timer heartbeat_timer_;
-  net::steady_timer healthy_timer_;
-  net::steady_timer close_timer_;
+  net::steady_timer timer_;
+  std::array<Clock::time_point, kSlots> due_;  // max(): not armed
+  std::array<uint64_t, kSlots> due_gen_{};      // gen_ (retry_gen_ for kRetry) when armed
+  Clock::time_point waiting_until_{};
+  uint64_t wait_seq_ = 0;  // identifies the timer's current wait
+  bool waiting_ = false;
   uint64_t gen_ = 0;        // bumped per attempt and per teardown; stale handlers compare it
   uint64_t retry_gen_ = 0;  // identifies the pending retry timer
   HandshakeRequest request_;
