@@ -182,15 +182,16 @@ Reader::Event Reader::Next(std::string_view& in) {
       }
       if (avail < need) {
         if (header_bytes_ == 0) {
-          // Keep the partial header and wait for the rest.
-          std::memcpy(header_, in.data(), in.size());
+          // Keep the partial header and wait for the rest. (string_view::copy, not memcpy:
+          // `in` may be an empty view with a null data(), which memcpy must not be given.)
+          in.copy(header_, in.size());
           header_bytes_ = in.size();
           in.remove_prefix(in.size());
           return {};
         }
         // Complete it from `in`, byte by byte up to what is needed now.
         const std::size_t take = std::min(in.size(), need - header_bytes_);
-        std::memcpy(header_ + header_bytes_, in.data(), take);
+        in.copy(header_ + header_bytes_, take);
         header_bytes_ += take;
         in.remove_prefix(take);
         if (header_bytes_ < need) {

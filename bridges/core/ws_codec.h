@@ -87,9 +87,11 @@ class Reader {
 
   // A message has started and not finished (its frames so far are buffered or counted).
   bool mid_message() const { return in_message_ || remaining_ != 0 || header_bytes_ != 0; }
-  // Drops the message buffer's capacity (between messages, so an idle reader holds none).
+  // Drops the message buffer's capacity (between messages, so an idle reader holds none),
+  // and the control frame buffer's: a ping of more than 15 bytes would leave it allocated.
   void ReleaseMemory() {
     if (message_.empty()) std::string().swap(message_);
+    if (control_.empty()) std::string().swap(control_);
   }
   // After an error or a close frame, nothing more is read.
   bool done() const { return done_; }

@@ -1,63 +1,97 @@
 // Fuzzes the client side of the upstream WebSocket: the bytes a server sends to our
-// client, from the handshake answer on, over Beast's in-memory test stream (no socket).
-//
-// The stream is set up and read the way core::Connection does it (connection.cc:
-// DoWsHandshake, OnWsHandshake's subprotocol checks, DoRead/OnRead's two-part reads
-// with the first part capped at 512 bytes, the read_message_max limit, no
-// permessage-deflate, no auto-fragmenting). Timeouts are left out: they are about time,
-// not bytes. Keep the two in step when either changes.
+// client, from the handshake answer on, through what core::Connection runs on them (no
+// socket, no Beast websocket stream):
+//   - the answer is read into a flat buffer, read by read, and put() to Beast's
+//     http::response_parser<http::string_body> with connection.cc's limits (16 KiB of
+//     header, 64 KiB of a refusal's body, read to its end as the connection does to
+//     report it);
+//   - a complete header goes through HandshakeOk() below: status 101, HTTP/1.1, an
+//     `Upgrade` holding the token `websocket` and a `Connection` holding `upgrade`,
+//     `Sec-WebSocket-Accept` equal to ws::AcceptKey(key), no (non-empty)
+//     `Sec-WebSocket-Extensions`, and either no subprotocol or one we asked for (one must
+//     be chosen when we asked for some). These mirror OnWsHandshake in connection.cc;
+//     keep the two in step until they move into ws_codec;
+//   - what the read that ended the header brought past it, then every later read, goes to
+//     ws::Reader (ws_codec.h) as it came (Deliver in connection.cc), and ReleaseMemory()
+//     is called whenever the reader asks for more (the connection calls it before it
+//     waits for readable).
+// Timeouts are left out: they are about time, not bytes.
 //
 // Input: one flags byte, then the server's bytes. The text "@A@" is replaced by the
 // correct Sec-WebSocket-Accept for the key the client sent, so the fuzzer can get past
 // the handshake (any other accept value must be refused).
 //   flags bits 0-1: subprotocols requested: none, [json], [json, v2], [v2]
 //   flags bits 2-3: max_message_bytes: 64, 200, 4096, 1 MiB
-//   flags bits 4-6: bytes per read of the underlying stream: all, 1, 2, 3, 7, 64, 125, 600
+//   flags bits 4-6: bytes per read of the server's bytes: all, 1, 2, 3, 7, 64, 125, 600
+//   flags bit 7: after every event, as if the connection paused there: ReleaseMemory()
+//     before the payload is read (the payload must survive it), and the rest of the read
+//     moved to a new heap block (the connection keeps it in `rx` until it resumes).
 //
-// Invariants checked against an independent RFC 6455 parser of the same bytes:
-//   - a handshake Beast and our checks accept had status 101, the right accept key and
-//     either no subprotocol or one we asked for; when we asked for some, one was chosen;
-//   - the messages delivered are exactly the complete messages before the first
-//     protocol error, close frame or end of input, byte for byte, with their type;
-//   - nothing is delivered after a protocol error; a message over max_message_bytes is
-//     never delivered (the read ends with message_too_big); every delivered text
-//     message is valid UTF-8;
-//   - a valid close frame ends the read as "closed" with its code and reason; a bad one
-//     (1 byte, reserved or unused code, bad UTF-8 reason) is a protocol error.
+// Invariants:
+//   - the answer parses the same read by read as in one piece (header, status, verdict);
+//     an accepted one was HTTP/1.1 101 with the right accept key (computed here
+//     independently of ws::AcceptKey), no extension and either no subprotocol or one we
+//     asked for, and its header ended at the first empty line; a textbook 101 answer is
+//     accepted;
+//   - checked against Reference(), an independent RFC 6455 parser of the bytes after the
+//     header: the messages delivered are exactly the complete messages before the first
+//     protocol error, close frame or end of input, byte for byte, with their type, and
+//     so are the pings and pongs; nothing is delivered after an error or a close; a
+//     message over max_message_bytes is never delivered (the read ends with 1009,
+//     RESOURCE_EXHAUSTED); every delivered text message is valid UTF-8; a protocol error
+//     ends it with 1002 and bad UTF-8 (in text or a close reason) with 1007; a valid close
+//     frame ends it with its code (1005 when it had none) and reason; at the end of the
+//     input the reader is mid-message exactly when a frame or message was unfinished;
+//   - the reader takes bytes only from the front of what it is given, asks for more only
+//     once it has taken all of it, and a payload is either a view into the bytes it took
+//     in that call or in its own buffer, never into an earlier read (each read is its own
+//     heap block, freed after use, so ASan sees a stale view).
+//
+// Where Reference() follows our choices rather than Beast's (this harness used to check
+// Beast's websocket::stream against it):
+//   - close codes: 1014 is accepted (IANA registered it, "bad gateway") and 5000 and
+//     above are refused (RFC 6455 7.4.2 defines no range there); Beast did the opposite;
+//   - a masked frame is an error as soon as its second byte is in (Beast waited for the
+//     whole header, so an input ending inside it was an end of input);
+//   - a 64-bit length with its top bit set is a protocol error (RFC 6455 5.2), not a
+//     message too big;
+//   - bad UTF-8 is told apart from other protocol errors (1007 against 1002), and text
+//     fails as soon as a byte can never be valid, message complete or not (as Beast did).
 #include <openssl/evp.h>
 #include <openssl/sha.h>
 
 #include <algorithm>
-#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
 
-#include <boost/asio/io_context.hpp>
-#include <boost/beast/_experimental/test/stream.hpp>
-#include <boost/beast/core.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/string.hpp>
 #include <boost/beast/http.hpp>
-#include <boost/beast/websocket.hpp>
+
+#include "absl/status/status.h"
+#include "bridges/core/ws_codec.h"
 
 namespace {
 
-namespace net = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
-namespace websocket = beast::websocket;
+namespace ws = wsbridge::core::ws;
 using beast::error_code;
 
-// connection.cc's first-part read cap (kFirstReadBytes).
-constexpr std::size_t kFirstReadBytes = 512;
+// connection.cc's kHandshakeHeaderLimit and kHandshakeBodyLimit.
+constexpr std::size_t kHeaderLimit = 16 * 1024;
+constexpr std::size_t kBodyLimit = 64 * 1024;
 constexpr std::string_view kAcceptPlaceholder = "@A@";
+// The client's Sec-WebSocket-Key (the connection draws 16 random bytes; any will do).
+constexpr std::string_view kKey = "AQIDBAUGBwgJCgsMDQ4PEA==";
 
-// --- The reference: RFC 6455 as Beast applies it to a client -------------------------
+// --- The reference: RFC 6455 for a client ------------------------------------------------
 
 // Strict UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF).
 // With `complete` false a truncated last sequence is fine (a message still arriving);
@@ -96,16 +130,32 @@ bool Utf8Ok(std::string_view s, bool complete) {
   return true;
 }
 
-// RFC 6455 7.4: 1004-1006 and 1014-1015 are reserved, 1016-2999 are for the protocol's
-// future use, below 1000 is unused. Codes from 3000 up are the registered (3xxx) and
-// private (4xxx) ranges; the RFC does not forbid 5000 and above, and Beast takes them.
+// RFC 6455 7.4: 1004-1006 and 1015 are reserved, 1016-2999 are for the protocol's future
+// use, below 1000 is unused; 1012-1014 were registered with IANA since. 3000-3999 are
+// registered and 4000-4999 private; nothing is defined from 5000 up.
 bool ValidCloseCode(uint16_t v) {
   if (v >= 1000 && v <= 1003) return true;
-  if (v >= 1007 && v <= 1013) return true;
-  return v >= 3000;
+  if (v >= 1007 && v <= 1014) return true;
+  return v >= 3000 && v <= 4999;
 }
 
-enum class End { kEof, kClosed, kTooBig, kProtocolError };
+enum class End { kEof, kClosed, kTooBig, kProtocolError, kBadUtf8 };
+
+const char* Name(End e) {
+  switch (e) {
+    case End::kEof:
+      return "end of input";
+    case End::kClosed:
+      return "closed";
+    case End::kTooBig:
+      return "too big";
+    case End::kProtocolError:
+      return "protocol error";
+    case End::kBadUtf8:
+      return "bad UTF-8";
+  }
+  return "?";
+}
 
 struct Message {
   std::string payload;
@@ -113,11 +163,19 @@ struct Message {
   bool operator==(const Message&) const = default;
 };
 
+struct Control {
+  bool ping = false;
+  std::string payload;
+  bool operator==(const Control&) const = default;
+};
+
 struct Outcome {
   std::vector<Message> messages;
+  std::vector<Control> controls;  // pings and pongs
   End end = End::kEof;
-  uint16_t close_code = 0;  // kClosed: 0 when the close frame had no code
+  uint16_t close_code = 0;  // kClosed: 1005 when the close frame had no code
   std::string close_reason;
+  bool partial = false;  // kEof: a frame or a message was unfinished
 };
 
 uint64_t BigEndian(std::string_view b) {
@@ -133,73 +191,79 @@ Outcome Reference(std::string_view in, uint64_t max_message) {
   std::string current;
   bool current_binary = false;
   size_t pos = 0;
-  auto fail = [&](End e) {
+  auto end = [&](End e) {
     out.end = e;
     return out;
   };
+  auto eof = [&](bool partial) {
+    out.partial = partial;
+    return end(End::kEof);
+  };
   while (true) {
     const std::string_view rest = in.substr(pos);
-    if (rest.size() < 2) return fail(End::kEof);
+    if (rest.size() < 2) return eof(in_message || !rest.empty());
     const unsigned char b0 = static_cast<unsigned char>(rest[0]);
     const unsigned char b1 = static_cast<unsigned char>(rest[1]);
     const bool fin = b0 & 0x80;
     const bool rsv = b0 & 0x70;
     const int op = b0 & 0x0F;
-    const bool masked = b1 & 0x80;
+    // Servers never mask (RFC 6455 5.1); the second byte says so before the rest arrives.
+    if (b1 & 0x80) return end(End::kProtocolError);
     uint64_t len = b1 & 0x7F;
-    const size_t ext = len == 126 ? 2 : len == 127 ? 8 : 0;
-    const size_t header = 2 + ext + (masked ? 4 : 0);
-    if (rest.size() < header) return fail(End::kEof);
+    const size_t header = 2 + (len == 126 ? 2 : len == 127 ? 8 : 0);
+    if (rest.size() < header) return eof(true);
     const bool control = op >= 8;
     if (op == 1 || op == 2) {
-      if (in_message || rsv) return fail(End::kProtocolError);  // interleaved data frame
+      if (in_message || rsv) return end(End::kProtocolError);  // interleaved data frame
     } else if (op == 0) {
-      if (!in_message || rsv) return fail(End::kProtocolError);  // continuation without start
+      if (!in_message || rsv) return end(End::kProtocolError);  // continuation without start
     } else if (op == 8 || op == 9 || op == 10) {
-      if (!fin || len > 125 || rsv) return fail(End::kProtocolError);
+      if (!fin || len > 125 || rsv) return end(End::kProtocolError);
     } else {
-      return fail(End::kProtocolError);  // reserved opcode
+      return end(End::kProtocolError);  // reserved opcode
     }
-    if (masked) return fail(End::kProtocolError);  // servers never mask
-    if (control && rest.size() < header + len) return fail(End::kEof);
+    if (control && rest.size() < header + len) return eof(true);
     if (len == 126) {
       len = BigEndian(rest.substr(2, 2));
-      if (len < 126) return fail(End::kProtocolError);  // not the shortest form
+      if (len < 126) return end(End::kProtocolError);  // not the shortest form
     } else if (len == 127) {
       len = BigEndian(rest.substr(2, 8));
-      if (len < 65536) return fail(End::kProtocolError);
+      if (len >> 63) return end(End::kProtocolError);  // RFC 6455 5.2: the top bit is 0
+      if (len < 65536) return end(End::kProtocolError);
     }
     if (!control) {
       if (op != 0) {
         current.clear();
         current_binary = op == 2;
       }
-      if (len > max_message || current.size() > max_message - len) return fail(End::kTooBig);
+      if (len > max_message || current.size() > max_message - len) return end(End::kTooBig);
       in_message = !fin;
     }
     const std::string_view payload = rest.substr(header, std::min<uint64_t>(len, rest.size() - header));
     if (!control) {
       current.append(payload);
       const bool complete = payload.size() == len;
-      if (!current_binary && !Utf8Ok(current, complete && fin)) return fail(End::kProtocolError);
-      if (!complete) return fail(End::kEof);
+      if (!current_binary && !Utf8Ok(current, complete && fin)) return end(End::kBadUtf8);
+      if (!complete) return eof(true);
       if (fin) out.messages.push_back(Message{std::exchange(current, {}), current_binary});
     } else if (op == 8) {
-      if (payload.size() == 1) return fail(End::kProtocolError);
+      if (payload.size() == 1) return end(End::kProtocolError);
+      out.close_code = 1005;  // no status code (RFC 6455 7.1.5)
       if (payload.size() >= 2) {
         out.close_code = static_cast<uint16_t>(BigEndian(payload.substr(0, 2)));
         out.close_reason = std::string(payload.substr(2));
-        if (!ValidCloseCode(out.close_code) || !Utf8Ok(out.close_reason, true)) {
-          return fail(End::kProtocolError);
-        }
+        if (!ValidCloseCode(out.close_code)) return end(End::kProtocolError);
+        if (!Utf8Ok(out.close_reason, true)) return end(End::kBadUtf8);
       }
-      return fail(End::kClosed);
+      return end(End::kClosed);
+    } else {
+      out.controls.push_back(Control{op == 9, std::string(payload)});
     }
     pos += header + payload.size();
   }
 }
 
-// --- Helpers ---------------------------------------------------------------------------
+// --- The handshake answer -------------------------------------------------------------
 
 std::string AcceptFor(std::string_view key) {
   const std::string in = std::string(key) + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -224,95 +288,188 @@ std::string ReplaceAll(std::string_view in, std::string_view from, std::string_v
 
 std::string_view Sv(beast::string_view s) { return {s.data(), s.size()}; }
 
-// The client as core::Connection drives it.
-struct Client {
-  using Ws = websocket::stream<beast::test::stream>;
-
-  Client(net::io_context& ioc, size_t max_message, std::vector<std::string> protocols)
-      : ws(ioc), server(ioc), requested(std::move(protocols)) {
-    ws.next_layer().connect(server);
-    // DoWsHandshake's settings.
-    websocket::stream_base::timeout timeouts{};
-    timeouts.handshake_timeout = websocket::stream_base::none();
-    timeouts.idle_timeout = websocket::stream_base::none();
-    timeouts.keep_alive_pings = false;
-    ws.set_option(timeouts);
-    ws.read_message_max(max_message);
-    ws.auto_fragment(false);
-    websocket::permessage_deflate pmd;
-    pmd.client_enable = false;
-    pmd.server_enable = false;
-    ws.set_option(pmd);
-    std::string joined;
-    for (const std::string& p : requested) joined += (joined.empty() ? "" : ", ") + p;
-    ws.set_option(websocket::stream_base::decorator([joined](websocket::request_type& req) {
-      req.set(http::field::user_agent, "wsbridge");
-      if (!joined.empty()) req.set(http::field::sec_websocket_protocol, joined);
-    }));
-    ws.control_callback([this](websocket::frame_type, beast::string_view) { ++control_frames; });
+// `list` (a comma-separated header value) holds `token`, compared without case (as
+// connection.cc's HasToken: parts stripped of ASCII whitespace).
+bool HasToken(std::string_view list, std::string_view token) {
+  constexpr std::string_view kSpace = " \t\n\v\f\r";
+  for (;;) {
+    const size_t comma = list.find(',');
+    std::string_view part = list.substr(0, comma);
+    part.remove_prefix(std::min(part.size(), part.find_first_not_of(kSpace)));
+    part.remove_suffix(part.size() - std::min(part.size(), part.find_last_not_of(kSpace) + 1));
+    if (beast::iequals(part, token)) return true;
+    if (comma == std::string_view::npos) return false;
+    list.remove_prefix(comma + 1);
   }
+}
 
-  void Handshake() {
-    ws.async_handshake(response, "upstream.test", "/ws", [this](error_code ec) {
-      handshake_done = true;
-      handshake_ec = ec;
-      if (ec) return;
-      // OnWsHandshake's subprotocol checks.
-      const std::string negotiated(response[http::field::sec_websocket_protocol]);
-      if (!requested.empty() && negotiated.empty()) return Refuse();
-      if (!negotiated.empty() &&
-          std::find(requested.begin(), requested.end(), negotiated) == requested.end()) {
-        return Refuse();
-      }
-      open = true;
-      DoRead();
-    });
-  }
+// The connection's checks of the answer's header (RFC 6455 4.1, the client's side).
+bool HandshakeOk(const http::response<http::string_body>& res, std::string_view key,
+                 const std::vector<std::string>& requested) {
+  if (res.result_int() != 101 || res.version() != 11) return false;
+  if (!HasToken(Sv(res[http::field::upgrade]), "websocket")) return false;
+  if (!HasToken(Sv(res[http::field::connection]), "upgrade")) return false;
+  if (Sv(res[http::field::sec_websocket_accept]) != ws::AcceptKey(key)) return false;
+  // We offer no extension, so the server may not use one.
+  if (!res[http::field::sec_websocket_extensions].empty()) return false;
+  // Either none asked for and none chosen, or one of those asked for chosen.
+  const std::string_view chosen = Sv(res[http::field::sec_websocket_protocol]);
+  if (requested.empty()) return chosen.empty();
+  return std::find(requested.begin(), requested.end(), chosen) != requested.end();
+}
 
-  void Refuse() { refused = true; }
-
-  void DoRead() {
-    const std::size_t limit = buffer.size() == 0 ? kFirstReadBytes : 0;
-    ws.async_read_some(buffer, limit, [this](error_code ec, std::size_t) { OnRead(ec); });
-  }
-
-  void OnRead(error_code ec) {
-    if (ended) __builtin_trap();  // a read completed after the end
-    if (ec) {
-      ended = true;
-      end_ec = ec;
-      return;
-    }
-    if (!ws.is_message_done()) return DoRead();
-    const auto data = buffer.cdata();
-    messages.push_back(Message{std::string(static_cast<const char*>(data.data()), data.size()), ws.got_binary()});
-    buffer.consume(buffer.size());
-    buffer.shrink_to_fit();
-    DoRead();
-  }
-
-  Ws ws;
-  beast::test::stream server;
-  std::vector<std::string> requested;
-  websocket::response_type response;
-  beast::flat_buffer buffer;
-  bool handshake_done = false;
-  error_code handshake_ec;
-  bool refused = false;
-  bool open = false;
-  bool ended = false;
-  error_code end_ec;
-  std::vector<Message> messages;
-  size_t control_frames = 0;
+struct Answer {
+  bool header_done = false;
+  size_t head = 0;  // the header's size
+  unsigned status = 0;
+  bool accepted = false;
+  error_code ec;
+  http::response<http::string_body> res;
+  // Accepted: what the read that ended the header brought past it, and where the reads
+  // still to come start in the input.
+  std::string leftover;
+  size_t next = 0;
 };
 
-// The client's Sec-WebSocket-Key, from the request it wrote.
-std::string KeyOf(std::string_view request) {
-  http::request_parser<http::empty_body> p;
-  error_code ec;
-  p.put(net::buffer(request.data(), request.size()), ec);
-  if (ec || !p.is_header_done()) __builtin_trap();  // our own request must parse
-  return std::string(Sv(p.get()[http::field::sec_websocket_key]));
+// `read_size` bytes of `in` per read (0: all at once) into a flat buffer, parsed as they
+// come, up to the end of the header of a 101 or the end of a refusal's body.
+Answer ReadAnswer(std::string_view in, size_t read_size, const std::vector<std::string>& requested) {
+  Answer a;
+  http::response_parser<http::string_body> parser;
+  parser.header_limit(kHeaderLimit);
+  parser.body_limit(kBodyLimit);
+  beast::flat_buffer buffer;
+  size_t parsed = 0;
+  size_t pos = 0;
+  while (!parser.is_done()) {
+    if (pos == in.size()) {
+      // The end of the stream: a body read to it ends there; anything else is cut short.
+      if (parser.got_some()) parser.put_eof(a.ec);
+      if (!a.ec && !parser.is_done()) a.ec = http::error::partial_message;
+      break;
+    }
+    const size_t n = read_size == 0 ? in.size() - pos : std::min(read_size, in.size() - pos);
+    const auto space = buffer.prepare(n);
+    std::copy_n(in.data() + pos, n, static_cast<char*>(space.data()));
+    buffer.commit(n);
+    pos += n;
+    // Parse what the buffer holds: the header once it is whole, then the body.
+    while (buffer.size() != 0 && !parser.is_done()) {
+      error_code ec;
+      const size_t used = parser.put(buffer.data(), ec);
+      buffer.consume(used);
+      parsed += used;
+      if (!a.header_done && parser.is_header_done()) {
+        a.header_done = true;
+        a.head = parsed;
+      }
+      if (ec == http::error::need_more) break;
+      if (ec) {
+        a.ec = ec;
+        return a;
+      }
+      if (used == 0) break;
+    }
+    // A 101 has no body: its header is the whole answer.
+  }
+  if (!parser.is_header_done()) return a;
+  a.res = parser.release();
+  a.status = a.res.result_int();
+  if (a.ec) return a;
+  a.accepted = HandshakeOk(a.res, kKey, requested);
+  if (a.accepted) {
+    const auto data = buffer.cdata();
+    a.leftover.assign(static_cast<const char*>(data.data()), data.size());
+    a.next = pos;
+  }
+  return a;
+}
+
+// --- The frames -------------------------------------------------------------------------
+
+// The reader as the connection drives it: every read handed to Next() until it asks for
+// more; the memory released whenever it is idle.
+Outcome ReadFrames(const std::vector<std::string_view>& reads, size_t max_message, bool pause_after_event) {
+  Outcome got;
+  ws::Reader reader(max_message);
+  bool ended = false;
+  for (const std::string_view read : reads) {
+    // Its own heap block, freed after this read: a view kept past it is a use after free.
+    std::vector<char> bytes(read.begin(), read.end());
+    std::string_view in(bytes.data(), bytes.size());
+    for (;;) {
+      const std::string_view before = in;
+      const ws::Reader::Event e = reader.Next(in);
+      if (pause_after_event) reader.ReleaseMemory();
+      // Bytes are taken from the front only.
+      if (in.size() > before.size() || in.data() != before.data() + (before.size() - in.size())) {
+        __builtin_trap();
+      }
+      if (ended) {
+        if (e.kind != ws::Reader::Event::kNeedMore) __builtin_trap();  // an event after the end
+        break;
+      }
+      // A payload lies in what this call took, or wholly outside this read.
+      const char* p = e.payload.data();
+      const bool in_taken = p >= before.data() && p + e.payload.size() <= in.data();
+      const bool outside = p + e.payload.size() <= bytes.data() || p >= bytes.data() + bytes.size();
+      if (!e.payload.empty() && !in_taken && !outside) __builtin_trap();
+      if (e.kind != ws::Reader::Event::kError && !e.error.ok()) __builtin_trap();
+      switch (e.kind) {
+        case ws::Reader::Event::kNeedMore:
+          if (!in.empty() || reader.done()) __builtin_trap();  // more asked for with bytes left
+          reader.ReleaseMemory();
+          break;
+        case ws::Reader::Event::kMessage:
+          got.messages.push_back(Message{std::string(e.payload), e.binary});
+          break;
+        case ws::Reader::Event::kPing:
+        case ws::Reader::Event::kPong:
+          if (e.payload.size() > ws::kMaxControlPayload) __builtin_trap();
+          got.controls.push_back(Control{e.kind == ws::Reader::Event::kPing, std::string(e.payload)});
+          break;
+        case ws::Reader::Event::kClose:
+          if (!reader.done()) __builtin_trap();
+          ended = true;
+          got.end = End::kClosed;
+          got.close_code = e.close_code;
+          got.close_reason = std::string(e.payload);
+          break;
+        case ws::Reader::Event::kError:
+          if (!reader.done() || e.error.ok()) __builtin_trap();
+          if ((e.close_code == 1009) != (e.error.code() == absl::StatusCode::kResourceExhausted)) {
+            __builtin_trap();
+          }
+          ended = true;
+          switch (e.close_code) {
+            case 1002:
+              got.end = End::kProtocolError;
+              break;
+            case 1007:
+              got.end = End::kBadUtf8;
+              break;
+            case 1009:
+              got.end = End::kTooBig;
+              break;
+            default:
+              __builtin_trap();  // no other code to fail with
+          }
+          break;
+      }
+      if (e.kind == ws::Reader::Event::kNeedMore) break;
+      if (pause_after_event) {
+        // The rest of the read waits in a block of its own; this one is freed.
+        std::vector<char> rest(in.begin(), in.end());
+        bytes.swap(rest);
+        in = std::string_view(bytes.data(), bytes.size());
+      }
+    }
+  }
+  if (!ended) {
+    got.end = End::kEof;
+    got.partial = reader.mid_message();
+  }
+  return got;
 }
 
 }  // namespace
@@ -327,79 +484,76 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::vector<std::string>& requested = kProtocols[flags & 3];
   const size_t max_message = kMaxMessage[(flags >> 2) & 3];
   const size_t read_size = kReadSize[(flags >> 4) & 7];
+  const bool pause_after_event = (flags & 0x80) != 0;
 
-  net::io_context ioc;
-  Client c(ioc, max_message, requested);
-  if (read_size != 0) c.ws.next_layer().read_size(read_size);
-  c.Handshake();
-  ioc.poll();  // the request is written; the answer is awaited
-  if (c.handshake_done) __builtin_trap();
-  const std::string key = KeyOf(c.server.str());
-  const std::string accept = AcceptFor(key);
+  static const std::string accept = AcceptFor(kKey);
+  if (ws::AcceptKey(kKey) != accept) __builtin_trap();
   const std::string in = ReplaceAll(raw, kAcceptPlaceholder, accept);
-  c.ws.next_layer().append(in);
-  c.ws.next_layer().close_remote();  // the end of the input is the end of the stream
-  ioc.run();
-  if (!c.handshake_done) __builtin_trap();
-  if (c.open && !c.ended) __builtin_trap();  // the end of input ends every read
 
-  // The handshake: parse the answer independently.
-  http::response_parser<http::empty_body> p;
-  p.eager(false);
-  error_code pec;
-  const size_t head = p.put(net::buffer(in.data(), in.size()), pec);
-  const bool head_ok = !pec && p.is_header_done();
-  if (!c.handshake_ec) {
-    if (!head_ok) __builtin_trap();
-    const auto& res = p.get();
-    if (res.result_int() != 101) __builtin_trap();
-    if (Sv(res[http::field::sec_websocket_accept]) != accept) __builtin_trap();
-    const std::string_view proto = Sv(res[http::field::sec_websocket_protocol]);
-    const bool asked = std::find(requested.begin(), requested.end(), proto) != requested.end();
-    if (c.open != (requested.empty() ? proto.empty() : asked)) __builtin_trap();
-  } else if (c.open) {
-    __builtin_trap();
+  // The handshake answer, read as it comes and in one piece.
+  const Answer a = ReadAnswer(in, read_size, requested);
+  if (read_size != 0) {
+    const Answer whole = ReadAnswer(in, 0, requested);
+    if (a.header_done != whole.header_done || a.head != whole.head || a.status != whole.status ||
+        a.accepted != whole.accepted || static_cast<bool>(a.ec) != static_cast<bool>(whole.ec)) {
+      __builtin_trap();
+    }
   }
+  if (a.accepted) {
+    if (a.status != 101 || a.res.version() != 11 || a.ec) __builtin_trap();
+    if (Sv(a.res[http::field::sec_websocket_accept]) != accept) __builtin_trap();
+    if (!a.res[http::field::sec_websocket_extensions].empty()) __builtin_trap();
+    const std::string_view proto = Sv(a.res[http::field::sec_websocket_protocol]);
+    const bool asked = std::find(requested.begin(), requested.end(), proto) != requested.end();
+    if (requested.empty() ? !proto.empty() : !asked) __builtin_trap();
+    // The header ends at the first empty line, and the frames start right after it.
+    if (a.head != in.find("\r\n\r\n") + 4) __builtin_trap();
+    if (a.leftover + in.substr(a.next) != std::string_view(in).substr(a.head)) __builtin_trap();
+  } else if (a.header_done && !a.ec && a.status == 101 && a.res.version() == 11 &&
+             Sv(a.res[http::field::upgrade]) == "websocket" &&
+             Sv(a.res[http::field::connection]) == "Upgrade" &&
+             Sv(a.res[http::field::sec_websocket_accept]) == accept &&
+             a.res.count(http::field::sec_websocket_extensions) == 0 &&
+             (requested.empty() ? a.res.count(http::field::sec_websocket_protocol) == 0
+                                : a.res[http::field::sec_websocket_protocol] == requested.front())) {
+    __builtin_trap();  // a textbook answer refused
+  }
+
   // WS_CLIENT_FUZZ_VERBOSE=1: one line per input saying how far it got (for seed authors).
   static const bool verbose = std::getenv("WS_CLIENT_FUZZ_VERBOSE") != nullptr;
-  if (verbose) {
-    std::fprintf(stderr, "handshake: %s; open: %d; messages: %zu; end: %s\n",
-                 c.handshake_ec ? c.handshake_ec.message().c_str() : (c.refused ? "subprotocol refused" : "ok"),
-                 c.open, c.messages.size(), c.ended ? c.end_ec.message().c_str() : "-");
-  }
-  if (!c.open) {
-    if (!c.messages.empty() || c.ended) __builtin_trap();  // nothing read before checks pass
+  if (!a.accepted) {
+    if (verbose) {
+      const std::string why = a.ec ? a.ec.message() : a.header_done ? "checks failed" : "no header";
+      std::fprintf(stderr, "handshake: refused (%s, status %u)\n", why.c_str(), a.status);
+    }
     return 0;
   }
 
-  // The frames.
-  const Outcome want = Reference(std::string_view(in).substr(head), max_message);
-  if (c.messages != want.messages) __builtin_trap();
-  for (const Message& m : c.messages) {
+  // The frames: the rest of the read that ended the header first, then the later reads.
+  std::vector<std::string_view> reads;
+  if (!a.leftover.empty()) reads.push_back(a.leftover);
+  for (size_t pos = a.next; pos < in.size();) {
+    const size_t n = read_size == 0 ? in.size() - pos : std::min(read_size, in.size() - pos);
+    reads.push_back(std::string_view(in).substr(pos, n));
+    pos += n;
+  }
+  const Outcome got = ReadFrames(reads, max_message, pause_after_event);
+  const Outcome want = Reference(std::string_view(in).substr(a.head), max_message);
+  if (verbose) {
+    std::fprintf(stderr, "handshake: ok; messages: %zu; pings/pongs: %zu; end: %s (%u)\n",
+                 got.messages.size(), got.controls.size(), Name(got.end), got.close_code);
+  }
+  if (got.messages != want.messages) __builtin_trap();
+  if (got.controls != want.controls) __builtin_trap();
+  for (const Message& m : got.messages) {
     if (m.payload.size() > max_message) __builtin_trap();
     if (!m.binary && !Utf8Ok(m.payload, true)) __builtin_trap();
   }
-  const error_code ec = c.end_ec;
-  switch (want.end) {
-    case End::kClosed:
-      if (ec != websocket::error::closed) __builtin_trap();
-      if (static_cast<uint16_t>(c.ws.reason().code) != want.close_code) __builtin_trap();
-      if (std::string_view(c.ws.reason().reason.data(), c.ws.reason().reason.size()) != want.close_reason) {
-        __builtin_trap();
-      }
-      break;
-    case End::kTooBig:
-      if (ec != websocket::error::message_too_big) __builtin_trap();
-      break;
-    case End::kProtocolError:
-      if (ec == websocket::error::closed || ec == websocket::error::message_too_big ||
-          ec == net::error::eof) {
-        __builtin_trap();
-      }
-      break;
-    case End::kEof:
-      if (ec != net::error::eof) __builtin_trap();
-      break;
+  if (got.end != want.end) __builtin_trap();
+  if (got.end == End::kClosed &&
+      (got.close_code != want.close_code || got.close_reason != want.close_reason)) {
+    __builtin_trap();
   }
+  if (got.end == End::kEof && got.partial != want.partial) __builtin_trap();
   return 0;
 }
