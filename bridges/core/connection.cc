@@ -37,7 +37,6 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
@@ -46,6 +45,7 @@
 #include "bridges/core/rng.h"
 #include "bridges/core/url.h"
 #include "bridges/core/ws_codec.h"
+#include "bridges/core/ws_handshake.h"
 
 namespace wsbridge::core {
 
@@ -585,14 +585,6 @@ bool IsFieldValue(std::string_view s) {
   return s.find_first_of(std::string_view("\r\n\0", 3)) == std::string_view::npos;
 }
 
-// `value` (a comma-separated header list) holds `token`, compared without case.
-bool HasToken(std::string_view value, std::string_view token) {
-  for (absl::string_view part : absl::StrSplit(AV(value), ',')) {
-    if (absl::EqualsIgnoreCase(absl::StripAsciiWhitespace(part), AV(token))) return true;
-  }
-  return false;
-}
-
 // What the WebSocket handshake needs while it runs; dropped once the connection opens.
 struct Handshake {
   std::string key;
@@ -656,7 +648,6 @@ class ConnectionImpl final : public Connection {
         // handler to the strand: an any_io_executor holding a strand does not fit the
         // type-erased executor's inline storage, so a timer built on the strand costs a
         // heap allocation for its whole life (7 of them per connection).
-        resolver_(strand_.get_inner_executor()),
         timer_(strand_.get_inner_executor()) {
     due_.fill(Clock::time_point::max());
   }
@@ -721,7 +712,7 @@ class ConnectionImpl final : public Connection {
     ++retry_gen_;
     Disarm(kRetry);
     Disarm(kStep);
-    resolver_.cancel();
+    if (resolver_) resolver_->cancel();
     if (!open_) return EndClosedByUs(absl::CancelledError("closed before the connection opened"));
     close_code_ = code;
     close_text_ = std::string(reason);
@@ -806,7 +797,7 @@ class ConnectionImpl final : public Connection {
     stats_.retry_delay_ms.store(0);
     ++retry_gen_;
     Disarm(kRetry);
-    resolver_.cancel();
+    if (resolver_) resolver_->cancel();
     Teardown();
     state_.store(ConnectionState::kClosed);
   }
@@ -885,7 +876,10 @@ class ConnectionImpl final : public Connection {
     const uint64_t gen = gen_;
     auto self = Self();
     Arm(kStep, Later(options_.connect_timeout), gen_);
-    resolver_.async_resolve(url_.host, url_.port,
+    // Made for the lookup and dropped once connected (OnConnect): an open connection
+    // keeps no resolver object.
+    if (!resolver_) resolver_ = std::make_unique<tcp::resolver>(strand_.get_inner_executor());
+    resolver_->async_resolve(url_.host, url_.port,
                             net::bind_executor(strand_, [self, gen](error_code ec,
                                                                     tcp::resolver::results_type results) {
                               if (gen != self->gen_) return;
@@ -930,6 +924,7 @@ class ConnectionImpl final : public Connection {
   template <class A>
   void OnConnect(std::shared_ptr<A> a, error_code ec) {
     if (!StepDone(a)) return;
+    resolver_.reset();
     if (ec) {
       if (a->timed_out) {
         return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
@@ -1047,35 +1042,13 @@ class ConnectionImpl final : public Connection {
                                    res.result_int(), retry_after, body.empty() ? "" : ": ", body)));
       return FailAttempt(std::move(info));
     }
-    auto field = [&](http::field f) {
-      const auto v = res[f];
-      return std::string_view(v.data(), v.size());
-    };
-    std::string_view bad;
-    if (res.version() != 11) {
-      bad = "the answer is not HTTP/1.1";
-    } else if (!HasToken(field(http::field::upgrade), "websocket")) {
-      bad = "the answer has no \"Upgrade: websocket\"";
-    } else if (!HasToken(field(http::field::connection), "upgrade")) {
-      bad = "the answer has no \"Connection: Upgrade\"";
-    } else if (field(http::field::sec_websocket_accept) != ws::AcceptKey(hs.key)) {
-      bad = "Sec-WebSocket-Accept does not match the key sent";
-    } else if (!field(http::field::sec_websocket_extensions).empty()) {
-      bad = "the server chose an extension that was not offered";
-    }
-    if (!bad.empty()) {
-      return FailAttempt(absl::UnavailableError(
-          absl::StrCat("WebSocket handshake with ", url_.host_header, " failed: ", AV(bad))));
-    }
-    const std::string negotiated(field(http::field::sec_websocket_protocol));
-    const auto& requested = request_.subprotocols;
-    if (!requested.empty() && negotiated.empty()) {
-      return FailAttempt(absl::FailedPreconditionError(absl::StrCat(
-          "upstream accepted none of the requested subprotocols (", absl::StrJoin(requested, ", "), ")")));
-    }
-    if (!negotiated.empty() && std::find(requested.begin(), requested.end(), negotiated) == requested.end()) {
-      return FailAttempt(absl::FailedPreconditionError(
-          absl::StrCat("upstream selected subprotocol \"", negotiated, "\" that was not requested")));
+    std::string negotiated;
+    if (absl::Status st = ws::CheckUpgradeAnswer(res, hs.key, request_.subprotocols, &negotiated); !st.ok()) {
+      if (absl::IsUnavailable(st)) {
+        st = absl::UnavailableError(
+            absl::StrCat("WebSocket handshake with ", url_.host_header, " failed: ", st.message()));
+      }
+      return FailAttempt(st);
     }
     // Frames the server sent right behind its answer are read first.
     const auto rest = hs.buffer.cdata();
@@ -1493,7 +1466,7 @@ class ConnectionImpl final : public Connection {
       case kStep:
         // A handshake step's deadline: cancel what the attempt is waiting for.
         if (gen != gen_) return;
-        resolver_.cancel();
+        if (resolver_) resolver_->cancel();
         WithAttempt([](auto& a) {
           a->timed_out = true;
           error_code ignored;
@@ -1575,7 +1548,7 @@ class ConnectionImpl final : public Connection {
     Disarm(kHeartbeat);
     Disarm(kHealthy);
     Disarm(kStep);
-    resolver_.cancel();
+    if (resolver_) resolver_->cancel();
     error_code ignored;
     WithAttempt([&](auto& a) {
       a->socket().shutdown(tcp::socket::shutdown_both, ignored);
@@ -1665,7 +1638,7 @@ class ConnectionImpl final : public Connection {
   std::string target_ ABSL_GUARDED_BY(mu_);
 
   // Strand-only state.
-  tcp::resolver resolver_;
+  std::unique_ptr<tcp::resolver> resolver_;
   net::steady_timer timer_;
   std::array<Clock::time_point, kSlots> due_;  // max(): not armed
   std::array<uint64_t, kSlots> due_gen_{};      // gen_ (retry_gen_ for kRetry) when armed

@@ -94,6 +94,16 @@ CASES = {
         + frame(1, b"sliced") + frame(9) + close(1000),
     "sliced_seven_byte_reads": flags(limit=2, read=4) + OK + frame(2, bytes(range(256)) * 3)
         + close(1001, b"going"),
+    # A second header instance must count: an extension after an empty first one, a
+    # second accept or Upgrade value, two subprotocols.
+    "answer_extension_in_second_header": flags() + answer(b"Sec-WebSocket-Extensions: ",
+        b"Sec-WebSocket-Extensions: permessage-deflate") + frame(2, b"\xf2\x00", rsv=4),
+    "answer_two_accept_headers": flags() + answer(b"Sec-WebSocket-Accept: x") + frame(1, b"hi"),
+    "answer_second_upgrade_header": flags() + answer(b"Upgrade: h2c") + frame(1, b"hi"),
+    "answer_two_subprotocol_headers": flags(protos=2) + answer(b"Sec-WebSocket-Protocol: json",
+        b"Sec-WebSocket-Protocol: v2") + frame(1, b"hi"),
+    "answer_connection_upgrade_in_second_header": flags() + answer(status=b"HTTP/1.1 101 Switching Protocols")
+        .replace(b"Connection: Upgrade", b"Connection: keep-alive\r\nConnection: Upgrade") + frame(1, b"ok"),
 }
 
 def main():

@@ -5,12 +5,12 @@
 //     http::response_parser<http::string_body> with connection.cc's limits (16 KiB of
 //     header, 64 KiB of a refusal's body, read to its end as the connection does to
 //     report it);
-//   - a complete header goes through HandshakeOk() below: status 101, HTTP/1.1, an
-//     `Upgrade` holding the token `websocket` and a `Connection` holding `upgrade`,
-//     `Sec-WebSocket-Accept` equal to ws::AcceptKey(key), no (non-empty)
-//     `Sec-WebSocket-Extensions`, and either no subprotocol or one we asked for (one must
-//     be chosen when we asked for some). These mirror OnWsHandshake in connection.cc;
-//     keep the two in step until they move into ws_codec;
+//   - a complete header goes through ws::CheckUpgradeAnswer (ws_handshake.h), the check
+//     connection.cc runs: status 101, HTTP/1.1, exactly one `Upgrade: websocket`, a
+//     `Connection` holding `upgrade`, exactly one `Sec-WebSocket-Accept` equal to
+//     ws::AcceptKey(key), no extension in any `Sec-WebSocket-Extensions`, at most one
+//     `Sec-WebSocket-Protocol`, and either no subprotocol or one we asked for (one must
+//     be chosen when we asked for some);
 //   - what the read that ended the header brought past it, then every later read, goes to
 //     ws::Reader (ws_codec.h) as it came (Deliver in connection.cc), and ReleaseMemory()
 //     is called whenever the reader asks for more (the connection calls it before it
@@ -76,6 +76,7 @@
 
 #include "absl/status/status.h"
 #include "bridges/core/ws_codec.h"
+#include "bridges/core/ws_handshake.h"
 
 namespace {
 
@@ -288,34 +289,16 @@ std::string ReplaceAll(std::string_view in, std::string_view from, std::string_v
 
 std::string_view Sv(beast::string_view s) { return {s.data(), s.size()}; }
 
-// `list` (a comma-separated header value) holds `token`, compared without case (as
-// connection.cc's HasToken: parts stripped of ASCII whitespace).
-bool HasToken(std::string_view list, std::string_view token) {
-  constexpr std::string_view kSpace = " \t\n\v\f\r";
-  for (;;) {
-    const size_t comma = list.find(',');
-    std::string_view part = list.substr(0, comma);
-    part.remove_prefix(std::min(part.size(), part.find_first_not_of(kSpace)));
-    part.remove_suffix(part.size() - std::min(part.size(), part.find_last_not_of(kSpace) + 1));
-    if (beast::iequals(part, token)) return true;
-    if (comma == std::string_view::npos) return false;
-    list.remove_prefix(comma + 1);
-  }
-}
-
-// The connection's checks of the answer's header (RFC 6455 4.1, the client's side).
+// The connection's check of the answer's header (ws_handshake.h, shared with
+// connection.cc), with the refusal of any other status folded in.
 bool HandshakeOk(const http::response<http::string_body>& res, std::string_view key,
                  const std::vector<std::string>& requested) {
-  if (res.result_int() != 101 || res.version() != 11) return false;
-  if (!HasToken(Sv(res[http::field::upgrade]), "websocket")) return false;
-  if (!HasToken(Sv(res[http::field::connection]), "upgrade")) return false;
-  if (Sv(res[http::field::sec_websocket_accept]) != ws::AcceptKey(key)) return false;
-  // We offer no extension, so the server may not use one.
-  if (!res[http::field::sec_websocket_extensions].empty()) return false;
-  // Either none asked for and none chosen, or one of those asked for chosen.
-  const std::string_view chosen = Sv(res[http::field::sec_websocket_protocol]);
-  if (requested.empty()) return chosen.empty();
-  return std::find(requested.begin(), requested.end(), chosen) != requested.end();
+  if (res.result_int() != 101) return false;
+  std::string negotiated;
+  if (!ws::CheckUpgradeAnswer(res, key, requested, &negotiated).ok()) return false;
+  // What it reports chosen is what the answer names (or nothing).
+  if (negotiated != Sv(res[http::field::sec_websocket_protocol])) __builtin_trap();
+  return true;
 }
 
 struct Answer {
@@ -502,7 +485,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (a.accepted) {
     if (a.status != 101 || a.res.version() != 11 || a.ec) __builtin_trap();
     if (Sv(a.res[http::field::sec_websocket_accept]) != accept) __builtin_trap();
-    if (!a.res[http::field::sec_websocket_extensions].empty()) __builtin_trap();
+    // No extension in any instance of the header (a second one after an empty first).
+    for (auto [it, end] = a.res.equal_range(http::field::sec_websocket_extensions); it != end; ++it) {
+      if (Sv(it->value()).find_first_not_of(" \t") != std::string_view::npos) __builtin_trap();
+    }
+    if (a.res.count(http::field::sec_websocket_accept) != 1) __builtin_trap();
     const std::string_view proto = Sv(a.res[http::field::sec_websocket_protocol]);
     const bool asked = std::find(requested.begin(), requested.end(), proto) != requested.end();
     if (requested.empty() ? !proto.empty() : !asked) __builtin_trap();
@@ -510,12 +497,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (a.head != in.find("\r\n\r\n") + 4) __builtin_trap();
     if (a.leftover + in.substr(a.next) != std::string_view(in).substr(a.head)) __builtin_trap();
   } else if (a.header_done && !a.ec && a.status == 101 && a.res.version() == 11 &&
-             Sv(a.res[http::field::upgrade]) == "websocket" &&
+             a.res.count(http::field::upgrade) == 1 && Sv(a.res[http::field::upgrade]) == "websocket" &&
              Sv(a.res[http::field::connection]) == "Upgrade" &&
+             a.res.count(http::field::sec_websocket_accept) == 1 &&
              Sv(a.res[http::field::sec_websocket_accept]) == accept &&
              a.res.count(http::field::sec_websocket_extensions) == 0 &&
              (requested.empty() ? a.res.count(http::field::sec_websocket_protocol) == 0
-                                : a.res[http::field::sec_websocket_protocol] == requested.front())) {
+                                : a.res.count(http::field::sec_websocket_protocol) == 1 &&
+                                      a.res[http::field::sec_websocket_protocol] == requested.front())) {
     __builtin_trap();  // a textbook answer refused
   }
 
