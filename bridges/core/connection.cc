@@ -523,12 +523,15 @@ class TlsStream {
     }
 
     // A completion may not run inside the initiating call: defer it once when no
-    // wait happened.
+    // wait happened. Straight to the handler's executor (the connection's strand): the
+    // socket's own is the plain loop, and a hop through it would then dispatch to the
+    // strand from outside it.
     template <class Self>
     void Done(Self& self, error_code ec, std::size_t n) {
       if (async) return self.complete(ec, n);
       result.emplace(ec, n);
-      net::post(s.get_executor(), std::move(self));
+      const auto ex = net::get_associated_executor(self, s.get_executor());
+      net::post(ex, std::move(self));
     }
   };
 
