@@ -156,6 +156,16 @@ Reader::Event Reader::Fail(uint16_t code, std::string message) {
   return e;
 }
 
+// A whole message: delivered, unless it is text and not valid UTF-8.
+Reader::Event Reader::Complete(std::string_view payload, bool valid_utf8) {
+  if (!binary_ && !valid_utf8) return Fail(1007, "the server sent a text message that is not valid UTF-8");
+  Event e;
+  e.kind = Event::kMessage;
+  e.binary = binary_;
+  e.payload = payload;
+  return e;
+}
+
 Reader::Event Reader::Next(std::string_view& in) {
   if (done_) return {};
   // What the previous event pointed into is released now.
@@ -253,14 +263,7 @@ Reader::Event Reader::Next(std::string_view& in) {
             const std::string_view payload = in.substr(0, static_cast<std::size_t>(len));
             in.remove_prefix(static_cast<std::size_t>(len));
             in_message_ = false;
-            if (!binary_ && !IsValidUtf8(payload)) {
-              return Fail(1007, "the server sent a text message that is not valid UTF-8");
-            }
-            Event e;
-            e.kind = Event::kMessage;
-            e.binary = binary_;
-            e.payload = payload;
-            return e;
+            return Complete(payload, IsValidUtf8(payload));
           }
         }
       }
@@ -327,14 +330,7 @@ Reader::Event Reader::Next(std::string_view& in) {
     }
     if (!fin_) continue;
     in_message_ = false;
-    if (!binary_ && utf8_valid_ != message_.size()) {
-      return Fail(1007, "the server sent a text message that is not valid UTF-8");
-    }
-    Event e;
-    e.kind = Event::kMessage;
-    e.binary = binary_;
-    e.payload = message_;
-    return e;
+    return Complete(message_, utf8_valid_ == message_.size());
   }
 }
 

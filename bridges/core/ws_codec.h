@@ -98,6 +98,7 @@ class Reader {
 
  private:
   Event Fail(uint16_t code, std::string message);
+  Event Complete(std::string_view payload, bool valid_utf8);
 
   std::size_t max_message_bytes_;
   bool done_ = false;
