@@ -834,10 +834,9 @@ class ConnectionImpl final : public Connection {
       Finish(Info(st));
       return;
     }
-    request_ = *std::move(request);
-    url_ = *std::move(url);
+    dial_ = std::make_unique<Dial>(Dial{*std::move(request), *std::move(url)});
 
-    if (url_.tls) {
+    if (dial_->url.tls) {
       absl::StatusOr<std::shared_ptr<TlsClientContext>> ctx = GetTlsContext(options_.tls);
       if (!ctx.ok()) return FailAttempt(ctx.status());
       tls_ctx_ = *ctx;
@@ -847,7 +846,7 @@ class ConnectionImpl final : public Connection {
       if (native == nullptr) {
         return FailAttempt(absl::ResourceExhaustedError("cannot create a TLS session (out of memory)"));
       }
-      const std::string& name = options_.tls.server_name.empty() ? url_.host : options_.tls.server_name;
+      const std::string& name = options_.tls.server_name.empty() ? dial_->url.host : options_.tls.server_name;
       const bool ip = IsIpLiteral(name);
       // SNI carries host names only; an IP literal is not allowed there (RFC 6066).
       if (!ip && SSL_set_tlsext_host_name(native, name.c_str()) != 1) {
@@ -868,11 +867,11 @@ class ConnectionImpl final : public Connection {
     // An address needs no lookup: the resolver hands every lookup to its one background
     // thread and the answer back (two thread wake-ups per attempt, all attempts in line).
     error_code not_literal;
-    const net::ip::address literal = net::ip::make_address(url_.host, not_literal);
+    const net::ip::address literal = net::ip::make_address(dial_->url.host, not_literal);
     uint32_t port = 0;
-    if (!not_literal && absl::SimpleAtoi(AV(url_.port), &port) && port <= 65535) {
+    if (!not_literal && absl::SimpleAtoi(AV(dial_->url.port), &port) && port <= 65535) {
       const auto results = tcp::resolver::results_type::create(
-          tcp::endpoint(literal, static_cast<uint16_t>(port)), url_.host, url_.port);
+          tcp::endpoint(literal, static_cast<uint16_t>(port)), dial_->url.host, dial_->url.port);
       return WithAttempt([&](auto& a) { OnResolve(a, {}, results); });
     }
 
@@ -882,7 +881,7 @@ class ConnectionImpl final : public Connection {
     // Made for the lookup and dropped once connected (OnConnect): an open connection
     // keeps no resolver object.
     if (!resolver_) resolver_ = std::make_unique<tcp::resolver>(strand_.get_inner_executor());
-    resolver_->async_resolve(url_.host, url_.port,
+    resolver_->async_resolve(dial_->url.host, dial_->url.port,
                             net::bind_executor(strand_, [self, gen](error_code ec,
                                                                     tcp::resolver::results_type results) {
                               if (gen != self->gen_) return;
@@ -897,9 +896,9 @@ class ConnectionImpl final : public Connection {
     if (ec) {
       if (ec == net::error::operation_aborted) {
         return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
-            "resolving ", url_.host, " timed out after ", Fmt(options_.connect_timeout))));
+            "resolving ", dial_->url.host, " timed out after ", Fmt(options_.connect_timeout))));
       }
-      return FailAttempt(absl::UnavailableError(absl::StrCat("resolving ", url_.host, ": ", ec.message())));
+      return FailAttempt(absl::UnavailableError(absl::StrCat("resolving ", dial_->url.host, ": ", ec.message())));
     }
     ArmDeadline(a, options_.connect_timeout);
     net::async_connect(a->socket(), results,
@@ -931,10 +930,10 @@ class ConnectionImpl final : public Connection {
     if (ec) {
       if (a->timed_out) {
         return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
-            "connecting to ", url_.host_header, " timed out after ", Fmt(options_.connect_timeout))));
+            "connecting to ", dial_->url.host_header, " timed out after ", Fmt(options_.connect_timeout))));
       }
       return FailAttempt(
-          absl::UnavailableError(absl::StrCat("connecting to ", url_.host_header, ": ", ec.message())));
+          absl::UnavailableError(absl::StrCat("connecting to ", dial_->url.host_header, ": ", ec.message())));
     }
     error_code ignored;
     a->socket().set_option(tcp::no_delay(true), ignored);
@@ -956,7 +955,7 @@ class ConnectionImpl final : public Connection {
     if (ec) {
       if (a->timed_out) {
         return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
-            "TLS handshake with ", url_.host_header, " timed out after ", Fmt(options_.handshake_timeout))));
+            "TLS handshake with ", dial_->url.host_header, " timed out after ", Fmt(options_.handshake_timeout))));
       }
       std::string detail = ec.message();
       const long verify = SSL_get_verify_result(a->stream.native_handle());
@@ -965,7 +964,7 @@ class ConnectionImpl final : public Connection {
                         "; check tls.ca_file / tls.server_name)");
       }
       return FailAttempt(absl::UnavailableError(
-          absl::StrCat("TLS handshake with ", url_.host_header, " failed: ", detail)));
+          absl::StrCat("TLS handshake with ", dial_->url.host_header, " failed: ", detail)));
     }
     DoWsHandshake(a);
   }
@@ -977,10 +976,10 @@ class ConnectionImpl final : public Connection {
     auto hs = std::make_unique<Handshake>();
     hs->key = HandshakeKey();
     std::string& r = hs->request;
-    absl::StrAppend(&r, "GET ", url_.target, " HTTP/1.1\r\nHost: ", url_.host_header,
+    absl::StrAppend(&r, "GET ", dial_->url.target, " HTTP/1.1\r\nHost: ", dial_->url.host_header,
                     "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ", hs->key,
                     "\r\nSec-WebSocket-Version: 13\r\nUser-Agent: wsbridge\r\n");
-    for (const auto& [name, value] : request_.headers) {
+    for (const auto& [name, value] : dial_->request.headers) {
       // A line break in a header would end the request early or smuggle in another
       // header; credentials come from files and the environment, so say which one.
       if (!IsToken(name) || !IsFieldValue(value)) {
@@ -991,8 +990,8 @@ class ConnectionImpl final : public Connection {
       }
       absl::StrAppend(&r, name, ": ", value, "\r\n");
     }
-    if (!request_.subprotocols.empty()) {
-      const std::string protocols = absl::StrJoin(request_.subprotocols, ", ");
+    if (!dial_->request.subprotocols.empty()) {
+      const std::string protocols = absl::StrJoin(dial_->request.subprotocols, ", ");
       if (!IsFieldValue(protocols)) {
         return FailAttempt(absl::InvalidArgumentError("a subprotocol has a line break or NUL"));
       }
@@ -1023,11 +1022,11 @@ class ConnectionImpl final : public Connection {
     if (ec && !(have_header && hs.parser.get().result_int() != 101)) {
       if (a->timed_out) {
         return FailAttempt(absl::DeadlineExceededError(absl::StrCat(
-            "WebSocket handshake with ", url_.host_header, " timed out after ",
+            "WebSocket handshake with ", dial_->url.host_header, " timed out after ",
             Fmt(options_.handshake_timeout))));
       }
       return FailAttempt(absl::UnavailableError(
-          absl::StrCat("WebSocket handshake with ", url_.host_header, " failed: ", ec.message())));
+          absl::StrCat("WebSocket handshake with ", dial_->url.host_header, " failed: ", ec.message())));
     }
     const http::response<http::string_body>& res = hs.parser.get();
     if (res.result_int() != 101) {
@@ -1041,15 +1040,15 @@ class ConnectionImpl final : public Connection {
           info.retry_after > Duration::zero() ? absl::StrCat(" (Retry-After ", Fmt(info.retry_after), ")") : "";
       info.reason = StatusFromHttp(
           res.result_int(),
-          log::Redact(absl::StrCat("WebSocket upgrade refused by ", url_.host_header, " with HTTP ",
+          log::Redact(absl::StrCat("WebSocket upgrade refused by ", dial_->url.host_header, " with HTTP ",
                                    res.result_int(), retry_after, body.empty() ? "" : ": ", body)));
       return FailAttempt(std::move(info));
     }
     std::string negotiated;
-    if (absl::Status st = ws::CheckUpgradeAnswer(res, hs.key, request_.subprotocols, &negotiated); !st.ok()) {
+    if (absl::Status st = ws::CheckUpgradeAnswer(res, hs.key, dial_->request.subprotocols, &negotiated); !st.ok()) {
       if (absl::IsUnavailable(st)) {
         st = absl::UnavailableError(
-            absl::StrCat("WebSocket handshake with ", url_.host_header, " failed: ", st.message()));
+            absl::StrCat("WebSocket handshake with ", dial_->url.host_header, " failed: ", st.message()));
       }
       return FailAttempt(st);
     }
@@ -1057,9 +1056,9 @@ class ConnectionImpl final : public Connection {
     const auto rest = hs.buffer.cdata();
     if (rest.size() != 0) a->rx.assign(static_cast<const char*>(rest.data()), rest.size());
     // Keep nothing of the handshake for the connection's lifetime: the answer, the
-    // request (which may carry credentials) are rebuilt on every attempt anyway.
+    // request (which may carry credentials) and the URL are rebuilt on every attempt.
     a->handshake.reset();
-    request_ = {};
+    dial_.reset();
     open_ = true;
     if (opened_before_) stats_.reconnects.fetch_add(1);
     opened_before_ = true;
@@ -1650,8 +1649,13 @@ class ConnectionImpl final : public Connection {
   bool waiting_ = false;
   uint64_t gen_ = 0;        // bumped per attempt and per teardown; stale handlers compare it
   uint64_t retry_gen_ = 0;  // identifies the pending retry timer
-  HandshakeRequest request_;
-  ParsedUrl url_;
+  // What the attempt dials and asks for; dropped once the connection is open (the next
+  // attempt builds its own), so an open connection keeps neither.
+  struct Dial {
+    HandshakeRequest request;
+    ParsedUrl url;
+  };
+  std::unique_ptr<Dial> dial_;
   std::shared_ptr<TlsClientContext> tls_ctx_;
   std::shared_ptr<PlainAttempt> plain_;
   std::shared_ptr<TlsAttempt> tls_;

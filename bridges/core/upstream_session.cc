@@ -90,7 +90,6 @@ class SessionImpl final : public UpstreamSession,
                                 : std::make_shared<const ConnectionOptions>(std::move(options.connection))),
         protocol_(std::move(protocol)),
         // On the io executor with handlers bound to the strand (see connection.cc).
-        login_timer_(strand_.get_inner_executor()),
         deadline_timer_(strand_.get_inner_executor()),
         gate_timer_(strand_.get_inner_executor()) {}
 
@@ -246,19 +245,16 @@ class SessionImpl final : public UpstreamSession,
     state_ = State::kLoggingIn;
     connection_->MarkAuthenticating();
     login_sent_ = Clock::now();
-    login_timer_.expires_after(options_.login_timeout);
-    login_timer_.async_wait(asio::bind_executor(
-        strand_, [w = weak_from_this(), gen](const boost::system::error_code& ec) {
-          auto s = w.lock();
-          if (ec || s == nullptr || gen != s->generation_ || s->state_ != State::kLoggingIn) {
-            return;
-          }
-          if (s->connection_ != nullptr) {
-            s->connection_->Reconnect(absl::DeadlineExceededError(absl::StrCat(
-                "the ", s->options_.upstream, " upstream did not answer the login within ",
-                absl::FormatDuration(absl::FromChrono(s->options_.login_timeout)))));
-          }
-        }));
+    // The login's deadline is one more expiry for the deadline timer (OnDeadlineTimer
+    // checks it while the session is logging in): no timer of its own.
+    ArmAt(LoginExpires());
+  }
+
+  Clock::time_point LoginExpires() const {
+    const Clock::time_point cap = Clock::time_point::max() - std::chrono::hours(24);
+    return options_.login_timeout >= cap - login_sent_
+               ? cap
+               : login_sent_ + std::chrono::duration_cast<Clock::duration>(options_.login_timeout);
   }
 
   void OnMessage(uint64_t gen, std::string_view payload, bool binary) {
@@ -296,7 +292,6 @@ class SessionImpl final : public UpstreamSession,
 
   void OnDisconnected(uint64_t gen, const DisconnectInfo& info, bool will_retry) {
     if (gen != generation_) return;
-    login_timer_.cancel();
     SetLastError(info.reason.ToString());
     const bool was_ready = ready_.load();
     SetReady(false);
@@ -563,8 +558,15 @@ class SessionImpl final : public UpstreamSession,
                                absl::FormatDuration(absl::FromChrono(options_.subscribe_timeout)),
                                "; subscribe again")));
     }
+    const bool login_expired = state_ == State::kLoggingIn && LoginExpires() <= now;
+    if (state_ == State::kLoggingIn && !login_expired) next = std::min(next, LoginExpires());
     if (next != Clock::time_point::max()) ArmAt(next);
     Pump();
+    if (login_expired && state_ == State::kLoggingIn && connection_ != nullptr) {
+      connection_->Reconnect(absl::DeadlineExceededError(
+          absl::StrCat("the ", options_.upstream, " upstream did not answer the login within ",
+                       absl::FormatDuration(absl::FromChrono(options_.login_timeout)))));
+    }
   }
 
   void Expire(uint64_t id, Clock::time_point now) {
@@ -768,7 +770,6 @@ class SessionImpl final : public UpstreamSession,
   }
 
   void OnLoginAnswer(const Inbound& in) {
-    login_timer_.cancel();
     if (options_.rtt != nullptr) {
       options_.rtt->Observe(std::chrono::duration<double>(Clock::now() - login_sent_).count());
     }
@@ -976,7 +977,6 @@ class SessionImpl final : public UpstreamSession,
     closed_flag_.store(true);
     SetReady(false);
     gate_timer_.cancel();
-    login_timer_.cancel();
     deadline_timer_.cancel();
     deadline_armed_ = Clock::time_point::max();
     FailAll(absl::UnavailableError(absl::StrCat("the ", options_.upstream,
@@ -1041,7 +1041,6 @@ class SessionImpl final : public UpstreamSession,
   std::map<std::string, std::string, std::less<>> sub_routes_;  // route -> subscription key
   // Deliver's copy of a subscription's sinks, kept for its capacity (strand only).
   std::vector<std::shared_ptr<EventSink>> deliver_sinks_;
-  asio::steady_timer login_timer_;
   asio::steady_timer deadline_timer_;
   asio::steady_timer gate_timer_;
   Clock::time_point deadline_armed_ = Clock::time_point::max();

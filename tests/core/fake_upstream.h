@@ -76,7 +76,8 @@ class FakeUpstream {
   int open() const { return static_cast<int>(server_->open_connections()); }
 
  private:
-  // Default answers: login ok unless the token starts with "bad"; req echo (body "hold"
+  // Default answers: login ok unless the token starts with "bad" (refused) or "mute" (no
+  // answer at all); req echo (body "hold"
   // is never answered, "stream" answers twice then finally, "404" is an error); ord echo;
   // subscriptions acknowledged as "S-<topic>" unless the topic is "silent".
   void OnMessage(const std::shared_ptr<upstreams::WsServerConnection>& c, std::string m) {
@@ -86,6 +87,7 @@ class FakeUpstream {
     }
     std::vector<std::string> f = absl::StrSplit(m, absl::MaxSplits('|', 2));
     if (f[0] == "login") {
+      if (absl::StartsWith(f[1], "mute")) return;
       c->Send(absl::StartsWith(f[1], "bad") ? "login|no" : "login|ok", false);
     } else if (f[0] == "req") {
       const std::string& body = f[2];

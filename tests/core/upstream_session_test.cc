@@ -401,6 +401,18 @@ TEST_F(UpstreamSessionTest, ARefusedLoginIsAnAuthRefusalNotAFastLoop) {
   EXPECT_EQ(d.bridge(), "fake");
 }
 
+TEST_F(UpstreamSessionTest, AnUnansweredLoginReconnectsAtTheLoginTimeoutAndLogsInAgain) {
+  auto s = Make([](SessionOptions& o) { o.login_timeout = milliseconds(100); }, "mute-token");
+  Replies& r = R();
+  s->Send(FakeRequest("x"), r.callback());
+  // Nothing answers the login: at its timeout the session drops the connection, says
+  // why, and logs in again on the next one.
+  ASSERT_TRUE(WaitFor([&] { return upstream_.handshakes() >= 2 && upstream_.Count("login|") >= 2; }));
+  ASSERT_TRUE(WaitFor(
+      [&] { return absl::StrContains(s->Describe().last_error(), "did not answer the login within 100ms"); }));
+  EXPECT_FALSE(UpstreamGot("req|"));  // nothing but logins before a login is answered
+}
+
 TEST_F(UpstreamSessionTest, HeartbeatsAreSentWhileReady) {
   auto s = Make([](SessionOptions& o) { o.connection.keepalive.heartbeat_interval = milliseconds(20); });
   s->Start();
