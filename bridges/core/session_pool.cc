@@ -338,12 +338,13 @@ void SessionPool::Shutdown(std::function<void()> done) {
   for (auto& [key, e] : sessions) e.session->Close(1001, "going away", finished);
   if (health_changed_) health_changed_();
   // The check timer is cancelled on the strand, and the shutdown counts as complete only
-  // after that: whatever the strand ran before (a check re-arming the timer) is over, and
-  // nothing queued later touches the pool (ScheduleCheck sees shut_down_; a cancelled
-  // wait returns at once). The owner may destroy the pool once `done` ran.
+  // once no check can run any more: at once when no wait is pending, else when the
+  // pending wait's handler runs (cancelled, or already expired and queued behind this).
+  // Nothing touches the pool after that, so the owner may destroy it once `done` ran.
   asio::post(strand_, [this, finished] {
+    if (!check_armed_) return finished();
+    check_finished_ = finished;
     timer_.cancel();
-    finished();
   });
 }
 
@@ -353,22 +354,29 @@ size_t SessionPool::size() const {
 }
 
 void SessionPool::ScheduleCheck() {
-  asio::post(strand_, [this] {
-    {
-      // Shutdown's cancel may have run on the strand already: arm nothing after it.
-      absl::MutexLock lock(&mu_);
-      if (shut_down_) return;
+  asio::post(strand_, [this] { ArmCheck(); });
+}
+
+// On the strand, as Shutdown's cancel is: a check re-arms the timer right there, never
+// through a post that could run after the shutdown completed.
+void SessionPool::ArmCheck() {
+  {
+    // Shutdown's cancel may have run on the strand already: arm nothing after it.
+    absl::MutexLock lock(&mu_);
+    if (shut_down_) return;
+  }
+  check_armed_ = true;
+  timer_.expires_after(options_.check_interval);
+  timer_.async_wait([this](const boost::system::error_code& ec) {
+    check_armed_ = false;
+    if (check_finished_) {
+      // Shutdown is waiting for this wait to end; after this call the pool may be gone.
+      const std::function<void()> finished = std::move(check_finished_);
+      return finished();
     }
-    timer_.expires_after(options_.check_interval);
-    timer_.async_wait([this](const boost::system::error_code& ec) {
-      if (ec) return;
-      Check();
-      {
-        absl::MutexLock lock(&mu_);
-        if (shut_down_) return;
-      }
-      ScheduleCheck();
-    });
+    if (ec) return;
+    Check();
+    ArmCheck();
   });
 }
 

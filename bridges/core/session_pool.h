@@ -158,6 +158,7 @@ class SessionPool {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CloseRefused(std::vector<std::shared_ptr<UpstreamSession>> refused);
   void ScheduleCheck();
+  void ArmCheck();
   void Check();
 
   const SessionPoolOptions options_;
@@ -167,6 +168,9 @@ class SessionPool {
   SecretRefresher refresher_;
   boost::asio::strand<boost::asio::any_io_executor> strand_;
   boost::asio::steady_timer timer_;
+  // Strand only: a check wait is pending; Shutdown's completion, when it waits for it.
+  bool check_armed_ = false;
+  std::function<void()> check_finished_;
 
   mutable absl::Mutex mu_;
   Sessions sessions_ ABSL_GUARDED_BY(mu_);
