@@ -90,8 +90,7 @@ class SessionImpl final : public UpstreamSession,
                                 : std::make_shared<const ConnectionOptions>(std::move(options.connection))),
         protocol_(std::move(protocol)),
         // On the io executor with handlers bound to the strand (see connection.cc).
-        deadline_timer_(strand_.get_inner_executor()),
-        gate_timer_(strand_.get_inner_executor()) {}
+        deadline_timer_(strand_.get_inner_executor()) {}
 
   // --- UpstreamSession, any thread. ---
   void Start() override {
@@ -512,13 +511,25 @@ class SessionImpl final : public UpstreamSession,
     op->done(std::move(result));
   }
 
-  // One deadline timer per session, armed for the earliest expiry: most requests share
-  // the default timeout, so a request usually touches no timer at all.
+  // One timer per session, armed for the earliest of two kinds of time: an expiry (a
+  // request's or a subscription acknowledgement's deadline, the login's) and the send
+  // gate's next opening (Pump). Most requests share the default timeout, so a request
+  // usually touches no timer at all; the gate needs no timer of its own.
   void Arm(Op& op, Clock::time_point at) {
     op.expires = at;
     ArmAt(at);
   }
+  // An expiry: OnDeadlineTimer looks for what expired at or after `at`.
   void ArmAt(Clock::time_point at) {
+    expiry_next_ = std::min(expiry_next_, at);
+    Schedule(at);
+  }
+  // The gate opens at `at`: Pump runs then.
+  void WakeAt(Clock::time_point at) {
+    wake_next_ = std::min(wake_next_, at);
+    Schedule(at);
+  }
+  void Schedule(Clock::time_point at) {
     if (at >= deadline_armed_) return;
     deadline_armed_ = at;
     deadline_timer_.expires_at(at);
@@ -533,6 +544,19 @@ class SessionImpl final : public UpstreamSession,
   void OnDeadlineTimer() {
     deadline_armed_ = Clock::time_point::max();
     const Clock::time_point now = Clock::now();
+    // The gate's wake-up: Pump (below) runs in any case and asks again if it must.
+    if (wake_next_ <= now) {
+      wake_next_ = Clock::time_point::max();
+    } else if (wake_next_ != Clock::time_point::max()) {
+      Schedule(wake_next_);
+    }
+    if (expiry_next_ > now) {
+      // Only the gate was due: nothing can have expired.
+      if (expiry_next_ != Clock::time_point::max()) Schedule(expiry_next_);
+      Pump();
+      return;
+    }
+    expiry_next_ = Clock::time_point::max();
     std::vector<uint64_t> expired;
     Clock::time_point next = Clock::time_point::max();
     for (const auto& [id, op] : ops_) {
@@ -648,14 +672,7 @@ class SessionImpl final : public UpstreamSession,
       SendOp(op, now);
       if (state_ != State::kReady) return;
     }
-    if (wake.has_value()) {
-      gate_timer_.expires_at(*wake);
-      gate_timer_.async_wait(asio::bind_executor(
-          strand_, [w = weak_from_this()](const boost::system::error_code& ec) {
-            auto s = w.lock();
-            if (!ec && s != nullptr) s->Pump();
-          }));
-    }
+    if (wake.has_value()) WakeAt(*wake);
   }
 
   // A request whose caller's deadline has passed is never sent: nobody waits for it.
@@ -976,9 +993,8 @@ class SessionImpl final : public UpstreamSession,
     state_ = State::kClosed;
     closed_flag_.store(true);
     SetReady(false);
-    gate_timer_.cancel();
     deadline_timer_.cancel();
-    deadline_armed_ = Clock::time_point::max();
+    deadline_armed_ = expiry_next_ = wake_next_ = Clock::time_point::max();
     FailAll(absl::UnavailableError(absl::StrCat("the ", options_.upstream,
                                                 " session was closed: ", reason)),
             false);
@@ -1042,8 +1058,9 @@ class SessionImpl final : public UpstreamSession,
   // Deliver's copy of a subscription's sinks, kept for its capacity (strand only).
   std::vector<std::shared_ptr<EventSink>> deliver_sinks_;
   asio::steady_timer deadline_timer_;
-  asio::steady_timer gate_timer_;
-  Clock::time_point deadline_armed_ = Clock::time_point::max();
+  Clock::time_point deadline_armed_ = Clock::time_point::max();  // the timer's wait
+  Clock::time_point expiry_next_ = Clock::time_point::max();     // earliest expiry armed
+  Clock::time_point wake_next_ = Clock::time_point::max();       // the gate's next opening
   std::unique_ptr<asio::steady_timer> close_timer_;
   std::vector<std::function<void()>> close_waiters_;
   std::shared_ptr<SessionImpl> close_self_;
