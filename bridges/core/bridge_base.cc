@@ -154,7 +154,7 @@ SessionOptions BridgeBase::BaseSessionOptions(const std::string& id, bool pinned
   so.malformed_frames = malformed_;
   so.unrouted_frames = unrouted_;
   so.rtt = rtt_;
-  if (pinned) so.health_changed = [this] { HealthChanged(); };
+  if (pinned) so.health_changed = health_changed_;
   return so;
 }
 

@@ -132,6 +132,9 @@ class BridgeBase : public Bridge {
   const ConnectionOptions* shared_connection_source_ ABSL_GUARDED_BY(shared_connection_mu_) = nullptr;
   std::shared_ptr<const ConnectionOptions> shared_connection_ ABSL_GUARDED_BY(shared_connection_mu_);
   std::unique_ptr<SessionPool> pool_;
+  // The pinned sessions' SessionSettings::health_changed (one for all).
+  const std::shared_ptr<const std::function<void()>> health_changed_ =
+      std::make_shared<const std::function<void()>>([this] { HealthChanged(); });
 };
 
 // Per-call accounting: started when made, finished with the first status the call was

@@ -75,19 +75,43 @@ struct Sub {
   Clock::time_point ack_expires = Clock::time_point::max();
 };
 
+// One copy of equal settings for every session that has them (a bridge's sessions
+// differ only in their id): kept while a session uses it.
+std::shared_ptr<const SessionSettings> Intern(SessionSettings settings) {
+  settings.id.clear();
+  static absl::Mutex mu(absl::kConstInit);
+  static auto* kept = new std::vector<std::weak_ptr<const SessionSettings>>();
+  absl::MutexLock lock(&mu);
+  for (auto it = kept->begin(); it != kept->end();) {
+    std::shared_ptr<const SessionSettings> s = it->lock();
+    if (s == nullptr) {
+      it = kept->erase(it);
+    } else if (s->SameAs(settings)) {
+      return s;
+    } else {
+      ++it;
+    }
+  }
+  auto s = std::make_shared<const SessionSettings>(std::move(settings));
+  kept->push_back(s);
+  return s;
+}
+
 class SessionImpl final : public UpstreamSession,
                           public std::enable_shared_from_this<SessionImpl> {
  public:
   SessionImpl(asio::any_io_executor executor, SessionOptions options,
               std::unique_ptr<Protocol> protocol)
       : strand_(asio::make_strand(executor)),
-        options_(std::move(static_cast<SessionSettings&>(options))),
-        connection_name_(options.shared_connection || options.connection.name.empty()
-                             ? options_.id
-                             : options.connection.name),
+        id_(options.id),
+        settings_(Intern(std::move(static_cast<SessionSettings&>(options)))),
+        // Shared connection options carry the bridge's name, not this connection's.
+        own_connection_name_(options.shared_connection == nullptr && !options.connection.name.empty()),
         connection_options_(options.shared_connection
                                 ? std::move(options.shared_connection)
                                 : std::make_shared<const ConnectionOptions>(std::move(options.connection))),
+        // Shared connection options carry the bridge's name, not this connection's.
+
         protocol_(std::move(protocol)),
         // On the io executor with handlers bound to the strand (see connection.cc).
         deadline_timer_(strand_.get_inner_executor()) {}
@@ -139,7 +163,7 @@ class SessionImpl final : public UpstreamSession,
     });
   }
 
-  const std::string& id() const override { return options_.id; }
+  const std::string& id() const override { return id_; }
   bool ready() const override { return ready_.load(); }
   bool auth_refused() const override { return auth_refused_flag_.load(); }
   absl::Status AuthRefusal() const override {
@@ -160,7 +184,7 @@ class SessionImpl final : public UpstreamSession,
         0, std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now() - since)
                .count());
     return absl::UnavailableError(absl::StrCat(
-        "the ", options_.upstream, " upstream has been unreachable since ",
+        "the ", settings_->upstream, " upstream has been unreachable since ",
         absl::FormatTime("%H:%M:%SZ", absl::FromChrono(since), absl::UTCTimeZone()), " (", secs,
         " s): ", Av(std::string_view(error).substr(0, 300)),
         "; retry later, or send \"x-wsbridge-wait-for-ready: true\" metadata to wait for it"));
@@ -168,8 +192,8 @@ class SessionImpl final : public UpstreamSession,
 
   admin::v1::Session Describe() const override {
     admin::v1::Session out;
-    out.set_id(options_.id);
-    out.set_bridge(options_.bridge);
+    out.set_id(id_);
+    out.set_bridge(settings_->bridge);
     out.set_in_flight_requests(static_cast<uint32_t>(op_count_.load()));
     out.set_subscribers(static_cast<uint32_t>(sink_count_.load()));
     std::shared_ptr<Connection> conn;
@@ -251,9 +275,9 @@ class SessionImpl final : public UpstreamSession,
 
   Clock::time_point LoginExpires() const {
     const Clock::time_point cap = Clock::time_point::max() - std::chrono::hours(24);
-    return options_.login_timeout >= cap - login_sent_
+    return settings_->login_timeout >= cap - login_sent_
                ? cap
-               : login_sent_ + std::chrono::duration_cast<Clock::duration>(options_.login_timeout);
+               : login_sent_ + std::chrono::duration_cast<Clock::duration>(settings_->login_timeout);
   }
 
   void OnMessage(uint64_t gen, std::string_view payload, bool binary) {
@@ -261,9 +285,9 @@ class SessionImpl final : public UpstreamSession,
     Inbound in = protocol_->Decode(payload, binary);
     switch (in.kind) {
       case Inbound::Kind::kMalformed:
-        if (options_.malformed_frames != nullptr) options_.malformed_frames->Inc();
+        if (settings_->malformed_frames != nullptr) settings_->malformed_frames->Inc();
         log::Warn(kLog, "dropped a malformed upstream frame",
-                  {{"session", options_.id},
+                  {{"session", id_},
                    {"bytes", absl::StrCat(payload.size())},
                    {"error", std::string(in.status.message())}});
         return;
@@ -322,11 +346,11 @@ class SessionImpl final : public UpstreamSession,
       }
       Finish(id, WithErrorInfo(
                      absl::UnavailableError(absl::StrCat(
-                         "the connection to the ", options_.upstream, " upstream was lost before ",
+                         "the connection to the ", settings_->upstream, " upstream was lost before ",
                          op.req.what,
                          " was answered; it may or may not have been executed (outcome "
                          "unknown) and was not resent")),
-                     "OUTCOME_UNKNOWN", options_.error_domain));
+                     "OUTCOME_UNKNOWN", settings_->error_domain));
     }
     // Resent first, in the order they were first sent.
     for (auto it = resend.rbegin(); it != resend.rend(); ++it) waiting_.push_front(*it);
@@ -361,7 +385,7 @@ class SessionImpl final : public UpstreamSession,
       return;
     }
     state_ = State::kIdle;
-    FailAll(absl::UnavailableError(absl::StrCat("the ", options_.upstream,
+    FailAll(absl::UnavailableError(absl::StrCat("the ", settings_->upstream,
                                                 " upstream connection closed: ",
                                                 log::Redact(Sv(info.reason.message())))),
             false);
@@ -391,7 +415,7 @@ class SessionImpl final : public UpstreamSession,
       unreachable_.store(false);
       down_since_ms_.store(0);
     }
-    if (ready_.exchange(ready) != ready && options_.health_changed) options_.health_changed();
+    if (ready_.exchange(ready) != ready && settings_->health_changed) (*settings_->health_changed)();
   }
   void SetLastError(std::string e) {
     absl::MutexLock lock(&mu_);
@@ -408,32 +432,32 @@ class SessionImpl final : public UpstreamSession,
     sink_count_.store(static_cast<int>(n));
   }
   void Unrouted(std::string_view route) {
-    if (options_.unrouted_frames != nullptr) options_.unrouted_frames->Inc();
+    if (settings_->unrouted_frames != nullptr) settings_->unrouted_frames->Inc();
     log::Debug(kLog, "dropped an upstream frame for no open request or subscription",
-               {{"session", options_.id}, {"route", std::string(route)}});
+               {{"session", id_}, {"route", std::string(route)}});
   }
 
   void RefuseAuth(const absl::Status& why) {
     std::string reason = ErrorReason(why);
     auth_status_ = WithErrorInfo(
         absl::UnauthenticatedError(absl::StrCat(
-            "the ", options_.upstream, " upstream refused the credential: ",
+            "the ", settings_->upstream, " upstream refused the credential: ",
             log::Redact(Sv(why.message())),
             " (fix the secret; the bridge retries on its own and picks up a rotated one)")),
-        reason.empty() ? "AUTH_REFUSED" : reason, options_.error_domain);
+        reason.empty() ? "AUTH_REFUSED" : reason, settings_->error_domain);
     {
       absl::MutexLock lock(&mu_);
       auth_refusal_ = auth_status_;
     }
     auth_refused_flag_.store(true);
     SetLastError(std::string(auth_status_.message()));
-    log::Warn(kLog, "the upstream refused the credential", {{"session", options_.id}});
+    log::Warn(kLog, "the upstream refused the credential", {{"session", id_}});
   }
 
   // A non-OK status when the session cannot take work now.
   absl::Status Usable() const {
     if (state_ == State::kClosed) {
-      return absl::UnavailableError(absl::StrCat("the ", options_.upstream,
+      return absl::UnavailableError(absl::StrCat("the ", settings_->upstream,
                                                  " session is closed; retry to open a new one"));
     }
     if (auth_refused_flag_.load()) return auth_status_;
@@ -445,7 +469,8 @@ class SessionImpl final : public UpstreamSession,
     ++generation_;
     auto link = std::make_shared<Link>(weak_from_this(), generation_);
     link_ = link;
-    connection_ = Connection::Create(strand_, connection_options_, connection_name_, link);
+    connection_ = Connection::Create(strand_, connection_options_,
+                                     own_connection_name_ ? connection_options_->name : id_, link);
     SetConnection(connection_);
     state_ = State::kConnecting;
     connection_->Start();
@@ -457,9 +482,9 @@ class SessionImpl final : public UpstreamSession,
       op->done(st);
       return;
     }
-    if (waiting_.size() >= options_.max_pending) {
+    if (waiting_.size() >= settings_->max_pending) {
       op->done(absl::ResourceExhaustedError(absl::StrCat(
-          "the ", options_.upstream, " session already has ", options_.max_pending,
+          "the ", settings_->upstream, " session already has ", settings_->max_pending,
           " requests waiting to be sent (max_pending_requests) while the upstream is ",
           state_ == State::kReady ? "busy" : "not connected", "; retry later")));
       return;
@@ -471,7 +496,7 @@ class SessionImpl final : public UpstreamSession,
       return;
     }
     op->queued_at = now;
-    Arm(*op, std::min(op->req.deadline, now + options_.request_timeout));
+    Arm(*op, std::min(op->req.deadline, now + settings_->request_timeout));
     uint64_t id = op->id;
     ops_.emplace(id, std::move(op));
     waiting_.push_back(id);
@@ -577,9 +602,9 @@ class SessionImpl final : public UpstreamSession,
     for (uint64_t id : expired) Expire(id, now);
     for (const std::string& key : unacked) {
       EndSubscription(key, absl::DeadlineExceededError(absl::StrCat(
-                               "the ", options_.upstream,
+                               "the ", settings_->upstream,
                                " upstream did not acknowledge the subscription within ",
-                               absl::FormatDuration(absl::FromChrono(options_.subscribe_timeout)),
+                               absl::FormatDuration(absl::FromChrono(settings_->subscribe_timeout)),
                                "; subscribe again")));
     }
     const bool login_expired = state_ == State::kLoggingIn && LoginExpires() <= now;
@@ -588,8 +613,8 @@ class SessionImpl final : public UpstreamSession,
     Pump();
     if (login_expired && state_ == State::kLoggingIn && connection_ != nullptr) {
       connection_->Reconnect(absl::DeadlineExceededError(
-          absl::StrCat("the ", options_.upstream, " upstream did not answer the login within ",
-                       absl::FormatDuration(absl::FromChrono(options_.login_timeout)))));
+          absl::StrCat("the ", settings_->upstream, " upstream did not answer the login within ",
+                       absl::FormatDuration(absl::FromChrono(settings_->login_timeout)))));
     }
   }
 
@@ -608,7 +633,7 @@ class SessionImpl final : public UpstreamSession,
         return;
       }
       Finish(id, absl::DeadlineExceededError(absl::StrCat(
-                     op.req.what, " was not sent to the ", options_.upstream,
+                     op.req.what, " was not sent to the ", settings_->upstream,
                      " upstream before its deadline (",
                      state_ == State::kReady ? "it was still waiting its turn"
                                              : "the session was not ready in time",
@@ -617,9 +642,9 @@ class SessionImpl final : public UpstreamSession,
     }
     if (SendGate* g = protocol_->gate(); g != nullptr && op.req.gated) g->Abandoned(id, now);
     Finish(id, WithErrorInfo(absl::DeadlineExceededError(absl::StrCat(
-                                 "no answer from the ", options_.upstream, " upstream to ",
+                                 "no answer from the ", settings_->upstream, " upstream to ",
                                  op.req.what, " before the deadline; its outcome is unknown")),
-                             "OUTCOME_UNKNOWN", options_.error_domain));
+                             "OUTCOME_UNKNOWN", settings_->error_domain));
   }
 
   std::string FreshRoute(std::string_view hint) {
@@ -700,11 +725,11 @@ class SessionImpl final : public UpstreamSession,
     if (!sent.ok()) {
       Finish(op.id, sent.code() == absl::StatusCode::kResourceExhausted
                         ? absl::ResourceExhaustedError(absl::StrCat(
-                              "the ", options_.upstream,
+                              "the ", settings_->upstream,
                               " upstream send queue is full (upstream.send_queue_messages / "
                               "send_queue_bytes); retry later"))
                         : absl::UnavailableError(absl::StrCat(
-                              "the ", options_.upstream, " upstream connection is not open")));
+                              "the ", settings_->upstream, " upstream connection is not open")));
       return;
     }
     op.in_flight = true;
@@ -719,7 +744,7 @@ class SessionImpl final : public UpstreamSession,
     if (op.req.gated) {
       if (SendGate* g = protocol_->gate(); g != nullptr) g->Sent(op.id, op.req.gate_cost, now);
     }
-    Arm(op, std::min(op.req.deadline, now + options_.request_timeout));
+    Arm(op, std::min(op.req.deadline, now + settings_->request_timeout));
   }
 
   void OnReply(Inbound in) {
@@ -755,8 +780,8 @@ class SessionImpl final : public UpstreamSession,
     }
     Op& op = *found->second;
     const Clock::time_point now = Clock::now();
-    if (options_.rtt != nullptr && op.in_flight) {
-      options_.rtt->Observe(std::chrono::duration<double>(now - op.sent_at).count());
+    if (settings_->rtt != nullptr && op.in_flight) {
+      settings_->rtt->Observe(std::chrono::duration<double>(now - op.sent_at).count());
     }
     SendGate* gate = op.req.gated ? protocol_->gate() : nullptr;
     if (!in.status.ok() && in.retry_after.has_value() && op.retries < op.req.max_retries) {
@@ -766,7 +791,7 @@ class SessionImpl final : public UpstreamSession,
       op.not_before = now + *in.retry_after;
       waiting_.push_front(id);
       log::Debug(kLog, "the upstream asked for a resend after a pause",
-                 {{"session", options_.id}, {"request", op.req.what}});
+                 {{"session", id_}, {"request", op.req.what}});
       Pump();
       return;
     }
@@ -777,7 +802,7 @@ class SessionImpl final : public UpstreamSession,
       return;
     }
     if (!in.final) {
-      op.expires = std::min(op.req.deadline, now + options_.request_timeout);
+      op.expires = std::min(op.req.deadline, now + settings_->request_timeout);
       ArmAt(op.expires);
       op.done(Reply{std::move(in.payload), false});
       return;
@@ -787,8 +812,8 @@ class SessionImpl final : public UpstreamSession,
   }
 
   void OnLoginAnswer(const Inbound& in) {
-    if (options_.rtt != nullptr) {
-      options_.rtt->Observe(std::chrono::duration<double>(Clock::now() - login_sent_).count());
+    if (settings_->rtt != nullptr) {
+      settings_->rtt->Observe(std::chrono::duration<double>(Clock::now() - login_sent_).count());
     }
     if (in.status.ok()) {
       OnLoggedIn();
@@ -875,7 +900,7 @@ class SessionImpl final : public UpstreamSession,
         };
         op->done = [](absl::StatusOr<Reply>) {};
         op->queued_at = Clock::now();
-        Arm(*op, op->queued_at + options_.request_timeout);
+        Arm(*op, op->queued_at + settings_->request_timeout);
         waiting_.push_front(op->id);
         ops_.emplace(op->id, std::move(op));
       }
@@ -910,12 +935,12 @@ class SessionImpl final : public UpstreamSession,
     absl::Status sent = connection_->Send(std::move(f->frame), f->binary);
     if (!sent.ok()) {
       EndSubscription(key, absl::UnavailableError(absl::StrCat(
-                               "could not send the subscription to the ", options_.upstream,
+                               "could not send the subscription to the ", settings_->upstream,
                                " upstream: ", sent.message())));
       return;
     }
     sub_routes_[sub.request_route] = key;
-    sub.ack_expires = Clock::now() + options_.subscribe_timeout;
+    sub.ack_expires = Clock::now() + settings_->subscribe_timeout;
     ArmAt(sub.ack_expires);
   }
 
@@ -995,7 +1020,7 @@ class SessionImpl final : public UpstreamSession,
     SetReady(false);
     deadline_timer_.cancel();
     deadline_armed_ = expiry_next_ = wake_next_ = Clock::time_point::max();
-    FailAll(absl::UnavailableError(absl::StrCat("the ", options_.upstream,
+    FailAll(absl::UnavailableError(absl::StrCat("the ", settings_->upstream,
                                                 " session was closed: ", reason)),
             false);
     if (connection_ == nullptr) {
@@ -1024,8 +1049,9 @@ class SessionImpl final : public UpstreamSession,
   friend class Link;
 
   Strand strand_;
-  const SessionSettings options_;
-  const std::string connection_name_;
+  const std::string id_;
+  const std::shared_ptr<const SessionSettings> settings_;  // shared (Intern), its id empty
+  const bool own_connection_name_;  // else the connection is named id_
   const std::shared_ptr<const ConnectionOptions> connection_options_;
   std::unique_ptr<Protocol> protocol_;
   std::atomic<uint64_t> next_id_{1};

@@ -209,6 +209,8 @@ class EventSink {
 };
 
 // What a session keeps of its options (all but the connection's, which it shares).
+// Sessions whose settings are equal but for `id` share one copy (most of a bridge's
+// sessions): a session keeps only its id of its own.
 struct SessionSettings {
   std::string bridge;       // bridge instance name
   std::string id;           // "<bridge>/<key prefix>"; admin and logs
@@ -225,8 +227,18 @@ struct SessionSettings {
   Counter* malformed_frames = nullptr;
   Counter* unrouted_frames = nullptr;
   Histogram* rtt = nullptr;
-  // Called (on the strand) when ready() changes.
-  std::function<void()> health_changed;
+  // Called (on the strand) when ready() changes. Shared, so that settings with the same
+  // callback compare equal (and are shared).
+  std::shared_ptr<const std::function<void()>> health_changed;
+
+  // Equal but for `id`.
+  bool SameAs(const SessionSettings& o) const {
+    return bridge == o.bridge && upstream == o.upstream && error_domain == o.error_domain &&
+           request_timeout == o.request_timeout && login_timeout == o.login_timeout &&
+           subscribe_timeout == o.subscribe_timeout && max_pending == o.max_pending &&
+           malformed_frames == o.malformed_frames && unrouted_frames == o.unrouted_frames &&
+           rtt == o.rtt && health_changed == o.health_changed;
+  }
 };
 
 struct SessionOptions : SessionSettings {

@@ -143,7 +143,7 @@ class UpstreamSessionTest : public ::testing::Test {
     o.request_timeout = seconds(10);
     o.malformed_frames = &malformed_;
     o.unrouted_frames = &unrouted_;
-    o.health_changed = [this] { health_changes_.fetch_add(1); };
+    o.health_changed = std::make_shared<const std::function<void()>>([this] { health_changes_.fetch_add(1); });
     if (tweak) tweak(o);
     net::any_io_executor executor = io_.get_executor();
     if (inline_executor_) executor = LoopExecutor(io_.get_executor());
