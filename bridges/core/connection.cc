@@ -1091,14 +1091,29 @@ class ConnectionImpl final : public Connection {
     });
   }
 
+  // The completion handler of a wait that stays pending while the connection is idle
+  // (readable on the socket, the timer): it runs `f(*this, ec)` on the strand. A handler
+  // bound to the strand (bind_executor) would hold the strand twice for the wait's whole
+  // life, its own copy and the operation's work on it (72 bytes each, per idle
+  // connection); this one holds the connection only and goes onto the strand when it
+  // runs, which is what the binding did.
+  template <class F>
+  auto Unbound(F f) {
+    return [self = Self(), f = std::move(f)](error_code ec) mutable {
+      ConnectionImpl* c = self.get();
+      net::dispatch(c->strand_, [self = std::move(self), f = std::move(f), ec]() mutable { f(*self, ec); });
+    };
+  }
+
   template <class A>
   void WaitReadable(const std::shared_ptr<A>& a, net::socket_base::wait_type what) {
     a->reading = true;
-    a->socket().async_wait(what, net::bind_executor(strand_, [self = Self(), a](error_code ec) {
+    // Not bound to the strand: see Unbound.
+    a->socket().async_wait(what, Unbound([a](ConnectionImpl& self, error_code ec) {
       a->reading = false;
-      if (!self->Current(a) || self->paused_) return;
-      if (ec) return self->OnReadError(ec);
-      self->ReadNow(a);
+      if (!self.Current(a) || self.paused_) return;
+      if (ec) return self.OnReadError(ec);
+      self.ReadNow(a);
     }));
   }
 
@@ -1446,7 +1461,7 @@ class ConnectionImpl final : public Connection {
     waiting_until_ = at;
     const uint64_t seq = ++wait_seq_;
     timer_.expires_at(at);  // cancels the wait it replaces (stale by its sequence)
-    timer_.async_wait(net::bind_executor(strand_, [self = Self(), seq](error_code) { self->OnTimer(seq); }));
+    timer_.async_wait(Unbound([seq](ConnectionImpl& self, error_code) { self.OnTimer(seq); }));
   }
 
   void OnTimer(uint64_t seq) {

@@ -558,12 +558,15 @@ class SessionImpl final : public UpstreamSession,
     if (at >= deadline_armed_) return;
     deadline_armed_ = at;
     deadline_timer_.expires_at(at);
-    deadline_timer_.async_wait(asio::bind_executor(
-        strand_, [w = weak_from_this()](const boost::system::error_code& ec) {
-          auto s = w.lock();
-          if (ec || s == nullptr) return;
-          s->OnDeadlineTimer();
-        }));
+    // Not bound to the strand: a bound handler would hold two copies of the strand for
+    // the wait's life (up to request_timeout after a request); this one goes onto the
+    // strand when it runs.
+    deadline_timer_.async_wait([w = weak_from_this()](const boost::system::error_code& ec) {
+      auto s = w.lock();
+      if (ec || s == nullptr) return;
+      SessionImpl* p = s.get();
+      asio::dispatch(p->strand_, [s = std::move(s)] { s->OnDeadlineTimer(); });
+    });
   }
 
   void OnDeadlineTimer() {
