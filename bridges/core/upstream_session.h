@@ -231,7 +231,7 @@ struct SessionSettings {
   // callback compare equal (and are shared).
   std::shared_ptr<const std::function<void()>> health_changed;
 
-  // Equal but for `id`.
+  // Equal but for `id`. (A new field must be compared here: see the size check below.)
   bool SameAs(const SessionSettings& o) const {
     return bridge == o.bridge && upstream == o.upstream && error_domain == o.error_domain &&
            request_timeout == o.request_timeout && login_timeout == o.login_timeout &&
@@ -240,6 +240,10 @@ struct SessionSettings {
            rtt == o.rtt && health_changed == o.health_changed;
   }
 };
+static_assert(sizeof(void*) != 8 || sizeof(SessionSettings) == 4 * sizeof(std::string) + 3 * sizeof(Duration) +
+                                                                   sizeof(size_t) + 3 * sizeof(void*) +
+                                                                   sizeof(std::shared_ptr<int>),
+              "SessionSettings changed: compare the new field in SameAs");
 
 struct SessionOptions : SessionSettings {
   // The connection's options; its name defaults to `id`.

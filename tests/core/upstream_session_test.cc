@@ -143,7 +143,7 @@ class UpstreamSessionTest : public ::testing::Test {
     o.request_timeout = seconds(10);
     o.malformed_frames = &malformed_;
     o.unrouted_frames = &unrouted_;
-    o.health_changed = std::make_shared<const std::function<void()>>([this] { health_changes_.fetch_add(1); });
+    o.health_changed = health_changed_;
     if (tweak) tweak(o);
     net::any_io_executor executor = io_.get_executor();
     if (inline_executor_) executor = LoopExecutor(io_.get_executor());
@@ -164,6 +164,8 @@ class UpstreamSessionTest : public ::testing::Test {
   Counter malformed_;
   Counter unrouted_;
   std::atomic<int> health_changes_{0};
+  const std::shared_ptr<const std::function<void()>> health_changed_ =
+      std::make_shared<const std::function<void()>>([this] { health_changes_.fetch_add(1); });
   bool inline_executor_ = false;  // the daemon's session executor (LoopExecutor)
   std::shared_ptr<UpstreamSession> session_;
 };
@@ -305,6 +307,39 @@ TEST_F(UpstreamSessionTest, ARequestWhoseDeadlineHasPassedIsNeverSent) {
         << r->at(0).status();
   }
   EXPECT_EQ(upstream_.Count("req|"), 2);  // "first" and "next" only
+}
+
+// Sessions share one copy of equal settings (all but the id); a session whose settings
+// differ in one field keeps its own, and each keeps its own id.
+TEST_F(UpstreamSessionTest, SessionsWithDifferentSettingsEachKeepTheirOwn) {
+  auto patient = Make([](SessionOptions& o) { o.id = "fake/patient"; });
+  auto twin = Make([](SessionOptions& o) { o.id = "fake/twin"; });
+  auto hasty = Make([](SessionOptions& o) {
+    o.id = "fake/hasty";
+    o.request_timeout = milliseconds(200);
+  });
+  EXPECT_EQ(patient->id(), "fake/patient");
+  EXPECT_EQ(twin->id(), "fake/twin");
+  EXPECT_EQ(hasty->id(), "fake/hasty");
+  EXPECT_EQ(twin->Describe().id(), "fake/twin");
+  Replies& slow = R();
+  Replies& fast = R();
+  Replies& other = R();
+  patient->Send(FakeRequest("hold"), slow.callback());  // never answered
+  twin->Send(FakeRequest("twin"), other.callback());
+  hasty->Send(FakeRequest("hold"), fast.callback());
+  ASSERT_TRUE(other.WaitFinal());
+  EXPECT_EQ(BodyOf(other.at(0)->payload), "twin");
+  ASSERT_TRUE(fast.WaitFinal());  // at the hasty session's 200 ms, not the others' 10 s
+  EXPECT_EQ(fast.at(0).status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(slow.size(), 0u);
+  for (const auto& s : {patient, twin}) {
+    std::promise<void> closed;
+    s->Close(1000, "test over", [&] { closed.set_value(); });
+    ASSERT_EQ(closed.get_future().wait_for(seconds(20)), std::future_status::ready);
+  }
+  ASSERT_TRUE(slow.WaitFinal());
+  EXPECT_EQ(slow.at(0).status().code(), absl::StatusCode::kUnavailable);  // closed, not expired
 }
 
 TEST_F(UpstreamSessionTest, AnswersTheUpstreamAsksToRetryAreResentAfterThePause) {
