@@ -751,6 +751,9 @@ class ConnectionImpl final : public Connection {
   const Strand& strand() const override { return strand_; }
 
  private:
+  // A queued message. DoWrite masks `payload` in place when it starts writing it, so a
+  // message is never written twice: Teardown drops the queue with the attempt. Anything
+  // that would keep the queue for another connection must unmask what was started.
   struct Outgoing {
     std::string payload;
     bool binary;
