@@ -647,10 +647,11 @@ class ConnectionImpl final : public Connection {
         handler_(std::move(handler)),
         backoff_(options_.backoff),
         auth_backoff_(options_.auth_backoff),
-        // Timers and the resolver sit on the plain io executor and every wait binds its
-        // handler to the strand: an any_io_executor holding a strand does not fit the
-        // type-erased executor's inline storage, so a timer built on the strand costs a
-        // heap allocation for its whole life (7 of them per connection).
+        // The timer and the resolver sit on the plain io executor and every handler runs
+        // on the strand (bound to it, or through Unbound for the waits an idle
+        // connection keeps): an any_io_executor holding a strand does not fit the
+        // type-erased executor's inline storage, so a timer built on the strand would
+        // cost a heap allocation for its whole life.
         timer_(strand_.get_inner_executor()) {
     due_.fill(Clock::time_point::max());
   }

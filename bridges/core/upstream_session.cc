@@ -113,7 +113,7 @@ class SessionImpl final : public UpstreamSession,
         // Shared connection options carry the bridge's name, not this connection's.
 
         protocol_(std::move(protocol)),
-        // On the io executor with handlers bound to the strand (see connection.cc).
+        // On the io executor; its handler goes onto the strand (see Schedule).
         deadline_timer_(strand_.get_inner_executor()) {}
 
   // --- UpstreamSession, any thread. ---
