@@ -1112,8 +1112,9 @@ class ConnectionImpl final : public Connection {
   template <class A>
   void WaitReadable(const std::shared_ptr<A>& a, net::socket_base::wait_type what) {
     a->reading = true;
-    // Bound to the strand: this wait completes once per read, and measured no smaller
-    // unbound (see Unbound; docs/performance.md, round 10).
+    // Bound to the strand, unlike the timer's waits (Unbound): this one completes once
+    // per read, and unbound it saved ~0.15 KiB per idle session but measured more CPU
+    // per DFX chunk and per fan-out delivery (docs/performance.md, round 10).
     a->socket().async_wait(what, net::bind_executor(strand_, [self = Self(), a](error_code ec) {
       a->reading = false;
       if (!self->Current(a) || self->paused_) return;
