@@ -649,9 +649,9 @@ class ConnectionImpl final : public Connection {
         auth_backoff_(options_.auth_backoff),
         // The timer and the resolver sit on the plain io executor and every handler runs
         // on the strand (bound to it, or through Unbound for the timer's waits): an
-        // any_io_executor holding a strand does not fit the
-        // type-erased executor's inline storage, so a timer built on the strand would
-        // cost a heap allocation for its whole life.
+        // any_io_executor holding a strand does not fit the type-erased executor's inline
+        // storage, so a timer built on the strand would cost a heap allocation for its
+        // whole life.
         timer_(strand_.get_inner_executor()) {
     due_.fill(Clock::time_point::max());
   }

@@ -110,8 +110,6 @@ class SessionImpl final : public UpstreamSession,
         connection_options_(options.shared_connection
                                 ? std::move(options.shared_connection)
                                 : std::make_shared<const ConnectionOptions>(std::move(options.connection))),
-        // Shared connection options carry the bridge's name, not this connection's.
-
         protocol_(std::move(protocol)),
         // On the io executor; its handler goes onto the strand (see Schedule).
         deadline_timer_(strand_.get_inner_executor()) {}
