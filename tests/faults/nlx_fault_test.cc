@@ -418,7 +418,10 @@ TEST_F(NlxFaultTest, ResetDuringASendReportsTheOutcomeUnknown) {
   reset.join();
   EXPECT_EQ(lost.status.error_code(), grpc::StatusCode::UNAVAILABLE) << lost.status.error_message();
   EXPECT_EQ(ErrorReason(lost.status), "OUTCOME_UNKNOWN") << lost.status.error_message();
-  SendResult next = Send(id, "next");
+  // Waits for the session: its first reconnect (after ~1 ms) may have met the proxy still
+  // resetting, and until the next attempt a call that does not wait is told UNAVAILABLE
+  // (the upstream is unreachable), as it should be.
+  SendResult next = Send(id, "next", {{"x-wsbridge-wait-for-ready", "true"}});
   ASSERT_TRUE(next.status.ok()) << next.status.error_message();
   EXPECT_EQ(next.resp.conversation_id(), id);
   EXPECT_EQ(Recorded(id), (std::vector<std::string>{"hello", "in flight", "next"}));
