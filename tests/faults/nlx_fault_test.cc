@@ -421,7 +421,7 @@ TEST_F(NlxFaultTest, ResetDuringASendReportsTheOutcomeUnknown) {
   // Waits for the session: its first reconnect (after ~1 ms) may have met the proxy still
   // resetting, and until the next attempt a call that does not wait is told UNAVAILABLE
   // (the upstream is unreachable), as it should be.
-  SendResult next = Send(id, "next", {{"x-wsbridge-wait-for-ready", "true"}});
+  SendResult next = Send(id, "next", {{std::string(core::kWaitForReadyMetadata), "true"}});
   ASSERT_TRUE(next.status.ok()) << next.status.error_message();
   EXPECT_EQ(next.resp.conversation_id(), id);
   EXPECT_EQ(Recorded(id), (std::vector<std::string>{"hello", "in flight", "next"}));
@@ -858,7 +858,7 @@ TEST_F(NlxFaultTest, UnreachableConversationFailsFastUnlessTheCallerWaits) {
   EXPECT_EQ(failed->reason(), "UPSTREAM_UNREACHABLE") << failed->message();
 
   // Two callers wait (the bound), the third is refused.
-  const std::map<std::string, std::string> wait = {{"x-wsbridge-wait-for-ready", "true"}};
+  const std::map<std::string, std::string> wait = {{std::string(core::kWaitForReadyMetadata), "true"}};
   SendResult waited[2];
   std::thread waiters[2];
   for (int i = 0; i < 2; ++i) {
