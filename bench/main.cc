@@ -489,6 +489,7 @@ struct FanoutStep {
   double deliveries_per_s = 0, achieved_per_s = 0, p99_ms = 0, p50_ms = 0, cpu_us_per_delivery = 0;
   double results_per_message = 0;  // how much the bridge batched (SubscribeResultsResponse)
   double cs_per_delivery = 0;       // wsbridged context switches
+  std::string ended;                // status of a stream the bridge ended during the step
   bool pass = false;
 };
 
@@ -583,6 +584,9 @@ json::array FanoutSection(Env& e) {
         st.cpu_us_per_delivery = lat.empty() ? 0 : cpu / static_cast<double>(lat.size()) * 1e6;
         st.results_per_message = msgs1 > msgs0 ? static_cast<double>(res1 - res0) / static_cast<double>(msgs1 - msgs0) : 0;
         st.cs_per_delivery = lat.empty() ? 0 : static_cast<double>(cs) / static_cast<double>(lat.size());
+        for (auto& s : subs) {
+          if (s->done()) st.ended = s->status_text();
+        }
         st.pass = all && st.p99_ms < 10.0;
         steps.push_back(st);
         if (!st.pass) break;
@@ -603,7 +607,8 @@ json::array FanoutSection(Env& e) {
                       {"p50_ms", st.p50_ms}, {"p99_ms", st.p99_ms},
                       {"cpu_us_per_delivery", st.cpu_us_per_delivery},
                       {"results_per_message", st.results_per_message},
-                      {"context_switches_per_delivery", st.cs_per_delivery}, {"pass", st.pass}});
+                      {"context_switches_per_delivery", st.cs_per_delivery},
+                      {"stream_ended", st.ended}, {"pass", st.pass}});
         if (st.pass) best = st;
       }
       runs_json.push_back(std::move(sj));

@@ -193,6 +193,8 @@ void OnSignal(int) { g_stop = true; }
 
 int RunUpstream(const std::vector<std::string>& args) {
   upstreams::WsServerOptions opt;
+  // The fan-out publisher sends far faster than one socket write per frame allows.
+  opt.coalesce_writes = true;
   for (size_t i = 0; i + 1 < args.size(); ++i) {
     if (args[i] == "--listen") opt.listen = args[i + 1];
     if (args[i] == "--tls-cert") opt.cert_pem = ReadFile(args[i + 1]), opt.tls = true;

@@ -65,6 +65,13 @@ struct WsServerOptions {
   // unless the client says "Connection: close"). Off: every answer closes it.
   bool http_keep_alive = true;
   int threads = 1;
+  // Buffer each connection's writes; one write to the socket at a time carries all that
+  // is buffered (while one is in flight, later frames wait and then leave together), as a
+  // busy production server's writes do, and Send() frames its messages itself instead of
+  // through the WebSocket layer. For load generators: one socket write per frame costs a
+  // sender more than the bridge under test spends per frame. Off: one socket write per
+  // frame, each done when the socket took it.
+  bool coalesce_writes = false;
 };
 
 // All methods are thread-safe (they post to the connection's strand) and may be called

@@ -12,6 +12,7 @@
 #include <array>
 #include <cstddef>
 #include <memory>
+#include <string_view>
 #include <utility>
 
 #include <boost/asio/any_completion_handler.hpp>
@@ -19,6 +20,8 @@
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/buffer.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/beast/core/bind_handler.hpp>
 #include <boost/beast/core/role.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 
@@ -81,9 +84,21 @@ class Transport {
   virtual void SetGated(bool gated) = 0;
   // Whether the TLS handshake resumed a session (false for plain transports).
   virtual bool Resumed() = 0;
+  // Completes once every byte written so far has been handed to the socket (at once,
+  // posted, for transports that hold nothing back; see MakeCoalescingTransport).
+  virtual void Flush(DoneHandler handler) {
+    net::post(tcp().get_executor(), beast::bind_front_handler(std::move(handler), error_code{}));
+  }
+  // Writes `head` then `body` after everything written so far, with no completion to wait
+  // for; false when the transport cannot (only a coalescing one can). On the strand, and
+  // never while the WebSocket layer is writing a message (its frames would interleave).
+  virtual bool Append(std::string_view /*head*/, std::string_view /*body*/) { return false; }
 };
 std::unique_ptr<Transport> MakePlainTransport(tcp::socket socket);
 std::unique_ptr<Transport> MakeTlsTransport(tcp::socket socket, ssl::context& ctx);
+// WsServerOptions::coalesce_writes (ws_server_coalesce.cc): writes are buffered and
+// reported done at once, and one write to `inner` at a time carries all that is buffered.
+std::unique_ptr<Transport> MakeCoalescingTransport(std::unique_ptr<Transport> inner);
 
 // The AsyncStream the WebSocket layer is instantiated with.
 class ServerStream {
