@@ -203,7 +203,10 @@ std::unique_ptr<Daemon> StartDaemon(const Options& o, const DaemonSpec& spec, co
       "      allow_call_token: true\n"
       "      disable_pacing: true\n"
       "      idle_session_timeout: 24h\n"
-      "      max_sessions: ", std::max(o.max_sessions, 1000) + 10, "\n");
+      "      max_sessions: ", std::max(o.max_sessions, 1000) + 10, "\n"
+      // The fan-out ladder feeds one subscription up to a million results a second: one
+      // read of the upstream socket then brings hundreds at once (docs/operations.md).
+      "      subscriber_queue: 4096\n");
   std::string cfg = dir.WriteFile(absl::StrCat("wsbridged-", n, ".yaml"), yaml);
   auto d = std::make_unique<Daemon>();
   std::vector<std::string> env;

@@ -31,6 +31,7 @@ absl::StatusOr<DfxBridgeOptions> OptionsFromConfig(const config::v1::DfxBridgeCo
   o.rate_limit_retry = core::DurationOr(cfg.rate_limit_retry(), std::chrono::seconds(1));
   o.pacing = !cfg.disable_pacing();
   if (cfg.max_sessions() != 0) o.max_sessions = cfg.max_sessions();
+  if (cfg.subscriber_queue() != 0) o.subscriber_queue = cfg.subscriber_queue();
   return o;
 }
 

@@ -81,6 +81,7 @@ TEST(ConfigLoad, DefaultsAreApplied) {
   EXPECT_EQ(dfx.idle_session_timeout().seconds(), 300);
   EXPECT_EQ(dfx.rate_limit_retry().seconds(), 1);
   EXPECT_EQ(dfx.max_sessions(), 1000u);
+  EXPECT_EQ(dfx.subscriber_queue(), 256u);
   EXPECT_FALSE(dfx.has_device_token());
   const v1::UpstreamConfig& u = dfx.upstream();
   EXPECT_EQ(u.connect_timeout().seconds(), 10);

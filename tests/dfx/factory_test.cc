@@ -136,6 +136,20 @@ TEST_F(DfxDaemonTest, ShutdownEndsStreamsAndClosesUpstreamsWithGoingAway) {
   for (int code : codes) EXPECT_EQ(code, 1001);
 }
 
+TEST_F(DfxDaemonTest, SubscriberQueueComesFromConfig) {
+  config::v1::DfxBridgeConfig cfg;
+  cfg.mutable_upstream()->set_url(emulator_->url());
+  cfg.mutable_upstream()->set_allow_plaintext(true);
+  cfg.set_allow_call_token(true);
+  absl::StatusOr<DfxBridgeOptions> o = OptionsFromConfig(cfg, "dfx");
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->subscriber_queue, 256u);  // unset: the default
+  cfg.set_subscriber_queue(4096);
+  o = OptionsFromConfig(cfg, "dfx");
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->subscriber_queue, 4096u);
+}
+
 TEST_F(DfxDaemonTest, RejectsBadConfig) {
   config::v1::DfxBridgeConfig cfg;
   cfg.mutable_upstream()->set_url(emulator_->url());
