@@ -492,6 +492,9 @@ struct FanoutStep {
   double deliveries_per_s = 0, achieved_per_s = 0, p99_ms = 0, p50_ms = 0, cpu_us_per_delivery = 0;
   double results_per_message = 0;  // how much the bridge batched (SubscribeResultsResponse)
   double cs_per_delivery = 0;       // wsbridged context switches
+  // The other two processes on the machine: the bench upstream (publishing) and this one
+  // (the subscribers' reading), so that a step the machine could not carry shows it.
+  double upstream_cpu_us_per_delivery = 0, client_cpu_us_per_delivery = 0;
   std::string ended;                // status of a stream the bridge ended during the step
   bool pass = false;
 };
@@ -556,6 +559,7 @@ json::array FanoutSection(Env& e) {
         int64_t msgs0 = 0, res0 = 0;
         for (auto& s : subs) msgs0 += s->messages(), res0 += s->received_any();
         double cpu0 = e.daemon().Cpu();
+        double up0 = ProcessCpuSeconds(e.upstream.child.pid()), self0 = SelfCpuSeconds();
         int64_t cs0 = ProcessContextSwitches(e.daemon().child.pid());
         auto t0 = Clock::now();
         Check(control->RoundTrip(absl::StrCat("9001", "9001", RandomLetters(6), "{\"mid\":\"", mid,
@@ -570,6 +574,7 @@ json::array FanoutSection(Env& e) {
         }, std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.step_seconds * 2 + 2)));
         double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
         double cpu = e.daemon().Cpu() - cpu0;
+        double up_cpu = ProcessCpuSeconds(e.upstream.child.pid()) - up0, self_cpu = SelfCpuSeconds() - self0;
         int64_t cs = ProcessContextSwitches(e.daemon().child.pid()) - cs0;
         int64_t msgs1 = 0, res1 = 0;
         for (auto& s : subs) msgs1 += s->messages(), res1 += s->received_any();
@@ -587,6 +592,10 @@ json::array FanoutSection(Env& e) {
         st.cpu_us_per_delivery = lat.empty() ? 0 : cpu / static_cast<double>(lat.size()) * 1e6;
         st.results_per_message = msgs1 > msgs0 ? static_cast<double>(res1 - res0) / static_cast<double>(msgs1 - msgs0) : 0;
         st.cs_per_delivery = lat.empty() ? 0 : static_cast<double>(cs) / static_cast<double>(lat.size());
+        if (!lat.empty()) {
+          st.upstream_cpu_us_per_delivery = up_cpu / static_cast<double>(lat.size()) * 1e6;
+          st.client_cpu_us_per_delivery = self_cpu / static_cast<double>(lat.size()) * 1e6;
+        }
         for (auto& s : subs) {
           if (s->done()) st.ended = s->status_text();
         }
@@ -611,6 +620,8 @@ json::array FanoutSection(Env& e) {
                       {"cpu_us_per_delivery", st.cpu_us_per_delivery},
                       {"results_per_message", st.results_per_message},
                       {"context_switches_per_delivery", st.cs_per_delivery},
+                      {"upstream_cpu_us_per_delivery", st.upstream_cpu_us_per_delivery},
+                      {"client_cpu_us_per_delivery", st.client_cpu_us_per_delivery},
                       {"stream_ended", st.ended}, {"pass", st.pass}});
         if (st.pass) best = st;
       }

@@ -17,11 +17,28 @@ bash scripts/setup.sh
 
 step() { printf '\n=== %s (%ss elapsed)\n' "$*" "$SECONDS"; }
 
+# ctest, and when something failed, the failing cases and their first assertion lines
+# again at the very end: one test's output (a whole binary's, in the sanitizer steps) can
+# be long, and a CI log is often kept only from its tail.
+run_ctest() {
+  local log rc=0
+  log=$(mktemp)
+  ctest --output-on-failure --output-log "$log" "$@" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "--- what failed (repeated from above):"
+    grep -E '^\[  FAILED  \]|: Failure$|ERROR: [A-Za-z]+Sanitizer|runtime error:|WARNING: ThreadSanitizer' "$log" |
+      awk '!seen[$0]++' | head -60 || true
+    sed -n '/tests FAILED:/,$p' "$log" | head -20
+  fi
+  rm -f "$log"
+  return "$rc"
+}
+
 step "release build"
 cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release -DWSBRIDGE_BUILD_BENCH=ON >/dev/null
 ninja -C build/release
 step "release tests"
-ctest --test-dir build/release --output-on-failure -j "$jobs"
+run_ctest --test-dir build/release -j "$jobs"
 
 step "ASan+UBSan build (clang; the fuzz harnesses too)"
 # clang: it compiles this code base twice as fast as GCC under ASan at -O0 (connection.cc
@@ -44,7 +61,7 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktra
 # C++ paths the C++ tests cover, at ASan's start-up cost (~2 minutes of the step). The
 # Node and Python clients that make calls (dfx_node_conformance, daemon_python_client_test)
 # still run here.
-WSBRIDGE_SOAK_SECONDS=5 ctest --test-dir build/asan-clang --output-on-failure -j "$jobs" \
+WSBRIDGE_SOAK_SECONDS=5 run_ctest --test-dir build/asan-clang -j "$jobs" \
   -E '^(deploy_|docs_|examples_|run_script_test|run_production_config_check_test)'
 
 step "fuzz harnesses (${fuzz_seconds}s each)"
@@ -68,5 +85,5 @@ step "TSan tests"
 suites=$(for b in "${tsan_bins[@]}"; do build/tsan/$b --gtest_list_tests | sed -n 's/^\([A-Za-z0-9_/]*\)\.$/\1/p'; done |
          sort -u | paste -sd'|')
 export TSAN_OPTIONS="suppressions=$root/tests/tsan/suppressions.txt halt_on_error=1 second_deadlock_stack=1"
-ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R "^($suites)\."
+run_ctest --test-dir build/tsan -j "$jobs" -R "^($suites)\."
 step "done"
