@@ -22,20 +22,29 @@ namespace {
 
 class CoalescingTransport final : public Transport {
  public:
-  explicit CoalescingTransport(std::unique_ptr<Transport> inner)
-      : inner_(std::move(inner)), state_(std::make_shared<State>()) {
+  explicit CoalescingTransport(std::unique_ptr<Transport> inner) : state_(std::make_shared<State>()) {
+    state_->inner = std::move(inner);
     state_->owner = this;
   }
-  // Handlers of writes still in flight see the owner gone and touch nothing else.
-  ~CoalescingTransport() override { state_->owner = nullptr; }
-
-  beast::tcp_stream& tcp() override { return inner_->tcp(); }
-  void ReadSome(MutableBuffers buffers, IoHandler handler) override {
-    inner_->ReadSome(buffers, std::move(handler));
+  // The session that owns this is gone. A write still in flight keeps the inner transport
+  // (its stream's state is in use until the write completes) but nothing else: its
+  // handler sees the owner gone. The socket is normally closed already (the session
+  // finished); closing it here ends such a write at once.
+  ~CoalescingTransport() override {
+    state_->owner = nullptr;
+    if (state_->flushing) {
+      error_code ignored;
+      state_->inner->tcp().socket().close(ignored);
+    }
   }
-  void Handshake(DoneHandler handler) override { inner_->Handshake(std::move(handler)); }
-  void SetGated(bool gated) override { inner_->SetGated(gated); }
-  bool Resumed() override { return inner_->Resumed(); }
+
+  beast::tcp_stream& tcp() override { return inner().tcp(); }
+  void ReadSome(MutableBuffers buffers, IoHandler handler) override {
+    inner().ReadSome(buffers, std::move(handler));
+  }
+  void Handshake(DoneHandler handler) override { inner().Handshake(std::move(handler)); }
+  void SetGated(bool gated) override { inner().SetGated(gated); }
+  bool Resumed() override { return inner().Resumed(); }
 
   void WriteSome(ConstBuffers buffers, IoHandler handler) override {
     State& s = *state_;
@@ -62,7 +71,7 @@ class CoalescingTransport final : public Transport {
     Flush(OnStrand<void(error_code)>(
         tcp().get_executor(), [this, role, h = std::move(handler)](error_code ec) mutable {
           if (ec) return std::move(h)(ec);
-          inner_->Teardown(role, std::move(h));
+          inner().Teardown(role, std::move(h));
         }));
   }
 
@@ -78,6 +87,8 @@ class CoalescingTransport final : public Transport {
 
  private:
   struct State {
+    // Owned here, not by the CoalescingTransport: a write in flight holds the State.
+    std::unique_ptr<Transport> inner;
     CoalescingTransport* owner = nullptr;
     std::string writing;  // in flight: writing[written..]
     std::size_t written = 0;
@@ -102,7 +113,7 @@ class CoalescingTransport final : public Transport {
 
   void WriteMore() {
     State& s = *state_;
-    inner_->WriteSome(ConstBuffers::From(net::buffer(s.writing.data() + s.written,
+    inner().WriteSome(ConstBuffers::From(net::buffer(s.writing.data() + s.written,
                                                      s.writing.size() - s.written)),
                       OnStrand<void(error_code, std::size_t)>(
                           tcp().get_executor(),
@@ -130,7 +141,8 @@ class CoalescingTransport final : public Transport {
     }
   }
 
-  std::unique_ptr<Transport> inner_;
+  Transport& inner() { return *state_->inner; }
+
   std::shared_ptr<State> state_;
 };
 
