@@ -1480,8 +1480,10 @@ class ConnectionImpl final : public Connection {
       *it = Clock::time_point::max();
       Fire(slot, due_gen_[slot]);
     }
+    // A slot fired above may have re-armed itself (Arm waits for it, since no wait was
+    // pending) later than a slot still due before it: wait for the earliest.
     const Clock::time_point next = *std::min_element(due_.begin(), due_.end());
-    if (!waiting_ && next != Clock::time_point::max()) Wait(next);
+    if (next != Clock::time_point::max() && (!waiting_ || next < waiting_until_)) Wait(next);
   }
 
   void Fire(Slot slot, uint64_t gen) {

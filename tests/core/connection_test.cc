@@ -985,6 +985,35 @@ TEST_F(ConnectionTest, BackoffResetsAfterAHealthyPeriod) {
                       kDeadline));
 }
 
+// One timer serves every slot: a heartbeat that fires and re-arms itself (2 s on) must
+// not push back the healthy period that ends before that (at 2.1 s). It used to: the
+// backoff was reset only at the next heartbeat, 4 s after the connection became ready.
+TEST_F(ConnectionTest, ARearmedHeartbeatDoesNotDelayTheHealthyPeriod) {
+  upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int index) {
+    if (index == 0) c->Drop();
+  };
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  ConnectionOptions o = PlainOptions();
+  o.backoff.initial = milliseconds(10);
+  o.backoff.multiplier = 100000;
+  o.backoff.max = seconds(1000);
+  o.backoff.reset_after = milliseconds(2100);
+  o.keepalive.heartbeat_interval = seconds(2);
+  StartConnection(o);
+  ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 2 && conn_->state() == ConnectionState::kReady; },
+                      kDeadline));
+  const int64_t ready_since = conn_->stats().ready_since_unix_ms.load();
+  // Past the first heartbeat (2 s) and the healthy period (2.1 s), well before the second
+  // heartbeat (4 s).
+  ASSERT_TRUE(WaitFor([&] { return handler_->heartbeats() >= 1; }, kDeadline));
+  ASSERT_TRUE(WaitFor([&] { return absl::ToUnixMillis(absl::Now()) - ready_since > 3000; }, kDeadline));
+  ASSERT_TRUE(WaitServerConn(1));
+  upstream_.conn(1)->Drop();
+  ASSERT_TRUE(WaitDisconnects(2));
+  EXPECT_LE(handler_->disconnects()[1].retry_delay_ms, 10) << "the healthy period ended late";
+}
+
 TEST_F(ConnectionTest, ReconnectKeepsTheBackoffGrowing) {
   // A rejected login: the handler calls Reconnect on every open. With caps of 10 ms and
   // then 1000 s, the third attempt must not come quickly.
