@@ -688,8 +688,10 @@ class ConnectionImpl final : public Connection {
 
   void MarkReady() override {
     if (!open_ || closing_ || state_.load() == ConnectionState::kReady) return;
-    state_.store(ConnectionState::kReady);
+    // ready_since first: whoever sees kReady (another thread: the admin API, a test) then
+    // sees when it began, not 0.
     stats_.ready_since_unix_ms.store(absl::ToUnixMillis(absl::Now()));
+    state_.store(ConnectionState::kReady);
     log::Info(kLog, "upstream ready", {{"name", name_}, {"target", Target()}});
     Arm(kHealthy, Later(options_.backoff.reset_after), gen_);
     if (options_.keepalive.heartbeat_interval > Duration::zero()) ArmHeartbeat();

@@ -975,6 +975,7 @@ TEST_F(ConnectionTest, BackoffResetsAfterAHealthyPeriod) {
                       kDeadline));
   // Healthy for ten times reset_after (slack for the timer on a loaded machine).
   const int64_t ready_since = conn_->stats().ready_since_unix_ms.load();
+  ASSERT_GT(ready_since, 0) << "ready without the time it became ready";
   ASSERT_TRUE(WaitFor([&] { return absl::ToUnixMillis(absl::Now()) - ready_since > 1000; }, kDeadline));
   ASSERT_TRUE(WaitServerConn(1));
   upstream_.conn(1)->Drop();
@@ -1004,6 +1005,7 @@ TEST_F(ConnectionTest, ARearmedHeartbeatDoesNotDelayTheHealthyPeriod) {
   ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 2 && conn_->state() == ConnectionState::kReady; },
                       kDeadline));
   const int64_t ready_since = conn_->stats().ready_since_unix_ms.load();
+  ASSERT_GT(ready_since, 0) << "ready without the time it became ready";
   // Past the first heartbeat (2 s) and the healthy period (2.1 s), well before the second
   // heartbeat (4 s).
   ASSERT_TRUE(WaitFor([&] { return handler_->heartbeats() >= 1; }, kDeadline));
@@ -1314,6 +1316,7 @@ TEST_F(ConnectionTest, HealthyPeriodResetsTheAuthBackoff) {
                       kDeadline));
   // Healthy for ten times reset_after (slack for a loaded machine).
   const int64_t ready_since = conn_->stats().ready_since_unix_ms.load();
+  ASSERT_GT(ready_since, 0) << "ready without the time it became ready";
   ASSERT_TRUE(WaitFor([&] { return absl::ToUnixMillis(absl::Now()) - ready_since > 1000; }, kDeadline));
   ASSERT_TRUE(WaitFor([&] { return upstream_.conn(1) != nullptr; }, kDeadline));
   upstream_.conn(1)->Close(4401, "token revoked again");
