@@ -291,6 +291,34 @@ class ConnectionTest : public ::testing::Test {
     return WaitFor([&] { return upstream_.conn(i) != nullptr; }, kDeadline);
   }
 
+  // Backoff caps of 10 ms for the first failure, then 1000 s, so that only a reset after a
+  // healthy period makes a later reconnect fast (`o` sets the rest). The first connection
+  // is dropped at once; returns once the second is ready, with when it became ready.
+  void ReadyAfterOneDrop(ConnectionOptions o, int64_t* ready_since) {
+    upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int index) {
+      if (index == 0) c->Drop();
+    };
+    upstream_.Start();
+    SetUrl(upstream_.server->url());
+    o.backoff.initial = milliseconds(10);
+    o.backoff.multiplier = 100000;
+    o.backoff.max = seconds(1000);
+    StartConnection(o);
+    ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 2 && conn_->state() == ConnectionState::kReady; },
+                        kDeadline));
+    *ready_since = conn_->stats().ready_since_unix_ms.load();
+    ASSERT_GT(*ready_since, 0) << "ready without the time it became ready";
+  }
+
+  // Drops the second connection (ReadyAfterOneDrop); its retry must come under a reset
+  // backoff (without the reset the delay is drawn from [0, 1000 s]).
+  void DropAndExpectTheBackoffReset(const std::string& why) {
+    ASSERT_TRUE(WaitServerConn(1));
+    upstream_.conn(1)->Drop();
+    ASSERT_TRUE(WaitDisconnects(2));
+    EXPECT_LE(handler_->disconnects()[1].retry_delay_ms, 10) << why;
+  }
+
   // A normal backoff so slow that a retry under it never comes during a test, and a
   // quick auth backoff: which one applied shows in retry_delay_ms and in whether the
   // next attempt comes at all, never in wall time.
@@ -958,30 +986,13 @@ TEST_F(ConnectionTest, PausedReadsDeliverNothingUntilResumed) {
 }
 
 TEST_F(ConnectionTest, BackoffResetsAfterAHealthyPeriod) {
-  // Caps: 10 ms for the first failure, then 1000 s. Only a reset makes the reconnect after
-  // the second drop fast.
-  upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int index) {
-    if (index == 0) c->Drop();
-  };
-  upstream_.Start();
-  SetUrl(upstream_.server->url());
   ConnectionOptions o = PlainOptions();
-  o.backoff.initial = milliseconds(10);
-  o.backoff.multiplier = 100000;
-  o.backoff.max = seconds(1000);
   o.backoff.reset_after = milliseconds(100);
-  StartConnection(o);
-  ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 2 && conn_->state() == ConnectionState::kReady; },
-                      kDeadline));
+  int64_t ready_since = 0;
+  ASSERT_NO_FATAL_FAILURE(ReadyAfterOneDrop(o, &ready_since));
   // Healthy for ten times reset_after (slack for the timer on a loaded machine).
-  const int64_t ready_since = conn_->stats().ready_since_unix_ms.load();
-  ASSERT_GT(ready_since, 0) << "ready without the time it became ready";
   ASSERT_TRUE(WaitFor([&] { return absl::ToUnixMillis(absl::Now()) - ready_since > 1000; }, kDeadline));
-  ASSERT_TRUE(WaitServerConn(1));
-  upstream_.conn(1)->Drop();
-  ASSERT_TRUE(WaitDisconnects(2));
-  // Without the reset this delay is drawn from [0, 1000 s].
-  EXPECT_LE(handler_->disconnects()[1].retry_delay_ms, 10) << "backoff was not reset after the healthy period";
+  ASSERT_NO_FATAL_FAILURE(DropAndExpectTheBackoffReset("backoff was not reset after the healthy period"));
   ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 3 && conn_->state() == ConnectionState::kReady; },
                       kDeadline));
 }
@@ -990,30 +1001,16 @@ TEST_F(ConnectionTest, BackoffResetsAfterAHealthyPeriod) {
 // not push back the healthy period that ends before that (at 2.1 s). It used to: the
 // backoff was reset only at the next heartbeat, 4 s after the connection became ready.
 TEST_F(ConnectionTest, ARearmedHeartbeatDoesNotDelayTheHealthyPeriod) {
-  upstream_.on_open = [](const std::shared_ptr<WsServerConnection>& c, int index) {
-    if (index == 0) c->Drop();
-  };
-  upstream_.Start();
-  SetUrl(upstream_.server->url());
   ConnectionOptions o = PlainOptions();
-  o.backoff.initial = milliseconds(10);
-  o.backoff.multiplier = 100000;
-  o.backoff.max = seconds(1000);
   o.backoff.reset_after = milliseconds(2100);
   o.keepalive.heartbeat_interval = seconds(2);
-  StartConnection(o);
-  ASSERT_TRUE(WaitFor([&] { return upstream_.handshake_count() == 2 && conn_->state() == ConnectionState::kReady; },
-                      kDeadline));
-  const int64_t ready_since = conn_->stats().ready_since_unix_ms.load();
-  ASSERT_GT(ready_since, 0) << "ready without the time it became ready";
+  int64_t ready_since = 0;
+  ASSERT_NO_FATAL_FAILURE(ReadyAfterOneDrop(o, &ready_since));
   // Past the first heartbeat (2 s) and the healthy period (2.1 s), well before the second
   // heartbeat (4 s).
   ASSERT_TRUE(WaitFor([&] { return handler_->heartbeats() >= 1; }, kDeadline));
   ASSERT_TRUE(WaitFor([&] { return absl::ToUnixMillis(absl::Now()) - ready_since > 3000; }, kDeadline));
-  ASSERT_TRUE(WaitServerConn(1));
-  upstream_.conn(1)->Drop();
-  ASSERT_TRUE(WaitDisconnects(2));
-  EXPECT_LE(handler_->disconnects()[1].retry_delay_ms, 10) << "the healthy period ended late";
+  ASSERT_NO_FATAL_FAILURE(DropAndExpectTheBackoffReset("the healthy period ended late"));
 }
 
 TEST_F(ConnectionTest, ReconnectKeepsTheBackoffGrowing) {
