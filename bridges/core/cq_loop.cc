@@ -9,7 +9,8 @@
 
 namespace wsbridge::core {
 
-CqLoop::CqLoop(std::unique_ptr<grpc::ServerCompletionQueue> cq) : cq_(std::move(cq)) {}
+CqLoop::CqLoop(std::unique_ptr<grpc::ServerCompletionQueue> cq)
+    : cq_(std::move(cq)), unary_cq_(std::make_unique<grpc::CompletionQueue>()) {}
 
 CqLoop::~CqLoop() { Shutdown(); }
 
@@ -23,7 +24,55 @@ void CqLoop::Loop() {
   while (cq_->Next(&tag, &ok)) {
     static_cast<CqTag*>(tag)->Run(ok);
     CountHandled();
+    AfterTag();
   }
+}
+
+// Unary completions. A unary call's Finish usually completes inside the call that starts
+// it (gRPC writes to an idle connection at once), so its tag and the done tag are on
+// unary_cq() by the time the loop thread next wakes, for the next call or anything else.
+// Taking only as many as are due keeps the loop from polling an empty queue (a system
+// call) after every tag while calls wait for their answers; what was not due (a
+// caller's cancel) or not yet there waits for the sweep.
+void CqLoop::AfterTag() {
+  const bool all = unary_take_all_.load();
+  if (all || (unary_due_.load() > 0 && unary_finishes_.load() != unary_finishes_seen_)) {
+    DrainUnary(all);
+  }
+  if (unary_out_.load() == 0) return;
+  absl::MutexLock lock(&mu_);
+  if (sweep_set_ || shutting_down_) return;
+  sweep_set_ = true;
+  sweep_alarm_.Set(cq_.get(),
+                   gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                gpr_time_from_millis(kUnarySweepMs, GPR_TIMESPAN)),
+                   &sweep_tag_);
+}
+
+void CqLoop::DrainUnary(bool all) {
+  void* tag = nullptr;
+  bool ok = false;
+  while (all || unary_due_.load() > 0) {
+    if (unary_cq_->AsyncNext(&tag, &ok, gpr_inf_past(GPR_CLOCK_MONOTONIC)) !=
+        grpc::CompletionQueue::GOT_EVENT) {
+      if (!all) unary_finishes_seen_ = unary_finishes_.load();
+      return;
+    }
+    // Only this thread decrements: a positive count stays positive until it does.
+    if (unary_due_.load() > 0) unary_due_.fetch_sub(1);
+    unary_out_.fetch_sub(1);
+    static_cast<CqTag*>(tag)->Run(ok);
+    CountHandled();
+  }
+}
+
+void CqLoop::RunSweep(bool /*ok*/) {
+  {
+    absl::MutexLock lock(&mu_);
+    sweep_set_ = false;
+  }
+  // Cancelled (shutdown) or due: either way take what is there.
+  DrainUnary(true);
 }
 
 void CqLoop::WaitQuiet(absl::Duration limit) {
@@ -77,11 +126,15 @@ void CqLoop::Shutdown() {
   // that returns each completion). gRPC aborts the process on an operation started on a
   // queue that is shut down with nothing pending, so the queue is shut down only once
   // the loop has gone quiet.
+  // The unary calls' done tags are on unary_cq(): while waiting for quiet, every tag
+  // the loop handles takes them all.
+  unary_take_all_.store(true);
   if (thread_.joinable()) WaitQuiet(absl::Seconds(2));
   {
     absl::MutexLock lock(&mu_);
     if (joined_) return;
     shutting_down_ = true;
+    if (sweep_set_) sweep_alarm_.Cancel();  // its tag comes back (ok = false) before the end
   }
   cq_->Shutdown();
   if (thread_.joinable()) {
@@ -89,6 +142,14 @@ void CqLoop::Shutdown() {
   } else {
     // Never started: drain here so that every tag still gets its Run(false).
     Loop();
+  }
+  // What is left of the unary calls (nothing after a quiet loop, unless the 2 s ran
+  // out): the loop thread is gone, so this thread runs their tags.
+  unary_cq_->Shutdown();
+  {
+    void* tag = nullptr;
+    bool ok = false;
+    while (unary_cq_->Next(&tag, &ok)) static_cast<CqTag*>(tag)->Run(ok);
   }
   std::vector<Task> rest;
   {

@@ -56,6 +56,25 @@ class CqLoop {
   CqLoop& operator=(const CqLoop&) = delete;
 
   grpc::ServerCompletionQueue* cq() const { return cq_.get(); }
+  // The queue a unary call's own operations complete on (its Finish and its done tag):
+  // pass it as the call's queue when requesting a unary call (AsyncUnaryCall). Nobody
+  // waits on it: the loop thread takes what is there while it is awake anyway (after
+  // each tag of cq(), for the Finishes it was told of by UnaryFinishing), and a sweep
+  // every kUnarySweepMs takes the rest (a caller's cancel, a Finish that could not be
+  // written at once). Why: a unary call answered from a session's io thread is finished
+  // there, and its completions on cq() woke the sleeping loop thread once more per call
+  // only to release the call.
+  grpc::CompletionQueue* unary_cq() const { return unary_cq_.get(); }
+  static constexpr int kUnarySweepMs = 50;
+  // A unary call was matched: its done tag is out on unary_cq().
+  void UnaryTagOut() { unary_out_.fetch_add(1); }
+  // A unary call's Finish is about to start (any thread): its tag, then its done tag,
+  // come back to unary_cq() shortly.
+  void UnaryFinishing() {
+    unary_out_.fetch_add(1);
+    unary_due_.fetch_add(2);
+    unary_finishes_.fetch_add(1);
+  }
 
   // Starts the thread.
   void Start();
@@ -102,13 +121,29 @@ class CqLoop {
    private:
     CqLoop* loop_;
   };
+  class SweepTag final : public CqTag {
+   public:
+    explicit SweepTag(CqLoop* loop) : loop_(loop) {}
+    void Run(bool ok) override { loop_->RunSweep(ok); }
+
+   private:
+    CqLoop* loop_;
+  };
   void Loop();
   void RunMailbox(bool ok);
+  void RunSweep(bool ok);
+  // Loop thread: after a tag of cq(), takes the unary completions due (all of them
+  // while shutting down) and arms the sweep while any are out.
+  void AfterTag();
+  // Loop thread: runs the tags unary_cq() has; `all`: until it has none ready, else
+  // only as many as are due.
+  void DrainUnary(bool all);
   // Returns once two markers posted one after the other ran with nothing else handled
   // between them (or `limit` passed).
   void WaitQuiet(absl::Duration limit);
 
   std::unique_ptr<grpc::ServerCompletionQueue> cq_;
+  std::unique_ptr<grpc::CompletionQueue> unary_cq_;
   std::thread thread_;
   MailboxTag mailbox_tag_{this};
   absl::Mutex mu_;
@@ -119,6 +154,20 @@ class CqLoop {
   // The alarm that wakes the loop for the mailbox; set at most once at a time.
   grpc::Alarm alarm_ ABSL_GUARDED_BY(mu_);
   bool alarm_set_ ABSL_GUARDED_BY(mu_) = false;
+  SweepTag sweep_tag_{this};
+  grpc::Alarm sweep_alarm_ ABSL_GUARDED_BY(mu_);
+  bool sweep_set_ ABSL_GUARDED_BY(mu_) = false;
+  // Operations out on unary_cq() (done tags of matched calls, Finishes) and how many of
+  // them are known to complete shortly (a Finish started: its tag and the done tag).
+  // Incremented from any thread, decremented by the loop thread as it takes them.
+  std::atomic<int> unary_out_{0};
+  std::atomic<int> unary_due_{0};
+  // Finishes started so far, and that count when the loop last found none of the due
+  // completions there (loop thread): it looks again only after another Finish started.
+  std::atomic<uint64_t> unary_finishes_{0};
+  uint64_t unary_finishes_seen_ = 0;
+  // Shutdown began waiting for quiet: every tag takes all unary completions.
+  std::atomic<bool> unary_take_all_{false};
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   bool joined_ = false;
   std::atomic<int> unary_waiting_{0};

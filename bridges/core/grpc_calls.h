@@ -201,7 +201,9 @@ class StreamInbox {
 };
 
 // A unary call on the completion-queue API. Derived has
-//   static void Request(BridgeBase*, CqLoop*)   asks gRPC for the next call (see Start);
+//   static void Request(BridgeBase*, CqLoop*)   asks gRPC for the next call (see Start),
+//                                               with loop->unary_cq() as the call's queue
+//                                               and loop->cq() for the matched tag;
 //   void OnAdmitted()                           validates req_, takes a session, sends;
 //                                               runs in an InlineScope, so it must hold
 //                                               no lock a session callback may take;
@@ -212,8 +214,10 @@ class StreamInbox {
 // Why Respond finishes on the strand's thread: handing the answer back to the loop thread
 // cost one thread wake-up on every call's latency path (the loop thread is asleep while
 // the upstream answers). The completion-queue API lets any thread start the Finish; its
-// completion still comes back to the loop, which then releases the call. mu_ orders the
-// finish against the loop thread's own ends of the call (cancel, drain, gRPC's tags).
+// completion comes back to the loop's unary queue, which the loop thread takes from when
+// it is next awake (CqLoop::unary_cq), so the Finish does not wake it either; the loop
+// thread then releases the call. mu_ orders the finish against the loop thread's own
+// ends of the call (cancel, drain, gRPC's tags).
 template <typename Derived, typename RequestMsg, typename ResponseMsg>
 class AsyncUnaryCall : public AsyncCallBase<Derived> {
  protected:
@@ -293,6 +297,7 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
   void OnMatched(bool ok) {
     if (ok) {
       absl::MutexLock lock(&mu_);
+      this->loop_->UnaryTagOut();  // the done tag
       this->loop_->UnaryStarted();
       counted_ = true;
     }
@@ -317,6 +322,7 @@ class AsyncUnaryCall : public AsyncCallBase<Derived> {
   void StartFinish(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     this->Finishing(status);
     this->OpStarted();
+    this->loop_->UnaryFinishing();
     if (status.ok()) {
       responder_.Finish(resp_, status, &finish_tag_);
     } else {

@@ -267,7 +267,8 @@ class AsyncCall final
     auto* dfx = static_cast<DfxBridge*>(bridge);
     auto c = std::make_shared<AsyncCall>(dfx, loop);
     Start(c, c->done_tag(), [&] {
-      dfx->RequestCall(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(), c->matched_tag());
+      dfx->RequestCall(&c->ctx_, &c->req_, &c->responder_, loop->unary_cq(), loop->cq(),
+                       c->matched_tag());
     });
   }
 
@@ -306,8 +307,8 @@ class AsyncCreateMeasurement final
     auto* dfx = static_cast<DfxBridge*>(bridge);
     auto c = std::make_shared<AsyncCreateMeasurement>(dfx, loop);
     Start(c, c->done_tag(), [&] {
-      dfx->RequestCreateMeasurement(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(),
-                                    c->matched_tag());
+      dfx->RequestCreateMeasurement(&c->ctx_, &c->req_, &c->responder_, loop->unary_cq(),
+                                    loop->cq(), c->matched_tag());
     });
   }
 

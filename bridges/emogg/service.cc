@@ -236,7 +236,7 @@ class AsyncRequest final
     auto* emogg = static_cast<EmoggBridge*>(bridge);
     auto c = std::make_shared<AsyncRequest>(emogg, loop);
     Start(c, c->done_tag(), [&] {
-      emogg->RequestRequest(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(),
+      emogg->RequestRequest(&c->ctx_, &c->req_, &c->responder_, loop->unary_cq(), loop->cq(),
                             c->matched_tag());
     });
   }

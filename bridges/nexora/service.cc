@@ -526,7 +526,8 @@ class CreateChatCall final
     auto* b = static_cast<NexoraBridge*>(bridge);
     auto c = std::make_shared<CreateChatCall>(b, loop);
     Start(c, c->done_tag(), [&] {
-      b->RequestCreateChat(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(), c->matched_tag());
+      b->RequestCreateChat(&c->ctx_, &c->req_, &c->responder_, loop->unary_cq(), loop->cq(),
+                           c->matched_tag());
     });
   }
 

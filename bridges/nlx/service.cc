@@ -369,7 +369,8 @@ class SendCall final : public core::AsyncUnaryCall<SendCall, v1::SendRequest, v1
     auto* b = static_cast<NlxBridge*>(bridge);
     auto c = std::make_shared<SendCall>(b, loop);
     Start(c, c->done_tag(), [&] {
-      b->RequestSend(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(), c->matched_tag());
+      b->RequestSend(&c->ctx_, &c->req_, &c->responder_, loop->unary_cq(), loop->cq(),
+                     c->matched_tag());
     });
   }
 

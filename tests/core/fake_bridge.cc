@@ -84,7 +84,8 @@ class EchoCall final : public AsyncUnaryCall<EchoCall, v1::EchoRequest, v1::Echo
     auto* fake = static_cast<FakeBridge*>(bridge);
     auto c = std::make_shared<EchoCall>(fake, loop);
     Start(c, c->done_tag(), [&] {
-      fake->RequestEcho(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(), c->matched_tag());
+      fake->RequestEcho(&c->ctx_, &c->req_, &c->responder_, loop->unary_cq(), loop->cq(),
+                        c->matched_tag());
     });
   }
 
@@ -126,7 +127,8 @@ class GetCall final : public AsyncUnaryCall<GetCall, v1::EchoRequest, v1::EchoRe
     auto* fake = static_cast<FakeBridge*>(bridge);
     auto c = std::make_shared<GetCall>(fake, loop);
     Start(c, c->done_tag(), [&] {
-      fake->RequestGet(&c->ctx_, &c->req_, &c->responder_, loop->cq(), loop->cq(), c->matched_tag());
+      fake->RequestGet(&c->ctx_, &c->req_, &c->responder_, loop->unary_cq(), loop->cq(),
+                       c->matched_tag());
     });
   }
 

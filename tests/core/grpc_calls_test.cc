@@ -110,6 +110,21 @@ TEST_F(GrpcCallsTest, AsyncUnaryGivesUpItsUpstreamRequestWhenTheCallerGoes) {
   EXPECT_EQ(out, "after");
 }
 
+// A unary call's own completions come back to its loop's unary queue
+// (CqLoop::unary_cq), which nobody waits on: the loop takes them when it is awake
+// anyway, and a sweep takes the rest. A call finished on the session's thread, and one
+// the caller abandons, are both released with nothing else arriving after them.
+TEST_F(GrpcCallsTest, UnaryCallsAreReleasedWithNothingElseArriving) {
+  Start();
+  std::string out;
+  ASSERT_TRUE(Unary(true, "first", &out).ok());
+  EXPECT_EQ(out, "first");
+  EXPECT_TRUE(WaitFor([&] { return daemon_.CallsOpen() == 0; }, 10s)) << daemon_.CallsOpen();
+  EXPECT_EQ(Unary(true, "hold", &out, 300ms).error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(WaitFor([&] { return daemon_.CallsOpen() == 0 && InFlight() == 0; }, 10s))
+      << daemon_.CallsOpen() << " calls open, " << InFlight() << " upstream requests";
+}
+
 TEST_F(GrpcCallsTest, AsyncUnaryServesManyConcurrentCalls) {
   Start();
   grpc::CompletionQueue cq;
