@@ -19,6 +19,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <tuple>
 #include <vector>
 
@@ -596,6 +597,17 @@ struct Handshake {
   http::response_parser<http::string_body> parser;
 };
 
+// The data frames of one write when several messages wait: their headers (each payload
+// is its queue entry, masked in place) and the buffer sequence over both. 2 buffers per
+// frame: one writev's worth of Asio's 64 on a plain socket; the TLS stream gathers them
+// into records.
+struct WriteBatch {
+  static constexpr std::size_t kMaxFrames = 32;
+  static constexpr std::size_t kMaxBytes = 64 * 1024;  // frames are added until past it
+  std::array<std::array<char, ws::kMaxClientHeaderBytes>, kMaxFrames> headers;
+  std::array<net::const_buffer, 2 * kMaxFrames> buffers;
+};
+
 // One connection attempt: the stream and what its in-flight operations need. Held by
 // shared_ptr from every pending handler, so the stream outlives its operations even
 // after the connection moved on to the next attempt.
@@ -624,6 +636,10 @@ struct Attempt {
   // masked in place) or a whole control frame.
   std::array<char, ws::kMaxClientHeaderBytes> header{};
   std::string control;
+  // Several data frames written together (see ConnectionImpl::DoWrite): made the first
+  // time more than one message waits, then kept; `batch` is how many are in flight.
+  std::unique_ptr<WriteBatch> gather;
+  uint32_t batch = 0;
   // Control frames waiting for the write in flight.
   std::optional<std::string> pong_due;  // the latest ping's payload (RFC 6455 5.5.3)
   bool ping_due = false;
@@ -1337,6 +1353,11 @@ class ConnectionImpl final : public Connection {
       return;
     }
     a->writing = true;
+    // Several messages waiting (calls arriving together while a write was in flight):
+    // they leave in one write, i.e. one send() and, over TLS, one record per 16 KiB,
+    // instead of a system call, a record and a wake-up of the upstream each.
+    if (queue_.size() > 1) return DoWriteBatch(a);
+    a->batch = 1;
     Outgoing& m = queue_.front();
     // The payload is ours: mask it in place rather than through a copy.
     const uint32_t key = MaskKey();
@@ -1350,14 +1371,42 @@ class ConnectionImpl final : public Connection {
   }
 
   template <class A>
+  void DoWriteBatch(std::shared_ptr<A> a) {
+    if (a->gather == nullptr) a->gather = std::make_unique<WriteBatch>();
+    WriteBatch& g = *a->gather;
+    std::size_t n = 0;
+    std::size_t bytes = 0;
+    for (auto it = queue_.begin(); it != queue_.end() && n < WriteBatch::kMaxFrames &&
+                                   bytes < WriteBatch::kMaxBytes;
+         ++it, ++n) {
+      Outgoing& m = *it;
+      const uint32_t key = MaskKey();
+      const std::size_t h = ws::WriteClientHeader(m.binary ? ws::Opcode::kBinary : ws::Opcode::kText,
+                                                  true, m.payload.size(), key, g.headers[n].data());
+      ws::ApplyMask(m.payload.data(), m.payload.size(), key);
+      g.buffers[2 * n] = net::buffer(g.headers[n].data(), h);
+      g.buffers[2 * n + 1] = net::buffer(m.payload);
+      bytes += h + m.payload.size();
+    }
+    a->batch = static_cast<uint32_t>(n);
+    net::async_write(a->stream, std::span<const net::const_buffer>(g.buffers.data(), 2 * n),
+                     net::bind_executor(strand_, [self = Self(), a](error_code ec, std::size_t) {
+                       self->OnWrite(a, ec);
+                     }));
+  }
+
+  template <class A>
   void OnWrite(std::shared_ptr<A> a, error_code ec) {
     a->writing = false;
     if (!Current(a)) return;
     if (ec) return OnWriteError(ec);
-    stats_.frames_out.fetch_add(1, std::memory_order_relaxed);
-    stats_.bytes_out.fetch_add(queue_.front().payload.size(), std::memory_order_relaxed);
-    queued_bytes_ -= queue_.front().payload.size();
-    queue_.pop_front();
+    for (uint32_t i = 0; i < a->batch; ++i) {
+      stats_.frames_out.fetch_add(1, std::memory_order_relaxed);
+      stats_.bytes_out.fetch_add(queue_.front().payload.size(), std::memory_order_relaxed);
+      queued_bytes_ -= queue_.front().payload.size();
+      queue_.pop_front();
+    }
+    a->batch = 0;
     if (want_writable_ && !closing_ && queue_.size() <= options_.send_queue_max_messages / 2 &&
         queued_bytes_ <= options_.send_queue_max_bytes / 2) {
       want_writable_ = false;

@@ -281,6 +281,43 @@ class ConnectionTest : public ::testing::Test {
     OnStrand([&] { conn_->Start(); });
   }
 
+  // Queues `count` messages of sizes around the frame-length and TLS-record boundaries,
+  // text and binary alternating, in one turn of the strand, so that all but the first
+  // wait for the write in flight and leave together (ConnectionImpl::DoWriteBatch, up
+  // to 32 frames or 64 KiB a write): the echo server sends back each one intact and in
+  // order.
+  void ExpectABurstEchoedWholeAndInOrder(size_t count) {
+    const std::vector<size_t> sizes = {0, 1, 125, 126, 127, 65535, 65536, 70000, 3, 16384, 16385, 40};
+    std::vector<std::pair<std::string, bool>> sent;
+    for (size_t i = 0; i < count; ++i) {
+      std::string payload(sizes[i % sizes.size()], '\0');
+      for (size_t j = 0; j < payload.size(); ++j) payload[j] = static_cast<char>((i * 131 + j * 7) & 0xff);
+      const bool binary = (i % 2) == 0;
+      if (!binary) {
+        for (char& c : payload) c = static_cast<char>('a' + (static_cast<unsigned char>(c) % 26));
+      }
+      sent.emplace_back(std::move(payload), binary);
+    }
+    const size_t before = handler_->messages().size();
+    const uint64_t frames_before = conn_->stats().frames_out.load();
+    ASSERT_TRUE(OnStrand([&] {
+      for (const auto& [payload, binary] : sent) {
+        if (absl::Status st = conn_->Send(payload, binary); !st.ok()) return st;
+      }
+      return absl::OkStatus();
+    }).ok());
+    ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == before + count; }, kDeadline))
+        << handler_->messages().size() - before << " of " << count;
+    const auto got = handler_->messages();
+    for (size_t i = 0; i < count; ++i) {
+      const auto& [payload, binary] = got[before + i];
+      EXPECT_EQ(payload.size(), sent[i].first.size()) << "message " << i;
+      EXPECT_TRUE(payload == sent[i].first) << "message " << i << " differs";
+      EXPECT_EQ(binary, sent[i].second) << "message " << i;
+    }
+    EXPECT_EQ(conn_->stats().frames_out.load() - frames_before, count);
+  }
+
   bool WaitDisconnects(size_t n) {
     return WaitFor([&] { return handler_->disconnect_count() >= n; }, kDeadline);
   }
@@ -577,6 +614,16 @@ TEST_F(TlsConnectionTest, MessagesOfEverySizeRoundTripIntactAndInOrder) {
   EXPECT_EQ(conn_->stats().frames_in.load(), sizes.size());
 }
 
+TEST_F(TlsConnectionTest, MessagesQueuedTogetherLeaveTogetherIntactAndInOrder) {
+  StartTlsServer();
+  SetUrl(upstream_.server->url());
+  StartConnection(TlsOptionsFor(ca_.cert_file));
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
+      << conn_->last_error();
+  ExpectABurstEchoedWholeAndInOrder(200);
+  ExpectABurstEchoedWholeAndInOrder(2);
+}
+
 // The next attempt resumes the TLS session of the previous one (the server's ticket)
 // instead of a full handshake, and the resumed connection carries frames.
 TEST_F(TlsConnectionTest, ReconnectResumesTheTlsSession) {
@@ -743,6 +790,17 @@ TEST_F(TlsConnectionTest, MissingCaFileIsAClearError) {
   const auto d = handler_->disconnects()[0];
   EXPECT_EQ(d.status.code(), absl::StatusCode::kFailedPrecondition) << d.status;
   EXPECT_TRUE(Contains(d.status.message(), "no-such-ca.pem")) << d.status;
+}
+
+TEST_F(ConnectionTest, MessagesQueuedTogetherLeaveTogetherIntactAndInOrder) {
+  upstream_.echo = true;
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  StartConnection(PlainOptions());
+  ASSERT_TRUE(WaitFor([&] { return conn_->state() == ConnectionState::kReady; }, kDeadline))
+      << conn_->last_error();
+  ExpectABurstEchoedWholeAndInOrder(200);
+  ExpectABurstEchoedWholeAndInOrder(2);
 }
 
 TEST_F(ConnectionTest, ServerDropReconnectsWithBackoffAndFreshCredentials) {
