@@ -709,13 +709,15 @@ TEST_F(DfxFaultTest, RotatedMountedTokenReplacesARefusedOne) {
   // refused session may serve: it reads the mounted file on each attempt, so an attempt
   // under way when the refresher re-read the file logs in with the new token (and the
   // bridge is serving for a few ms) before the pool retires it. So the test waits for the
-  // replacement itself: one session, not the refused one, ready, on one connection.
+  // replacement itself: one session, not the refused one, ready, on one connection, and
+  // the bridge serving again (the bridge learns of the ready session from the session's
+  // health callback, just after the session's own state says ready).
   ASSERT_TRUE(WaitFor([&] {
     const auto now = bridge_->ListSessions();
     return now.size() == 1 && now[0].id() != refused_session &&
-           now[0].state() == admin::v1::SESSION_STATE_READY && emulator_->open_connections() == 1;
+           now[0].state() == admin::v1::SESSION_STATE_READY && emulator_->open_connections() == 1 &&
+           bridge_->Serving();
   }, 20s)) << "the rotated token was not picked up";
-  EXPECT_TRUE(bridge_->Serving());
   // One login with the new token, the new session's, and at most one more: the refused
   // session's attempt described above.
   const int logins = emulator_->logins();
