@@ -113,22 +113,6 @@ class CqLoop {
   }
 
  private:
-  class MailboxTag final : public CqTag {
-   public:
-    explicit MailboxTag(CqLoop* loop) : loop_(loop) {}
-    void Run(bool ok) override { loop_->RunMailbox(ok); }
-
-   private:
-    CqLoop* loop_;
-  };
-  class SweepTag final : public CqTag {
-   public:
-    explicit SweepTag(CqLoop* loop) : loop_(loop) {}
-    void Run(bool ok) override { loop_->RunSweep(ok); }
-
-   private:
-    CqLoop* loop_;
-  };
   void Loop();
   void RunMailbox(bool ok);
   void RunSweep(bool ok);
@@ -145,7 +129,7 @@ class CqLoop {
   std::unique_ptr<grpc::ServerCompletionQueue> cq_;
   std::unique_ptr<grpc::CompletionQueue> unary_cq_;
   std::thread thread_;
-  MailboxTag mailbox_tag_{this};
+  MemberTag<CqLoop, &CqLoop::RunMailbox> mailbox_tag_{this};
   absl::Mutex mu_;
   std::vector<Task> mailbox_ ABSL_GUARDED_BY(mu_);
   // The batch being run, swapped with mailbox_ so that both keep their capacity (a
@@ -154,7 +138,7 @@ class CqLoop {
   // The alarm that wakes the loop for the mailbox; set at most once at a time.
   grpc::Alarm alarm_ ABSL_GUARDED_BY(mu_);
   bool alarm_set_ ABSL_GUARDED_BY(mu_) = false;
-  SweepTag sweep_tag_{this};
+  MemberTag<CqLoop, &CqLoop::RunSweep> sweep_tag_{this};
   grpc::Alarm sweep_alarm_ ABSL_GUARDED_BY(mu_);
   bool sweep_set_ ABSL_GUARDED_BY(mu_) = false;
   // Operations out on unary_cq() (done tags of matched calls, Finishes) and how many of
