@@ -1358,14 +1358,21 @@ class ConnectionImpl final : public Connection {
     // instead of a system call, a record and a wake-up of the upstream each.
     if (queue_.size() > 1) return DoWriteBatch(a);
     a->batch = 1;
-    Outgoing& m = queue_.front();
-    // The payload is ours: mask it in place rather than through a copy.
+    std::array<net::const_buffer, 2> frame;
+    Frame(queue_.front(), a->header.data(), frame.data());
+    WriteData(a, frame);
+  }
+
+  // Writes `m`'s header into `header` and masks its payload in place (the payload is
+  // ours: no copy); `out[0]`, `out[1]` become the frame's two buffers. Returns its size.
+  static std::size_t Frame(Outgoing& m, char* header, net::const_buffer* out) {
     const uint32_t key = MaskKey();
     const std::size_t h = ws::WriteClientHeader(m.binary ? ws::Opcode::kBinary : ws::Opcode::kText, true,
-                                                m.payload.size(), key, a->header.data());
+                                                m.payload.size(), key, header);
     ws::ApplyMask(m.payload.data(), m.payload.size(), key);
-    const std::array<net::const_buffer, 2> frame{net::buffer(a->header.data(), h), net::buffer(m.payload)};
-    WriteData(a, frame);
+    out[0] = net::buffer(header, h);
+    out[1] = net::buffer(m.payload);
+    return h + m.payload.size();
   }
 
   // Writes data frames; OnWrite follows on the strand. A plain socket is written at once
@@ -1376,24 +1383,21 @@ class ConnectionImpl final : public Connection {
   // posts its completion to the strand.
   template <class A, class Buffers>
   void WriteData(std::shared_ptr<A> a, const Buffers& buffers) {
+    auto done = [self = Self(), a](error_code ec, std::size_t = 0) { self->OnWrite(a, ec); };
     if constexpr (std::is_same_v<A, PlainAttempt>) {
       error_code ec;
       const std::size_t total = net::buffer_size(buffers);
       const std::size_t n = a->stream.write_some(buffers, ec);
       if (ec == net::error::would_block || ec == net::error::try_again) ec = {};
       if (ec || n == total) {
-        net::post(strand_, [self = Self(), a, ec] { self->OnWrite(a, ec); });
+        net::post(strand_, [done = std::move(done), ec]() mutable { done(ec); });
         return;
       }
       beast::buffers_suffix<Buffers> rest(buffers);
       rest.consume(n);
-      net::async_write(a->stream, rest, net::bind_executor(strand_, [self = Self(), a](error_code e, std::size_t) {
-        self->OnWrite(a, e);
-      }));
+      net::async_write(a->stream, rest, net::bind_executor(strand_, std::move(done)));
     } else {
-      net::async_write(a->stream, buffers, net::bind_executor(strand_, [self = Self(), a](error_code e, std::size_t) {
-        self->OnWrite(a, e);
-      }));
+      net::async_write(a->stream, buffers, net::bind_executor(strand_, std::move(done)));
     }
   }
 
@@ -1406,14 +1410,7 @@ class ConnectionImpl final : public Connection {
     for (auto it = queue_.begin(); it != queue_.end() && n < WriteBatch::kMaxFrames &&
                                    bytes < WriteBatch::kMaxBytes;
          ++it, ++n) {
-      Outgoing& m = *it;
-      const uint32_t key = MaskKey();
-      const std::size_t h = ws::WriteClientHeader(m.binary ? ws::Opcode::kBinary : ws::Opcode::kText,
-                                                  true, m.payload.size(), key, g.headers[n].data());
-      ws::ApplyMask(m.payload.data(), m.payload.size(), key);
-      g.buffers[2 * n] = net::buffer(g.headers[n].data(), h);
-      g.buffers[2 * n + 1] = net::buffer(m.payload);
-      bytes += h + m.payload.size();
+      bytes += Frame(*it, g.headers[n].data(), &g.buffers[2 * n]);
     }
     a->batch = static_cast<uint32_t>(n);
     WriteData(a, std::span<const net::const_buffer>(g.buffers.data(), 2 * n));
@@ -1424,12 +1421,14 @@ class ConnectionImpl final : public Connection {
     a->writing = false;
     if (!Current(a)) return;
     if (ec) return OnWriteError(ec);
+    std::size_t bytes = 0;
     for (uint32_t i = 0; i < a->batch; ++i) {
-      stats_.frames_out.fetch_add(1, std::memory_order_relaxed);
-      stats_.bytes_out.fetch_add(queue_.front().payload.size(), std::memory_order_relaxed);
-      queued_bytes_ -= queue_.front().payload.size();
+      bytes += queue_.front().payload.size();
       queue_.pop_front();
     }
+    stats_.frames_out.fetch_add(a->batch, std::memory_order_relaxed);
+    stats_.bytes_out.fetch_add(bytes, std::memory_order_relaxed);
+    queued_bytes_ -= bytes;
     a->batch = 0;
     if (want_writable_ && !closing_ && queue_.size() <= options_.send_queue_max_messages / 2 &&
         queued_bytes_ <= options_.send_queue_max_bytes / 2) {
