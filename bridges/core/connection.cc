@@ -122,6 +122,8 @@ constexpr std::string_view kLog = "connection";
 constexpr std::size_t kReadChunk = 64 * 1024;
 // Reads in a row before the connection lets the io thread's other work run.
 constexpr int kReadsPerTurn = 8;
+// What the reactor reads for a connection when its socket turns readable (ReadAhead).
+constexpr std::size_t kReadAheadBytes = 256;
 // The longest handshake answer read (header and a refusal's body).
 constexpr std::size_t kHandshakeHeaderLimit = 16 * 1024;
 constexpr std::size_t kHandshakeBodyLimit = 64 * 1024;
@@ -362,13 +364,46 @@ absl::Status StatusFromHttp(unsigned status, std::string message) {
 }
 
 // ---------------------------------------------------------------------------------------
+// The first bytes of each read, taken by Asio's reactor itself: an idle connection waits
+// with a receive of up to kReadAheadBytes into this (ConnectionImpl::WaitData), not with
+// a wait for readable. A wait for readable costs an epoll_ctl each time it starts (Asio
+// re-arms the descriptor so that no edge is missed), and that re-arm also reports the
+// socket writable, which wakes the io thread's next epoll_wait for nothing: two system
+// calls per message, ~1.3 µs each on the measured machine (docs/performance.md, round
+// 13). A receive starts without either.
+//
+// `drained`: the last read of the socket returned fewer bytes than asked for, so it held
+// no more then. Reading again before the next readiness edge would only return EAGAIN;
+// with an edge-triggered epoll, bytes that arrive later raise a new edge (Asio then
+// reads them as soon as the next receive starts). The plain socket hands these bytes
+// out first; over TLS, OpenSSL reads them through the connection's own BIO (TlsStream).
+struct ReadAhead {
+  std::array<char, kReadAheadBytes> data;
+  uint16_t len = 0;  // bytes the last receive took
+  uint16_t off = 0;  // of which handed on
+  bool drained = false;
+
+  bool empty() const { return off == len; }
+  std::string_view Rest() const { return std::string_view(data.data() + off, len - off); }
+  // A receive completed with `n` bytes.
+  void Filled(std::size_t n) {
+    len = static_cast<uint16_t>(n);
+    off = 0;
+    drained = n < data.size();
+  }
+};
+
+// ---------------------------------------------------------------------------------------
 // TLS straight on the non-blocking socket. asio::ssl::stream stages every byte through
 // two 17 KiB vectors plus a BIO pair with two 17 KiB rings: 68 KiB per connection, idle
 // or not. Here OpenSSL reads and writes the socket itself (SSL_set_fd), so its own record
 // buffers are the only ones and SSL_MODE_RELEASE_BUFFERS frees them while idle. Waiting
 // is socket.async_wait on SSL_ERROR_WANT_READ/WRITE. It is an AsyncStream (for the
 // handshake's HTTP exchange and for writes); the connection reads frames with
-// SSL_read_ex itself (ReadNow).
+// SSL_read_ex itself (ReadNow), and waits for them with a receive into its ReadAhead.
+// OpenSSL reaches the socket through a BIO of ours (TlsStream::Bio): reads take the
+// ReadAhead's bytes first, and return "retry" without a system call once it is used up
+// and the socket is drained; everything else is what OpenSSL's socket BIO does.
 
 class TlsStream {
  public:
@@ -439,15 +474,24 @@ class TlsStream {
     }, std::forward<Handler>(handler));
   }
 
+  // The connection's ReadAhead (it outlives this stream: both are its Attempt's).
+  void UseReadAhead(ReadAhead* ahead) { ahead_ = ahead; }
+
   // Points OpenSSL at the socket (non-blocking) once it is connected.
   error_code Attach() {
     if (ssl_ == nullptr) return net::error::no_memory;
     if (!socket_.is_open()) return net::error::bad_descriptor;
-    if (SSL_get_fd(ssl_.get()) == socket_.native_handle()) return {};
+    if (attached_) return {};
     error_code ec;
     socket_.non_blocking(true, ec);
-    if (!ec) SSL_set_fd(ssl_.get(), static_cast<int>(socket_.native_handle()));
-    return ec;
+    if (ec) return ec;
+    BIO* bio = BIO_new(Bio::Method());
+    if (bio == nullptr) return net::error::no_memory;
+    BIO_set_data(bio, this);
+    BIO_set_init(bio, 1);
+    SSL_set_bio(ssl_.get(), bio, bio);  // one reference, for both directions
+    attached_ = true;
+    return {};
   }
 
   // Sends close_notify without waiting for the peer's (the TCP close follows).
@@ -504,6 +548,8 @@ class TlsStream {
     void operator()(Self& self, error_code ec = {}) {
       if (result) return self.complete(result->first, result->second);
       if (ec) return self.complete(ec, 0);
+      // Woken by the socket: what the BIO knew of it being drained is out of date.
+      if (async && s.ahead_ != nullptr) s.ahead_->drained = false;
       std::size_t n = 0;
       // Never touch a descriptor number after the socket was closed (it may be reused).
       if (const error_code attach = s.Attach()) return Done(self, attach, 0);
@@ -542,8 +588,88 @@ class TlsStream {
         Op<Fn>{*this, std::move(fn), false, std::nullopt}, handler, socket_);
   }
 
+  // OpenSSL's view of the socket. Only ever called inside an SSL call of this stream,
+  // which Attach() made sure of an open socket first.
+  struct Bio {
+    static BIO_METHOD* Method() {
+      static BIO_METHOD* const method = [] {
+        BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR, "wsbridge socket");
+        if (m != nullptr) {
+          BIO_meth_set_read_ex(m, &Read);
+          BIO_meth_set_write_ex(m, &Write);
+          BIO_meth_set_ctrl(m, &Ctrl);
+        }
+        return m;
+      }();
+      return method;
+    }
+
+    static int Read(BIO* b, char* out, std::size_t len, std::size_t* n) {
+      auto* s = static_cast<TlsStream*>(BIO_get_data(b));
+      BIO_clear_retry_flags(b);
+      *n = 0;
+      if (len == 0) return 0;
+      ReadAhead* ahead = s->ahead_;
+      if (ahead != nullptr && !ahead->empty()) {
+        *n = std::min<std::size_t>(len, ahead->len - ahead->off);
+        std::memcpy(out, ahead->data.data() + ahead->off, *n);
+        ahead->off = static_cast<uint16_t>(ahead->off + *n);
+        return 1;
+      }
+      if (ahead != nullptr && ahead->drained) {
+        BIO_set_retry_read(b);
+        return 0;
+      }
+      const ssize_t r = ::read(s->socket_.native_handle(), out, len);
+      if (r > 0) {
+        *n = static_cast<std::size_t>(r);
+        if (ahead != nullptr && *n < len) ahead->drained = true;
+        return 1;
+      }
+      if (r == 0) {
+        s->eof_ = true;
+      } else if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+        BIO_set_retry_read(b);
+      }
+      return 0;
+    }
+
+    static int Write(BIO* b, const char* in, std::size_t len, std::size_t* n) {
+      auto* s = static_cast<TlsStream*>(BIO_get_data(b));
+      BIO_clear_retry_flags(b);
+      *n = 0;
+      const ssize_t r = ::send(s->socket_.native_handle(), in, len, MSG_NOSIGNAL);
+      if (r >= 0) {
+        *n = static_cast<std::size_t>(r);
+        return 1;
+      }
+      if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) BIO_set_retry_write(b);
+      return 0;
+    }
+
+    static long Ctrl(BIO* b, int cmd, long, void* ptr) {
+      auto* s = static_cast<TlsStream*>(BIO_get_data(b));
+      switch (cmd) {
+        case BIO_CTRL_FLUSH:
+          return 1;
+        case BIO_CTRL_EOF:
+          return s->eof_ ? 1 : 0;
+        case BIO_C_GET_FD: {  // SSL_get_fd (the TlsSessionStore keys sessions by the peer)
+          const int fd = static_cast<int>(s->socket_.native_handle());
+          if (ptr != nullptr) *static_cast<int*>(ptr) = fd;
+          return fd;
+        }
+        default:
+          return 0;
+      }
+    }
+  };
+
   tcp::socket socket_;
   std::unique_ptr<SSL, SslFree> ssl_;
+  ReadAhead* ahead_ = nullptr;
+  bool attached_ = false;
+  bool eof_ = false;  // a read returned 0: the peer closed the stream
 };
 
 // Random mask keys (RFC 6455 5.3 asks for unpredictable ones) and handshake nonces,
@@ -615,7 +741,9 @@ template <class Stream>
 struct Attempt {
   template <class... Args>
   explicit Attempt(uint64_t g, std::size_t max_message_bytes, Args&&... args)
-      : gen(g), stream(std::forward<Args>(args)...), reader(max_message_bytes) {}
+      : gen(g), stream(std::forward<Args>(args)...), reader(max_message_bytes) {
+    if constexpr (!std::is_same_v<Stream, tcp::socket>) stream.UseReadAhead(&ahead);
+  }
 
   tcp::socket& socket() {
     if constexpr (std::is_same_v<Stream, tcp::socket>) {
@@ -628,6 +756,10 @@ struct Attempt {
   const uint64_t gen;
   Stream stream;
   ws::Reader reader;
+  // What the last receive took while waiting for data (WaitData); over TLS, ciphertext
+  // that OpenSSL reads through the stream's BIO.
+  ReadAhead ahead;
+  error_code read_error;  // the receive's, kept while reads are paused
   // Bytes read but not yet handed to `reader` (only when reads paused in the middle of
   // them); empty, with no capacity, otherwise.
   std::string rx;
@@ -1095,11 +1227,12 @@ class ConnectionImpl final : public Connection {
 
   // --- Reading ------------------------------------------------------------------------
   //
-  // No read operation is pending while the connection is idle: it waits for readable on
-  // the socket (a small reactor operation), then ReadNow reads what has arrived with
-  // non-blocking calls and hands every complete event out, until the socket would block.
-  // An idle connection so holds no read buffer and no operation chain (docs/performance.md,
-  // round 9).
+  // While the connection is idle, one receive of up to kReadAheadBytes into the
+  // attempt's ReadAhead waits on the socket (WaitData). When it completes, ReadNow hands
+  // out every complete event from those bytes and whatever else has arrived, read with
+  // non-blocking calls into the io thread's buffer, until the socket is drained. An idle
+  // connection so holds no read buffer but its 256-byte ReadAhead, and no operation chain
+  // (docs/performance.md, rounds 9 and 13).
 
   // Starts reading (after the handshake, or once reads resume). Never reads in the
   // calling frame: the handler may be inside a callback of this connection.
@@ -1127,18 +1260,38 @@ class ConnectionImpl final : public Connection {
     };
   }
 
+  // Waits for data with a receive into a->ahead, which is used up (see ReadAhead).
   template <class A>
-  void WaitReadable(const std::shared_ptr<A>& a, net::socket_base::wait_type what) {
+  void WaitData(const std::shared_ptr<A>& a) {
     a->reading = true;
     // Bound to the strand, unlike the timer's waits (Unbound): this one completes once
     // per read, and unbound it saved ~0.15 KiB per idle session but measured more CPU
     // per DFX chunk and per fan-out delivery (docs/performance.md, round 10).
-    a->socket().async_wait(what, net::bind_executor(strand_, [self = Self(), a](error_code ec) {
-      a->reading = false;
-      if (!self->Current(a) || self->paused_) return;
-      if (ec) return self->OnReadError(ec);
-      self->ReadNow(a);
-    }));
+    a->socket().async_read_some(
+        net::buffer(a->ahead.data), net::bind_executor(strand_, [self = Self(), a](error_code ec, std::size_t n) {
+          a->reading = false;
+          // Bytes and an error are both kept while reads are paused; ReadNow hands the
+          // bytes out first. (Asio starts no new receive of a socket that reported its
+          // end or an error until the next readiness edge, so the error is not read
+          // twice.)
+          a->ahead.Filled(n);
+          if (ec) a->read_error = ec;
+          if (!self->Current(a) || self->paused_) return;
+          self->ReadNow(a);
+        }));
+  }
+
+  // Waits until the socket is writable: OpenSSL's read needs to write first.
+  template <class A>
+  void WaitWritable(const std::shared_ptr<A>& a) {
+    a->reading = true;
+    a->socket().async_wait(net::socket_base::wait_write,
+                           net::bind_executor(strand_, [self = Self(), a](error_code ec) {
+                             a->reading = false;
+                             if (!self->Current(a) || self->paused_) return;
+                             if (ec) return self->OnReadError(ec);
+                             self->ReadNow(a);
+                           }));
   }
 
   // Reads into one buffer per io thread. A callback may run another connection's reads
@@ -1175,17 +1328,31 @@ class ConnectionImpl final : public Connection {
       std::string_view in(rx);
       if (!Deliver(a, in)) return Stopped(a, in);
     }
+    if (a->read_error) {
+      a->reading = false;
+      return OnReadError(std::exchange(a->read_error, {}));
+    }
+    // Then, on a plain socket, what the receive that woke us took (over TLS, OpenSSL
+    // reads it through the BIO).
+    if constexpr (std::is_same_v<A, PlainAttempt>) {
+      if (!a->ahead.empty()) {
+        std::string_view in = a->ahead.Rest();
+        a->ahead.off = a->ahead.len;
+        a->last_rx = Clock::now();
+        if (!Deliver(a, in)) return Stopped(a, in);
+      }
+      if (a->ahead.drained) return Drained(a);
+    }
     ReadBuffer buffer;
     for (int turn = 0; turn < kReadsPerTurn; ++turn) {
       std::size_t n = 0;
       int want = 0;
       error_code ec = ReadSome(a, buffer.data, n, want);
-      if (want != 0) {
+      if (want == SSL_ERROR_WANT_WRITE) {
         a->reading = false;
-        a->reader.ReleaseMemory();
-        return WaitReadable(a, want == SSL_ERROR_WANT_WRITE ? net::socket_base::wait_write
-                                                            : net::socket_base::wait_read);
+        return WaitWritable(a);
       }
+      if (want != 0) return Drained(a);
       if (ec) {
         a->reading = false;
         return OnReadError(ec);
@@ -1197,6 +1364,14 @@ class ConnectionImpl final : public Connection {
     // A busy connection lets the thread's other work run between its turns.
     a->reading = false;
     DoRead(a);
+  }
+
+  // Nothing more to read now: wait for data.
+  template <class A>
+  void Drained(const std::shared_ptr<A>& a) {
+    a->reading = false;
+    a->reader.ReleaseMemory();
+    WaitData(a);
   }
 
   // Delivery stopped before `in` was used up: keep the rest if the connection is still
@@ -1222,11 +1397,12 @@ class ConnectionImpl final : public Connection {
       return a->stream.ErrorOf(ret, want);
     } else {
       error_code ec;
-      n = a->socket().read_some(net::buffer(data, kReadChunk), ec);
-      if (ec == net::error::would_block || ec == net::error::try_again) {
+      if (!a->ahead.drained) n = a->socket().read_some(net::buffer(data, kReadChunk), ec);
+      if (a->ahead.drained || ec == net::error::would_block || ec == net::error::try_again) {
         want = SSL_ERROR_WANT_READ;
         return {};
       }
+      if (!ec && n < kReadChunk) a->ahead.drained = true;
       return ec;
     }
   }

@@ -286,6 +286,36 @@ class ConnectionTest : public ::testing::Test {
   // wait for the write in flight and leave together (ConnectionImpl::DoWriteBatch, up
   // to 32 frames or 64 KiB a write): the echo server sends back each one intact and in
   // order.
+  // The upstream drops the connection while reads are paused: nothing is heard until
+  // reads resume, then the drop. Paused, the connection's receive still waits on the
+  // socket (ReadAhead) and takes the end of the stream (by the time the server has
+  // closed, it has nearly always arrived); it must be kept for the resume, since Asio
+  // reads a socket that reported its end again only after another readiness edge.
+  void ExpectADropWhilePausedReportedOnceResumed() {
+    ASSERT_TRUE(WaitFor([&] { return handler_->opens().size() == 1; }, kDeadline));
+    ASSERT_TRUE(WaitServerConn(0));
+    upstream_.conn(0)->Send("before the pause", false);
+    ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 1; }, kDeadline));
+    OnStrand([&] { conn_->PauseReads(); });
+    upstream_.conn(0)->Drop();
+    ASSERT_TRUE(WaitFor(
+        [&] {
+          absl::MutexLock lock(&upstream_.mu);
+          return upstream_.closes.size() == 1;
+        },
+        kDeadline));
+    OnStrand([] {});
+    EXPECT_EQ(handler_->disconnect_count(), 0u);
+    OnStrand([&] { conn_->ResumeReads(); });
+    ASSERT_TRUE(WaitFor([&] { return handler_->disconnect_count() >= 1; }, kDeadline))
+        << "the drop was not reported after reads resumed";
+    EXPECT_EQ(handler_->messages().size(), 1u);
+    const auto d = handler_->disconnects()[0];
+    EXPECT_TRUE(d.info.was_open);
+    EXPECT_EQ(d.status.code(), absl::StatusCode::kUnavailable) << d.status;
+    EXPECT_TRUE(d.will_retry);
+  }
+
   void ExpectABurstEchoedWholeAndInOrder(size_t count) {
     const std::vector<size_t> sizes = {0, 1, 125, 126, 127, 65535, 65536, 70000, 3, 16384, 16385, 40};
     std::vector<std::pair<std::string, bool>> sent;
@@ -622,6 +652,14 @@ TEST_F(TlsConnectionTest, MessagesQueuedTogetherLeaveTogetherIntactAndInOrder) {
       << conn_->last_error();
   ExpectABurstEchoedWholeAndInOrder(200);
   ExpectABurstEchoedWholeAndInOrder(2);
+}
+
+TEST_F(TlsConnectionTest, ADropWhileReadsArePausedIsReportedOnceTheyResume) {
+  StartTlsServer();
+  SetUrl(upstream_.server->url());
+  handler_->auto_ready = false;
+  StartConnection(TlsOptionsFor(ca_.cert_file));
+  ExpectADropWhilePausedReportedOnceResumed();
 }
 
 // The next attempt resumes the TLS session of the previous one (the server's ticket)
@@ -1041,6 +1079,14 @@ TEST_F(ConnectionTest, PausedReadsDeliverNothingUntilResumed) {
   ASSERT_TRUE(WaitFor([&] { return handler_->messages().size() == 5; }, kDeadline));
   EXPECT_EQ(handler_->messages()[3].first, "fourth");
   EXPECT_EQ(handler_->messages()[4].first, "fifth");
+}
+
+TEST_F(ConnectionTest, ADropWhileReadsArePausedIsReportedOnceTheyResume) {
+  upstream_.Start();
+  SetUrl(upstream_.server->url());
+  handler_->auto_ready = false;
+  StartConnection(PlainOptions());
+  ExpectADropWhilePausedReportedOnceResumed();
 }
 
 TEST_F(ConnectionTest, BackoffResetsAfterAHealthyPeriod) {
