@@ -87,8 +87,31 @@ void RpcTracker::Finished(bool holds_drain) {
 void RpcTracker::Started() { Started(true); }
 
 void RpcTracker::Finished(std::string_view method, grpc::StatusCode code) {
-  Record(MethodLabel(method), code);
+  if (core::Counter* counter = CounterFor(method, code); counter != nullptr) counter->Inc();
   Finished(true);
+}
+
+core::Counter* RpcTracker::CounterFor(std::string_view method, grpc::StatusCode code) {
+  if (metrics_ == nullptr) return nullptr;
+  int c = static_cast<int>(code);
+  if (c < 0 || c >= kCodes) {
+    code = grpc::StatusCode::UNKNOWN;  // StatusCodeName's name for it
+    c = static_cast<int>(code);
+  }
+  {
+    absl::ReaderMutexLock lock(&cache_mu_);
+    if (auto it = counters_.find(method); it != counters_.end() && it->second[c] != nullptr) return it->second[c];
+  }
+  core::Counter* counter =
+      &metrics_->GetCounter("wsbridge_grpc_requests_total", "gRPC calls handled, by method and status code.",
+                            {{"method", MethodLabel(method)}, {"code", std::string(StatusCodeName(code))}});
+  absl::MutexLock lock(&cache_mu_);
+  auto it = counters_.find(method);
+  if (it == counters_.end() && counters_.size() < kMaxCachedMethods) {
+    it = counters_.emplace(std::string(method), std::array<core::Counter*, kCodes>{}).first;
+  }
+  if (it != counters_.end()) it->second[c] = counter;
+  return counter;
 }
 
 void RpcTracker::Record(const std::string& method_label, grpc::StatusCode code) {

@@ -3,8 +3,10 @@
 // once no client call is left.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
@@ -13,6 +15,8 @@
 #include <grpcpp/support/server_interceptor.h>
 #include <grpcpp/support/status.h>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "bridges/core/bridge.h"
 #include "bridges/core/metrics.h"
 
@@ -42,8 +46,21 @@ class RpcTracker final : public core::CallObserver {
   int64_t in_flight() const { return in_flight_.load(std::memory_order_relaxed); }
 
  private:
+  // The counter of a bridge's method and status code. A bridge's call ends through
+  // Finished(method, code) on every call, so the registry lookup (the label built and
+  // escaped, the registry's map searched under its lock) is made once per method and
+  // code, not once per call (docs/performance.md, round 13).
+  core::Counter* CounterFor(std::string_view method, grpc::StatusCode code);
+
+  static constexpr int kCodes = 17;  // grpc::StatusCode OK (0) .. UNAUTHENTICATED (16)
+  // Bridges' methods are a fixed set; the bound only guards against a bridge that
+  // passes something else.
+  static constexpr std::size_t kMaxCachedMethods = 256;
+
   core::MetricsRegistry* metrics_;
   std::set<std::string, std::less<>> known_services_;
+  absl::Mutex cache_mu_;
+  std::map<std::string, std::array<core::Counter*, kCodes>, std::less<>> counters_ ABSL_GUARDED_BY(cache_mu_);
   std::atomic<int64_t> in_flight_{0};
   std::atomic<int64_t> draining_calls_{0};
 };

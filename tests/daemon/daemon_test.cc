@@ -286,6 +286,34 @@ TEST(RpcTrackerTest, UnknownMethodsShareOneLabel) {
       daemon::RpcTracker::HoldsDrain("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));
 }
 
+// A bridge's calls end through Finished(method, code), which keeps each method's and
+// code's counter after the first: every call still lands on the counter of its own
+// method and code, and in_flight returns to 0.
+TEST(RpcTrackerTest, BridgeCallsAreCountedByMethodAndCode) {
+  core::MetricsRegistry registry;
+  daemon::RpcTracker tracker(&registry, {"a.B"});
+  auto count = [&](const std::string& method, const std::string& code) {
+    return registry.GetCounter("wsbridge_grpc_requests_total", "", {{"method", method}, {"code", code}}).value();
+  };
+  const std::vector<std::pair<std::string, grpc::StatusCode>> calls = {
+      {"/a.B/C", grpc::StatusCode::OK},          {"/a.B/C", grpc::StatusCode::OK},
+      {"/a.B/C", grpc::StatusCode::UNAVAILABLE}, {"/a.B/D", grpc::StatusCode::OK},
+      {"/x.Y/Z", grpc::StatusCode::OK},          {"/a.B/C", grpc::StatusCode::OK},
+      {"/a.B/C", static_cast<grpc::StatusCode>(99)}};
+  for (const auto& [method, code] : calls) {
+    tracker.Started();
+    tracker.Finished(method, code);
+  }
+  EXPECT_EQ(count("/a.B/C", "OK"), 3u);
+  EXPECT_EQ(count("/a.B/C", "UNAVAILABLE"), 1u);
+  EXPECT_EQ(count("/a.B/C", "UNKNOWN"), 1u);  // a code outside gRPC's range
+  EXPECT_EQ(count("/a.B/D", "OK"), 1u);
+  EXPECT_EQ(count("unknown", "OK"), 1u);
+  EXPECT_EQ(count("/a.B/D", "UNAVAILABLE"), 0u);
+  EXPECT_EQ(tracker.in_flight(), 0);
+  EXPECT_EQ(tracker.draining_calls(), 0);
+}
+
 std::shared_ptr<grpc::Channel> TlsChannel(int port, const std::string& ca_pem,
                                           const std::string& cert_pem = "",
                                           const std::string& key_pem = "") {
