@@ -593,7 +593,9 @@ class TlsStream {
   struct Bio {
     static BIO_METHOD* Method() {
       static BIO_METHOD* const method = [] {
-        BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR, "wsbridge socket");
+        // A descriptor BIO: SSL_get_fd finds it (BIO_C_GET_FD below).
+        BIO_METHOD* m =
+            BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR, "wsbridge socket");
         if (m != nullptr) {
           BIO_meth_set_read_ex(m, &Read);
           BIO_meth_set_write_ex(m, &Write);
@@ -1271,9 +1273,9 @@ class ConnectionImpl final : public Connection {
         net::buffer(a->ahead.data), net::bind_executor(strand_, [self = Self(), a](error_code ec, std::size_t n) {
           a->reading = false;
           // Bytes and an error are both kept while reads are paused; ReadNow hands the
-          // bytes out first. (Asio starts no new receive of a socket that reported its
-          // end or an error until the next readiness edge, so the error is not read
-          // twice.)
+          // bytes out first. The error must be kept: after a read that reported the
+          // stream's end or an error, Asio tries the socket again only on the next
+          // readiness edge, which never comes.
           a->ahead.Filled(n);
           if (ec) a->read_error = ec;
           if (!self->Current(a) || self->paused_) return;
