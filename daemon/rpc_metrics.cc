@@ -102,9 +102,7 @@ core::Counter* RpcTracker::CounterFor(std::string_view method, grpc::StatusCode 
     absl::ReaderMutexLock lock(&cache_mu_);
     if (auto it = counters_.find(method); it != counters_.end() && it->second[c] != nullptr) return it->second[c];
   }
-  core::Counter* counter =
-      &metrics_->GetCounter("wsbridge_grpc_requests_total", "gRPC calls handled, by method and status code.",
-                            {{"method", MethodLabel(method)}, {"code", std::string(StatusCodeName(code))}});
+  core::Counter* counter = &RequestsCounter(MethodLabel(method), code);
   absl::MutexLock lock(&cache_mu_);
   auto it = counters_.find(method);
   if (it == counters_.end() && counters_.size() < kMaxCachedMethods) {
@@ -116,10 +114,12 @@ core::Counter* RpcTracker::CounterFor(std::string_view method, grpc::StatusCode 
 
 void RpcTracker::Record(const std::string& method_label, grpc::StatusCode code) {
   if (metrics_ == nullptr) return;
-  metrics_
-      ->GetCounter("wsbridge_grpc_requests_total", "gRPC calls handled, by method and status code.",
-                   {{"method", method_label}, {"code", std::string(StatusCodeName(code))}})
-      .Inc();
+  RequestsCounter(method_label, code).Inc();
+}
+
+core::Counter& RpcTracker::RequestsCounter(const std::string& method_label, grpc::StatusCode code) {
+  return metrics_->GetCounter("wsbridge_grpc_requests_total", "gRPC calls handled, by method and status code.",
+                              {{"method", method_label}, {"code", std::string(StatusCodeName(code))}});
 }
 
 CountedCall::CountedCall(RpcTracker* tracker, std::string_view path)

@@ -51,6 +51,8 @@ class RpcTracker final : public core::CallObserver {
   // escaped, the registry's map searched under its lock) is made once per method and
   // code, not once per call (docs/performance.md, round 13).
   core::Counter* CounterFor(std::string_view method, grpc::StatusCode code);
+  // wsbridge_grpc_requests_total{method, code}, looked up in the registry.
+  core::Counter& RequestsCounter(const std::string& method_label, grpc::StatusCode code);
 
   static constexpr int kCodes = 17;  // grpc::StatusCode OK (0) .. UNAUTHENTICATED (16)
   // Bridges' methods are a fixed set; the bound only guards against a bridge that

@@ -1343,7 +1343,6 @@ class ConnectionImpl final : public Connection {
         a->last_rx = Clock::now();
         if (!Deliver(a, in)) return Stopped(a, in);
       }
-      if (a->ahead.drained) return Drained(a);
     }
     ReadBuffer buffer;
     for (int turn = 0; turn < kReadsPerTurn; ++turn) {
@@ -1398,9 +1397,14 @@ class ConnectionImpl final : public Connection {
       if (ret > 0) return {};
       return a->stream.ErrorOf(ret, want);
     } else {
+      // Drained (see ReadAhead): nothing to read before the next edge.
+      if (a->ahead.drained) {
+        want = SSL_ERROR_WANT_READ;
+        return {};
+      }
       error_code ec;
-      if (!a->ahead.drained) n = a->socket().read_some(net::buffer(data, kReadChunk), ec);
-      if (a->ahead.drained || ec == net::error::would_block || ec == net::error::try_again) {
+      n = a->socket().read_some(net::buffer(data, kReadChunk), ec);
+      if (ec == net::error::would_block || ec == net::error::try_again) {
         want = SSL_ERROR_WANT_READ;
         return {};
       }
