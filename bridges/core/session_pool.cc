@@ -91,6 +91,28 @@ absl::StatusOr<std::string> SessionPool::DefaultKey() {
     absl::MutexLock lock(&mu_);
     default_version_ = version;
     if (key == default_key_) return key;
+    if (auto it = sessions_.find(default_key_);
+        it != sessions_.end() && it->second.pinned && !sessions_.contains(key) &&
+        it->second.session->tracked_credential == default_ &&
+        it->second.session->attempt_credential_version.load() == version) {
+      // Rotated, but the default session has already begun attempting with the new
+      // value: it reads the secret at each connection attempt, so a reconnect between
+      // the refresher's re-read and this check (a dropped connection, or the retry after
+      // the old value was refused) logged in with the new one. It becomes the new value's
+      // session: a second session would log in again only for this one to be closed,
+      // and the bridge's health would flicker meanwhile. Its id still names the key it
+      // was created for (UniqueIdLocked keeps ids apart should that value come back).
+      auto node = sessions_.extract(it);
+      node.key() = key;
+      if (!node.mapped().rekeyed) ++rekeyed_;
+      node.mapped().rekeyed = true;
+      const std::string id = node.mapped().session->id();
+      sessions_.insert(std::move(node));
+      default_key_ = key;
+      log::Info(kLog, "the default credential changed; its session already uses the new value",
+                {{"session", id}});
+      return key;
+    }
     // Rotated: the old default session stops being pinned, drains and closes.
     if (auto it = sessions_.find(default_key_); it != sessions_.end()) {
       it->second.pinned = false;
@@ -185,7 +207,22 @@ void SessionPool::RememberRefusalLocked(const std::string& key, const UpstreamSe
 
 SessionPool::Sessions::iterator SessionPool::EraseLocked(Sessions::iterator it) {
   if (it->second.draining) --draining_;
+  if (it->second.rekeyed) --rekeyed_;
   return sessions_.erase(it);
+}
+
+std::string SessionPool::UniqueIdLocked(std::string id) const {
+  // Only a session kept across a rotation carries an id that is not its key's (DefaultKey),
+  // so only then can a new session's id be taken: O(sessions) in that case alone.
+  if (rekeyed_ == 0) return id;
+  const std::string base = id;
+  for (int n = 2;; ++n) {
+    const bool taken = std::any_of(sessions_.begin(), sessions_.end(), [&](const auto& kv) {
+      return kv.second.session->id() == id;
+    });
+    if (!taken) return id;
+    id = absl::StrCat(base, "-", n);
+  }
 }
 
 std::vector<std::shared_ptr<UpstreamSession>> SessionPool::SweepRefusedLocked(
@@ -245,11 +282,14 @@ absl::StatusOr<Lease> SessionPool::AcquireLocked(
             "credential, wait for idle sessions to close, or raise max_sessions_per_caller"));
       }
     }
-    std::string id = absl::StrCat(options_.bridge, "/", key.substr(0, 8));
+    std::string id = UniqueIdLocked(absl::StrCat(options_.bridge, "/", key.substr(0, 8)));
     Entry e;
     // Kept only for the per-caller limit (it costs memory per session otherwise).
     if (options_.max_sessions_per_caller > 0) e.caller = std::string(caller);
-    e.session = factory_(id, credential(), pinned);
+    std::shared_ptr<SecretSource> source = credential();
+    e.session = factory_(id, source, pinned);
+    // Before anything can start it (see DefaultKey's use of it).
+    if (pinned) e.session->tracked_credential = std::move(source);
     e.pinned = pinned;
     e.session->idle_since_ns.store(NowNs());
     it = sessions_.emplace(key, std::move(e)).first;
@@ -322,6 +362,7 @@ void SessionPool::Shutdown(std::function<void()> done) {
     sessions = std::move(sessions_);
     sessions_.clear();
     draining_ = 0;
+    rekeyed_ = 0;
   }
   auto remaining = std::make_shared<std::atomic<size_t>>(sessions.size() + 1);
   auto finished = [this, remaining] {

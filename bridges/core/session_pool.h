@@ -6,7 +6,8 @@
 // idleness) and drives the bridge's health. When the secret changes (rotation through
 // a mounted file or env), the next call, or the pool's own check within a second, moves
 // to a session for the new value; the old one stops being the default, drains (its
-// calls go on) and closes as soon as no call holds it.
+// calls go on) and closes as soon as no call holds it. If the default session has
+// already reconnected with the new value by then, it stays the default instead.
 #pragma once
 
 #include <atomic>
@@ -133,6 +134,7 @@ class SessionPool {
     bool pinned = false;
     bool draining = false;  // a former default: closes once no call holds it
     std::string caller;     // who created it (only with max_sessions_per_caller)
+    bool rekeyed = false;   // kept across a rotation: its id names another key (DefaultKey)
   };
 
   using Sessions = std::map<std::string, Entry>;
@@ -141,6 +143,8 @@ class SessionPool {
     return sessions_.size() - draining_;
   }
   Sessions::iterator EraseLocked(Sessions::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `id`, or `id`-2, -3, ... when a live session already has it.
+  std::string UniqueIdLocked(std::string id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RememberRefusalLocked(const std::string& key, const UpstreamSession& session,
                              Clock::time_point now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // `credential` makes the session's credential when it is created.
@@ -175,6 +179,7 @@ class SessionPool {
   mutable absl::Mutex mu_;
   Sessions sessions_ ABSL_GUARDED_BY(mu_);
   size_t draining_ ABSL_GUARDED_BY(mu_) = 0;  // entries of sessions_ with draining set
+  size_t rekeyed_ ABSL_GUARDED_BY(mu_) = 0;   // entries of sessions_ with rekeyed set
   struct Refusal {
     Clock::time_point until;
     absl::Status status;  // what the upstream's refusal told callers

@@ -17,6 +17,7 @@
 #include "bridges/core/loop_executor.h"
 #include "bridges/core/status.h"
 #include "bridges/core/strings.h"
+#include "bridges/core/upstream_config.h"
 
 namespace wsbridge::core {
 namespace {
@@ -237,6 +238,9 @@ class SessionImpl final : public UpstreamSession,
   // --- Connection callbacks (strand), via Link. ---
   absl::StatusOr<HandshakeRequest> PrepareHandshake(uint64_t gen) {
     if (gen != generation_) return absl::CancelledError("connection replaced");
+    if (tracked_credential != nullptr) {
+      attempt_credential_version.store(tracked_credential->version());
+    }
     return protocol_->PrepareHandshake();
   }
 

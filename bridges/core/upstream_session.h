@@ -41,6 +41,8 @@
 
 namespace wsbridge::core {
 
+class SecretSource;
+
 using Clock = std::chrono::steady_clock;
 
 // A decoded protocol message (a reply, an event, subscription parameters). Each bridge
@@ -294,6 +296,14 @@ class UpstreamSession {
   // Held by SessionPool: calls holding the session, and when the last one left.
   std::atomic<int> leases{0};
   std::atomic<int64_t> idle_since_ns{0};
+  // The default credential's session: SessionPool sets `tracked_credential` (the
+  // SecretSource the protocol logs in with) before the session is used, and the session
+  // stores that source's version as each connection attempt begins (before the protocol
+  // reads the value, so the value used is at least that new). A rotation that finds the
+  // session already attempting with the new value keeps it as the new value's session
+  // instead of replacing it with a second login (SessionPool::DefaultKey).
+  std::shared_ptr<const SecretSource> tracked_credential;
+  std::atomic<uint64_t> attempt_credential_version{0};
 };
 
 }  // namespace wsbridge::core

@@ -36,6 +36,7 @@ class SessionPoolTest : public ::testing::Test {
       if (absl::StartsWith(m, "login|")) {
         absl::MutexLock lock(&mu_);
         logins_.push_back(m.substr(6));
+        last_login_ = c;
         c->Send("login|ok", false);
       }
     };
@@ -87,6 +88,16 @@ class SessionPoolTest : public ::testing::Test {
     absl::MutexLock lock(&mu_);
     return logins_;
   }
+  // Drops the connection that logged in last (no close frame).
+  void DropLastLogin() {
+    absl::MutexLock lock(&mu_);
+    if (auto c = last_login_.lock()) c->Drop();
+  }
+  std::vector<std::string> ids() {
+    std::vector<std::string> out;
+    for (const auto& s : pool_->List()) out.push_back(s.id());
+    return out;
+  }
 
   net::io_context io_;
   net::executor_work_guard<net::io_context::executor_type> work_;
@@ -94,6 +105,7 @@ class SessionPoolTest : public ::testing::Test {
   std::unique_ptr<upstreams::WsServer> server_;
   absl::Mutex mu_;
   std::vector<std::string> logins_ ABSL_GUARDED_BY(mu_);
+  std::weak_ptr<upstreams::WsServerConnection> last_login_ ABSL_GUARDED_BY(mu_);
   std::atomic<int> health_changes_{0};
   std::unique_ptr<SessionPool> pool_;
 };
@@ -159,6 +171,61 @@ TEST_F(SessionPoolTest, TheDefaultSessionFollowsARotatedSecretAndTheOldOneDrains
   EXPECT_NE(pool_->List().at(0).id(), old_id);
   EXPECT_TRUE(WaitFor([&] { return server_->open_connections() == 1; }));
   EXPECT_TRUE(pool_->DefaultReady());
+}
+
+// The secret changes, and the default session reconnects (here: the upstream dropped it)
+// before the pool has looked at the secret again: it logs in with the new value. When
+// the pool then notices the rotation, that session becomes the new value's session: no
+// second login, and the default stays ready throughout. If the first value comes back,
+// it gets a session of its own whose id does not repeat the kept one's.
+TEST_F(SessionPoolTest, ADefaultSessionAlreadyOnTheNewValueIsKeptWhenTheRotationIsNoticed) {
+  wsbridge::testing::TempDir dir;
+  const std::string path = dir.WriteFile("token", "first-token\n");
+  config::v1::Secret secret;
+  secret.set_file(path);
+  // The pool's own check never runs in this test: AcquireDefault (a call) notices.
+  MakePool(Opts(1000, std::chrono::hours(1), std::chrono::hours(1)));
+  std::shared_ptr<SecretSource> source = SecretSource::Create(secret).value();
+  pool_->SetDefault(source);
+  pool_->Start();
+  ASSERT_TRUE(WaitFor([&] { return pool_->DefaultReady(); }));
+  const std::string first_id = ids().at(0);
+
+  const uint64_t before = source->version();
+  dir.WriteFile("token", "second-token\n");
+  source->Refresh();  // the refresher's re-read, now
+  ASSERT_NE(source->version(), before);
+  DropLastLogin();
+  ASSERT_TRUE(WaitFor([&] { return logins().size() == 2 && pool_->DefaultReady(); }));
+  EXPECT_EQ(logins().back(), "second-token");
+
+  const int health_before = health_changes_.load();
+  absl::StatusOr<Lease> kept = pool_->AcquireDefault();
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ((*kept)->id(), first_id);
+  EXPECT_TRUE(pool_->DefaultReady());
+  EXPECT_EQ(pool_->size(), 1u);
+  EXPECT_EQ(logins().size(), 2u) << "a second session logged in with the new value";
+  EXPECT_EQ(health_changes_.load(), health_before);
+  // A call holding the new value's credential shares it, as it would a fresh session.
+  absl::StatusOr<Lease> same = pool_->Acquire(CredentialKey("second-token"), "second-token");
+  ASSERT_TRUE(same.ok());
+  EXPECT_EQ(same->get(), kept->get());
+
+  // The first value comes back while a call still holds the kept session: it drains, and
+  // the first value's new session has an id of its own.
+  dir.WriteFile("token", "first-token\n");
+  source->Refresh();  // the refresher's re-read, now
+  absl::StatusOr<Lease> back = pool_->AcquireDefault();
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_NE(back->get(), kept->get());
+  ASSERT_TRUE(WaitFor([&] { return logins().size() == 3 && pool_->DefaultReady(); }));
+  EXPECT_EQ(logins().back(), "first-token");
+  const std::vector<std::string> both = ids();
+  ASSERT_EQ(both.size(), 2u);
+  EXPECT_NE(both[0], both[1]);
+  EXPECT_EQ(pool_->Close(first_id).code(), absl::StatusCode::kOk);
+  EXPECT_EQ(ids(), (std::vector<std::string>{(*back)->id()}));
 }
 
 TEST_F(SessionPoolTest, OperatorCloseReplacesTheDefaultAndUnknownIdsAreNotFound) {
