@@ -86,13 +86,19 @@ absl::StatusOr<std::string> SessionPool::DefaultKey() {
                                                value.status().message()));
   }
   std::string key = CredentialKey(*value);
+  // Whether `value` is the value of `version` (SecretSource::Set bumps the version inside
+  // the lock Current() takes): only then may a session's attempt at `version` be taken to
+  // have used it.
+  const bool value_of_version = default_->version() == version;
   std::shared_ptr<UpstreamSession> retired;
+  std::string kept;  // the id of a default session kept under the new key
   {
     absl::MutexLock lock(&mu_);
     default_version_ = version;
     if (key == default_key_) return key;
     if (auto it = sessions_.find(default_key_);
-        it != sessions_.end() && it->second.pinned && !sessions_.contains(key) &&
+        value_of_version && it != sessions_.end() && it->second.pinned &&
+        !sessions_.contains(key) &&
         it->second.session->tracked_credential == default_ &&
         it->second.session->attempt_credential_version.load() == version) {
       // Rotated, but the default session has already begun attempting with the new
@@ -106,15 +112,10 @@ absl::StatusOr<std::string> SessionPool::DefaultKey() {
       node.key() = key;
       if (!node.mapped().rekeyed) ++rekeyed_;
       node.mapped().rekeyed = true;
-      const std::string id = node.mapped().session->id();
+      kept = node.mapped().session->id();
       sessions_.insert(std::move(node));
-      default_key_ = key;
-      log::Info(kLog, "the default credential changed; its session already uses the new value",
-                {{"session", id}});
-      return key;
-    }
-    // Rotated: the old default session stops being pinned, drains and closes.
-    if (auto it = sessions_.find(default_key_); it != sessions_.end()) {
+    } else if (it != sessions_.end()) {
+      // Rotated: the old default session stops being pinned, drains and closes.
       it->second.pinned = false;
       if (!it->second.draining) ++draining_;
       it->second.draining = true;
@@ -124,6 +125,10 @@ absl::StatusOr<std::string> SessionPool::DefaultKey() {
       }
     }
     default_key_ = key;
+  }
+  if (!kept.empty()) {
+    log::Info(kLog, "the default credential changed; its session already uses the new value",
+              {{"session", kept}});
   }
   if (retired != nullptr) {
     log::Info(kLog, "the default credential changed; closing its old session",
