@@ -133,8 +133,8 @@ class SessionPool {
     std::shared_ptr<UpstreamSession> session;
     bool pinned = false;
     bool draining = false;  // a former default: closes once no call holds it
-    std::string caller;     // who created it (only with max_sessions_per_caller)
     bool rekeyed = false;   // kept across a rotation: its id names another key (DefaultKey)
+    std::string caller;     // who created it (only with max_sessions_per_caller)
   };
 
   using Sessions = std::map<std::string, Entry>;
